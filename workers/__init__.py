@@ -1,0 +1,1 @@
+"""Ray actors and what runs inside them: storage access, shard readers, decoding, models, Parquet writers."""

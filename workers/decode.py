@@ -1,0 +1,92 @@
+"""Image bytes → a centre-cropped RGB uint8 array, plus the original size, or an error message.
+
+Everything here runs in decode threads: Pillow releases the GIL while it decodes and resizes, so
+threads overlap with the model. Hostile input (truncated, not an image, decompression bombs) must
+become an error string for one row, never an exception that ends the shard.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from schemas.specs import PreprocessSpec
+
+_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# EXIF orientations that swap width and height.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image ready for batching (`pixels` is crop x crop x 3 uint8), or why it could not be."""
+
+    pixels: np.ndarray | None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+
+
+def decode(data: bytes, preprocess: PreprocessSpec) -> Decoded:
+    """Decode, orient, convert to RGB, resize the shorter side and centre-crop one image."""
+    if not data:
+        return Decoded(None, error="empty object (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = _oriented_size(img)
+            if img.format == "JPEG":
+                # Decode at a reduced scale straight from the DCT when the photo is far larger than needed.
+                img.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
+            img = ImageOps.exif_transpose(img)
+            pixels = _resize_crop(_to_rgb(img), preprocess)
+    except Image.DecompressionBombError as exc:
+        return Decoded(None, error=f"refused: {exc}")
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt input; each is one bad row
+        return Decoded(None, error=_describe(exc, data))
+    return Decoded(pixels, width, height)
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    width, height = img.size
+    if img.getexif().get(_EXIF_ORIENTATION_TAG) in _TRANSPOSED_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any mode; transparency is composited on white, 16-bit greys are scaled, not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(img, dtype=np.uint32) >> 8
+        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _resize_crop(img: Image.Image, preprocess: PreprocessSpec) -> np.ndarray:
+    width, height = img.size
+    scale = preprocess.resize_size / min(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    img = img.resize(size, _RESAMPLE[preprocess.interpolation])
+    crop = preprocess.crop_size
+    if min(size) < crop:  # only for resize_size < crop_size presets: pad like torchvision's CenterCrop
+        img = ImageOps.pad(img, (max(crop, size[0]), max(crop, size[1])), color=(0, 0, 0))
+        size = img.size
+    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+    return np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+
+
+def _describe(exc: Exception, data: bytes) -> str:
+    head = data[:16].lstrip().lower()
+    hint = " (content looks like HTML/text, not an image)" if head.startswith((b"<", b"{", b"[")) else ""
+    return f"{type(exc).__name__}: {exc}{hint}"

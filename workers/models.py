@@ -1,0 +1,127 @@
+"""Build a classification model from torchvision's registry, split into backbone and head.
+
+Every torchvision classifier ends in a Linear layer; its input is the penultimate-layer feature
+vector users want as the embedding (2048 for ResNet-50, 1280 for MobileNetV2, 4096 for VGG-16).
+We swap that last Linear for Identity, so one forward pass yields the embedding and the head turns
+it into logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_model, get_model_weights, list_models
+
+from schemas.specs import ModelSpec, PreprocessSpec, StorageOptions
+from workers import weights as weights_io
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """The spec names a model or weights that cannot be used."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: features from `backbone`, logits from `head`."""
+
+    backbone: nn.Module
+    head: nn.Linear
+    categories: list[str]
+    preprocess: PreprocessSpec
+    model_id: str  # recorded in every output row: "<arch>:<weights>"
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.head.in_features
+
+
+def classification_models() -> list[str]:
+    """Names of torchvision's image classification models (the registry, not a hand-kept list)."""
+    return list_models(module=torchvision.models)
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a name the registry does not know, listing what it does."""
+    known = classification_models()
+    if name not in known:
+        raise ModelError(f"unknown model {name!r}; torchvision classification models are: {', '.join(known)}")
+
+
+def weights_entry(spec: ModelSpec):
+    """The torchvision weights enum entry named by the spec, or None for a file or random init."""
+    if spec.weights is None or weights_io.looks_like_location(spec.weights):
+        return None
+    enum = get_model_weights(spec.name)
+    try:
+        return enum.verify(spec.weights)
+    except (KeyError, ValueError) as exc:
+        names = ", ".join(["DEFAULT", *(w.name for w in enum)])
+        raise ModelError(f"model {spec.name!r} has no weights {spec.weights!r}; it has: {names}") from exc
+
+
+def preprocess_of(weights_enum_entry) -> PreprocessSpec:
+    """The evaluation preset that torchvision attaches to a weights entry."""
+    preset = weights_enum_entry.transforms()
+    return PreprocessSpec(
+        resize_size=int(preset.resize_size[0]),
+        crop_size=int(preset.crop_size[0]),
+        mean=tuple(preset.mean),
+        std=tuple(preset.std),
+        interpolation=preset.interpolation.value,
+    )
+
+
+def build_model(spec: ModelSpec, storage: StorageOptions, cache_dir: Path) -> LoadedModel:
+    """Construct the architecture, load verified weights, and split off the classification head."""
+    check_model_name(spec.name)
+    entry = weights_entry(spec)
+    # Category names and preprocessing come from weights metadata; files in torchvision's format
+    # are assumed to share the architecture's default (ImageNet) metadata.
+    meta_entry = entry or get_model_weights(spec.name).DEFAULT
+    categories = list(meta_entry.meta["categories"])
+    model = get_model(spec.name, weights=None, num_classes=len(categories))
+    weights_id = _load_weights(model, spec, entry, storage, cache_dir)
+    model.eval()
+    backbone, head = split_head(model)
+    return LoadedModel(backbone, head, categories, preprocess_of(meta_entry), f"{spec.name}:{weights_id}")
+
+
+def _load_weights(model: nn.Module, spec: ModelSpec, entry, storage: StorageOptions, cache_dir: Path) -> str:
+    if spec.weights is None:
+        log.warning("model %s uses random weights (weights: null): labels will be meaningless", spec.name)
+        return "random"
+    if entry is not None:
+        file_name = entry.url.rsplit("/", 1)[-1]
+        path = weights_io.find_named(file_name, entry.url, spec)
+        weights_id = entry.name
+    else:
+        path = weights_io.fetch_location(spec.weights, storage, cache_dir)
+        weights_id = path.name
+    state = weights_io.load_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise weights_io.WeightsError(f"{path} does not fit {spec.name}: {exc}") from exc
+    log.info("loaded %s weights from %s", spec.name, path)
+    return weights_id
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """Replace the model's last Linear layer with Identity; return (backbone, that Linear)."""
+    last_name, last = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name, last = name, module
+    if last is None:
+        raise ModelError(f"{type(model).__name__} has no Linear classification head to split off")
+    parent_name, _, attr = last_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Identity())
+    return model, last

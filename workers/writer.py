@@ -1,0 +1,147 @@
+"""Per-shard Parquet writer with a commit protocol that never shows a reader a partial file.
+
+Commit order for shard S of an output prefix O:
+1. write the Parquet file locally, upload it to `O/_tmp/S.<attempt>.<nonce>.partial`
+   (not a .parquet name, so `O/*.parquet` globs never match it);
+2. move it to `O/part-S.parquet` (local: os.replace; S3: server-side copy, itself atomic);
+3. write `O/_done/S.json`, the shard's done-marker with its row counts.
+A crash between steps leaves at worst a stray temp object, or a complete data file that the
+retry overwrites byte-for-byte with the same rows: never a duplicate, never a half file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.output import LABEL_SCHEMA
+from schemas.shards import ShardResult, ShardTask
+from workers.storage import Storage, join
+
+log = logging.getLogger(__name__)
+
+PARQUET_COMPRESSION = "zstd"
+
+
+def data_uri(output: str, shard_id: str) -> str:
+    return join(output, f"part-{shard_id}.parquet")
+
+
+def marker_uri(output: str, shard_id: str) -> str:
+    return join(output, "_done", f"{shard_id}.json")
+
+
+class ShardWriter:
+    """Collects one shard's rows column by column, then commits them as one Parquet file."""
+
+    def __init__(self, task: ShardTask, categories: list[str], model_id: str, job_id: str):
+        self.task = task
+        self.categories = np.asarray(categories, dtype=object)
+        self.model_id = model_id
+        self.job_id = job_id
+        self._columns: dict[str, list] = {name: [] for name in ("key", "source", "width", "height", "error")}
+        self._indices: list[np.ndarray] = []  # (n, k) per batch; -1 rows for errors
+        self._scores: list[np.ndarray] = []
+        self._embeddings: list[np.ndarray | None] = []
+        self._ok: list[np.ndarray] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self._columns["key"])
+
+    def add(self, meta: list[tuple[str, str, int | None, int | None, str | None]], indices, scores, embeddings) -> None:
+        """Append a batch. `meta` is (key, source, width, height, error) per row; arrays cover the rows
+        without error, in order (None when the whole batch failed)."""
+        ok = np.array([error is None for *_, error in meta], dtype=bool)
+        for row in meta:
+            for name, value in zip(self._columns, row):
+                self._columns[name].append(value)
+        self._ok.append(ok)
+        self._indices.append(indices)
+        self._scores.append(scores)
+        self._embeddings.append(embeddings)
+
+    def to_table(self) -> pa.Table:
+        ok = np.concatenate(self._ok) if self._ok else np.zeros(0, dtype=bool)
+        n = len(ok)
+        indices = _stack([a for a in self._indices if a is not None], np.int32)
+        scores = _stack([a for a in self._scores if a is not None], np.float32)
+        embeds = [e for e in self._embeddings if e is not None]
+        embeddings = np.concatenate(embeds) if embeds else None
+        top1 = indices[:, 0] if indices.size else np.zeros(0, np.int32)
+        label_index = _scatter(top1, ok, pa.int32())
+        columns = {
+            "key": pa.array(self._columns["key"], pa.string()),
+            "source": pa.array(self._columns["source"], pa.string()),
+            "shard": pa.array([self.task.shard_id] * n, pa.string()),
+            "label": _scatter(self.categories[top1] if top1.size else np.zeros(0, object), ok, pa.string()),
+            "label_index": label_index,
+            "score": _scatter(scores[:, 0] if scores.size else np.zeros(0, np.float32), ok, pa.float32()),
+            "topk_labels": _scatter_lists(self.categories[indices] if indices.size else None, ok, pa.string()),
+            "topk_indices": _scatter_lists(indices if indices.size else None, ok, pa.int32()),
+            "topk_scores": _scatter_lists(scores if scores.size else None, ok, pa.float32()),
+            "embedding": _scatter_lists(embeddings, ok, pa.float32()),
+            "width": pa.array(self._columns["width"], pa.int32()),
+            "height": pa.array(self._columns["height"], pa.int32()),
+            "error": pa.array(self._columns["error"], pa.string()),
+            "model": pa.array([self.model_id] * n, pa.string()),
+            "job_id": pa.array([self.job_id] * n, pa.string()),
+        }
+        return pa.Table.from_arrays([columns[f.name] for f in LABEL_SCHEMA], schema=LABEL_SCHEMA)
+
+    def commit(self, storage: Storage, output: str, scratch_dir: str, attempt: int, stats: dict) -> ShardResult:
+        """Write, publish and mark the shard done; returns the marker's content."""
+        table = self.to_table()
+        shard_id = self.task.shard_id
+        local = os.path.join(scratch_dir, f"{shard_id}.{uuid.uuid4().hex[:8]}.parquet")
+        pq.write_table(table, local, compression=PARQUET_COMPRESSION, use_dictionary=["shard", "model", "job_id", "label"])
+        temp = join(output, "_tmp", f"{shard_id}.{attempt}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            storage.upload_file(local, temp)
+        finally:
+            os.unlink(local)
+        final = data_uri(output, shard_id)
+        storage.move(temp, final)
+        result = ShardResult(
+            shard_id=shard_id,
+            job_id=self.job_id,
+            fingerprint=self.task.fingerprint(),
+            data_uri=final,
+            rows=table.num_rows,
+            errors=table.num_rows - int(pc.sum(table["error"].is_null()).as_py() or 0),
+            attempt=attempt,
+            **stats,
+        )
+        storage.write_bytes(marker_uri(output, shard_id), result.model_dump_json().encode())
+        return result
+
+
+def _stack(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros((0, 0), dtype)
+
+
+def _scatter(values: np.ndarray, ok: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """A column with `values` at the ok rows and null at the error rows."""
+    if ok.all():
+        return pa.array(values, type_)
+    full = np.empty(len(ok), dtype=object)
+    full[ok] = list(values)
+    full[~ok] = None
+    return pa.array(full.tolist(), type_)
+
+
+def _scatter_lists(matrix: np.ndarray | None, ok: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """A list column built from a (rows_ok, width) matrix without per-row Python lists; null at error rows."""
+    n = len(ok)
+    width = 0 if matrix is None else matrix.shape[1]
+    flat = pa.array([] if matrix is None else matrix.reshape(-1), value_type)
+    lengths = np.where(ok, width, 0)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
+    mask = pa.array(~ok) if not ok.all() else None
+    return pa.ListArray.from_arrays(offsets, flat, type=pa.list_(value_type), mask=mask)
