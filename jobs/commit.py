@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION
 from schemas.shards import ShardResult
@@ -76,7 +76,7 @@ def write_manifest(
     started: datetime,
 ) -> dict:
     """Write `_job.json` last; a reader that finds it knows every listed shard is committed."""
-    finished = datetime.now(timezone.utc)
+    finished = datetime.now(UTC)
     status = "succeeded" if not failures else "partial"
     manifest = {
         "job_id": job_id,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import PurePosixPath
-from typing import Iterable, Iterator
 
 from schemas.shards import ShardTask
 from schemas.specs import InputSpec

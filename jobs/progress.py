@@ -25,6 +25,7 @@ class JobSummary:
     failed_shards: dict[str, str]
     seconds: float
     images_this_run: int
+    worker_restarts: int = 0  # workers that died or hung and were replaced
 
     @property
     def images_per_second(self) -> float:
@@ -38,6 +39,8 @@ class JobSummary:
             f"  time:     {self.seconds:.1f}s, {self.images_per_second:.1f} images/s this run",
             f"  output:   {self.output}",
         ]
+        if self.worker_restarts:
+            out.append(f"  workers replaced after dying or hanging: {self.worker_restarts}")
         for shard, error in sorted(self.failed_shards.items()):
             out.append(f"  FAILED shard {shard}: {error}")
         return out
@@ -48,16 +51,19 @@ class Progress:
 
     def __init__(self, enabled: bool = True):
         self.started = time.perf_counter()
-        self.images = 0
+        self.images = 0  # all committed shards, including those done before this run
+        self.images_this_run = 0
         self._bar = tqdm(total=0, unit="shard", desc="shards", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
     def planned(self, count: int = 1) -> None:
         self._bar.total += count
         self._bar.refresh()
 
-    def done(self, result: ShardResult) -> None:
+    def done(self, result: ShardResult, earlier: bool = False) -> None:
+        """Count a committed shard; `earlier` when it was committed by a previous run."""
         self.images += result.rows
-        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+        self.images_this_run += 0 if earlier else result.rows
+        rate = self.images_this_run / max(time.perf_counter() - self.started, 1e-9)
         self._bar.set_postfix(images=self.images, img_s=f"{rate:.1f}", refresh=False)
         self._bar.update(1)
 

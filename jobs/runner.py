@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
-from typing import Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import ray
 
@@ -50,7 +50,7 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
     """Run (or resume) a label job to completion and return its summary."""
     spec = resolve_locations(spec)
     job_id = spec.resolved_job_id()
-    started_at, clock = datetime.now(timezone.utc), time.perf_counter()
+    started_at, clock = datetime.now(UTC), time.perf_counter()
     out = open_storage(spec.output, spec.storage)
 
     # Check: nothing starts unless model, output and input are usable.
@@ -97,7 +97,8 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
         errors=sum(r.errors for r in results.values()),
         failed_shards=failures,
         seconds=seconds,
-        images_this_run=progress.images,
+        images_this_run=progress.images_this_run,
+        worker_restarts=scheduler.restarts,
     )
     if status == "failed":
         raise JobFailed(summary)
@@ -123,7 +124,7 @@ def _not_yet_done(tasks: Iterator[ShardTask], done: dict[str, ShardResult], prog
                 "write to a new output prefix"
             )
         else:
-            progress.done(previous)
+            progress.done(previous, earlier=True)
 
 
 def _actor_factory(spec: LabelJobSpec, job_id: str, placement: Placement):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -127,7 +127,8 @@ class ShardScheduler:
     def _replace(self, slot: _Slot, reason: str) -> None:
         """Swap in a new actor; every shard the old one held is tried again (its running one counts a try)."""
         if self.restarts >= self._limits.max_actor_restarts:
-            raise RuntimeError(f"workers {reason} {self.restarts} times; giving up (max {self._limits.max_actor_restarts})")
+            limit = self._limits.max_actor_restarts
+            raise RuntimeError(f"workers {reason} {self.restarts} times; giving up (max {limit})")
         self.restarts += 1
         ray.kill(slot.actor, no_restart=True)
         held = list(slot.running)

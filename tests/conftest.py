@@ -196,8 +196,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def s3_bucket(s3_server: S3Server) -> str:
-    """The one test bucket (name returned). Buckets are made once: SeaweedFS makes each a collection, which is slow.
-    Waits for HEAD to succeed because a new bucket can take a moment to become visible."""
+    """The one test bucket (name returned); tests keep apart by prefix (see s3_prefix). Waits for HEAD to succeed
+    because SeaweedFS can take a moment to show a new bucket."""
     from botocore.exceptions import ClientError
 
     client = s3_server.client()

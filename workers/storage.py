@@ -11,9 +11,10 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Protocol
 
 from schemas.specs import StorageOptions
 
@@ -184,7 +185,7 @@ class S3Storage:
             self._client = boto3.session.Session().client(
                 "s3",
                 endpoint_url=opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or None,
-                region_name=opts.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                region_name=opts.region or _region_from_environment(),
                 config=config,
                 **kwargs,
             )
@@ -240,6 +241,10 @@ class S3Storage:
     def delete(self, uri: str) -> None:
         bucket, key = split_s3(uri)
         self.client.delete_object(Bucket=bucket, Key=key)
+
+
+def _region_from_environment() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
 def check_writable(storage: Storage, prefix: str) -> None:
