@@ -66,6 +66,13 @@ def _first_marker_job_id(storage: Storage, output: str) -> str | None:
     return None
 
 
+def remove_partials(storage: Storage, output: str) -> None:
+    """Delete temporary objects left by attempts that died mid-upload. Run only while no shard is in flight."""
+    for obj in storage.list(join(output, "_tmp")):
+        log.info("removing leftover partial upload %s", obj.uri)
+        storage.delete(obj.uri)
+
+
 def write_manifest(
     storage: Storage,
     spec: LabelJobSpec,

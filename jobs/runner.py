@@ -14,15 +14,16 @@ from datetime import UTC, datetime
 import ray
 
 from jobs.cluster import ensure_ray
-from jobs.commit import check_output_owner, read_done_markers, read_manifest, write_manifest
+from jobs.commit import check_output_owner, read_done_markers, read_manifest, remove_partials, write_manifest
 from jobs.placement import Placement, place_workers
 from jobs.plan import PlanError, plan_shards
 from jobs.progress import JobSummary, Progress
 from jobs.scheduler import SchedulerLimits, ShardScheduler
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LabelJobSpec
+from workers import faults
 from workers.label_worker import LabelWorker
-from workers.models import check_model_name, weights_entry
+from workers.models import model_categories
 from workers.storage import check_writable, normalise_uri, open_storage
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,14 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
     out = open_storage(spec.output, spec.storage)
 
     # Check: nothing starts unless model, output and input are usable.
-    check_model_name(spec.model.name)
-    weights_entry(spec.model)
+    check_top_k(spec)
     check_output_owner(out, spec.output, job_id)
     manifest = read_manifest(out, spec.output)
     if manifest and manifest.get("status") == "succeeded":
         log.info("job %s already complete at %s; nothing to do", job_id, spec.output)
         return _summary_of_manifest(manifest, spec.output)
     check_writable(out, spec.output)
+    remove_partials(out, spec.output)
     done = read_done_markers(out, spec.output)
     tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage))
     first = next(tasks)  # the listing is checked here, before any worker starts
@@ -102,8 +103,16 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
     )
     if status == "failed":
         raise JobFailed(summary)
+    remove_partials(out, spec.output)
     write_manifest(out, spec, job_id, worker, results, failures, started_at)
     return summary
+
+
+def check_top_k(spec: LabelJobSpec) -> None:
+    """top_k must not exceed the model's classes (also checks the model and weights names)."""
+    classes = len(model_categories(spec.model))
+    if spec.top_k > classes:
+        raise PlanError(f"top_k={spec.top_k} exceeds the {classes} classes of model {spec.model.name!r}")
 
 
 def _chain(first: ShardTask, rest: Iterator[ShardTask]) -> Iterator[ShardTask]:
@@ -129,6 +138,7 @@ def _not_yet_done(tasks: Iterator[ShardTask], done: dict[str, ShardResult], prog
 
 def _actor_factory(spec: LabelJobSpec, job_id: str, placement: Placement):
     actor_class = ray.remote(LabelWorker)
+    fault_env = faults.forwarded_environment()  # empty unless a test turned fault injection on
 
     def make(index: int) -> ray.actor.ActorHandle:
         return actor_class.options(
@@ -137,6 +147,7 @@ def _actor_factory(spec: LabelJobSpec, job_id: str, placement: Placement):
             num_gpus=placement.gpus_per_worker,
             max_restarts=0,  # the scheduler replaces dead workers itself, and counts them
             max_task_retries=0,
+            runtime_env={"env_vars": fault_env} if fault_env else None,
         ).remote(spec, job_id, placement.torch_threads)
 
     return make

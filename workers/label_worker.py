@@ -14,11 +14,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LabelJobSpec
-from workers.inference import Predictor, pick_device
+from workers import faults
+from workers.inference import Predictions, Predictor, pick_device
 from workers.models import build_model
 from workers.pipeline import decoded_batches, prefetch
 from workers.readers import read_shard
@@ -73,7 +75,8 @@ class LabelWorker:
         batches = decoded_batches(records, self.preprocess, self.decode_pool, spec.batch_size)
         bytes_read = 0
         for batch in prefetch(batches, PREFETCH_BATCHES):
-            preds = self.predictor(batch.pixels) if batch.pixels is not None else None
+            faults.inject(task.shard_id, attempt, writer.rows)
+            preds = self._predict(batch.pixels, task, attempt, writer.rows) if batch.pixels is not None else None
             writer.add(
                 batch.meta,
                 preds.topk_indices if preds else None,
@@ -85,6 +88,26 @@ class LabelWorker:
         result = writer.commit(self.output_storage, spec.output, self.scratch, attempt, stats)
         log.info("shard %s: %d rows, %d errors, %.1fs", task.shard_id, result.rows, result.errors, result.seconds)
         return result
+
+    def _predict(self, pixels: np.ndarray, task: ShardTask, attempt: int, rows: int) -> Predictions:
+        """Predict a batch; out of device memory, split it in halves and try again, down to single images."""
+        try:
+            faults.inject_oom(task.shard_id, attempt, rows, len(pixels))
+            return self.predictor(pixels)
+        except torch.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(pixels) // 2
+            log.warning("shard %s: out of memory on a batch of %d; splitting it", task.shard_id, len(pixels))
+            first = self._predict(pixels[:half], task, attempt, rows)
+            second = self._predict(pixels[half:], task, attempt, rows + half)
+            return Predictions(
+                topk_indices=np.concatenate([first.topk_indices, second.topk_indices]),
+                topk_scores=np.concatenate([first.topk_scores, second.topk_scores]),
+                embeddings=None if first.embeddings is None else np.concatenate([first.embeddings, second.embeddings]),
+            )
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

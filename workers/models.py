@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
@@ -64,6 +63,12 @@ def weights_entry(spec: ModelSpec):
     except (KeyError, ValueError) as exc:
         names = ", ".join(["DEFAULT", *(w.name for w in enum)])
         raise ModelError(f"model {spec.name!r} has no weights {spec.weights!r}; it has: {names}") from exc
+
+
+def model_categories(spec: ModelSpec) -> list[str]:
+    """Class names the model will predict, known without loading it (for checks before a job starts)."""
+    check_model_name(spec.name)
+    return list((weights_entry(spec) or get_model_weights(spec.name).DEFAULT).meta["categories"])
 
 
 def preprocess_of(weights_enum_entry) -> PreprocessSpec:

@@ -54,7 +54,9 @@ def verify_hash(path: Path) -> None:
             digest.update(chunk)
     expected, actual = match.group(1), digest.hexdigest()
     if not actual.startswith(expected):
-        raise WeightsError(f"{path}: sha256 starts with {actual[: len(expected)]}, its name says {expected}; refusing it")
+        raise WeightsError(
+            f"{path}: sha256 starts with {actual[: len(expected)]}, its name says {expected}; refusing it"
+        )
 
 
 def fetch_location(location: str, storage: StorageOptions, cache_dir: Path) -> Path:

@@ -60,7 +60,7 @@ class ShardWriter:
         without error, in order (None when the whole batch failed)."""
         ok = np.array([error is None for *_, error in meta], dtype=bool)
         for row in meta:
-            for name, value in zip(self._columns, row):
+            for name, value in zip(self._columns, row, strict=True):
                 self._columns[name].append(value)
         self._ok.append(ok)
         self._indices.append(indices)
@@ -86,7 +86,12 @@ class ShardWriter:
             "topk_labels": _scatter_lists(self.categories[indices] if indices.size else None, ok, pa.string()),
             "topk_indices": _scatter_lists(indices if indices.size else None, ok, pa.int32()),
             "topk_scores": _scatter_lists(scores if scores.size else None, ok, pa.float32()),
-            "embedding": _scatter_lists(embeddings, ok, pa.float32()),
+            # Embeddings disabled (no batch carried any): null for every row, not an empty list.
+            "embedding": (
+                _scatter_lists(embeddings, ok, pa.float32())
+                if embeddings is not None
+                else pa.nulls(n, pa.list_(pa.float32()))
+            ),
             "width": pa.array(self._columns["width"], pa.int32()),
             "height": pa.array(self._columns["height"], pa.int32()),
             "error": pa.array(self._columns["error"], pa.string()),
@@ -100,7 +105,9 @@ class ShardWriter:
         table = self.to_table()
         shard_id = self.task.shard_id
         local = os.path.join(scratch_dir, f"{shard_id}.{uuid.uuid4().hex[:8]}.parquet")
-        pq.write_table(table, local, compression=PARQUET_COMPRESSION, use_dictionary=["shard", "model", "job_id", "label"])
+        pq.write_table(
+            table, local, compression=PARQUET_COMPRESSION, use_dictionary=["shard", "model", "job_id", "label"]
+        )
         temp = join(output, "_tmp", f"{shard_id}.{attempt}.{uuid.uuid4().hex[:8]}.partial")
         try:
             storage.upload_file(local, temp)
@@ -138,7 +145,6 @@ def _scatter(values: np.ndarray, ok: np.ndarray, type_: pa.DataType) -> pa.Array
 
 def _scatter_lists(matrix: np.ndarray | None, ok: np.ndarray, value_type: pa.DataType) -> pa.Array:
     """A list column built from a (rows_ok, width) matrix without per-row Python lists; null at error rows."""
-    n = len(ok)
     width = 0 if matrix is None else matrix.shape[1]
     flat = pa.array([] if matrix is None else matrix.reshape(-1), value_type)
     lengths = np.where(ok, width, 0)

@@ -1,0 +1,100 @@
+"""workers.inference: device and precision choice, and the Predictor's outputs on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from schemas.specs import PreprocessSpec
+from workers.inference import Predictor, autocast_dtype, pick_device
+from workers.models import LoadedModel
+
+PRE = PreprocessSpec(resize_size=20, crop_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _tiny(num_classes: int = 3, dim: int = 8) -> LoadedModel:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Linear(dim, num_classes)
+    return LoadedModel(backbone, head, [f"c{i}" for i in range(num_classes)], PRE, "tiny:random")
+
+
+def _pixels(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, PRE.crop_size, PRE.crop_size, 3), dtype=np.uint8)
+
+
+def test_pick_device():
+    # cpu on a machine without CUDA (the test machine); cuda where torch sees a GPU.
+    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("cuda") == torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "expected"),
+    [
+        ("cpu", "auto", None),
+        ("cpu", "fp32", None),
+        ("cuda", "auto", torch.bfloat16),
+        ("cuda", "fp32", None),
+        ("cuda", "fp16", torch.float16),
+        ("cpu", "fp16", torch.float16),
+        ("cpu", "bf16", torch.bfloat16),
+        ("cuda", "bf16", torch.bfloat16),
+    ],
+)
+def test_autocast_dtype(device, precision, expected):
+    assert autocast_dtype(torch.device(device), precision) == expected
+
+
+def test_predictor_outputs():
+    predictor = Predictor(_tiny(num_classes=5), torch.device("cpu"), "auto", top_k=2, embeddings=True)
+    out = predictor(_pixels(4))
+    assert out.topk_indices.shape == out.topk_scores.shape == (4, 2)
+    assert out.topk_indices.dtype == np.int32 and out.topk_scores.dtype == np.float32
+    assert out.embeddings.shape == (4, 8) and out.embeddings.dtype == np.float32
+    assert (np.diff(out.topk_scores, axis=1) <= 0).all()
+    assert ((out.topk_indices >= 0) & (out.topk_indices < 5)).all()
+
+
+def test_predictor_matches_reference_normalisation():
+    """uint8 NHWC in → the same logits as the plain torchvision-style float pipeline."""
+    loaded = _tiny(num_classes=4)
+    pixels = _pixels(3)
+    predictor = Predictor(loaded, torch.device("cpu"), "fp32", top_k=4, embeddings=True)
+    out = predictor(pixels)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(PRE.mean).view(1, 3, 1, 1)) / torch.tensor(PRE.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features = loaded.backbone(x.contiguous())
+        probs = torch.softmax(loaded.head(features), dim=1)
+    np.testing.assert_allclose(out.embeddings, features.numpy(), rtol=1e-4, atol=1e-5)
+    expected_scores, expected_indices = torch.topk(probs, 4, dim=1)
+    np.testing.assert_allclose(out.topk_scores, expected_scores.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(out.topk_indices, expected_indices.numpy())
+    np.testing.assert_allclose(out.topk_scores.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_embeddings_disabled_returns_none():
+    predictor = Predictor(_tiny(), torch.device("cpu"), "auto", top_k=1, embeddings=False)
+    out = predictor(_pixels(2))
+    assert out.embeddings is None
+    assert out.topk_indices.shape == (2, 1)
+
+
+def test_top_k_capped_at_number_of_classes():
+    predictor = Predictor(_tiny(num_classes=3), torch.device("cpu"), "auto", top_k=10, embeddings=True)
+    assert predictor.top_k == 3
+    out = predictor(_pixels(2))
+    assert out.topk_indices.shape == out.topk_scores.shape == (2, 3)
+    assert sorted(out.topk_indices[0].tolist()) == [0, 1, 2]
+
+
+def test_cpu_bf16_autocast_runs():
+    predictor = Predictor(_tiny(), torch.device("cpu"), "bf16", top_k=2, embeddings=True)
+    assert predictor.amp_dtype == torch.bfloat16
+    out = predictor(_pixels(2))
+    assert out.embeddings.dtype == np.float32 and out.topk_scores.dtype == np.float32
+    assert np.isfinite(out.topk_scores).all()
