@@ -126,72 +126,95 @@ def _tail(path: Path, lines: int = 40) -> str:
         return f"<cannot read {path}: {exc}>"
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A real SeaweedFS S3 server (`weed mini`) for the whole session: the S3 backend is tested against a real
-    protocol implementation, not a mock. Fresh data dir, random ports, one admin identity."""
-    from botocore.exceptions import BotoCoreError, ClientError
+class WeedServer:
+    """A SeaweedFS `weed mini` process with a fresh data dir, random ports and one admin identity. It can be
+    stopped and started again on the same ports and data, which the storage-outage tests need."""
 
-    base = tmp_path_factory.mktemp("seaweedfs")
-    data_dir, log_dir = base / "data", base / "logs"
-    data_dir.mkdir()
-    log_dir.mkdir()
-    s3_port, master_port, volume_port, filer_port, admin_port = ports = _free_ports(5)
-    server = S3Server(f"http://127.0.0.1:{s3_port}", access_key="bulklabel-test-key", secret_key=uuid.uuid4().hex)
-    identities = {
-        "identities": [
-            {
-                "name": "bulklabel-tests",
-                "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
-    }
-    (base / "identities.json").write_text(json.dumps(identities))
-    command = [
-        _weed_binary(), f"-logdir={log_dir}", "mini", f"-dir={data_dir}",
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3_port}", f"-master.port={master_port}",
-        f"-volume.port={volume_port}", f"-filer.port={filer_port}", f"-admin.port={admin_port}",
-        f"-s3.config={base / 'identities.json'}", "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.allowDeleteBucketNotEmpty=false",
-    ]  # fmt: skip
-    # Empty "folders" left by deleted objects are cleaned up after 1 s instead of the default delay.
-    env = {**os.environ, "WEED_FILER_OPTIONS_S3_EMPTY_FOLDER_CLEANUP_DELAY": "1s"}
-    console = log_dir / "console.log"
-    started = time.monotonic()
-    with open(console, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    try:
-        probe = server.client(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
-        deadline = started + 60
+    def __init__(self, base: Path):
+        self.base = base
+        self.data_dir, self.log_dir = base / "data", base / "logs"
+        self.data_dir.mkdir(parents=True)
+        self.log_dir.mkdir()
+        self.ports = _free_ports(5)
+        self.server = S3Server(
+            f"http://127.0.0.1:{self.ports[0]}", access_key="bulklabel-test-key", secret_key=uuid.uuid4().hex
+        )
+        identities = {
+            "identities": [
+                {
+                    "name": "bulklabel-tests",
+                    "credentials": [{"accessKey": self.server.access_key, "secretKey": self.server.secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        (base / "identities.json").write_text(json.dumps(identities))
+        self._proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        s3_port, master_port, volume_port, filer_port, admin_port = self.ports
+        return [
+            _weed_binary(), f"-logdir={self.log_dir}", "mini", f"-dir={self.data_dir}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3_port}", f"-master.port={master_port}",
+            f"-volume.port={volume_port}", f"-filer.port={filer_port}", f"-admin.port={admin_port}",
+            f"-s3.config={self.base / 'identities.json'}", "-master.telemetry=false", "-webdav=false",
+            "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.allowDeleteBucketNotEmpty=false",
+        ]  # fmt: skip
+
+    def start(self) -> S3Server:
+        """Start and wait until a signed request succeeds (proves the identities file was loaded)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        # Empty "folders" left by deleted objects are cleaned up after 1 s instead of the default delay.
+        env = {**os.environ, "WEED_FILER_OPTIONS_S3_EMPTY_FOLDER_CLEANUP_DELAY": "1s"}
+        console = self.log_dir / "console.log"
+        started = time.monotonic()
+        with open(console, "ab") as out:
+            self._proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        probe = self.server.client(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
         while True:
             try:
-                probe.list_buckets()  # signed: proves the identities file was loaded, not just that a port is open
+                probe.list_buckets()
                 break
             except (BotoCoreError, ClientError) as exc:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    state = f"exited with {proc.returncode}" if proc.poll() is not None else "not ready after 60 s"
-                    info_log = log_dir / "weed.INFO"
+                if self._proc.poll() is not None or time.monotonic() > started + 60:
+                    state = f"exited with {self._proc.returncode}" if self._proc.poll() is not None else "not ready"
                     raise RuntimeError(
-                        f"SeaweedFS S3 server {state} (last error: {exc}); command: {' '.join(command)}\n"
-                        f"--- {console}:\n{_tail(console)}\n--- {info_log}:\n{_tail(info_log)}"
+                        f"SeaweedFS S3 server {state} (last error: {exc}); command: {' '.join(self.command())}\n"
+                        f"--- {console}:\n{_tail(console)}\n--- weed.INFO:\n{_tail(self.log_dir / 'weed.INFO')}"
                     ) from exc
                 time.sleep(0.2)
-        log.info("SeaweedFS S3 at %s ready in %.1f s (logs in %s)", server.endpoint_url, time.monotonic() - started,
-                 log_dir)  # fmt: skip
-        yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
+        log.info("SeaweedFS S3 at %s ready in %.1f s", self.server.endpoint_url, time.monotonic() - started)
+        return self.server
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=10)
+            self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             log.warning("SeaweedFS did not stop within 10 s of SIGTERM; killing it")
-            proc.kill()
-            proc.wait()
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
         # weed puts its unix sockets in /tmp, named by port, and does not always remove them.
-        for port in ports + [port + GRPC_PORT_OFFSET for port in ports]:
+        for port in self.ports + [port + GRPC_PORT_OFFSET for port in self.ports]:
             for sock_path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock_path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real SeaweedFS S3 server for the whole session: the S3 backend is tested against a real protocol
+    implementation, not a mock."""
+    weed = WeedServer(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield weed.start()
+    finally:
+        weed.stop()
 
 
 @pytest.fixture(scope="session")
