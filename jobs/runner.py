@@ -156,7 +156,6 @@ def _actor_factory(spec: LabelJobSpec, job_id: str, placement: Placement):
 def _limits(spec: LabelJobSpec, placement: Placement) -> SchedulerLimits:
     return SchedulerLimits(
         max_attempts=spec.max_attempts,
-        max_failed_shards=spec.max_failed_shards,
         shard_timeout_s=spec.shard_timeout_s,
         max_actor_restarts=placement.workers * spec.max_attempts + spec.max_failed_shards * spec.max_attempts,
     )

@@ -39,7 +39,6 @@ class _Slot:
 @dataclass(frozen=True)
 class SchedulerLimits:
     max_attempts: int
-    max_failed_shards: int
     shard_timeout_s: float
     max_actor_restarts: int
 
@@ -63,7 +62,8 @@ class ShardScheduler:
     def run(self, tasks: Iterator[ShardTask], on_done: Callable[[ShardResult], None]) -> dict[str, str]:
         """Run all tasks; `on_done` sees each committed shard. Returns failed shard ids and their errors.
 
-        Stops taking new tasks once more than `max_failed_shards` have failed.
+        A failed shard does not stop the others: every shard that can be committed is, so a re-run
+        has only the failed ones left to do.
         """
         pending = iter(tasks)
         while True:
@@ -83,7 +83,7 @@ class ShardScheduler:
     def _fill(self, pending: Iterator[ShardTask]) -> None:
         """Give each actor's free places to retries first, then to new tasks."""
         for slot in self._slots:
-            while len(slot.running) < IN_FLIGHT_PER_ACTOR and len(self.failures) <= self._limits.max_failed_shards:
+            while len(slot.running) < IN_FLIGHT_PER_ACTOR:
                 if self._retry:
                     task, attempt = self._retry.popleft()
                 elif (task := next(pending, None)) is not None:

@@ -39,6 +39,7 @@ GRPC_PORT_OFFSET = 10000  # weed serves each component's gRPC on its HTTP port +
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped when torch sees none")
+    config.addinivalue_line("markers", "fault(fault, injected, expected): a row of docs/reliability.md's fault matrix")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,169 @@
+"""What a label job survives: each fault is injected for real and rows are counted against the input.
+
+Every test here carries a `fault` marker; docs/reliability.md is generated from these tests by
+`python -m tests.fault_matrix`, so the published matrix cannot drift from what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from jobs.runner import JobFailed, run_label_job
+from schemas.specs import LabelJobSpec
+from tests.support import IMAGENET_SAMPLE, imagenet_labels
+from workers import faults
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """40 real photos as loose files."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for row in imagenet_labels()[:40]:
+        shutil.copy(IMAGENET_SAMPLE / row["file"], folder / row["file"])
+    return folder
+
+
+def _spec(photos: Path, out: Path, **overrides) -> LabelJobSpec:
+    fields = {
+        "input": {"uri": str(photos), "files_per_shard": 2},
+        "output": str(out),
+        "model": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
+        "num_workers": 2,
+        "batch_size": 4,
+        "top_k": 3,
+    }
+    return LabelJobSpec(**{**fields, **overrides})
+
+
+def _inject(monkeypatch, *rules: dict) -> None:
+    monkeypatch.setenv(faults.FAULTS_ENV, json.dumps(list(rules)))
+    monkeypatch.setenv(faults.ACK_ENV, faults.ACK_VALUE)
+
+
+def assert_exactly_once(out: Path, photos: Path) -> int:
+    """One row per input image, no duplicates, and nothing partial or stray under the output prefix."""
+    keys = ds.dataset(out, format="parquet").to_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(p.name for p in photos.iterdir())
+    leftovers = [p for p in out.rglob("*") if p.is_file() and not _is_committed(out, p)]
+    assert leftovers == []
+    return len(keys)
+
+
+def _is_committed(out: Path, path: Path) -> bool:
+    rel = path.relative_to(out).as_posix()
+    return rel == "_job.json" or (rel.startswith("part-") and rel.endswith(".parquet")) or (
+        rel.startswith("_done/") and rel.endswith(".json")
+    )
+
+
+@pytest.mark.fault(
+    fault="worker actor killed mid-shard, 5 times in a 20-shard job",
+    injected="BULKLABEL_FAULTS exit (os._exit) after the first row of 5 shards",
+    expected="dead workers replaced, their shards retried; rows in = rows out",
+)
+def test_worker_killed_five_times(photos, tmp_path, monkeypatch, record_property):
+    victims = ["files-000002", "files-000005", "files-000009", "files-000013", "files-000017"]
+    _inject(monkeypatch, *({"shard": s, "attempt": 1, "after_rows": 1, "action": "exit"} for s in victims))
+    summary = run_label_job(_spec(photos, tmp_path / "out", batch_size=1), show_progress=False)
+    rows = assert_exactly_once(tmp_path / "out", photos)
+    assert (summary.status, summary.shards, summary.worker_restarts) == ("succeeded", 20, 5)
+    record_property("measured", f"20/20 shards, {rows}/40 rows, 5 workers replaced, {summary.seconds:.0f}s")
+
+
+@pytest.mark.fault(
+    fault="worker hangs inside a shard",
+    injected="BULKLABEL_FAULTS hang on one shard's first attempt; shard_timeout_s=15",
+    expected="worker killed and replaced after the timeout; shard retried; rows in = rows out",
+)
+def test_hanging_worker_is_replaced_after_timeout(photos, tmp_path, monkeypatch, record_property):
+    _inject(monkeypatch, {"shard": "files-000004", "attempt": 1, "action": "hang"})
+    summary = run_label_job(_spec(photos, tmp_path / "out", shard_timeout_s=15), show_progress=False)
+    rows = assert_exactly_once(tmp_path / "out", photos)
+    assert (summary.status, summary.worker_restarts) == ("succeeded", 1)
+    record_property("measured", f"{rows}/40 rows, 1 worker replaced, {summary.seconds:.0f}s")
+
+
+@pytest.mark.fault(
+    fault="a shard that fails every time, max_failed_shards=0",
+    injected="BULKLABEL_FAULTS raise on every attempt of one shard",
+    expected="job fails naming the shard and error; every other shard committed; no manifest",
+)
+def test_shard_failing_every_time_fails_the_job(photos, tmp_path, monkeypatch, record_property):
+    _inject(monkeypatch, {"shard": "files-000007", "action": "raise"})
+    with pytest.raises(JobFailed) as info:
+        run_label_job(_spec(photos, tmp_path / "out", max_attempts=2), show_progress=False)
+    assert info.value.summary.failed_shards.keys() == {"files-000007"}
+    assert "files-000007" in str(info.value) and "injected failure" in str(info.value)
+    out = tmp_path / "out"
+    assert len(list(out.glob("part-*.parquet"))) == 19 and not (out / "_job.json").exists()
+    record_property("measured", "status failed, 19/20 shards committed, failed shard named with its error")
+
+
+@pytest.mark.fault(
+    fault="a shard that fails every time, max_failed_shards=1",
+    injected="BULKLABEL_FAULTS raise on every attempt of one shard",
+    expected="job ends partial; manifest lists the failed shard and its error; others committed",
+)
+def test_shard_failing_every_time_gives_partial_when_allowed(photos, tmp_path, monkeypatch, record_property):
+    _inject(monkeypatch, {"shard": "files-000007", "action": "raise"})
+    summary = run_label_job(_spec(photos, tmp_path / "out", max_attempts=2, max_failed_shards=1), show_progress=False)
+    manifest = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert (summary.status, manifest["status"], manifest["totals"]["rows"]) == ("partial", "partial", 38)
+    assert [f["shard"] for f in manifest["failed_shards"]] == ["files-000007"]
+    record_property("measured", "status partial, 19/20 shards, 38/40 rows, failure listed in _job.json")
+
+
+@pytest.mark.fault(
+    fault="out of memory in a batch",
+    injected="BULKLABEL_FAULTS oom for batches larger than 1 image",
+    expected="batches split in halves down to the size that fits; same labels as without the fault",
+)
+def test_out_of_memory_batches_are_split(photos, tmp_path, monkeypatch, record_property):
+    spec = _spec(photos, tmp_path / "plain", batch_size=8, input={"uri": str(photos), "files_per_shard": 20})
+    run_label_job(spec, show_progress=False)
+    _inject(monkeypatch, {"action": "oom", "oom_above": 1})
+    oom_spec = spec.model_copy(update={"output": str(tmp_path / "oom")})
+    summary = run_label_job(oom_spec, show_progress=False)
+    assert summary.status == "succeeded"
+    assert_exactly_once(tmp_path / "oom", photos)
+
+    def labels(out: Path) -> dict:
+        table = ds.dataset(out, format="parquet").to_table(columns=["key", "label"])
+        return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist(), strict=True))
+
+    assert labels(tmp_path / "oom") == labels(tmp_path / "plain")
+    record_property("measured", "40/40 rows, labels identical to the run without the fault")
+
+
+def test_faults_stay_off_without_the_acknowledgement(monkeypatch):
+    monkeypatch.setenv(faults.FAULTS_ENV, json.dumps([{"action": "exit"}]))
+    monkeypatch.delenv(faults.ACK_ENV, raising=False)
+    faults.active_rules.cache_clear()
+    try:
+        assert faults.forwarded_environment() == {} and faults.active_rules() == ()
+        faults.inject("files-000000", 1, 10)  # would exit the test process if it were on
+    finally:
+        faults.active_rules.cache_clear()
+
+
+def test_driver_waits_for_nothing_when_job_is_done(photos, tmp_path):
+    """Re-running a finished job writes nothing: not a file is touched."""
+    spec = _spec(photos, tmp_path / "out", num_workers=1, input={"uri": str(photos), "files_per_shard": 40})
+    run_label_job(spec, show_progress=False)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    time.sleep(0.01)
+    assert run_label_job(spec, show_progress=False).status == "already-complete"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before
+
+
+__all__ = ["assert_exactly_once", "threading"]
