@@ -15,10 +15,20 @@ from PIL import Image, ImageOps
 
 from schemas.specs import PreprocessSpec
 
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 # EXIF orientations that swap width and height.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
+# Only formats that are photos; Pillow would also open EPS (running Ghostscript) and other exotica.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# Pillow only warns between its limit and twice that; we refuse at its limit (~89 megapixels).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Above this long/short side ratio only the part of the image that lands in the crop is resized.
+_MAX_WHOLE_RESIZE_ASPECT = 4
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,9 @@ def decode(data: bytes, preprocess: PreprocessSpec) -> Decoded:
     if not data:
         return Decoded(None, error="empty object (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
+            if img.width * img.height > MAX_PIXELS:
+                return Decoded(None, error=f"refused: {img.width}x{img.height} exceeds {MAX_PIXELS} pixels")
             width, height = _oriented_size(img)
             if img.format == "JPEG":
                 # Decode at a reduced scale straight from the DCT when the photo is far larger than needed.
@@ -77,8 +89,16 @@ def _resize_crop(img: Image.Image, preprocess: PreprocessSpec) -> np.ndarray:
     width, height = img.size
     scale = preprocess.resize_size / min(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    img = img.resize(size, _RESAMPLE[preprocess.interpolation])
     crop = preprocess.crop_size
+    if min(size) >= crop and max(size) > _MAX_WHOLE_RESIZE_ASPECT * min(size):
+        # A long strip (a 1x20000 PNG is a few hundred bytes) would become a huge intermediate (256x5,120,000 RGB,
+        # 4 GB): resize only the source box that lands in the centre crop. Ordinary photos keep the whole-image
+        # resize, whose rounding a box resize does not reproduce exactly (NEAREST can shift by a pixel).
+        left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+        sx, sy = width / size[0], height / size[1]
+        box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+        return np.asarray(img.resize((crop, crop), _RESAMPLE[preprocess.interpolation], box=box), dtype=np.uint8)
+    img = img.resize(size, _RESAMPLE[preprocess.interpolation])
     if min(size) < crop:  # only for resize_size < crop_size presets: pad like torchvision's CenterCrop
         img = ImageOps.pad(img, (max(crop, size[0]), max(crop, size[1])), color=(0, 0, 0))
         size = img.size

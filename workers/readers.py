@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import tarfile
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -50,11 +51,27 @@ def _image_extension(ext: str, extensions: tuple[str, ...]) -> bool:
     return ext.rsplit(".", 1)[-1] in extensions
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile ends its iteration quietly at a missing, cut-short or garbled header after the first; raise instead,
+    so a tar cut at a member boundary fails the shard (and is retried) rather than committing with rows missing.
+    A proper end-of-archive (zero) block still ends the iteration."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exc:
+            raise tarfile.ReadError(f"truncated or corrupt tar at offset {tarfile_.offset}: {exc}") from None
+
+
 def read_tar(storage: Storage, task: ShardTask, extensions: tuple[str, ...]) -> Iterator[Record]:
     """Stream the image members of a WebDataset tar shard."""
     source = join(task.base_uri, task.keys[0])
     seen: set[str] = set()
-    with storage.open_read(source) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+    with (
+        storage.open_read(source) as stream,
+        tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar,
+    ):
         for member in tar:
             if member.isdir():
                 continue

@@ -1,0 +1,226 @@
+"""workers.pipeline: records are decoded on a pool into ordered batches (error rows kept in the metadata), and
+`prefetch` runs a producer ahead on a thread that never outlives its consumer."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from schemas.specs import PreprocessSpec
+from workers.pipeline import Batch, decoded_batches, prefetch
+from workers.readers import Record
+
+SPEC = PreprocessSpec(resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+PREFETCH_THREAD = "bulklabel-prefetch"
+RED = (255, 0, 0)
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def colour_of(i: int) -> tuple[int, int, int]:
+    return (i * 20 % 256, 255 - i * 9 % 256, i * 37 % 256)
+
+
+# --------------------------------------------------------------------------------------------- decoded_batches
+
+
+def test_decoded_batches_groups_in_order_and_keeps_error_rows():
+    # Rows 2 (read error) and 4 (not an image) fail; sizes differ so decodes finish out of order on the pool.
+    records, expected = [], []
+    for i in range(8):
+        source = f"s3://bucket/shard-{i // 4}.tar"
+        if i == 2:
+            records.append(Record(f"k{i}", source, None, "cannot read: NoSuchKey"))
+            expected.append((f"k{i}", source, None, None, "cannot read: NoSuchKey"))
+        elif i == 4:
+            records.append(Record(f"k{i}", source, b"<html>nope</html>"))
+            expected.append((f"k{i}", source, None, None, "HTML"))
+        else:
+            size = (40 + 300 * (i % 3), 30 + 10 * i)
+            records.append(Record(f"k{i}", source, png(colour_of(i), size)))
+            expected.append((f"k{i}", source, *size, None))
+
+    with ThreadPoolExecutor(4) as pool:
+        batches = list(decoded_batches(iter(records), SPEC, pool, batch_size=3))
+
+    assert [len(b.meta) for b in batches] == [3, 3, 2]  # the last batch is partial
+    meta = [row for b in batches for row in b.meta]
+    assert [row[:4] for row in meta] == [row[:4] for row in expected]
+    for row, (*_, error) in zip(meta, expected, strict=True):
+        assert row[4] is None if error is None else error in row[4]
+
+    good = [[0, 1], [3, 5], [6, 7]]  # the rows of each batch that have pixels, in row order
+    for batch, rows in zip(batches, good, strict=True):
+        assert batch.pixels.shape == (len(rows), 224, 224, 3) and batch.pixels.dtype == np.uint8
+        for pixels, i in zip(batch.pixels, rows, strict=True):
+            assert (pixels == colour_of(i)).all()
+    assert [b.bytes_read for b in batches] == [
+        sum(len(r.data or b"") for r in records[start : start + 3]) for start in (0, 3, 6)
+    ]
+
+
+def test_decoded_batches_all_error_batch_has_no_pixels():
+    records = [
+        Record("a", "src", None, "gone"),
+        Record("b", "src", b"garbage bytes"),
+        Record("c", "src", png(RED, (9, 9))),
+    ]
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = decoded_batches(iter(records), SPEC, pool, batch_size=2)
+
+    assert isinstance(first, Batch) and first.pixels is None
+    assert [row[0] for row in first.meta] == ["a", "b"]
+    assert first.meta[0][4] == "gone" and first.meta[1][4]
+    assert first.bytes_read == len(b"garbage bytes")
+    assert second.meta == [("c", "src", 9, 9, None)]
+    assert second.pixels.shape == (1, 224, 224, 3) and (second.pixels == RED).all()
+
+
+def test_decoded_batches_exact_multiple_and_empty_input():
+    records = [Record(f"k{i}", "src", png(colour_of(i), (20, 20))) for i in range(4)]
+    with ThreadPoolExecutor(2) as pool:
+        assert [len(b.meta) for b in decoded_batches(iter(records), SPEC, pool, batch_size=2)] == [2, 2]
+        assert list(decoded_batches(iter([]), SPEC, pool, batch_size=2)) == []
+
+
+# ---------------------------------------------------------------------------------------------------- prefetch
+
+
+def _new_prefetch_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == PREFETCH_THREAD and t not in before]
+
+
+def _assert_ends(threads: list[threading.Thread]) -> None:
+    assert threads, "no prefetch thread was started"
+    for thread in threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "the prefetch producer thread outlived its consumer"
+
+
+def _assert_none_left(before: set[threading.Thread]) -> None:
+    """Every prefetch thread started since `before` has ended (or ends within 5 s)."""
+    for thread in _new_prefetch_threads(before):
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "the prefetch producer thread outlived its consumer"
+
+
+@pytest.mark.timeout(30)
+def test_prefetch_yields_everything_in_order_from_another_thread():
+    producer_threads = set()
+
+    def items() -> Iterator[int]:
+        for i in range(200):
+            producer_threads.add(threading.current_thread().name)
+            yield i
+
+    before = set(threading.enumerate())
+    assert list(prefetch(items(), depth=3)) == list(range(200))
+    assert producer_threads == {PREFETCH_THREAD}
+    _assert_none_left(before)
+
+
+@pytest.mark.timeout(30)
+def test_prefetch_runs_at_most_depth_ahead():
+    produced = []
+
+    def items() -> Iterator[int]:
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    iterator = prefetch(items(), depth=2)
+    assert next(iterator) == 0
+    time.sleep(0.3)  # the producer fills the queue, then waits
+    # 1 consumed + 2 queued + 1 produced and waiting for room.
+    assert 3 <= len(produced) <= 4
+    iterator.close()
+
+
+@pytest.mark.timeout(30)
+def test_prefetch_reraises_the_producers_exception():
+    def items() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ValueError("shard read failed")
+
+    before = set(threading.enumerate())
+    received = []
+    with pytest.raises(ValueError, match="shard read failed"):
+        for item in prefetch(items(), depth=4):
+            received.append(item)
+
+    assert received == [1, 2]
+    _assert_none_left(before)
+
+
+@pytest.mark.timeout(30)
+def test_prefetch_producer_stops_when_the_consumer_breaks():
+    produced = []
+
+    def endless() -> Iterator[int]:
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = set(threading.enumerate())
+    for item in prefetch(endless(), depth=2):  # not kept in a variable: the break closes the generator
+        if item == 5:
+            threads = _new_prefetch_threads(before)
+            break
+
+    _assert_ends(threads)
+    assert len(produced) <= 6 + 2 + 1
+
+
+@pytest.mark.timeout(30)
+def test_prefetch_producer_ends_when_the_consumer_leaves_after_the_last_item():
+    """The producer has put every item and waits for room for its end marker when the consumer leaves."""
+    finished = threading.Event()
+
+    def items() -> Iterator[int]:
+        yield from range(2)
+        finished.set()
+
+    before = set(threading.enumerate())
+    iterator = prefetch(items(), depth=1)
+    assert next(iterator) == 0
+    assert finished.wait(5)  # item 1 fills the queue; the end marker has no room until the consumer takes it
+    threads = _new_prefetch_threads(before)
+    iterator.close()
+
+    _assert_ends(threads)
+
+
+@pytest.mark.timeout(30)
+def test_prefetch_producer_ends_when_it_fails_after_the_consumer_left():
+    failed = threading.Event()
+
+    def items() -> Iterator[int]:
+        try:
+            yield from range(2)
+            raise RuntimeError("late failure")
+        finally:
+            failed.set()
+
+    before = set(threading.enumerate())
+    iterator = prefetch(items(), depth=1)
+    assert next(iterator) == 0
+    assert failed.wait(5)  # item 1 fills the queue; the exception has no room until the consumer takes item 1
+    threads = _new_prefetch_threads(before)
+    iterator.close()
+
+    _assert_ends(threads)
