@@ -1,0 +1,140 @@
+"""The driver or the whole Ray cluster dies mid-job; running the same command again finishes only what is missing.
+
+These run the real CLI in a subprocess with its own local Ray cluster, so killing it cannot harm the
+test session's cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.jobs.test_faults import assert_exactly_once
+from tests.support import IMAGENET_SAMPLE, imagenet_labels
+
+RAY_PROCESS_NAMES = ("gcs_server", "raylet")
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for row in imagenet_labels()[:48]:
+        shutil.copy(IMAGENET_SAMPLE / row["file"], folder / row["file"])
+    return folder
+
+
+def _label_command(photos: Path, out: Path) -> list[str]:
+    cli = Path(sys.executable).with_name("bulklabel")
+    return [str(cli), "label", "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--quiet",
+            "--input", str(photos), "--output", str(out), "--files-per-shard", "3", "--batch-size", "1"]  # fmt: skip
+
+
+def _start(command: list[str], ray_tmp: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled",
+           # A driver whose cluster is gone gives up after 10 s instead of Ray's default minute.
+           "RAY_gcs_rpc_server_reconnect_timeout_s": "10"}  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_markers(out: Path, count: int, proc: subprocess.Popen, timeout: float = 180) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = len(list((out / "_done").glob("*.json"))) if (out / "_done").exists() else 0
+        if done >= count:
+            return done
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} shards committed in {timeout}s")
+
+
+def _ray_processes(ray_tmp: str) -> list[psutil.Process]:
+    """This cluster's own GCS and raylet (their command lines name its temp dir)."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(name in (proc.info["name"] or "") for name in RAY_PROCESS_NAMES) and ray_tmp in cmdline:
+            found.append(proc)
+    return found
+
+
+def _finish(command: list[str], ray_tmp: str) -> str:
+    rerun = _start(command, ray_tmp)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def _kill_tree_leftovers(ray_tmp: str) -> None:
+    for proc in _ray_processes(ray_tmp):
+        proc.kill()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.fault(
+    fault="driver process SIGKILLed mid-job, then the same command run again",
+    injected="SIGKILL to the `bulklabel label` process after 3 of 16 shards were committed",
+    expected="the re-run skips committed shards and labels only the missing ones; rows in = rows out",
+)
+def test_driver_killed_then_rerun_finishes_only_missing_shards(photos, tmp_path, record_property):
+    out, ray_tmp = tmp_path / "out", tempfile.mkdtemp(prefix="bld-", dir="/tmp")
+    command = _label_command(photos, out)
+    try:
+        driver = _start(command, ray_tmp)
+        _wait_for_markers(out, 3, driver)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        committed_before = len(list((out / "_done").glob("*.json")))
+        assert committed_before < 16 and not (out / "_job.json").exists()
+        stdout = _finish(command, tempfile.mkdtemp(prefix="bld-", dir="/tmp"))
+    finally:
+        _kill_tree_leftovers(ray_tmp)
+    assert "succeeded" in stdout and f"{committed_before} already done before this run" in stdout
+    rows = assert_exactly_once(out, photos)
+    record_property("measured", f"{committed_before}/16 shards committed before the kill; re-run did the rest; "
+                                f"{rows}/48 rows, no duplicates")  # fmt: skip
+
+
+@pytest.mark.fault(
+    fault="the local Ray cluster stopped mid-job, then the same command run again",
+    injected="SIGKILL to the cluster's GCS and raylet after 3 of 16 shards were committed",
+    expected="the driver exits with an error; the re-run labels only the missing shards; rows in = rows out",
+)
+def test_ray_cluster_stopped_then_rerun_finishes(photos, tmp_path, record_property):
+    out, ray_tmp = tmp_path / "out", tempfile.mkdtemp(prefix="blr-", dir="/tmp")
+    command = _label_command(photos, out)
+    try:
+        driver = _start(command, ray_tmp)
+        _wait_for_markers(out, 3, driver)
+        cluster = _ray_processes(ray_tmp)
+        assert cluster, "no GCS/raylet found for the driver's cluster"
+        for proc in cluster:
+            proc.kill()
+        killed_at = time.monotonic()
+        try:
+            driver.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            driver.kill()  # a driver that cannot notice its cluster is gone is killed, as a user would
+            driver.wait()
+        assert driver.returncode != 0
+        noticed = time.monotonic() - killed_at
+        committed_before = len(list((out / "_done").glob("*.json")))
+        stdout = _finish(command, tempfile.mkdtemp(prefix="blr-", dir="/tmp"))
+    finally:
+        _kill_tree_leftovers(ray_tmp)
+    assert "succeeded" in stdout
+    rows = assert_exactly_once(out, photos)
+    measured = (
+        f"driver exited {driver.returncode} {noticed:.0f}s after the cluster died; "
+        f"{committed_before}/16 shards were committed; re-run did the rest; {rows}/48 rows"
+    )
+    record_property("measured", measured)
