@@ -95,7 +95,7 @@ class LabelJobSpec(Spec):
     output: str = Field(description="Local folder or s3://bucket/prefix for the Parquet files and the job manifest.")
     model: ModelSpec
     storage: StorageOptions = StorageOptions()
-    top_k: int = Field(default=5, gt=0, le=1000)
+    top_k: int = Field(default=5, gt=0, description="Classes kept per image; checked against the model's classes.")
     embeddings: bool = Field(default=True, description="Store penultimate-layer features per image.")
     batch_size: int = Field(default=32, gt=0, le=4096)
     num_workers: int = Field(default=0, ge=0, description="Model replicas (Ray actors); 0 = one per GPU, or 1 on CPU.")

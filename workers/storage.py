@@ -202,6 +202,11 @@ class S3Storage:
                         yield ObjectInfo(f"s3://{bucket}/{item['Key']}", int(item["Size"]))
         except self.client.exceptions.NoSuchBucket as exc:
             raise StorageError(f"bucket {bucket!r} does not exist ({prefix})") from exc
+        except self.client.exceptions.ClientError as exc:
+            denied = _denied(exc, prefix)
+            if denied is None:
+                raise
+            raise denied from exc
 
     def open_read(self, uri: str) -> BinaryIO:
         bucket, key = split_s3(uri)
@@ -236,11 +241,25 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise
+            denied = _denied(exc, uri)
+            if denied is None:
+                raise
+            raise denied from exc
 
     def delete(self, uri: str) -> None:
         bucket, key = split_s3(uri)
         self.client.delete_object(Bucket=bucket, Key=key)
+
+
+_DENIED_CODES = {"403", "AccessDenied", "Forbidden", "SignatureDoesNotMatch", "InvalidAccessKeyId"}
+
+
+def _denied(exc, uri: str) -> StorageError | None:
+    """A StorageError naming the location for an authentication or permission failure, else None."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    if code in _DENIED_CODES:
+        return StorageError(f"access to {uri} denied ({code}): check the credentials and their permissions")
+    return None
 
 
 def _region_from_environment() -> str:
