@@ -5,6 +5,7 @@ Heavy resources are session-scoped and started lazily: a test run that never ask
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -35,6 +36,25 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped when torch sees none")
     config.addinivalue_line("markers", "fault(fault, injected, expected): a row of docs/reliability.md's fault matrix")
+
+
+FAULT_MATRIX_ENV = "BULKLABEL_FAULT_MATRIX"  # where tests.fault_matrix collects the fault tests' results
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """With $BULKLABEL_FAULT_MATRIX set, append each fault test's outcome and measurement as a JSON line."""
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("fault")
+    path = os.environ.get(FAULT_MATRIX_ENV)
+    if not (path and marker and report.when == "call"):
+        return
+    measured = dict(item.user_properties).get("measured", "")
+    row = {"test": item.nodeid, **marker.kwargs, "outcome": report.outcome, "seconds": round(report.duration, 1),
+           "measured": measured}  # fmt: skip
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -61,7 +61,12 @@ def test_verify_hash_accepts_matching_prefix(tmp_path):
     verify_hash(longer)
 
 
-def test_verify_hash_refuses_changed_content(tmp_path):
+@pytest.mark.fault(
+    fault="a weight file whose content does not match the hash in its name",
+    injected="a torchvision-style `<arch>-<sha256 prefix>.pth` file with changed bytes",
+    expected="refused with both hashes named; nothing loaded",
+)
+def test_verify_hash_refuses_changed_content(tmp_path, record_property):
     path = _save_hashed(_state(), tmp_path)
     expected = path.stem.rsplit("-", 1)[1]
     path.write_bytes(path.read_bytes() + b"tampered")
@@ -71,6 +76,7 @@ def test_verify_hash_refuses_changed_content(tmp_path):
     assert expected in str(info.value) and actual in str(info.value)
     with pytest.raises(WeightsError, match="sha256"):
         load_state_dict(path)  # loading checks the hash too
+    record_property("measured", f"WeightsError naming {expected} (name) and {actual} (content)")
 
 
 @pytest.mark.parametrize("name", ["weights.pth", "resnet50-final.pth", "model.safetensors", "model-v2.pt"])
@@ -93,7 +99,12 @@ class _RunsCode:
         return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
-def test_load_refuses_pickled_code(tmp_path):
+@pytest.mark.fault(
+    fault="weights that are a pickle with code",
+    injected="a checkpoint whose __reduce__ runs a shell command",
+    expected="refused by weights_only=True; the command never runs",
+)
+def test_load_refuses_pickled_code(tmp_path, record_property):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"layer.weight": torch.zeros(2), "payload": _RunsCode(marker)}, path)
@@ -106,6 +117,7 @@ def test_load_refuses_pickled_code(tmp_path):
     # The payload is live: an unsafe load would have run it. (Proves the check above is not vacuous.)
     torch.load(path, weights_only=False)
     assert marker.exists()
+    record_property("measured", "WeightsError, payload not run; the same file run by an unsafe load (control)")
 
 
 def test_load_torch_state_dict_and_wrapped(tmp_path):
