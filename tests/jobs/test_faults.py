@@ -76,8 +76,10 @@ def test_worker_killed_five_times(photos, tmp_path, monkeypatch, record_property
     _inject(monkeypatch, *({"shard": s, "attempt": 1, "after_rows": 1, "action": "exit"} for s in victims))
     summary = run_label_job(_spec(photos, tmp_path / "out", batch_size=1), show_progress=False)
     rows = assert_exactly_once(tmp_path / "out", photos)
-    assert (summary.status, summary.shards, summary.worker_restarts) == ("succeeded", 20, 5)
-    record_property("measured", f"20/20 shards, {rows}/40 rows, 5 workers replaced, {summary.seconds:.0f}s")
+    # At least the 5 injected deaths; Ray's memory monitor may kill a worker too on a loaded machine.
+    assert (summary.status, summary.shards) == ("succeeded", 20) and summary.worker_restarts >= 5
+    record_property("measured", f"20/20 shards, {rows}/40 rows, {summary.worker_restarts} workers replaced, "
+                                f"{summary.seconds:.0f}s")  # fmt: skip
 
 
 @pytest.mark.fault(

@@ -1,0 +1,138 @@
+"""Load check for issue 4: a 100k-image job on this machine, and planning over a 1M-key manifest.
+
+    .venv/bin/python -m bench.load --images 100000 --per-shard 1000
+    .venv/bin/python -m bench.load --manifest-only --manifest-keys 1000000
+
+Prints images, shards, wall time, throughput and the driver's peak RSS (sampled every 50 ms), so
+the driver's memory can be seen not to grow with the number of images or keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+log = logging.getLogger("bench.load")
+
+
+class PeakRss:
+    """Samples this process's resident memory on a thread; `peak_mb` is the highest seen."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self._proc, self._interval, self._stop = psutil.Process(), interval_s, threading.Event()
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+def write_small_image_shards(folder: Path, images: int, per_shard: int) -> int:
+    """Tar shards of `images` 64x64 JPEGs (16 distinct pictures reused under unique keys)."""
+    rng = np.random.default_rng(0)
+    pictures = []
+    for _ in range(16):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=85)
+        pictures.append(buffer.getvalue())
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = 0
+    for start in range(0, images, per_shard):
+        with tarfile.open(folder / f"{shards:06d}.tar", "w") as tar:
+            for i in range(start, min(start + per_shard, images)):
+                data = pictures[i % len(pictures)]
+                info = tarfile.TarInfo(f"img{i:08d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        shards += 1
+    return shards
+
+
+def run_job(images: int, per_shard: int, model: str, workers: int) -> None:
+    from jobs.runner import run_label_job
+    from schemas.specs import LabelJobSpec
+
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        shards = write_small_image_shards(Path(tmp, "in"), images, per_shard)
+        spec = LabelJobSpec(
+            input={"uri": str(Path(tmp, "in")), "format": "tar"},
+            output=str(Path(tmp, "out")),
+            model={"name": model, "weights": None},
+            num_workers=workers,
+            batch_size=64,
+            embeddings=True,
+        )
+        import ray
+
+        ray.init(num_cpus=psutil.cpu_count(), include_dashboard=False, log_to_driver=False)
+        base_mb = psutil.Process().memory_info().rss / 2**20
+        with PeakRss() as rss:
+            started = time.perf_counter()
+            summary = run_label_job(spec, show_progress=False)
+            seconds = time.perf_counter() - started
+        ray.shutdown()
+        print(f"job: images={summary.images} errors={summary.errors} shards={summary.shards}/{shards} "
+              f"wall={seconds:.0f}s throughput={summary.images / seconds:.1f} img/s "
+              f"driver_rss_before={base_mb:.0f}MB driver_rss_peak={rss.peak_mb:.0f}MB model={model}")  # fmt: skip
+
+
+def plan_manifest(keys: int, per_shard: int) -> None:
+    from jobs.plan import plan_shards
+    from schemas.specs import InputSpec
+    from workers.storage import LocalStorage
+
+    with tempfile.TemporaryDirectory(prefix="bench-manifest-") as tmp:
+        manifest = Path(tmp, "manifest.parquet")
+        pq.write_table(pa.table({"key": [f"images/{i:09d}.jpg" for i in range(keys)]}), manifest)
+        base_mb = psutil.Process().memory_info().rss / 2**20
+        with PeakRss() as rss:
+            started = time.perf_counter()
+            shards = sum(1 for _ in plan_shards(InputSpec(uri=str(manifest), files_per_shard=per_shard),
+                                                LocalStorage()))  # fmt: skip
+            seconds = time.perf_counter() - started
+        print(f"plan: keys={keys} shards={shards} wall={seconds:.1f}s rss_before={base_mb:.0f}MB "
+              f"rss_peak={rss.peak_mb:.0f}MB")  # fmt: skip
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--per-shard", type=int, default=1000)
+    parser.add_argument("--model", default="mobilenet_v3_small")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--manifest-keys", type=int, default=1_000_000)
+    parser.add_argument("--manifest-only", action="store_true")
+    args = parser.parse_args()
+    plan_manifest(args.manifest_keys, args.per_shard)
+    if not args.manifest_only:
+        run_job(args.images, args.per_shard, args.model, args.workers)
+
+
+if __name__ == "__main__":
+    main()
