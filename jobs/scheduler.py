@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_ACTOR = 2
 WAIT_SLICE_S = 1.0
+# A failed shard waits before its next try, so a store that is briefly away (restart, throttling) is not
+# hammered through all attempts in a second: 5 s, 10 s, 20 s, 40 s, then capped.
+RETRY_BACKOFF_S = 5.0
+RETRY_BACKOFF_MAX_S = 60.0
 
 
 @dataclass
@@ -32,6 +36,7 @@ class _Slot:
     """One actor and the shards it holds, oldest (running) first."""
 
     actor: ray.actor.ActorHandle
+    ready: ray.ObjectRef | None  # until the actor has started, its shards' timeouts do not run
     running: deque = field(default_factory=deque)  # (ref, task, attempt)
     head_started: float = field(default_factory=time.monotonic)
 
@@ -51,7 +56,7 @@ class ShardScheduler:
         self._limits = limits
         self._actors_made = 0
         self._slots = [self._new_slot() for _ in range(num_actors)]
-        self._retry: deque[tuple[ShardTask, int]] = deque()
+        self._retry: deque[tuple[ShardTask, int, float]] = deque()  # (task, attempt, not before)
         self.failures: dict[str, str] = {}
         self.restarts = 0
 
@@ -69,8 +74,11 @@ class ShardScheduler:
         while True:
             self._fill(pending)
             refs = {entry[0]: slot for slot in self._slots for entry in slot.running}
-            if not refs:
+            if not refs and not self._retry:
                 return self.failures
+            if not refs:  # only retries left, all backing off
+                time.sleep(WAIT_SLICE_S)
+                continue
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=WAIT_SLICE_S)
             for ref in ready:
                 self._settle(refs[ref], ref, on_done)
@@ -84,13 +92,22 @@ class ShardScheduler:
         """Give each actor's free places to retries first, then to new tasks."""
         for slot in self._slots:
             while len(slot.running) < IN_FLIGHT_PER_ACTOR:
-                if self._retry:
-                    task, attempt = self._retry.popleft()
+                if (due := self._due_retry()) is not None:
+                    task, attempt = due
                 elif (task := next(pending, None)) is not None:
                     attempt = 1
                 else:
                     return
                 self._submit(slot, task, attempt)
+
+    def _due_retry(self) -> tuple[ShardTask, int] | None:
+        """The first retry whose backoff has passed, taken off the queue."""
+        now = time.monotonic()
+        for index, (task, attempt, not_before) in enumerate(self._retry):
+            if not_before <= now:
+                del self._retry[index]
+                return task, attempt
+        return None
 
     def _submit(self, slot: _Slot, task: ShardTask, attempt: int) -> None:
         if not slot.running:
@@ -119,7 +136,8 @@ class ShardScheduler:
         if attempt < self._limits.max_attempts:
             log.warning("shard %s failed (attempt %d/%d), retrying: %s", task.shard_id, attempt,
                         self._limits.max_attempts, error)
-            self._retry.append((task, attempt + 1))
+            delay = min(RETRY_BACKOFF_S * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S)
+            self._retry.append((task, attempt + 1, time.monotonic() + delay))
         else:
             log.error("shard %s failed after %d attempts: %s", task.shard_id, attempt, error)
             self.failures[task.shard_id] = error
@@ -134,22 +152,28 @@ class ShardScheduler:
         held = list(slot.running)
         slot.running.clear()
         slot.actor = self._make_actor(self._next_index())
+        slot.ready = slot.actor.describe.remote()
         for position, (_, task, attempt) in enumerate(held):
             if position == 0:
                 self._retry_or_fail(task, attempt, f"worker {reason}")
             else:
-                self._retry.appendleft((task, attempt))
+                self._retry.appendleft((task, attempt, 0.0))
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
         for slot in self._slots:
+            if slot.ready is not None:
+                if not ray.wait([slot.ready], timeout=0)[0]:
+                    continue  # still starting (loading its model): not the shard's time yet
+                slot.ready, slot.head_started = None, now
             if slot.running and now - slot.head_started > self._limits.shard_timeout_s:
                 shard = slot.running[0][1].shard_id
                 log.warning("shard %s ran past %.0fs; replacing its worker", shard, self._limits.shard_timeout_s)
                 self._replace(slot, reason="timed out")
 
     def _new_slot(self) -> _Slot:
-        return _Slot(self._make_actor(self._next_index()))
+        actor = self._make_actor(self._next_index())
+        return _Slot(actor, ready=actor.describe.remote())
 
     def _next_index(self) -> int:
         self._actors_made += 1

@@ -155,7 +155,7 @@ class S3Storage:
     mode: bounded attempts with exponential backoff and jitter, only on the error codes it lists.
     """
 
-    MAX_ATTEMPTS = 8  # covers a store that is away for ~20 s with botocore's capped exponential backoff
+    MAX_ATTEMPTS = 10  # botocore's capped exponential backoff; the scheduler's shard retries back off further
 
     def __init__(self, options: StorageOptions):
         self._options = options
