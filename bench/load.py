@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.load --images 100000 --per-shard 1000
     .venv/bin/python -m bench.load --manifest-only --manifest-keys 1000000
 
-Prints images, shards, wall time, throughput and the driver's peak RSS (sampled every 50 ms), so
+Prints images, shards, wall time, throughput and the driver's peak RSS (sampled by bench.memory), so
 the driver's memory can be seen not to grow with the number of images or keys.
 """
 
@@ -14,7 +14,6 @@ import io
 import logging
 import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,32 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from bench.memory import PeakMemory
+
 log = logging.getLogger("bench.load")
-
-
-class PeakRss:
-    """Samples this process's resident memory on a thread; `peak_mb` is the highest seen."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self._proc, self._interval, self._stop = psutil.Process(), interval_s, threading.Event()
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
 
 
 def write_small_image_shards(folder: Path, images: int, per_shard: int) -> int:
@@ -91,14 +67,14 @@ def run_job(images: int, per_shard: int, model: str, workers: int) -> None:
 
         ray.init(num_cpus=psutil.cpu_count(), include_dashboard=False, log_to_driver=False)
         base_mb = psutil.Process().memory_info().rss / 2**20
-        with PeakRss() as rss:
+        with PeakMemory() as rss:
             started = time.perf_counter()
             summary = run_label_job(spec, show_progress=False)
             seconds = time.perf_counter() - started
         ray.shutdown()
         print(f"job: images={summary.images} errors={summary.errors} shards={summary.shards}/{shards} "
               f"wall={seconds:.0f}s throughput={summary.images / seconds:.1f} img/s "
-              f"driver_rss_before={base_mb:.0f}MB driver_rss_peak={rss.peak_mb:.0f}MB model={model}")  # fmt: skip
+              f"driver_rss_before={base_mb:.0f}MB driver_rss_peak={rss.driver_mib:.0f}MB model={model}")  # fmt: skip
 
 
 def plan_manifest(keys: int, per_shard: int) -> None:
@@ -110,13 +86,13 @@ def plan_manifest(keys: int, per_shard: int) -> None:
         manifest = Path(tmp, "manifest.parquet")
         pq.write_table(pa.table({"key": [f"images/{i:09d}.jpg" for i in range(keys)]}), manifest)
         base_mb = psutil.Process().memory_info().rss / 2**20
-        with PeakRss() as rss:
+        with PeakMemory() as rss:
             started = time.perf_counter()
             shards = sum(1 for _ in plan_shards(InputSpec(uri=str(manifest), files_per_shard=per_shard),
                                                 LocalStorage()))  # fmt: skip
             seconds = time.perf_counter() - started
         print(f"plan: keys={keys} shards={shards} wall={seconds:.1f}s rss_before={base_mb:.0f}MB "
-              f"rss_peak={rss.peak_mb:.0f}MB")  # fmt: skip
+              f"rss_peak={rss.driver_mib:.0f}MB")  # fmt: skip
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Run every fault test and write docs/reliability.md from what they measured.
 
     .venv/bin/python -m tests.fault_matrix            # runs the fault tests (~10 min here), rewrites the doc
+    .venv/bin/python -m tests.fault_matrix FILE::TEST # re-runs some; the other rows are kept
     .venv/bin/python -m tests.fault_matrix --check    # the doc's rows match the fault tests (no run; CI does this)
 
 The rows come from the `@pytest.mark.fault(fault=..., injected=..., expected=...)` markers and the
@@ -52,28 +53,38 @@ def fault_tests() -> dict[str, dict]:
     return found
 
 
-def documented_tests() -> set[str]:
+def documented_rows() -> dict[str, str]:
+    """Test node id → its table row, from the current doc."""
     if not DOC.exists():
-        return set()
-    return {line.split("`")[-2] for line in DOC.read_text().splitlines() if line.startswith("| ") and "::" in line}
+        return {}
+    lines = [line for line in DOC.read_text().splitlines(keepends=True) if line.startswith("| ") and "::" in line]
+    return {line.split("`")[-2]: line for line in lines}
 
 
-def run_and_write() -> int:
+def documented_tests() -> set[str]:
+    return set(documented_rows())
+
+
+def run_and_write(selected: list[str]) -> int:
+    """Run the selected fault tests (all by default) and rewrite the doc; rows of tests not run are kept."""
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as results:
         path = results.name
     env = {**os.environ, "BULKLABEL_FAULT_MATRIX": path}
-    code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "fault", *fault_test_files()], cwd=ROOT,
-                          env=env).returncode  # fmt: skip
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
-    os.unlink(path)
-    lines = [HEADER.format(day=date.today().isoformat(), machine="2-core x86_64 CPU, no GPU")]
-    for row in sorted(rows, key=lambda r: r["test"]):
+    code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "fault", *(selected or fault_test_files())],
+                          cwd=ROOT, env=env).returncode  # fmt: skip
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
         result = f"{row['outcome']} ({row['seconds']:.0f}s)"
-        lines.append(f"| {row['fault']} | {row['injected']} | {row['expected']} | {row['measured']} | "
-                     f"`{row['test']}` | {result} |\n")  # fmt: skip
+        rows[row["test"]] = (f"| {row['fault']} | {row['injected']} | {row['expected']} | {row['measured']} | "
+                             f"`{row['test']}` | {result} |\n")  # fmt: skip
+    os.unlink(path)
+    kept = {t: line for t, line in documented_rows().items() if t in fault_tests() and t not in rows}
+    lines = [HEADER.format(day=date.today().isoformat(), machine="2-core x86_64 CPU, no GPU")]
+    lines += [line for _, line in sorted({**kept, **rows}.items())]
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text("".join(lines))
-    log.info("wrote %s with %d rows", DOC, len(rows))
+    log.info("wrote %s: %d rows measured now, %d kept", DOC, len(rows), len(kept))
     return code
 
 
@@ -95,9 +106,11 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true")
-    if parser.parse_args().check:
+    parser.add_argument("tests", nargs="*", help="node ids or files to re-run (default: every fault test)")
+    args = parser.parse_args()
+    if args.check:
         problems = check()
         for problem in problems:
             log.error(problem)
         sys.exit(1 if problems else 0)
-    sys.exit(run_and_write())
+    sys.exit(run_and_write(args.tests))
