@@ -1,4 +1,4 @@
-"""The `bulklabel` command line: label, run a spec file, demo, schema."""
+"""The `bulklabel` command line: label, finetune, run a spec file, demo, schema."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from schemas.finetune import FinetuneJobSpec
 from schemas.specs import LabelJobSpec, job_spec_json_schema, load_job_spec, parse_job_spec
 
 log = logging.getLogger("bulklabel")
@@ -30,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"invalid job spec:\n{_describe_validation(exc)}")
         return EXIT_BAD_SPEC
     except (ValueError, RuntimeError, OSError) as exc:
+        from jobs.finetune import FinetuneFailed
         from jobs.runner import JobFailed
 
-        if isinstance(exc, JobFailed):
+        if isinstance(exc, JobFailed | FinetuneFailed):
             _report(str(exc))
             return EXIT_FAILED
         _report(f"error: {exc}")
@@ -62,7 +64,33 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("--quiet", action="store_true", help="no progress bar")
     label.set_defaults(handler=_cmd_label)
 
-    run = sub.add_parser("run", help="run a job spec file (YAML or JSON)")
+    tune = sub.add_parser("finetune", help="fine-tune a torchvision model on labelled images → <output>/vN/")
+    tune.add_argument("--data", required=True, help="folder/s3 prefix with a sub-folder per class, or a CSV/Parquet "
+                      "labels file (key, label)")  # fmt: skip
+    tune.add_argument("--base", required=True, help="torchvision model name, e.g. mobilenet_v2, resnet50")
+    tune.add_argument("--weights", default="DEFAULT", help="weights to start from (IMAGENET1K_V1), a file, or 'none'")
+    tune.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
+    tune.add_argument("--output", required=True, help="folder or s3://bucket/prefix; each run adds v1, v2, ...")
+    tune.add_argument("--method", default="full", choices=["full", "linear-probe"])
+    tune.add_argument("--epochs", type=int, default=5)
+    tune.add_argument("--batch-size", type=int, default=32)
+    tune.add_argument("--lr", type=float, default=1e-3, help="the new head's peak learning rate")
+    tune.add_argument("--image-size", type=int, help="training crop side (default: the weights' eval crop)")
+    tune.add_argument("--val-data", help="a separate validation set (else a stratified split of --data)")
+    tune.add_argument("--val-fraction", type=float, default=0.2)
+    tune.add_argument("--key-column", default="key", help="labels-file column of image keys")
+    tune.add_argument("--label-column", default="label", help="labels-file column of class names")
+    tune.add_argument("--class-weights", default="none", choices=["none", "balanced"])
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    tune.add_argument("--gpus-per-worker", type=float, default=0)
+    tune.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    tune.add_argument("--job-id", help="defaults to a hash of data, model, training settings and output")
+    tune.add_argument("--name", help="artifact name in its id <name>:vN (default: the output folder's name)")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(handler=_cmd_finetune)
+
+    run = sub.add_parser("run", help="run a job spec file (YAML or JSON), of any kind")
     run.add_argument("spec", type=Path)
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(handler=_cmd_run)
@@ -98,6 +126,39 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return _run(parse_job_spec(spec), quiet=args.quiet)
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    spec = {
+        "kind": "finetune",
+        "data": {
+            "uri": args.data,
+            "validation_uri": args.val_data,
+            "val_fraction": args.val_fraction,
+            "key_column": args.key_column,
+            "label_column": args.label_column,
+        },
+        "base": {
+            "name": args.base,
+            "weights": None if args.weights.lower() == "none" else args.weights,
+            "weights_dir": args.weights_dir,
+        },
+        "output": args.output,
+        "training": {
+            "method": args.method,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": args.lr,
+            "image_size": args.image_size,
+            "class_weights": args.class_weights,
+            "seed": args.seed,
+        },
+        "num_workers": args.workers,
+        "gpus_per_worker": args.gpus_per_worker,
+        "storage": {"endpoint_url": args.endpoint_url},
+    }
+    spec |= {key: value for key, value in (("job_id", args.job_id), ("name", args.name)) if value}
+    return _run(parse_job_spec(spec), quiet=args.quiet)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     return _run(load_job_spec(args.spec), quiet=args.quiet)
 
@@ -122,10 +183,15 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(spec: LabelJobSpec, quiet: bool) -> int:
-    from jobs.runner import run_label_job
+def _run(spec: LabelJobSpec | FinetuneJobSpec, quiet: bool) -> int:
+    if spec.kind == "finetune":
+        from jobs.finetune import run_finetune_job
 
-    summary = run_label_job(spec, show_progress=not quiet)
+        summary = run_finetune_job(spec, show_progress=not quiet)
+    else:
+        from jobs.runner import run_label_job
+
+        summary = run_label_job(spec, show_progress=not quiet)
     print("\n".join(summary.lines()))
     return 0
 

@@ -110,7 +110,7 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
 
 def check_top_k(spec: LabelJobSpec) -> None:
     """top_k must not exceed the model's classes (also checks the model and weights names)."""
-    classes = len(model_categories(spec.model))
+    classes = len(model_categories(spec.model, spec.storage))
     if spec.top_k > classes:
         raise PlanError(f"top_k={spec.top_k} exceeds the {classes} classes of model {spec.model.name!r}")
 

@@ -6,12 +6,16 @@ parts a worker needs to a Ray actor, which then builds its heavy objects (model,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from schemas.finetune import FinetuneJobSpec
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -101,7 +105,9 @@ class LabelJobSpec(Spec):
     num_workers: int = Field(default=0, ge=0, description="Model replicas (Ray actors); 0 = one per GPU, or 1 on CPU.")
     cpus_per_worker: float = Field(default=0, ge=0, description="0 = the cluster's CPUs split between the workers.")
     decode_threads: int = Field(default=2, gt=0, le=64)
-    max_attempts: int = Field(default=3, gt=0, le=20, description="Tries per shard before it counts as failed.")
+    max_attempts: int = Field(
+        default=5, gt=0, le=20, description="Tries per shard before it counts as failed (retries back off 5-60 s)."
+    )
     max_failed_shards: int = Field(default=0, ge=0, description="More failed shards than this fails the job.")
     shard_timeout_s: float = Field(default=3600, gt=0, description="A shard taking longer is retried elsewhere.")
 
@@ -134,17 +140,42 @@ def _as_prefix(uri: str) -> str:
     return uri.rstrip("/") + "/"
 
 
-# One kind for now; with a second it becomes Annotated[Union[...], Field(discriminator="kind")].
-JobSpec = LabelJobSpec
-_JOB_ADAPTER: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
+@functools.cache
+def _job_kinds() -> dict[str, type[Spec]]:
+    """Every job spec class by its `kind`. Built on first use: schemas.finetune builds on this module's Spec
+    classes, so importing it at the top would be circular."""
+    from schemas.finetune import FinetuneJobSpec
+
+    return {"label": LabelJobSpec, "finetune": FinetuneJobSpec}
 
 
-def parse_job_spec(data: dict) -> JobSpec:
-    """Validate a decoded spec; raises pydantic.ValidationError naming each bad field."""
-    return _JOB_ADAPTER.validate_python(data)
+@functools.cache
+def _job_spec_type():
+    """The union of every job kind, told apart by `kind`."""
+    return Annotated[Union[tuple(_job_kinds().values())], Field(discriminator="kind")]
 
 
-def load_job_spec(path: str | Path) -> JobSpec:
+@functools.cache
+def _job_adapter() -> TypeAdapter:
+    return TypeAdapter(_job_spec_type())
+
+
+def __getattr__(name: str):
+    # `JobSpec` (the union of every job kind) is a module attribute built on first use, see _job_spec_type.
+    if name == "JobSpec":
+        return _job_spec_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def parse_job_spec(data: dict) -> LabelJobSpec | FinetuneJobSpec:
+    """Validate a decoded spec of any kind; raises pydantic.ValidationError naming each bad field."""
+    known = _job_kinds().get(data.get("kind")) if isinstance(data, dict) else None
+    # A known kind validates as its own class, so errors name `batch_size`, not `label.batch_size`; a missing or
+    # unknown kind goes through the union, whose error lists the kinds there are.
+    return known.model_validate(data) if known else _job_adapter().validate_python(data)
+
+
+def load_job_spec(path: str | Path) -> LabelJobSpec | FinetuneJobSpec:
     """Load a spec from a YAML or JSON file."""
     import yaml
 
@@ -157,7 +188,7 @@ def load_job_spec(path: str | Path) -> JobSpec:
 
 def job_spec_json_schema() -> dict:
     """JSON Schema of every job kind, for editors and CI validation."""
-    return _JOB_ADAPTER.json_schema()
+    return _job_adapter().json_schema()
 
 
 class PreprocessSpec(Spec):

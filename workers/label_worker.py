@@ -1,16 +1,26 @@
 """The label worker: one model replica that turns shard tasks into committed Parquet files.
 
 The driver wraps this class in a Ray actor (`ray.remote(LabelWorker)`); it stays a plain class
-so tests can run it in-process. It receives only the small job spec and builds its model and
-storage clients itself, so nothing heavy is pickled.
+so tests can run it in-process (`label_shard_blocking`). It receives only the small job spec and
+builds its model and storage clients itself, so nothing heavy is pickled.
+
+Where the time goes, and why it is arranged this way (bench/RESULTS.md has the measurements):
+- `label_shard` is async, so Ray lets the scheduler's second shard start while the first runs: it
+  reads and decodes ahead, then waits for its turn; the model never waits for a shard to open.
+- on CPU, batches run in lanes of one torch thread each (`inference_lanes`), with decode threads
+  (Pillow releases the GIL) filling in around them;
+- on CPU, glibc keeps freed activations for reuse (`keep_freed_memory_for_reuse`) instead of the
+  kernel faulting fresh pages in for every layer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,10 +30,10 @@ import torch
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LabelJobSpec
 from workers import faults
-from workers.inference import Predictions, Predictor, pick_device
+from workers.inference import Predictions, Predictor, keep_freed_memory_for_reuse, pick_device
 from workers.models import build_model
-from workers.pipeline import decoded_batches, prefetch
-from workers.readers import read_shard
+from workers.pipeline import Batch, Prefetched, Turn, Turns, decoded_batches
+from workers.readers import bounded_map, read_shard
 from workers.storage import local_scratch_dir, open_storage
 from workers.writer import ShardWriter
 
@@ -31,14 +41,18 @@ log = logging.getLogger(__name__)
 
 FETCH_THREADS = 16  # concurrent GETs for loose-file shards; object stores reward parallel requests
 PREFETCH_BATCHES = 2
+# The scheduler keeps 2 shards in each worker: the running one and the next, which reads and decodes ahead.
+SHARD_THREADS = 4
+# On CPU, batches run in parallel lanes (threads), each with torch_threads // lanes torch threads: one-thread lanes
+# need no barrier between torch's threads per operator, so a core that decode or a neighbour takes for a moment
+# does not stall the other. Each lane holds a batch's activations (~1 GB for MobileNetV2 at 32), hence the cap.
+MAX_CPU_LANES = 4
 
 
 class LabelWorker:
     """Holds a model resident on its device and labels one shard per call."""
 
     def __init__(self, spec: LabelJobSpec, job_id: str, torch_threads: int):
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
         self.spec = spec
         self.job_id = job_id
         self.scratch = local_scratch_dir()
@@ -50,10 +64,19 @@ class LabelWorker:
         self.preprocess = loaded.preprocess
         self.embedding_dim = loaded.embedding_dim
         self.device = pick_device(spec.model.device)
+        if self.device.type == "cpu":
+            keep_freed_memory_for_reuse()  # before the lanes' threads exist: they share the one arena
+        self.lanes, threads = inference_lanes(self.device, torch_threads)
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.predictor = Predictor(loaded, self.device, spec.model.precision, spec.top_k, spec.embeddings)
         self.decode_pool = ThreadPoolExecutor(spec.decode_threads, thread_name_prefix="decode")
         self.fetch_pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="fetch")
-        log.info("worker ready: %s on %s, %d torch threads", self.model_id, self.device, torch.get_num_threads())
+        self.lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="lane")
+        self.shard_pool = ThreadPoolExecutor(SHARD_THREADS, thread_name_prefix="shard")
+        self.turns = Turns()
+        log.info("worker ready: %s on %s, %d lane(s) of %d torch threads", self.model_id, self.device, self.lanes,
+                 torch.get_num_threads())  # fmt: skip
 
     def describe(self) -> dict:
         """What the driver records in the job manifest."""
@@ -66,28 +89,64 @@ class LabelWorker:
             "pid": os.getpid(),
         }
 
-    def label_shard(self, task: ShardTask, attempt: int) -> ShardResult:
-        """Read, decode, predict and commit one shard; returns its done-marker."""
-        started = time.perf_counter()
+    async def label_shard(self, task: ShardTask, attempt: int) -> ShardResult:
+        """Read, decode, predict and commit one shard; returns its done-marker.
+
+        Async so that Ray runs this worker as an asyncio actor, whose calls may overlap: the shard the scheduler
+        queues behind the running one starts reading and decoding at once, so the model does not wait for it.
+        Shards still predict and commit one at a time, in arrival order (see `Turns`); the work runs on threads.
+        """
+        turn = self.turns.take()
+        return await asyncio.get_running_loop().run_in_executor(self.shard_pool, self._label_shard, task, attempt, turn)
+
+    def label_shard_blocking(self, task: ShardTask, attempt: int) -> ShardResult:
+        """`label_shard` for in-process callers (tests, a plain loop)."""
+        return self._label_shard(task, attempt, self.turns.take())
+
+    def _label_shard(self, task: ShardTask, attempt: int, turn: Turn) -> ShardResult:
         spec = self.spec
         writer = ShardWriter(task, self.categories, self.model_id, self.job_id)
-        records = read_shard(self.input_storage, task, spec.input.extensions, self.fetch_pool)
-        batches = decoded_batches(records, self.preprocess, self.decode_pool, spec.batch_size)
-        bytes_read = 0
-        for batch in prefetch(batches, PREFETCH_BATCHES):
-            faults.inject(task.shard_id, attempt, writer.rows)
-            preds = self._predict(batch.pixels, task, attempt, writer.rows) if batch.pixels is not None else None
-            writer.add(
-                batch.meta,
-                preds.topk_indices if preds else None,
-                preds.topk_scores if preds else None,
-                preds.embeddings if preds else None,
-            )
-            bytes_read += batch.bytes_read
-        stats = {"bytes_read": bytes_read, "seconds": round(time.perf_counter() - started, 3)}
-        result = writer.commit(self.output_storage, spec.output, self.scratch, attempt, stats)
+        with turn:
+            records = read_shard(self.input_storage, task, spec.input.extensions, self.fetch_pool)
+            decoded = decoded_batches(records, self.preprocess, self.decode_pool, spec.batch_size)
+            with Prefetched(decoded, PREFETCH_BATCHES) as batches:  # reading starts now, before our turn
+                turn.wait()
+                started = time.perf_counter()  # the shard's own time: from its turn to its commit
+                bytes_read = 0
+                for batch, preds in self._predicted(batches, task, attempt, writer):
+                    writer.add(
+                        batch.meta,
+                        preds.topk_indices if preds else None,
+                        preds.topk_scores if preds else None,
+                        preds.embeddings if preds else None,
+                    )
+                    bytes_read += batch.bytes_read
+            stats = {"bytes_read": bytes_read, "seconds": round(time.perf_counter() - started, 3)}
+            result = writer.commit(self.output_storage, spec.output, self.scratch, attempt, stats)
         log.info("shard %s: %d rows, %d errors, %.1fs", task.shard_id, result.rows, result.errors, result.seconds)
         return result
+
+    def _predicted(
+        self, batches: Iterator[Batch], task: ShardTask, attempt: int, writer: ShardWriter
+    ) -> Iterator[tuple[Batch, Predictions | None]]:
+        """(batch, predictions) in batch order, up to `lanes` batches in the model at once."""
+
+        def submitted() -> Iterator[tuple[Batch, int]]:
+            rows = 0  # the shard's rows before this batch
+            for batch in batches:
+                faults.inject(task.shard_id, attempt, writer.rows)
+                yield batch, rows
+                rows += len(batch.meta)
+
+        def run(item: tuple[Batch, int]) -> tuple[Batch, Predictions | None]:
+            batch, rows = item
+            if batch.pixels is None:
+                return batch, None
+            return batch, self._predict(batch.pixels, task, attempt, rows)
+
+        if self.lanes == 1:
+            return map(run, submitted())
+        return bounded_map(self.lane_pool, run, submitted(), window=self.lanes)
 
     def _predict(self, pixels: np.ndarray, task: ShardTask, attempt: int, rows: int) -> Predictions:
         """Predict a batch; out of device memory, split it in halves and try again, down to single images."""
@@ -110,6 +169,14 @@ class LabelWorker:
             )
 
     def close(self) -> None:
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
-        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.shard_pool, self.lane_pool, self.decode_pool, self.fetch_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def inference_lanes(device: torch.device, torch_threads: int) -> tuple[int, int]:
+    """(lanes, torch threads per lane) for a worker allowed `torch_threads` cores; one lane on a GPU."""
+    if device.type != "cpu" or torch_threads < 2:
+        return 1, torch_threads
+    lanes = min(MAX_CPU_LANES, torch_threads)
+    return lanes, torch_threads // lanes

@@ -18,6 +18,7 @@ from torchvision.models import get_model, get_model_weights, list_models
 
 from schemas.specs import ModelSpec, PreprocessSpec, StorageOptions
 from workers import weights as weights_io
+from workers.artifacts import is_artifact_location, load_artifact_model, read_card
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ def classification_models() -> list[str]:
 
 
 def check_model_name(name: str) -> None:
-    """Fail fast on a name the registry does not know, listing what it does."""
+    """Fail fast on a name the registry does not know, listing what it does. A fine-tuned artifact's location
+    (registry names have no '/') passes; its model card is checked where it is read."""
+    if is_artifact_location(name):
+        return
     known = classification_models()
     if name not in known:
         raise ModelError(f"unknown model {name!r}; torchvision classification models are: {', '.join(known)}")
@@ -55,7 +59,7 @@ def check_model_name(name: str) -> None:
 
 def weights_entry(spec: ModelSpec):
     """The torchvision weights enum entry named by the spec, or None for a file or random init."""
-    if spec.weights is None or weights_io.looks_like_location(spec.weights):
+    if spec.weights is None or weights_io.looks_like_location(spec.weights) or is_artifact_location(spec.name):
         return None
     enum = get_model_weights(spec.name)
     try:
@@ -65,8 +69,10 @@ def weights_entry(spec: ModelSpec):
         raise ModelError(f"model {spec.name!r} has no weights {spec.weights!r}; it has: {names}") from exc
 
 
-def model_categories(spec: ModelSpec) -> list[str]:
+def model_categories(spec: ModelSpec, storage: StorageOptions | None = None) -> list[str]:
     """Class names the model will predict, known without loading it (for checks before a job starts)."""
+    if is_artifact_location(spec.name):
+        return list(read_card(spec.name, storage).class_names)
     check_model_name(spec.name)
     return list((weights_entry(spec) or get_model_weights(spec.name).DEFAULT).meta["categories"])
 
@@ -85,6 +91,8 @@ def preprocess_of(weights_enum_entry) -> PreprocessSpec:
 
 def build_model(spec: ModelSpec, storage: StorageOptions, cache_dir: Path) -> LoadedModel:
     """Construct the architecture, load verified weights, and split off the classification head."""
+    if is_artifact_location(spec.name):  # a fine-tuned model: architecture, classes, preprocessing from its card
+        return load_artifact_model(spec.name, storage, cache_dir)
     check_model_name(spec.name)
     entry = weights_entry(spec)
     # Category names and preprocessing come from weights metadata; files in torchvision's format

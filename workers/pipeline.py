@@ -54,36 +54,113 @@ def decoded_batches(
 _DONE = object()
 
 
-def prefetch(items: Iterator, depth: int) -> Iterator:
-    """Run `items` on a background thread, at most `depth` ahead; its exceptions re-raise here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class Prefetched(Iterator):
+    """Runs `items` on a background thread from construction on, at most `depth` ahead; its exceptions re-raise in
+    the consumer. `close()` (or leaving a `with` block) lets the producer thread end even if nothing was consumed."""
 
-    def put(item: object) -> bool:
+    def __init__(self, items: Iterator, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._items = items
+        self._finished = False
+        self._thread = threading.Thread(target=self._produce, name="bulklabel-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
         """Queue `item` unless the consumer has gone; a plain put could wait forever for room once it has."""
-        while not stop.is_set():
+        while not self._stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                self._queue.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self) -> None:
         try:
-            for item in items:
-                if not put(item):
+            for item in self._items:
+                if not self._put(item):
                     return
-            put(_DONE)
+            self._put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            put(exc)
+            self._put(exc)
 
-    thread = threading.Thread(target=produce, name="bulklabel-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _DONE or isinstance(item, BaseException):
+            self._finished = True
+            self.close()
+            if item is _DONE:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __enter__(self) -> Prefetched:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """Run `items` on a background thread, at most `depth` ahead; its exceptions re-raise here. The thread starts
+    with the first `next()`; use `Prefetched` to start it at once."""
+    with Prefetched(items, depth) as ahead:
+        yield from ahead
+
+
+class Turn:
+    """One caller's place in a `Turns` queue: `wait()` until every earlier turn has ended; `end()` (idempotent, also
+    on leaving a `with` block) lets the next one go, even if this one never waited (it failed early)."""
+
+    def __init__(self, turns: Turns, ticket: int):
+        self._turns = turns
+        self.ticket = ticket
+        self._ended = False
+
+    def wait(self) -> None:
+        self._turns._wait(self.ticket)
+
+    def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._turns._end(self.ticket)
+
+    def __enter__(self) -> Turn:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end()
+
+
+class Turns:
+    """First come, first served, across threads: shards that overlap (the next one reads and decodes ahead) still
+    predict and commit one at a time, in the order they arrived."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+        self._ended: set[int] = set()
+
+    def take(self) -> Turn:
+        with self._cond:
+            self._issued += 1
+            return Turn(self, self._issued - 1)
+
+    def _wait(self, ticket: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def _end(self, ticket: int) -> None:
+        with self._cond:
+            self._ended.add(ticket)
+            while self._serving in self._ended:
+                self._ended.remove(self._serving)
+                self._serving += 1
+            self._cond.notify_all()

@@ -224,3 +224,91 @@ def test_prefetch_producer_ends_when_it_fails_after_the_consumer_left():
     iterator.close()
 
     _assert_ends(threads)
+
+
+# ------------------------------------------------------------------------------------------ Prefetched and Turns
+
+from workers.pipeline import Prefetched, Turn, Turns  # noqa: E402 - kept with the tests that use them
+
+
+@pytest.mark.timeout(30)
+def test_prefetched_starts_producing_before_the_first_next():
+    started = threading.Event()
+
+    def items() -> Iterator[int]:
+        started.set()
+        yield from range(3)
+
+    with Prefetched(items(), depth=4) as ahead:
+        assert started.wait(5), "the producer did not start until the consumer asked"
+        assert list(ahead) == [0, 1, 2]
+
+
+@pytest.mark.timeout(30)
+def test_prefetched_closed_unconsumed_lets_its_thread_end():
+    before = set(threading.enumerate())
+
+    def endless() -> Iterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    with Prefetched(endless(), depth=2):
+        time.sleep(0.2)  # the queue fills; the producer waits for room
+    _assert_none_left(before)
+
+
+@pytest.mark.timeout(30)
+def test_prefetched_reraises_and_then_stays_exhausted():
+    def items() -> Iterator[int]:
+        yield 1
+        raise OSError("stream reset")
+
+    ahead = Prefetched(items(), depth=2)
+    assert next(ahead) == 1
+    with pytest.raises(OSError, match="stream reset"):
+        next(ahead)
+    with pytest.raises(StopIteration):
+        next(ahead)
+
+
+@pytest.mark.timeout(30)
+def test_turns_are_served_in_ticket_order_whatever_order_threads_ask():
+    turns = Turns()
+    tickets = [turns.take() for _ in range(4)]
+    served: list[int] = []
+
+    def take_turn(turn: Turn) -> None:
+        with turn:
+            turn.wait()
+            served.append(turn.ticket)
+
+    threads = [threading.Thread(target=take_turn, args=(t,)) for t in reversed(tickets)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.02)  # later tickets ask first
+    for thread in threads:
+        thread.join(5)
+    assert served == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(30)
+def test_a_turn_ended_without_waiting_does_not_block_the_next():
+    """A shard that fails before its turn (its input cannot be opened) must not hold up the shards behind it."""
+    turns = Turns()
+    first, failed, third = turns.take(), turns.take(), turns.take()
+    failed.end()  # out of order: recorded, passed over once `first` ends
+    released = threading.Event()
+
+    def wait_third() -> None:
+        third.wait()
+        released.set()
+
+    thread = threading.Thread(target=wait_third)
+    thread.start()
+    assert not released.wait(0.2)  # `first` still holds its turn
+    first.end()
+    first.end()  # idempotent
+    assert released.wait(5)
+    thread.join(5)

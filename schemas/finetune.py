@@ -1,0 +1,252 @@
+"""Fine-tune jobs: the spec (what to train, on what, where to put it) and the model card (what came out).
+
+A fine-tune job turns a pre-trained torchvision backbone and a small labelled image set into a versioned
+artifact folder that label jobs accept as their model. The card is the artifact's contract: label jobs read
+the architecture, class names and preprocessing from it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from schemas.specs import IMAGE_EXTENSIONS, ModelSpec, PreprocessSpec, Spec, StorageOptions, _as_prefix
+
+LABELS_FILE_SUFFIXES = (".csv", ".parquet")
+MODEL_CARD_NAME = "model_card.json"
+CARD_FORMAT_VERSION = 1
+
+
+class FinetuneDataSpec(Spec):
+    """The labelled images: one sub-folder per class, or a labels file naming each image's class."""
+
+    uri: str = Field(
+        description="Folder or s3:// prefix with one sub-folder per class, or a CSV/Parquet labels file whose "
+        "keys are relative to the file's folder (or absolute locations)."
+    )
+    validation_uri: str | None = Field(
+        default=None, description="A separate validation set in the same layout; without it, a stratified split."
+    )
+    val_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each class held out for validation.")
+    key_column: str = Field(default="key", description="Labels-file column holding the image keys.")
+    label_column: str = Field(default="label", description="Labels-file column holding the class names.")
+    # validate_default: the default is normalised too, so a spec read back from a file compares (and hashes) equal.
+    extensions: tuple[str, ...] = Field(default=IMAGE_EXTENSIONS, min_length=1, validate_default=True)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("data uri is empty")
+        return value
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted({ext.lower().lstrip(".") for ext in value}))
+
+
+class TrainingSpec(Spec):
+    """How to train. The defaults are the usual recipe for a few hundred to a few thousand images."""
+
+    method: Literal["full", "linear-probe"] = Field(
+        default="full",
+        description="full: train every layer, the backbone at a lower learning rate than the new head; "
+        "linear-probe: freeze the backbone (and its batch-norm statistics), train only the new head.",
+    )
+    epochs: int = Field(default=5, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=2, le=4096, description="Per worker.")
+    learning_rate: float = Field(default=1e-3, gt=0, le=1, description="Peak AdamW learning rate of the new head.")
+    backbone_lr_scale: float = Field(
+        default=0.1, gt=0, le=1, description="full: the backbone's learning rate is learning_rate times this."
+    )
+    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    warmup_epochs: float = Field(
+        default=0.5,
+        ge=0,
+        description="Linear warm-up before the cosine decay; keeps a random head from "
+        "sending large gradients into a pre-trained backbone in the first steps.",
+    )
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    early_stopping_patience: int = Field(
+        default=3, ge=0, description="Stop after this many epochs without a lower validation loss; 0 = never."
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        default="none", description="balanced: weight each class's loss by n / (classes x n_class), for imbalance."
+    )
+    image_size: int | None = Field(
+        default=None,
+        ge=32,
+        le=1024,
+        description="Crop side for training, evaluation and the artifact's label jobs "
+        "(the weights' resize/crop ratio is kept); defaults to the base weights' eval crop. Smaller is faster.",
+    )
+    min_crop_scale: float = Field(
+        default=0.25, gt=0, le=1, description="Smallest share of the image a random training crop may cover."
+    )
+    seed: int = Field(default=0, ge=0, description="Seeds the split, the head's init, shuffling and augmentation.")
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> TrainingSpec:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        return self
+
+
+class FinetuneJobSpec(Spec):
+    """Fine-tuning: a torchvision backbone + labelled images → a versioned model artifact under `output`."""
+
+    kind: Literal["finetune"] = "finetune"
+    job_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Defaults to a hash of what determines the model, so a re-run resumes or finds the same job.",
+    )
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="The artifact's name in its id (`<name>:v<N>`); defaults to the output folder's name.",
+    )
+    data: FinetuneDataSpec
+    base: ModelSpec = Field(description="The pre-trained model to start from (weights: null = random init).")
+    training: TrainingSpec = TrainingSpec()
+    output: str = Field(description="Folder or s3:// prefix; each finished run adds a new v1, v2, ... below it.")
+    storage: StorageOptions = StorageOptions()
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks).")
+    gpus_per_worker: float = Field(default=0, ge=0, le=8, description="0 trains on CPU.")
+    cpus_per_worker: float = Field(default=0, ge=0, description="0 = the cluster's CPUs split between the workers.")
+    max_failures: int = Field(default=2, ge=0, le=100, description="Worker failures survived, each from the last "
+                              "checkpoint, before the run fails.")  # fmt: skip
+
+    @field_validator("output")
+    @classmethod
+    def _output_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("output uri is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _output_outside_data(self) -> FinetuneJobSpec:
+        out = _as_prefix(self.output)
+        for uri in filter(None, (self.data.uri, self.data.validation_uri)):
+            inp = _as_prefix(uri.rsplit("/", 1)[0] if uri.lower().endswith(LABELS_FILE_SUFFIXES) else uri)
+            if out.startswith(inp) or inp.startswith(out):
+                raise ValueError(f"output {self.output!r} must not overlap the data at {uri!r}")
+        return self
+
+    def resolved_job_id(self) -> str:
+        """The job id: given, or derived from the output and every field that decides the trained weights."""
+        return self.job_id or f"finetune-{self.training_identity(with_output=True)[:12]}"
+
+    def training_identity(self, with_output: bool = False) -> str:
+        """sha256 of the fields that decide the trained weights (data, base model, training, number of ranks)."""
+        fields = {"data", "base", "training", "num_workers"} | ({"output"} if with_output else set())
+        identity = self.model_dump(mode="json", include=fields)
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def artifact_name(self) -> str:
+        """`name`, or the output folder's last path component."""
+        if self.name:
+            return self.name
+        last = self.output.rstrip("/").rsplit("/", 1)[-1]
+        return "".join(c if c.isalnum() or c in "._-" else "-" for c in last).lstrip("._-") or "model"
+
+
+# ------------------------------------------------------------------------------------------- what comes out
+
+
+class ClassMetrics(Spec):
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int = Field(ge=0, description="Validation images of this class.")
+
+
+class EpochMetrics(Spec):
+    """One line of the training curves."""
+
+    epoch: int = Field(ge=1)
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    learning_rate: float = Field(description="The head's learning rate at the end of the epoch.")
+    seconds: float = Field(ge=0)
+
+
+class Metrics(Spec):
+    """Validation metrics of the published weights (the epoch with the lowest validation loss): metrics.json."""
+
+    val_accuracy: float
+    val_loss: float
+    macro_f1: float
+    class_names: list[str]
+    per_class: list[ClassMetrics]
+    confusion_matrix: list[list[int]] = Field(description="Rows: true class; columns: predicted class.")
+    best_epoch: int = Field(ge=1)
+    history: list[EpochMetrics]
+
+
+class TrainingState(Spec):
+    """Where a training run stands: state.json in every checkpoint, so a restarted run continues from it."""
+
+    epochs_done: int = 0
+    history: tuple[EpochMetrics, ...] = ()
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    best_confusion: tuple[tuple[int, ...], ...] = ()
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+    resumed_after_epochs: tuple[int, ...] = ()
+    train_seconds: float = 0.0
+    skipped_images: int = 0
+    skipped_examples: tuple[str, ...] = ()
+    preprocess: PreprocessSpec | None = None  # the base weights' evaluation preprocessing, for the model card
+
+    def finished(self, epochs: int) -> bool:
+        return self.stopped_early or self.epochs_done >= epochs
+
+
+class DatasetInfo(Spec):
+    """Which images the model saw, so a card can be checked against its data."""
+
+    uri: str
+    validation_uri: str | None
+    fingerprint: str = Field(description="sha256 over every (key, class, size), train and validation.")
+    train_images: int
+    val_images: int
+    train_per_class: dict[str, int]
+    val_per_class: dict[str, int]
+    skipped_images: int = Field(description="Unreadable images left out of training and validation.")
+    skipped_examples: list[str] = Field(description="Up to 20 of them, with the reason.")
+    split_file: str = Field(description="File in the artifact listing each image, its class and its split.")
+
+
+class ModelCard(Spec):
+    """model_card.json: everything a label job (or a person) needs to use and trust the artifact."""
+
+    format_version: Literal[1] = CARD_FORMAT_VERSION
+    artifact_id: str = Field(description="`<name>:v<N>`, recorded as `model` in label outputs.")
+    version: int = Field(ge=1)
+    architecture: str = Field(description="torchvision registry name.")
+    base_weights: str | None = Field(description="The weights fine-tuning started from; null = random init.")
+    class_names: list[str] = Field(min_length=2, description="In output-index order.")
+    preprocess: PreprocessSpec = Field(description="Evaluation preprocessing; label jobs use exactly this.")
+    weights_file: str = Field(description="Safetensors state dict for get_model(architecture, num_classes=N).")
+    weights_sha256: str
+    training: TrainingSpec
+    job_id: str
+    num_workers: int
+    dataset: DatasetInfo
+    metrics: Metrics
+    epochs_run: int = Field(ge=1)
+    stopped_early: bool
+    resumed_after_epochs: list[int] = Field(description="Epochs after which an interrupted run was resumed.")
+    train_seconds: float = Field(description="Wall time of the training loops, summed over resumed runs.")
+    created_at: datetime

@@ -1,0 +1,208 @@
+"""Fine-tune jobs end to end on the session's Ray cluster: train → artifact → label job, resume after a kill,
+other architectures, S3. Data sets are a few PlantVillage photos per class, so each job takes seconds of training;
+the full-size accuracy run is `python -m bench.finetune`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from jobs.cli import EXIT_BAD_SPEC, main
+from jobs.finetune import ResumeConflict, run_finetune_job, run_storage
+from jobs.runner import run_label_job
+from schemas.finetune import FinetuneJobSpec
+from schemas.specs import LabelJobSpec, ModelSpec
+from tests.support import PLANTS, write_torchvision_weights
+from workers.artifacts import SPLIT_NAME, read_card, versions
+from workers.finetune_data import FinetuneDataError
+from workers.models import build_model
+from workers.storage import join, open_storage
+
+CLASSES = ("Potato___Early_blight", "Potato___healthy")
+RESUME_JOB_ID = "resume-test"
+
+
+@pytest.fixture(scope="module")
+def leaves(tmp_path_factory) -> Path:
+    """10 photos of each of two PlantVillage classes, a folder per class."""
+    root = tmp_path_factory.mktemp("leaves")
+    for name in CLASSES:
+        (root / name).mkdir()
+        for photo in sorted((PLANTS / name).iterdir())[:10]:
+            shutil.copy(photo, root / name / photo.name)
+    return root
+
+
+def _spec(data_uri: str, output: str, **fields) -> FinetuneJobSpec:
+    training = {"method": "full", "epochs": 2, "image_size": 96, "batch_size": 8, **fields.pop("training", {})}
+    base = fields.pop("base", {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"})
+    data = {"uri": data_uri, **fields.pop("data", {})}
+    return FinetuneJobSpec(data=data, base=base, output=output, training=training, **fields)
+
+
+def _validation_manifest(artifact: Path, folder: Path) -> tuple[Path, dict[str, str]]:
+    """A label-job manifest of the artifact's validation images, and their true classes."""
+    with open(artifact / SPLIT_NAME, newline="") as fh:
+        truth = {row["key"]: row["label"] for row in csv.DictReader(fh) if row["split"] == "val"}
+    manifest = folder / "validation.csv"
+    manifest.write_text("key\n" + "".join(f"{key}\n" for key in truth))
+    return manifest, truth
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_fine_tuned_artifact_labels_its_validation_images_with_the_card_accuracy(leaves, tmp_path):
+    spec = _spec(str(leaves), str(tmp_path / "models" / "leaves"))
+
+    summary = run_finetune_job(spec, show_progress=False)
+
+    card, artifact = summary.card, Path(summary.artifact)
+    assert (summary.status, artifact, card.artifact_id) == ("succeeded", tmp_path / "models" / "leaves" / "v1",
+                                                            "leaves:v1")  # fmt: skip
+    assert card.class_names == list(CLASSES) and card.epochs_run == 2 and len(card.metrics.history) == 2
+    assert (card.dataset.train_images, card.dataset.val_images) == (16, 4)
+    assert (card.preprocess.resize_size, card.preprocess.crop_size) == (110, 96)  # the preset's 256/224 ratio
+    assert sum(map(sum, card.metrics.confusion_matrix)) == 4
+    assert not (tmp_path / "models" / "leaves" / "_checkpoints").exists()  # removed once published
+
+    manifest, truth = _validation_manifest(artifact, tmp_path)
+    label_spec = LabelJobSpec(input={"uri": str(manifest), "format": "manifest"}, output=str(tmp_path / "labels"),
+                              model={"name": str(artifact)}, top_k=2, num_workers=1)  # fmt: skip
+    assert run_label_job(label_spec, show_progress=False).images == 4
+    rows = ds.dataset(tmp_path / "labels", format="parquet").to_table().to_pylist()
+    assert {r["model"] for r in rows} == {"leaves:v1"} and {r["label"] for r in rows} <= set(CLASSES)
+    accuracy = sum(truth[r["key"]] == r["label"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(card.metrics.val_accuracy)
+
+    again = run_finetune_job(spec, show_progress=False)
+    assert (again.status, again.artifact) == ("already-complete", summary.artifact)
+    assert set(versions(_local(), spec.output)) == {1}
+
+
+def _local():
+    from workers.storage import LocalStorage
+
+    return LocalStorage()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_killed_run_resumes_from_its_last_checkpoint(leaves, ray_cluster, tmp_path):
+    """The driver is killed (SIGKILL, no clean-up) once the first epoch's checkpoint exists; the same job started
+    again continues after that epoch instead of starting over."""
+    output = tmp_path / "models"
+    spec = _spec(str(leaves), str(output), job_id=RESUME_JOB_ID, training={"epochs": 4, "image_size": 128})
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True)))
+    snapshot = output / "_checkpoints" / RESUME_JOB_ID / "checkpoint_manager_snapshot.json"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["address"]}  # the session's cluster
+
+    first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec_file), "--quiet"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not snapshot.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert snapshot.exists(), f"no checkpoint within 240 s (driver exit code {first.poll()})"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (output / "v1").exists()  # killed before it could finish
+
+    summary = run_finetune_job(spec, show_progress=False)
+
+    card = summary.card
+    assert summary.status == "succeeded" and card.epochs_run == 4
+    assert [m.epoch for m in card.metrics.history] == [1, 2, 3, 4]
+    (resumed_after,) = card.resumed_after_epochs
+    assert 1 <= resumed_after < 4
+    assert f"resumed after epoch(s) [{resumed_after}]" in "\n".join(summary.lines())
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "storage_root"),
+    [("resnet50", "linear-probe", "s3"), ("efficientnet_b0", "full", "local")],
+    indirect=["storage_root"],
+)
+@pytest.mark.usefixtures("ray_cluster")
+def test_other_architectures_fine_tune_end_to_end(arch, method, storage_root, leaves, tmp_path):
+    """Generated torchvision-format weights (real ones cannot be downloaded here); data, checkpoints and the
+    artifact on the parametrized backend (S3 checkpoints go through Ray Train's pyarrow filesystem)."""
+    weights = write_torchvision_weights(arch, tmp_path / "weights")
+    data = join(storage_root.uri, "data")
+    for name in CLASSES:
+        for photo in sorted((leaves / name).iterdir())[:4]:
+            storage_root.storage.upload_file(str(photo), join(data, name, photo.name))
+    spec = _spec(data, join(storage_root.uri, "models"), base={"name": arch, "weights": str(weights)},
+                 data={"val_fraction": 0.25}, storage=storage_root.options or {},
+                 training={"method": method, "epochs": 1, "image_size": 64, "batch_size": 4})  # fmt: skip
+
+    summary = run_finetune_job(spec, show_progress=False)
+
+    card = summary.card
+    assert (summary.status, card.architecture, card.base_weights) == ("succeeded", arch, str(weights))
+    assert (card.dataset.train_images, card.dataset.val_images, card.training.method) == (6, 2, method)
+    assert read_card(summary.artifact, storage_root.options) == card
+    loaded = build_model(ModelSpec(name=summary.artifact), storage_root.options, tmp_path / "cache")
+    assert (loaded.categories, loaded.head.out_features) == (list(CLASSES), 2)
+    assert loaded.embedding_dim == {"resnet50": 2048, "efficientnet_b0": 1280}[arch]
+    assert not list(storage_root.storage.list(join(storage_root.uri, "models", "_checkpoints", summary.job_id)))
+
+
+def test_data_problems_fail_before_any_training(leaves, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(leaves, data)
+    for photo in sorted((data / CLASSES[1]).iterdir())[1:]:
+        photo.unlink()  # one image left in that class
+
+    with pytest.raises(FinetuneDataError, match=rf"too few in: '{CLASSES[1]}' \(1\)"):
+        run_finetune_job(_spec(str(data), str(tmp_path / "out")), show_progress=False)
+
+    code = main(["finetune", "--data", str(data), "--base", "mobilenet_v2", "--output", str(tmp_path / "out")])
+    assert code == EXIT_BAD_SPEC and "too few in" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "v1").exists()
+
+
+def test_a_spec_file_of_kind_finetune_parses_to_a_finetune_job(tmp_path):
+    from schemas.specs import load_job_spec
+
+    (tmp_path / "job.yaml").write_text(
+        "kind: finetune\ndata: {uri: ./plants}\nbase: {name: resnet50, weights: IMAGENET1K_V2}\n"
+        "output: ./models/plants\ntraining: {method: linear-probe, epochs: 3}\n"
+    )
+    spec = load_job_spec(tmp_path / "job.yaml")
+    assert isinstance(spec, FinetuneJobSpec)
+    assert (spec.training.method, spec.training.epochs, spec.artifact_name()) == ("linear-probe", 3, "plants")
+    with pytest.raises(ValueError, match="must not overlap"):
+        FinetuneJobSpec(data={"uri": str(tmp_path)}, base={"name": "resnet50"}, output=str(tmp_path / "models"))
+
+
+def test_checkpoints_of_another_spec_are_not_resumed(leaves, tmp_path):
+    spec = _spec(str(leaves), str(tmp_path / "out"), job_id="fixed-id")
+    run_folder = tmp_path / "out" / "_checkpoints" / "fixed-id"
+    run_folder.mkdir(parents=True)
+    (run_folder / "_run.json").write_text(json.dumps({"spec": "0" * 64, "data": "1" * 64}))
+
+    with pytest.raises(ResumeConflict, match="from a different spec and data; use another job_id"):
+        run_finetune_job(spec, show_progress=False)
+
+
+def test_s3_checkpoints_go_through_a_pyarrow_filesystem_at_the_spec_endpoint(s3_server, s3_prefix):
+    output = join(s3_prefix, "models")
+    path, filesystem = run_storage(_spec("s3://data/leaves/", output, storage=s3_server.options()))
+
+    assert path == join(s3_prefix, "models", "_checkpoints").removeprefix("s3://")
+    with filesystem.open_output_stream(f"{path}/probe") as out:  # what Ray Train does with it
+        out.write(b"written by pyarrow")
+    storage = open_storage(output, s3_server.options())
+    assert storage.read_bytes(join(output, "_checkpoints", "probe")) == b"written by pyarrow"
+    assert run_storage(_spec("/data/leaves", "/models/leaves")) == ("/models/leaves/_checkpoints", None)

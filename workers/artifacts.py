@@ -1,0 +1,293 @@
+"""Model artifacts: versioned folders that fine-tune jobs publish and label jobs load.
+
+Layout of an output prefix:
+    v1/, v2/, ...            one per finished fine-tune run; an existing version is never written again
+    vN/model.safetensors     weights: `backbone.*` (torchvision <architecture>, last Linear → Identity), `head.*`
+    vN/metrics.json          validation accuracy, per-class precision/recall/F1, confusion matrix, curves
+    vN/curves.png            loss and accuracy per epoch
+    vN/confusion_matrix.png
+    vN/split.csv             key, label, split (train | val) of every image used
+    vN/model_card.json       written last: a version without a card is incomplete and is never loaded
+    _checkpoints/<job id>/   Ray Train's per-epoch checkpoints while a run is unfinished (removed after publishing),
+                             and _run.json: what they were trained on, so a resume never mixes specs or data
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import logging
+import re
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+from schemas.finetune import (
+    MODEL_CARD_NAME,
+    ClassMetrics,
+    DatasetInfo,
+    EpochMetrics,
+    FinetuneJobSpec,
+    Metrics,
+    ModelCard,
+    TrainingState,
+)
+from schemas.specs import StorageOptions
+from workers.finetune_data import DataPlan
+from workers.storage import Storage, join, local_scratch_dir, normalise_uri, open_storage, relative_key
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+METRICS_NAME = "metrics.json"
+CURVES_NAME = "curves.png"
+CONFUSION_NAME = "confusion_matrix.png"
+SPLIT_NAME = "split.csv"
+CHECKPOINTS_DIR = "_checkpoints"
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+_HASH_CHUNK = 1 << 20
+
+
+class ArtifactError(ValueError):
+    """An artifact location holds no usable model card or weights."""
+
+
+def is_artifact_location(name: str) -> bool:
+    """True when a model name is a location (path or URI) rather than a torchvision registry name."""
+    return "/" in name
+
+
+def checkpoints_uri(output: str, job_id: str) -> str:
+    return join(output, CHECKPOINTS_DIR, job_id)
+
+
+# --------------------------------------------------------------------------------------------------- versions
+
+
+def versions(storage: Storage, output: str) -> dict[int, set[str]]:
+    """Each version folder under `output` and the names of the files directly in it."""
+    found: dict[int, set[str]] = {}
+    for obj in storage.list(output):
+        first, _, rest = relative_key(output, obj.uri).partition("/")
+        match = _VERSION_DIR.match(first)
+        if match and rest:
+            found.setdefault(int(match.group(1)), set()).add(rest)
+    return found
+
+
+def find_job_artifact(storage: Storage, output: str, job_id: str) -> tuple[str, ModelCard] | None:
+    """The published artifact of `job_id` under `output`, if a finished run of that job wrote one."""
+    for version, names in sorted(versions(storage, output).items(), reverse=True):
+        if MODEL_CARD_NAME in names:
+            location = join(output, f"v{version}")
+            card = ModelCard.model_validate_json(storage.read_bytes(join(location, MODEL_CARD_NAME)))
+            if card.job_id == job_id:
+                return location, card
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+
+def metrics_of(confusion: list[list[int]], class_names: list[str], history: list[EpochMetrics], best_epoch: int
+               ) -> Metrics:  # fmt: skip
+    """Accuracy, per-class precision/recall/F1 and macro F1 from a confusion matrix (rows true, columns predicted)."""
+    n = len(class_names)
+    total = sum(map(sum, confusion))
+    per_class = []
+    for i, name in enumerate(class_names):
+        hit, predicted, actual = confusion[i][i], sum(row[i] for row in confusion), sum(confusion[i])
+        precision = hit / predicted if predicted else 0.0
+        recall = hit / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append(ClassMetrics(name=name, precision=precision, recall=recall, f1=f1, support=actual))
+    best = next(m for m in history if m.epoch == best_epoch)
+    return Metrics(
+        val_accuracy=sum(confusion[i][i] for i in range(n)) / total if total else 0.0,
+        val_loss=best.val_loss,
+        macro_f1=sum(c.f1 for c in per_class) / n,
+        class_names=class_names,
+        per_class=per_class,
+        confusion_matrix=confusion,
+        best_epoch=best_epoch,
+        history=history,
+    )
+
+
+def plot_curves(history: list[EpochMetrics], best_epoch: int, path: Path) -> None:
+    """Loss and accuracy per epoch, training and validation, with the published epoch marked."""
+    from matplotlib.figure import Figure  # Figure without pyplot renders with Agg: no display, no global state
+
+    epochs = [m.epoch for m in history]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "accuracy", "accuracy")):
+        ax.plot(epochs, [getattr(m, f"train_{key}") for m in history], marker="o", label="train (augmented)")
+        ax.plot(epochs, [getattr(m, f"val_{key}") for m in history], marker="o", label="validation")
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"published (epoch {best_epoch})")
+        ax.set(xlabel="epoch", title=title)
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+    acc_ax.legend(loc="lower right")
+    fig.savefig(path, dpi=100)
+
+
+def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Path) -> None:
+    """The confusion matrix as a heat map with counts; rows are true classes, columns predictions."""
+    from matplotlib.figure import Figure
+
+    n = len(class_names)
+    side = min(4 + 0.6 * n, 30)
+    fig = Figure(figsize=(side, side * 0.85), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title="validation confusion matrix")
+    if n <= 30:  # beyond that the numbers are unreadable anyway
+        peak = max(max(row) for row in confusion) or 1
+        for i in range(n):
+            for j in range(n):
+                colour = "white" if confusion[i][j] > peak / 2 else "black"
+                ax.text(j, i, str(confusion[i][j]), ha="center", va="center", color=colour, fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def split_csv(plan: DataPlan) -> bytes:
+    """key (the image's location), label, split: usable as a label job's manifest."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["key", "label", "split"])
+    writer.writerows(plan.split_rows)
+    return out.getvalue().encode()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------- publish
+
+
+def publish(
+    storage: Storage, job: FinetuneJobSpec, job_id: str, plan: DataPlan, best_weights: Path, state: TrainingState
+) -> tuple[str, ModelCard]:
+    """Write a run's best weights (a safetensors file), metrics, plots and split as the next version under the
+    job's output; the model card goes last, so a version is complete exactly when its card exists.
+    Returns (location, card)."""
+    scratch = Path(local_scratch_dir())
+    try:
+        weights = scratch / WEIGHTS_NAME
+        shutil.copyfile(best_weights, weights)
+        class_names = list(plan.class_names)
+        metrics = metrics_of(state.best_confusion, class_names, state.history, state.best_epoch)
+        plot_curves(state.history, state.best_epoch, scratch / CURVES_NAME)
+        plot_confusion(state.best_confusion, class_names, scratch / CONFUSION_NAME)
+        # Versions are numbered after every folder present, complete or not, so none is ever written twice by
+        # runs that publish one after another (two publishing at the same instant could pick the same number).
+        version = max(versions(storage, job.output), default=0) + 1
+        location = join(job.output, f"v{version}")
+        card = ModelCard(
+            artifact_id=f"{job.artifact_name()}:v{version}",
+            version=version,
+            architecture=job.base.name,
+            base_weights=job.base.weights,
+            class_names=class_names,
+            preprocess=state.preprocess,
+            weights_file=WEIGHTS_NAME,
+            weights_sha256=sha256_of(weights),
+            training=job.training,
+            job_id=job_id,
+            num_workers=job.num_workers,
+            dataset=_dataset_info(job, plan, state),
+            metrics=metrics,
+            epochs_run=state.epochs_done,
+            stopped_early=state.stopped_early,
+            resumed_after_epochs=state.resumed_after_epochs,
+            train_seconds=round(state.train_seconds, 2),
+            created_at=datetime.now(UTC),
+        )
+        storage.upload_file(str(weights), join(location, WEIGHTS_NAME))
+        storage.write_bytes(join(location, METRICS_NAME), metrics.model_dump_json(indent=1).encode())
+        storage.upload_file(str(scratch / CURVES_NAME), join(location, CURVES_NAME))
+        storage.upload_file(str(scratch / CONFUSION_NAME), join(location, CONFUSION_NAME))
+        storage.write_bytes(join(location, SPLIT_NAME), split_csv(plan))
+        storage.write_bytes(join(location, MODEL_CARD_NAME), card.model_dump_json(indent=1).encode())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("published %s at %s (val accuracy %.4f)", card.artifact_id, location, metrics.val_accuracy)
+    return location, card
+
+
+def _dataset_info(job: FinetuneJobSpec, plan: DataPlan, state: TrainingState) -> DatasetInfo:
+    return DatasetInfo(
+        uri=job.data.uri,
+        validation_uri=job.data.validation_uri,
+        fingerprint=plan.fingerprint,
+        train_images=len(plan.train),
+        val_images=len(plan.val),
+        train_per_class=plan.counts("train"),
+        val_per_class=plan.counts("val"),
+        skipped_images=state.skipped_images,
+        skipped_examples=state.skipped_examples,
+        split_file=SPLIT_NAME,
+    )
+
+
+def remove_checkpoints(storage: Storage, output: str, job_id: str) -> None:
+    """Delete a published run's checkpoints: the artifact holds what they were kept for."""
+    for obj in storage.list(checkpoints_uri(output, job_id)):
+        storage.delete(obj.uri)
+    if not output.startswith("s3://"):  # local listings do not show the empty folders left behind
+        shutil.rmtree(checkpoints_uri(output, job_id), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path(output, CHECKPOINTS_DIR).rmdir()  # only when no other job's checkpoints are in it
+
+
+# ---------------------------------------------------------------------------------------------------- load
+
+
+def read_card(location: str, options: StorageOptions | None = None) -> ModelCard:
+    """The model card of the artifact at `location` (a version folder, or the card file itself)."""
+    location = normalise_uri(location).rstrip("/")
+    uri = location if location.endswith(".json") else join(location, MODEL_CARD_NAME)
+    storage = open_storage(uri, options)
+    if not storage.exists(uri):
+        raise ArtifactError(f"no model card at {uri}: expected a fine-tuned model folder such as <output>/v1")
+    return ModelCard.model_validate_json(storage.read_bytes(uri))
+
+
+def load_artifact_model(location: str, options: StorageOptions, cache_dir: Path):
+    """A LoadedModel (workers.models) from an artifact: architecture, class names and preprocessing from its card,
+    weights from its safetensors file, checked against the card's sha256."""
+    import torch  # noqa: F401 - safetensors' torch loader needs torch imported
+    from safetensors.torch import load_file
+    from torch import nn
+    from torchvision.models import get_model
+
+    from workers.models import LoadedModel, split_head
+    from workers.weights import fetch_location
+
+    location = normalise_uri(location).rstrip("/").removesuffix(f"/{MODEL_CARD_NAME}")
+    card = read_card(location, options)
+    path = fetch_location(join(location, card.weights_file), options, cache_dir)
+    actual = sha256_of(path)
+    if actual != card.weights_sha256:
+        raise ArtifactError(f"{path}: sha256 is {actual[:16]}…, the model card says {card.weights_sha256[:16]}…")
+    model = get_model(card.architecture, weights=None, num_classes=len(card.class_names))
+    backbone, head = split_head(model)
+    try:
+        nn.ModuleDict({"backbone": backbone, "head": head}).load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path} does not fit {card.architecture} with {len(card.class_names)} classes") from exc
+    backbone.eval()
+    log.info("loaded %s (%s, %d classes) from %s", card.artifact_id, card.architecture, len(card.class_names),
+             location)  # fmt: skip
+    return LoadedModel(backbone, head.eval(), list(card.class_names), card.preprocess, card.artifact_id)
