@@ -100,7 +100,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(leaves, ray_cluster, tmp_
     """The driver is killed (SIGKILL, no clean-up) once the first epoch's checkpoint exists; the same job started
     again continues after that epoch instead of starting over."""
     output = tmp_path / "models"
-    spec = _spec(str(leaves), str(output), job_id=RESUME_JOB_ID, training={"epochs": 4, "image_size": 128})
+    spec = _spec(str(leaves), str(output), job_id=RESUME_JOB_ID, training={"epochs": 3})
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True)))
     snapshot = output / "_checkpoints" / RESUME_JOB_ID / "checkpoint_manager_snapshot.json"
@@ -121,22 +121,23 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(leaves, ray_cluster, tmp_
     summary = run_finetune_job(spec, show_progress=False)
 
     card = summary.card
-    assert summary.status == "succeeded" and card.epochs_run == 4
-    assert [m.epoch for m in card.metrics.history] == [1, 2, 3, 4]
+    assert summary.status == "succeeded" and card.epochs_run == 3
+    assert [m.epoch for m in card.metrics.history] == [1, 2, 3]
     (resumed_after,) = card.resumed_after_epochs
-    assert 1 <= resumed_after < 4
+    assert 1 <= resumed_after < 3
     assert f"resumed after epoch(s) [{resumed_after}]" in "\n".join(summary.lines())
 
 
 @pytest.mark.parametrize(
     ("arch", "method", "storage_root"),
-    [("resnet50", "linear-probe", "s3"), ("efficientnet_b0", "full", "local")],
+    [("resnet50", "linear-probe", "local"), ("efficientnet_b0", "full", "s3")],
     indirect=["storage_root"],
 )
 @pytest.mark.usefixtures("ray_cluster")
 def test_other_architectures_fine_tune_end_to_end(arch, method, storage_root, leaves, tmp_path):
     """Generated torchvision-format weights (real ones cannot be downloaded here); data, checkpoints and the
-    artifact on the parametrized backend (S3 checkpoints go through Ray Train's pyarrow filesystem)."""
+    artifact on the parametrized backend (S3 checkpoints go through Ray Train's pyarrow filesystem). ResNet-50's
+    checkpoints are the larger (2 x 94 MB), so it takes the local backend."""
     weights = write_torchvision_weights(arch, tmp_path / "weights")
     data = join(storage_root.uri, "data")
     for name in CLASSES:
