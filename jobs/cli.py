@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
     label.add_argument("--format", default="auto", choices=["auto", "tar", "files", "manifest"])
     label.add_argument("--files-per-shard", type=int, default=1000)
-    label.add_argument("--top-k", type=int, default=5)
+    label.add_argument("--top-k", type=int, help="classes kept per image (default 5, or all if fewer)")
     label.add_argument("--batch-size", type=int, default=32)
     label.add_argument("--workers", type=int, default=0, help="model replicas (0: one per GPU, or 1 on CPU)")
     label.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -115,7 +115,6 @@ def _cmd_label(args: argparse.Namespace) -> int:
             "weights_dir": args.weights_dir,
             "device": args.device,
         },
-        "top_k": args.top_k,
         "batch_size": args.batch_size,
         "num_workers": args.workers,
         "embeddings": not args.no_embeddings,
@@ -123,6 +122,8 @@ def _cmd_label(args: argparse.Namespace) -> int:
     }
     if args.job_id:
         spec["job_id"] = args.job_id
+    if args.top_k is not None:
+        spec["top_k"] = args.top_k
     return _run(parse_job_spec(spec), quiet=args.quiet)
 
 

@@ -109,9 +109,10 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
 
 
 def check_top_k(spec: LabelJobSpec) -> None:
-    """top_k must not exceed the model's classes (also checks the model and weights names)."""
+    """An explicit top_k must not exceed the model's classes (also checks the model and weights names); the
+    default is capped to the classes by the predictor, so a 3-class fine-tuned model needs no --top-k."""
     classes = len(model_categories(spec.model, spec.storage))
-    if spec.top_k > classes:
+    if spec.top_k > classes and "top_k" in spec.model_fields_set:
         raise PlanError(f"top_k={spec.top_k} exceeds the {classes} classes of model {spec.model.name!r}")
 
 
