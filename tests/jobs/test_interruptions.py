@@ -7,6 +7,7 @@ test session's cluster.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,8 +57,16 @@ def _wait_for_markers(out: Path, count: int, proc: subprocess.Popen, timeout: fl
 
 
 def _ray_processes(ray_tmp: str) -> list[psutil.Process]:
-    """Every process of this cluster: GCS, raylet, dashboard, workers (their command lines name its temp dir)."""
-    return [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+    """Every process of this cluster: GCS, raylet and dashboard (their command lines name its temp dir) and
+    their descendants, the workers (which retitle themselves `ray::...`, hiding the temp dir)."""
+    daemons = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+    found = {p.pid: p for p in daemons}
+    for daemon in daemons:
+        try:
+            found.update({child.pid: child for child in daemon.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
 
 
 def _finish(command: list[str], ray_tmp: str) -> str:
@@ -91,7 +100,9 @@ def test_driver_killed_then_rerun_finishes_only_missing_shards(photos, tmp_path,
         stdout = _finish(command, tempfile.mkdtemp(prefix="bld-", dir="/tmp"))
     finally:
         _kill_tree_leftovers(ray_tmp)
-    assert "succeeded" in stdout and f"{committed_before} already done before this run" in stdout
+    # Workers may still commit the shards they held for a moment after their driver died: those count as done.
+    skipped = int(re.search(r"(\d+) already done before this run", stdout).group(1))
+    assert "succeeded" in stdout and committed_before <= skipped < 16
     rows = assert_exactly_once(out, photos)
     record_property("measured", f"{committed_before}/16 shards committed before the kill; re-run did the rest; "
                                 f"{rows}/48 rows, no duplicates")  # fmt: skip
@@ -125,7 +136,8 @@ def test_ray_cluster_stopped_then_rerun_finishes(photos, tmp_path, record_proper
         stdout = _finish(command, tempfile.mkdtemp(prefix="blr-", dir="/tmp"))
     finally:
         _kill_tree_leftovers(ray_tmp)
-    assert "succeeded" in stdout and f"{committed_before} already done before this run" in stdout
+    skipped = int(re.search(r"(\d+) already done before this run", stdout).group(1))
+    assert "succeeded" in stdout and committed_before <= skipped < 16
     rows = assert_exactly_once(out, photos)
     measured = (
         f"driver exited {driver.returncode} {noticed:.0f}s after the cluster died; "
