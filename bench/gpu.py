@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _photos_dir(given: Path | None) -> Path:
-    for folder in ([given] if given else DEFAULT_PHOTOS):
+    for folder in [given] if given else DEFAULT_PHOTOS:
         if folder.is_dir() and any(folder.glob("*.JPEG")) or folder.is_dir() and any(folder.glob("*.jpg")):
             return folder
     raise FileNotFoundError(f"no photos in {given or DEFAULT_PHOTOS}: run bench/gpu_prepare.sh first")
@@ -275,8 +275,9 @@ class GpuDecodeLabeler:
                 continue
             d = decode(record.data, pre)
             ok = d.pixels is not None
-            decoded[i] = (torch.from_numpy(d.pixels).permute(2, 0, 1).to(device), False, d.width, d.height) if ok \
-                else d.error
+            decoded[i] = (
+                (torch.from_numpy(d.pixels).permute(2, 0, 1).to(device), False, d.width, d.height) if ok else d.error
+            )
         meta, images = [], []
         for i, r in enumerate(records):
             item = decoded[i]

@@ -72,9 +72,21 @@ def run_job(images: int, per_shard: int, model: str, workers: int) -> None:
             summary = run_label_job(spec, show_progress=False)
             seconds = time.perf_counter() - started
         ray.shutdown()
+        rows, keys = _rows_and_distinct_keys(Path(tmp, "out"))
         print(f"job: images={summary.images} errors={summary.errors} shards={summary.shards}/{shards} "
               f"wall={seconds:.0f}s throughput={summary.images / seconds:.1f} img/s "
-              f"driver_rss_before={base_mb:.0f}MB driver_rss_peak={rss.driver_mib:.0f}MB model={model}")  # fmt: skip
+              f"driver_rss_before={base_mb:.0f}MB driver_rss_peak={rss.driver_mib:.0f}MB model={model} "
+              f"parquet_rows={rows} distinct_keys={keys}")  # fmt: skip
+        if rows != images or keys != images:
+            raise SystemExit(f"expected {images} rows with distinct keys, read back {rows} rows, {keys} keys")
+
+
+def _rows_and_distinct_keys(output: Path) -> tuple[int, int]:
+    """Read the committed Parquet back with DuckDB, as a user would, rather than trusting the job's own count."""
+    import duckdb
+
+    files = str(output / "part-*.parquet")
+    return duckdb.sql(f"SELECT count(*), count(DISTINCT key) FROM read_parquet('{files}')").fetchall()[0]
 
 
 def plan_manifest(keys: int, per_shard: int) -> None:
