@@ -140,7 +140,7 @@ class Turn:
 
 class Turns:
     """First come, first served, across threads: shards that overlap (the next one reads and decodes ahead) still
-    predict and commit one at a time, in the order they arrived."""
+    hand their batches to the model one shard after another, in the order they arrived."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()

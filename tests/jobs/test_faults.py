@@ -61,8 +61,10 @@ def assert_exactly_once(out: Path, photos: Path) -> int:
 
 def _is_committed(out: Path, path: Path) -> bool:
     rel = path.relative_to(out).as_posix()
-    return rel == "_job.json" or (rel.startswith("part-") and rel.endswith(".parquet")) or (
-        rel.startswith("_done/") and rel.endswith(".json")
+    return (
+        rel == "_job.json"
+        or (rel.startswith("part-") and rel.endswith(".parquet"))
+        or (rel.startswith("_done/") and rel.endswith(".json"))
     )
 
 

@@ -1,9 +1,10 @@
-"""workers.label_worker, in-process: shards that overlap (the next one reads ahead) and CPU inference lanes give the
-same rows as one shard at a time on one lane."""
+"""workers.label_worker, in-process: shards that overlap (the next one reads ahead, and enters the lanes while this
+one finishes and commits) and CPU inference lanes give the same rows as one shard at a time on one lane."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from schemas.shards import ShardTask
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
 from workers.label_worker import LabelWorker, inference_lanes
+from workers.writer import ShardWriter
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +58,6 @@ def test_overlapping_shards_on_two_lanes_match_one_at_a_time_on_one_lane(tar_sha
 
     two = _worker(tar_shards, tmp_path / "two", torch_threads=2)
     assert two.lanes == 2
-    served: list[str] = []
-    label_shard = two._label_shard
-
-    def recording(task, attempt, turn):
-        result = label_shard(task, attempt, turn)
-        served.append(task.shard_id)
-        return result
-
-    monkeypatch.setattr(two, "_label_shard", recording)
 
     async def all_at_once():
         return await asyncio.gather(*(two.label_shard(task, 1) for task in tar_shards))
@@ -73,9 +66,40 @@ def test_overlapping_shards_on_two_lanes_match_one_at_a_time_on_one_lane(tar_sha
     two.close()
 
     assert [r.rows for r in results] == [10, 10, 10]
-    assert served == [t.shard_id for t in tar_shards]  # committed in arrival order
     for task in tar_shards:
         assert _rows(tmp_path / "two", task.shard_id) == _rows(tmp_path / "one", task.shard_id)
+
+
+@pytest.mark.timeout(300)
+def test_the_next_shard_enters_the_lanes_before_this_one_commits(tar_shards, tmp_path, monkeypatch):
+    worker = _worker(tar_shards, tmp_path / "out", torch_threads=2)
+    first, second = tar_shards[:2]
+    second_predicting = threading.Event()
+    predict = worker._predict
+
+    def watching(pixels, task, attempt, rows):
+        if task.shard_id == second.shard_id:
+            second_predicting.set()
+        return predict(pixels, task, attempt, rows)
+
+    commit = ShardWriter.commit
+    overlapped = []
+
+    def commit_once_the_next_shard_predicts(self, *args, **kwargs):
+        if self.task.shard_id == first.shard_id:  # a worker that held its turn until here would never see it
+            overlapped.append(second_predicting.wait(timeout=60))
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "_predict", watching)
+    monkeypatch.setattr(ShardWriter, "commit", commit_once_the_next_shard_predicts)
+
+    async def both():
+        return await asyncio.gather(worker.label_shard(first, 1), worker.label_shard(second, 1))
+
+    results = asyncio.run(both())
+    worker.close()
+    assert overlapped == [True]
+    assert [r.rows for r in results] == [10, 10]
 
 
 @pytest.mark.timeout(300)
@@ -91,4 +115,3 @@ def test_a_failing_shard_releases_its_turn_to_the_next(tar_shards, tmp_path, mon
     worker.close()
     assert isinstance(failed, FileNotFoundError | OSError)
     assert done.rows == 10
-
