@@ -86,21 +86,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def s3_bucket(s3_server: S3Server) -> str:
-    """The one test bucket (name returned); tests keep apart by prefix (see s3_prefix). Waits for HEAD to succeed
-    because SeaweedFS can take a moment to show a new bucket."""
-    from botocore.exceptions import ClientError
-
-    client = s3_server.client()
-    client.create_bucket(Bucket=TEST_BUCKET)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.head_bucket(Bucket=TEST_BUCKET)
-            return TEST_BUCKET
-        except ClientError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    """The one test bucket (name returned); tests keep apart by prefix (see s3_prefix)."""
+    return s3_server.create_bucket(TEST_BUCKET)
 
 
 @pytest.fixture

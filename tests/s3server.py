@@ -23,6 +23,7 @@ from schemas.specs import StorageOptions
 log = logging.getLogger("bulklabel.tests")
 
 GRPC_PORT_OFFSET = 10000  # weed serves each component's gRPC on its HTTP port + 10000
+BUCKET_VISIBLE_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,34 @@ class S3Server:
             aws_secret_access_key=self.secret_key,
             config=Config(s3={"addressing_style": "path"}, **config),
         )
+
+    def pyarrow_fs(self):
+        """pyarrow's S3 filesystem for this server (pyarrow ignores AWS_ENDPOINT_URL, so it is passed here)."""
+        from pyarrow import fs
+
+        return fs.S3FileSystem(
+            endpoint_override=self.endpoint_url.removeprefix("http://"),
+            scheme="http",
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region="us-east-1",
+        )
+
+    def create_bucket(self, bucket: str) -> str:
+        """Create `bucket` and wait until HEAD sees it: SeaweedFS can take a moment to show a new bucket."""
+        from botocore.exceptions import ClientError
+
+        client = self.client()
+        client.create_bucket(Bucket=bucket)
+        deadline = time.monotonic() + BUCKET_VISIBLE_TIMEOUT_S
+        while True:
+            try:
+                client.head_bucket(Bucket=bucket)
+                return bucket
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 def _weed_binary() -> str:

@@ -95,8 +95,13 @@ def _local():
     return LocalStorage()
 
 
+@pytest.mark.fault(
+    fault="a fine-tune run killed after an epoch, then run again",
+    injected="SIGKILL to the `bulklabel run` driver (its process group) once the first epoch's checkpoint exists",
+    expected="the re-run resumes after the checkpointed epoch, not from scratch; one version published, full history",
+)
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_killed_run_resumes_from_its_last_checkpoint(leaves, ray_cluster, tmp_path):
+def test_a_killed_run_resumes_from_its_last_checkpoint(leaves, ray_cluster, tmp_path, record_property):
     """The driver is killed (SIGKILL, no clean-up) once the first epoch's checkpoint exists; the same job started
     again continues after that epoch instead of starting over."""
     output = tmp_path / "models"
@@ -126,6 +131,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(leaves, ray_cluster, tmp_
     (resumed_after,) = card.resumed_after_epochs
     assert 1 <= resumed_after < 3
     assert f"resumed after epoch(s) [{resumed_after}]" in "\n".join(summary.lines())
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith("v")) == ["v1"]
+    record_property("measured", f"killed with no v1 published; re-run resumed after epoch {resumed_after} of 3, "
+                                f"published v1 with history epochs 1-3")  # fmt: skip
 
 
 @pytest.mark.parametrize(
