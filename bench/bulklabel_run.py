@@ -17,7 +17,12 @@ class JobTiming:
     seconds: float  # run_label_job from call to manifest committed
     images: int
     shards: int
-    shard_seconds: float  # sum over shards of the time a worker spent on each (read → commit)
+    steady_seconds: float  # from the first shard's turn to the last shard's commit: the job without its start-up
+
+    @property
+    def startup_seconds(self) -> float:
+        """Job start to the first shard's turn (checks, listing, worker start), plus the manifest at the end."""
+        return self.seconds - self.steady_seconds
 
 
 def run_bulklabel(
@@ -44,5 +49,8 @@ def run_bulklabel(
     seconds = time.perf_counter() - started
     if summary.status != "succeeded" or summary.errors:
         raise RuntimeError(f"bench job did not succeed cleanly: {summary.lines()}")
-    markers = read_done_markers(open_storage(output_uri, server.options()), output_uri)
-    return JobTiming(seconds, summary.images, summary.shards, sum(m.seconds for m in markers.values()))
+    markers = read_done_markers(open_storage(output_uri, server.options()), output_uri).values()
+    # Shards overlap (the next one's batches follow the last one's into the model), so their times are not summed.
+    first_turn = min(m.committed_at.timestamp() - m.seconds for m in markers)
+    steady = max(m.committed_at.timestamp() for m in markers) - first_turn
+    return JobTiming(seconds, summary.images, summary.shards, steady)

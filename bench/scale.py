@@ -55,7 +55,7 @@ class ScalePoint:
     images: int
     shards: int
     seconds: float
-    shard_seconds: float  # summed over shards: a worker's time from a shard's turn to its commit
+    steady_seconds: float  # from the first shard's turn to the last commit
     driver_cpu_s: float
     driver_peak_mib: float
     workers_peak_mib: float
@@ -65,9 +65,9 @@ class ScalePoint:
         return self.images / self.seconds
 
     @property
-    def worker_rate(self) -> float:
-        """Images per second of worker time inside shards: the rate without the job's fixed start-up."""
-        return self.images / self.shard_seconds
+    def steady_rate(self) -> float:
+        """Images per second from the first shard's turn to the last commit: the rate without the job's start-up."""
+        return self.images / self.steady_seconds
 
 
 def run_scale(config: ScaleConfig) -> list[str]:
@@ -90,15 +90,15 @@ def run_scale(config: ScaleConfig) -> list[str]:
         commit_ms = _commit_ms(server)
     per_shard_ms = 1000 * (small_s - big_s) / (small.shards - big.shards)
     lines = [
-        f"scale {p.images}: shards={p.shards} img/s={p.rate:.1f} in_shards_img/s={p.worker_rate:.1f} "
+        f"scale {p.images}: shards={p.shards} img/s={p.rate:.1f} steady_img/s={p.steady_rate:.1f} "
         f"seconds={p.seconds:.1f} driver_cpu_s={p.driver_cpu_s:.1f} "
         f"driver_peak_rss_mib={p.driver_peak_mib:.0f} workers_peak_rss_mib={p.workers_peak_mib:.0f}"
         for p in points
     ]
     lines.append(
         f"scale per-shard overhead: {per_shard_ms:.0f} ms/shard ({n} images in {small.shards} vs {big.shards} shards: "
-        f"{small_s:.1f}s vs {big_s:.1f}s); commit alone {commit_ms:.0f} ms, "
-        f"so scheduling and refill ~{per_shard_ms - commit_ms:.0f} ms"
+        f"{small_s:.1f}s vs {big_s:.1f}s); one commit timed alone: {commit_ms:.0f} ms (in a job it overlaps the "
+        f"next shard's batches)"
     )
     return lines
 
@@ -108,7 +108,7 @@ def _job(server: S3Server, input_uri: str, model: BenchModel, config: ScaleConfi
     cpu = time.process_time()
     with PeakMemory() as peak:
         timing = run_bulklabel(server, input_uri, output, model, config.batch_size)
-    point = ScalePoint(timing.images, timing.shards, timing.seconds, timing.shard_seconds, time.process_time() - cpu,
+    point = ScalePoint(timing.images, timing.shards, timing.seconds, timing.steady_seconds, time.process_time() - cpu,
                        peak.driver_mib, peak.mib - peak.driver_mib)  # fmt: skip
     log.info("%d images, %d shards: %.1f img/s, driver %.1f CPU s, peak RSS driver %.0f MiB, workers %.0f MiB",
              point.images, point.shards, point.rate, point.driver_cpu_s, point.driver_peak_mib,

@@ -122,8 +122,9 @@ def _measure(
         else:
             timing = run_bulklabel(server, data.uri, output, model, config.batch_size, config.bulklabel_workers)
             rate = timing.images / timing.seconds
-            log.info("bulklabel %s: %.1fs wall, %d shards, %.1fs of worker time inside shards", case.name,
-                     timing.seconds, timing.shards, timing.shard_seconds)  # fmt: skip
+            log.info("bulklabel %s: %.1fs wall = %.1fs start-up and manifest + %.1fs from the first shard's turn "
+                     "to the last commit (%.1f img/s), %d shards", case.name, timing.seconds, timing.startup_seconds,
+                     timing.steady_seconds, timing.images / timing.steady_seconds, timing.shards)  # fmt: skip
     log.info("%s %s: %.1f img/s, peak %.0f MiB", tool, case.name, rate, peak.mib)
     return Measurement(rate, peak.mib)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 from typing import Literal
 
 from pydantic import Field
@@ -39,3 +40,6 @@ class ShardResult(Spec):
     seconds: float = Field(ge=0)
     attempt: int = Field(ge=1)
     status: Literal["done"] = "done"
+    # When the shard's Parquet file was published (UTC), for audits and timelines; None in markers written before
+    # this field existed, so old jobs still resume.
+    committed_at: datetime | None = None

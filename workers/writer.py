@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -123,6 +124,7 @@ class ShardWriter:
             rows=table.num_rows,
             errors=table.num_rows - int(pc.sum(table["error"].is_null()).as_py() or 0),
             attempt=attempt,
+            committed_at=datetime.now(UTC),
             **stats,
         )
         storage.write_bytes(marker_uri(output, shard_id), result.model_dump_json().encode())

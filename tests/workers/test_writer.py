@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -119,7 +120,9 @@ def test_commit_local_writes_data_and_marker(writer, tmp_path):
     expected = _fill(writer)
     out, scratch = tmp_path / "out", tmp_path / "scratch"
     scratch.mkdir()
+    before = datetime.now(UTC)
     result = _commit(writer, out, scratch, attempt=1)
+    assert before <= result.committed_at <= datetime.now(UTC)
 
     data = Path(data_uri(str(out), SHARD))
     assert data == out / f"part-{SHARD}.parquet" and data.is_file()
@@ -130,6 +133,10 @@ def test_commit_local_writes_data_and_marker(writer, tmp_path):
     assert (result.rows, result.errors, result.attempt) == (9, 9 - len(expected), 1)
     assert result.fingerprint == writer.task.fingerprint() and result.data_uri == str(data)
     assert (result.bytes_read, result.seconds) == (1234, 0.5)
+    # Markers written before commit times were recorded still load (a job started by an older version resumes).
+    old = json.loads(marker.read_text())
+    del old["committed_at"]
+    assert ShardResult.model_validate(old).committed_at is None
 
     assert not [p for p in (out / "_tmp").rglob("*") if p.is_file()]
     assert not list(scratch.iterdir())  # local staging file removed
