@@ -134,8 +134,13 @@ class ShardScheduler:
 
     def _retry_or_fail(self, task: ShardTask, attempt: int, error: str) -> None:
         if attempt < self._limits.max_attempts:
-            log.warning("shard %s failed (attempt %d/%d), retrying: %s", task.shard_id, attempt,
-                        self._limits.max_attempts, error)
+            log.warning(
+                "shard %s failed (attempt %d/%d), retrying: %s",
+                task.shard_id,
+                attempt,
+                self._limits.max_attempts,
+                error,
+            )
             delay = min(RETRY_BACKOFF_S * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S)
             self._retry.append((task, attempt + 1, time.monotonic() + delay))
         else:
@@ -188,4 +193,3 @@ def _first_line(exc: BaseException) -> str:
             return f"{type(inner).__name__}: {inner}"
         return str(exc).strip().splitlines()[-1]
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
