@@ -11,11 +11,11 @@ import hashlib
 import json
 import math
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.specs import IMAGE_EXTENSIONS, ModelSpec, PreprocessSpec, Spec, StorageOptions, _as_prefix
+from schemas.specs import Extensions, ModelSpec, PreprocessSpec, Spec, StorageOptions, _as_prefix, not_blank
 
 LABELS_FILE_SUFFIXES = (".csv", ".parquet")
 MODEL_CARD_NAME = "model_card.json"
@@ -25,7 +25,7 @@ CARD_FORMAT_VERSION = 1
 class FinetuneDataSpec(Spec):
     """The labelled images: one sub-folder per class, or a labels file naming each image's class."""
 
-    uri: str = Field(
+    uri: Annotated[str, not_blank("data uri")] = Field(
         description="Folder or s3:// prefix with one sub-folder per class, or a CSV/Parquet labels file whose "
         "keys are relative to the file's folder (or absolute locations)."
     )
@@ -35,20 +35,7 @@ class FinetuneDataSpec(Spec):
     val_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each class held out for validation.")
     key_column: str = Field(default="key", description="Labels-file column holding the image keys.")
     label_column: str = Field(default="label", description="Labels-file column holding the class names.")
-    # validate_default: the default is normalised too, so a spec read back from a file compares (and hashes) equal.
-    extensions: tuple[str, ...] = Field(default=IMAGE_EXTENSIONS, min_length=1, validate_default=True)
-
-    @field_validator("uri")
-    @classmethod
-    def _uri_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("data uri is empty")
-        return value
-
-    @field_validator("extensions")
-    @classmethod
-    def _normalise_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(sorted({ext.lower().lstrip(".") for ext in value}))
+    extensions: Extensions
 
 
 class TrainingSpec(Spec):

@@ -12,12 +12,46 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from schemas.finetune import FinetuneJobSpec
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+def _normalised_extensions(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Lower case, no dot, sorted, unique: `.JPG` and `jpg` are one extension, and a spec hashes the same however its
+    extensions were written."""
+    return tuple(sorted({ext.lower().lstrip(".") for ext in value}))
+
+
+# validate_default: the default is normalised too, so a spec read back from a file compares (and hashes) equal.
+Extensions = Annotated[
+    tuple[str, ...],
+    AfterValidator(_normalised_extensions),
+    Field(default=IMAGE_EXTENSIONS, min_length=1, validate_default=True),
+]
+
+
+def not_blank(what: str) -> AfterValidator:
+    """A validator refusing an empty or all-space string, naming `what` in the error."""
+
+    def check(value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"{what} is empty")
+        return value
+
+    return AfterValidator(check)
 
 
 class Spec(BaseModel):
@@ -46,27 +80,17 @@ class StorageOptions(Spec):
 class InputSpec(Spec):
     """Where the images are and how they are packed."""
 
-    uri: str = Field(description="Local folder/file or s3://bucket/prefix holding the images.")
+    uri: Annotated[str, not_blank("input uri")] = Field(
+        description="Local folder/file or s3://bucket/prefix holding the images."
+    )
     format: Literal["auto", "tar", "files", "manifest"] = Field(
         default="auto",
         description="tar: WebDataset tar shards; files: loose images grouped into shards; manifest: CSV/Parquet "
         "of keys. auto: a .csv/.parquet uri is a manifest, a prefix holding .tar files is tar, else files.",
     )
     files_per_shard: int = Field(default=1000, gt=0, description="Images per shard for loose files and manifests.")
-    extensions: tuple[str, ...] = Field(default=IMAGE_EXTENSIONS, min_length=1)
+    extensions: Extensions
     manifest_column: str = Field(default="key", description="Manifest column holding object keys or URIs.")
-
-    @field_validator("uri")
-    @classmethod
-    def _uri_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("input uri is empty")
-        return value
-
-    @field_validator("extensions")
-    @classmethod
-    def _normalise_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(sorted({ext.lower().lstrip(".") for ext in value}))
 
 
 class ModelSpec(Spec):
