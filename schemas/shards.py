@@ -10,20 +10,30 @@ from pydantic import Field
 
 from schemas.specs import Spec
 
+# Version of the done-marker layout. 1: markers written before shard ids carried a hash of their key and before
+# fingerprints covered sizes and ETags; outputs holding those are refused on resume (their ids would not match).
+MARKER_FORMAT = 2
+
 
 class ShardTask(Spec):
     """One unit of work: a tar object, or a list of image objects under a common base."""
 
-    shard_id: str = Field(pattern=r"^[A-Za-z0-9._=-]+$")
+    shard_id: str = Field(pattern=r"^[A-Za-z0-9._=-]+$", max_length=120)
     kind: Literal["tar", "files"]
     base_uri: str  # keys are relative to it; for tar shards, the input prefix
-    keys: tuple[str, ...]  # one tar key, or the image keys of this shard
+    keys: tuple[str, ...]  # one tar key, or the image keys of this shard (relative, or absolute URIs from manifests)
+    # From the listing, one per key (empty for manifests, which are not listed): what makes the fingerprint notice
+    # an object rewritten under the same name.
+    sizes: tuple[int, ...] = ()
+    etags: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
-        """Identifies the shard's content, so a resumed job notices an input that changed under it."""
+        """Identifies the shard's content (keys, sizes, ETags or mtimes), so a resumed job notices changed input."""
         digest = hashlib.sha256(self.kind.encode())
-        for key in self.keys:
+        for i, key in enumerate(self.keys):
             digest.update(b"\0" + key.encode())
+            if self.sizes:
+                digest.update(b"\1%d\1" % self.sizes[i] + self.etags[i].encode())
         return digest.hexdigest()[:16]
 
 
@@ -43,3 +53,9 @@ class ShardResult(Spec):
     # When the shard's Parquet file was published (UTC), for audits and timelines; None in markers written before
     # this field existed, so old jobs still resume.
     committed_at: datetime | None = None
+    marker_format: int = 1  # absent in the oldest markers; see MARKER_FORMAT
+    data_bytes: int | None = Field(default=None, ge=0)  # size of the committed Parquet file, checked on resume
+    first_key: str | None = None  # the shard's first and last keys: the key range a loose-files shard covers
+    last_key: str | None = None
+    error_kinds: dict[str, int] = Field(default_factory=dict)  # error rows by kind (the text before the first ':')
+    error_examples: dict[str, str] = Field(default_factory=dict)  # kind → one key that had it

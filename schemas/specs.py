@@ -91,6 +91,20 @@ class InputSpec(Spec):
     files_per_shard: int = Field(default=1000, gt=0, description="Images per shard for loose files and manifests.")
     extensions: Extensions
     manifest_column: str = Field(default="key", description="Manifest column holding object keys or URIs.")
+    exclude: tuple[str, ...] = Field(
+        default=(),
+        description="Glob patterns of keys to skip, matched against the key relative to the input and each of its "
+        "folder names (e.g. '.thumbs', '*.tmp', 'raw/**'). Nothing else is skipped but the output's own files; "
+        "skipped keys are counted in the summary.",
+    )
+    allowed_roots: tuple[str, ...] = Field(
+        default=(),
+        description="Locations (folders or s3:// prefixes) that manifest keys may name besides the manifest's own "
+        "folder; a key anywhere else refuses the job before it starts.",
+    )
+    max_object_bytes: int = Field(
+        default=256 << 20, gt=0, description="Images (loose files or tar members) larger than this are error rows."
+    )
 
 
 class ModelSpec(Spec):
@@ -133,6 +147,17 @@ class LabelJobSpec(Spec):
         default=5, gt=0, le=20, description="Tries per shard before it counts as failed (retries back off 5-60 s)."
     )
     max_failed_shards: int = Field(default=0, ge=0, description="More failed shards than this fails the job.")
+    max_error_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="A job whose rows are more than this fraction errors ends failed, naming the commonest error.",
+    )
+    foreign_files: Literal["refuse", "keep"] = Field(
+        default="refuse",
+        description="refuse: an output prefix holding files bulklabel did not write is refused before work starts. "
+        "keep: they are left untouched (never read, overwritten or deleted); names bulklabel uses are still refused.",
+    )
     shard_timeout_s: float = Field(default=3600, gt=0, description="A shard taking longer is retried elsewhere.")
 
     @field_validator("output")

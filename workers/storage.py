@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +27,27 @@ class StorageError(RuntimeError):
     """A storage operation failed for a reason the user must fix (missing prefix, no permission)."""
 
 
+class StoreUnavailable(StorageError):
+    """The store could not be reached (connection refused or dropped, timeouts, 5xx, throttling) even after the
+    bounded retries. Never a fact about one image: the shard fails and is retried later, the job may stop."""
+
+
+class AccessDenied(StorageError):
+    """Authentication or permission failure (wrong, rotated or expired credentials; a policy). A job error that
+    stops the job naming the location: every further request would fail the same way."""
+
+
+class ObjectMissing(StorageError, FileNotFoundError):
+    """The object does not exist (S3 NoSuchKey/404, a local file not found): a fact about that one object."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     uri: str
     size: int
+    # What changes when the object is rewritten: the S3 ETag, or a local file's mtime in ns. Shard fingerprints
+    # include it, so a shard rewritten under the same name is noticed on resume.
+    etag: str = ""
 
 
 class Storage(Protocol):
@@ -51,6 +70,10 @@ class Storage(Protocol):
     def exists(self, uri: str) -> bool: ...
 
     def delete(self, uri: str) -> None: ...
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Create the object only if it does not exist yet, atomically (S3 `If-None-Match: *`, local `link()`):
+        True if this call created it, False if it already existed. Two processes racing: exactly one gets True."""
 
 
 def join(prefix: str, *parts: str) -> str:
@@ -92,7 +115,8 @@ class LocalStorage:
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         root = Path(prefix)
         if root.is_file():
-            yield ObjectInfo(str(root), root.stat().st_size)
+            stat = root.stat()
+            yield ObjectInfo(str(root), stat.st_size, str(stat.st_mtime_ns))
         elif root.is_dir():
             yield from self._list_folder(str(root))
 
@@ -105,23 +129,38 @@ class LocalStorage:
             if entry.is_dir(follow_symlinks=False):
                 yield from self._list_folder(entry.path)
             elif entry.is_file():
-                yield ObjectInfo(entry.path, entry.stat().st_size)
+                stat = entry.stat()
+                yield ObjectInfo(entry.path, stat.st_size, str(stat.st_mtime_ns))
 
     def open_read(self, uri: str) -> BinaryIO:
-        return open(uri, "rb")
+        try:
+            return open(uri, "rb")
+        except FileNotFoundError as exc:
+            raise ObjectMissing(f"{uri} does not exist") from exc
 
     def read_bytes(self, uri: str) -> bytes:
-        return Path(uri).read_bytes()
+        with self.open_read(uri) as fh:
+            return fh.read()
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        tmp = self._temp_beside(uri)
-        tmp.write_bytes(data)
-        os.replace(tmp, uri)
+        os.replace(self._written_beside(uri, lambda fh: fh.write(data)), uri)
 
     def upload_file(self, local_path: str, uri: str) -> None:
-        tmp = self._temp_beside(uri)
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, uri)
+        def copy(fh) -> None:
+            with open(local_path, "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 20)
+
+        os.replace(self._written_beside(uri, copy), uri)
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        tmp = self._written_beside(uri, lambda fh: fh.write(data))
+        try:
+            os.link(tmp, uri)  # fails if `uri` exists; the object appears whole, never half-written
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def move(self, src: str, dst: str) -> None:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
@@ -134,10 +173,21 @@ class LocalStorage:
         Path(uri).unlink(missing_ok=True)
 
     @staticmethod
-    def _temp_beside(uri: str) -> Path:
+    def _written_beside(uri: str, write) -> Path:
+        """A hidden temporary file in the target folder holding the whole content, flushed to disk. A failed write
+        (a full disk) removes it, so no empty or half file is left behind for a later run to trip over."""
         path = Path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -151,11 +201,18 @@ def split_s3(uri: str) -> tuple[str, str]:
 class S3Storage:
     """S3 and S3-compatible stores through boto3.
 
-    Transient errors (throttling, 5xx, dropped connections) are retried by botocore's standard retry
-    mode: bounded attempts with exponential backoff and jitter, only on the error codes it lists.
+    Every call goes through `_call`, which classifies what went wrong and retries only what can pass:
+    - unreachable (connection refused or dropped, timeouts, 5xx, throttling): retried with capped exponential
+      backoff and jitter, RETRY_ATTEMPTS in all, then StoreUnavailable. These retries are ours, not botocore's:
+      botocore's standard mode shares a retry quota per client (500 units, 5-10 a retry) that 16 parallel GETs
+      drain in moments, after which it stops retrying altogether;
+    - authentication or permission: AccessDenied at once, naming the location;
+    - a missing key: ObjectMissing at once.
     """
 
-    MAX_ATTEMPTS = 10  # botocore's capped exponential backoff; the scheduler's shard retries back off further
+    RETRY_ATTEMPTS = 8
+    RETRY_BASE_S = 0.5
+    RETRY_MAX_S = 8.0  # 0.5 + 1 + 2 + 4 + 8 + 8 + 8 ≈ 31 s of backoff before a call gives up
 
     def __init__(self, options: StorageOptions):
         self._options = options
@@ -176,7 +233,7 @@ class S3Storage:
                 kwargs["aws_access_key_id"] = opts.access_key_id.get_secret_value()
                 kwargs["aws_secret_access_key"] = opts.secret_access_key.get_secret_value()
             config = Config(
-                retries={"max_attempts": self.MAX_ATTEMPTS, "mode": "standard"},
+                retries={"total_max_attempts": 1, "mode": "standard"},  # retries happen in `_call`
                 s3={"addressing_style": "path"} if opts.endpoint_url else {},
                 connect_timeout=10,
                 read_timeout=120,
@@ -191,74 +248,144 @@ class S3Storage:
             )
         return self._client
 
+    def _call(self, what: str, uri: str, fn):
+        """fn() with our bounded retries on transient errors; every failure leaves as a classified StorageError."""
+        for attempt in range(1, self.RETRY_ATTEMPTS + 1):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - classified below; anything unknown is re-raised as it is
+                error = classify_s3_error(exc, what, uri)
+                if error is None:
+                    raise
+                if not isinstance(error, StoreUnavailable) or attempt == self.RETRY_ATTEMPTS:
+                    raise error from exc
+                delay = min(self.RETRY_BASE_S * 2 ** (attempt - 1), self.RETRY_MAX_S) * random.uniform(0.5, 1.0)
+                log.debug("%s %s: %s; retry %d in %.1fs", what, uri, error, attempt, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         bucket, key = split_s3(prefix)
         below = key.rstrip("/") + "/"  # S3 prefixes match partial names; keep `key` itself and what is below it
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=bucket, Prefix=key):
-                for item in page.get("Contents", ()):
-                    if not key or item["Key"] == key or item["Key"].startswith(below):
-                        yield ObjectInfo(f"s3://{bucket}/{item['Key']}", int(item["Size"]))
-        except self.client.exceptions.NoSuchBucket as exc:
-            raise StorageError(f"bucket {bucket!r} does not exist ({prefix})") from exc
-        except self.client.exceptions.ClientError as exc:
-            denied = _denied(exc, prefix)
-            if denied is None:
-                raise
-            raise denied from exc
+        token = None
+        while True:
+            args = {"Bucket": bucket, "Prefix": key} | ({"ContinuationToken": token} if token else {})
+            page = self._call("list", prefix, lambda args=args: self.client.list_objects_v2(**args))
+            for item in page.get("Contents", ()):
+                if not key or item["Key"] == key or item["Key"].startswith(below):
+                    yield ObjectInfo(f"s3://{bucket}/{item['Key']}", int(item["Size"]), item.get("ETag", ""))
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token:
+                return
 
     def open_read(self, uri: str) -> BinaryIO:
         bucket, key = split_s3(uri)
-        return self.client.get_object(Bucket=bucket, Key=key)["Body"]
+        return self._call("read", uri, lambda: self.client.get_object(Bucket=bucket, Key=key))["Body"]
 
     def read_bytes(self, uri: str) -> bytes:
-        with self.open_read(uri) as body:
-            return body.read()
+        bucket, key = split_s3(uri)
+
+        def get() -> bytes:  # the body is read inside the retry: a connection dropped mid-body is retried too
+            with self.client.get_object(Bucket=bucket, Key=key)["Body"] as body:
+                return body.read()
+
+        return self._call("read", uri, get)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = split_s3(uri)
-        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+        self._call("write", uri, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data))
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+
+        def put() -> bool:
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise
+
+        return self._call("create", uri, put)
 
     def upload_file(self, local_path: str, uri: str) -> None:
         bucket, key = split_s3(uri)
         # Multipart uploads only become visible when completed, so readers never see a part.
-        self.client.upload_file(local_path, bucket, key)
+        self._call("write", uri, lambda: self.client.upload_file(local_path, bucket, key))
 
     def move(self, src: str, dst: str) -> None:
         sb, sk = split_s3(src)
         db, dk = split_s3(dst)
-        self.client.copy({"Bucket": sb, "Key": sk}, db, dk)
-        self.client.delete_object(Bucket=sb, Key=sk)
+        self._call("copy", dst, lambda: self.client.copy({"Bucket": sb, "Key": sk}, db, dk))
+        self._call("delete", src, lambda: self.client.delete_object(Bucket=sb, Key=sk))
 
     def exists(self, uri: str) -> bool:
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(uri)
         try:
-            self.client.head_object(Bucket=bucket, Key=key)
+            self._call("head", uri, lambda: self.client.head_object(Bucket=bucket, Key=key))
             return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            denied = _denied(exc, uri)
-            if denied is None:
-                raise
-            raise denied from exc
+        except ObjectMissing:
+            return False
 
     def delete(self, uri: str) -> None:
         bucket, key = split_s3(uri)
-        self.client.delete_object(Bucket=bucket, Key=key)
+        self._call("delete", uri, lambda: self.client.delete_object(Bucket=bucket, Key=key))
 
 
-_DENIED_CODES = {"403", "AccessDenied", "Forbidden", "SignatureDoesNotMatch", "InvalidAccessKeyId"}
+_DENIED_CODES = {
+    "403", "AccessDenied", "Forbidden", "SignatureDoesNotMatch", "InvalidAccessKeyId", "ExpiredToken",
+    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity",
+}  # fmt: skip
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+_TRANSIENT_CODES = {
+    "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+    "RequestTimeout", "RequestTimeTooSkewed", "RequestLimitExceeded", "BandwidthLimitExceeded", "TooManyRequests",
+}  # fmt: skip
 
 
-def _denied(exc, uri: str) -> StorageError | None:
-    """A StorageError naming the location for an authentication or permission failure, else None."""
-    code = exc.response.get("Error", {}).get("Code", "")
-    if code in _DENIED_CODES:
-        return StorageError(f"access to {uri} denied ({code}): check the credentials and their permissions")
+def _error_code(exc) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "") or exc.response.get("ResponseMetadata", {}).get(
+        "HTTPStatusCode", ""))  # fmt: skip
+
+
+def classify_s3_error(exc: BaseException, what: str, uri: str) -> StorageError | None:
+    """The StorageError for a boto3/botocore failure of `what` on `uri`, or None for errors we do not know."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, S3UploadFailedError):  # upload_file wraps the ClientError in a string; look at its text
+        text = str(exc)
+        if any(code in text for code in _DENIED_CODES - {"403"}):
+            return AccessDenied(f"access to {uri} denied: check the credentials and their permissions ({text})")
+        return StoreUnavailable(f"cannot {what} {uri}: {text}")
+    if isinstance(exc, ClientError):
+        code = _error_code(exc)
+        if code in _DENIED_CODES:
+            return AccessDenied(f"access to {uri} denied ({code}): check the credentials and their permissions")
+        if code in _MISSING_CODES:
+            return ObjectMissing(f"{uri} does not exist")
+        if code == "NoSuchBucket":
+            return StorageError(f"bucket {split_s3(uri)[0]!r} does not exist ({uri})")
+        if code in _TRANSIENT_CODES:
+            return StoreUnavailable(f"cannot {what} {uri}: the store answered {code}")
+        return None
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return AccessDenied(f"no credentials to access {uri}: {exc}")
+    if isinstance(exc, ConnectionError | HTTPClientError | ReadTimeoutError | BotoCoreError | OSError):
+        return StoreUnavailable(f"cannot {what} {uri}: store unreachable ({type(exc).__name__}: {exc})")
     return None
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,6 @@ import pytest
 from schemas.specs import StorageOptions
 from workers.storage import (
     LocalStorage,
-    ObjectInfo,
     S3Storage,
     StorageError,
     check_writable,
@@ -39,8 +40,28 @@ def test_list_is_recursive_sorted_and_sized(storage_root):
 
     listed = list(storage_root.storage.list(storage_root.uri))
 
-    expected = [ObjectInfo(join(storage_root.uri, key), len(contents[key])) for key in sorted(contents)]
-    assert listed == expected
+    expected = [(join(storage_root.uri, key), len(contents[key])) for key in sorted(contents)]
+    assert [(o.uri, o.size) for o in listed] == expected
+    assert all(o.etag for o in listed)  # S3 ETag or local mtime: what changes when an object is rewritten
+
+
+def test_etag_changes_when_an_object_is_rewritten_at_the_same_size(storage_root):
+    uri = join(storage_root.uri, "shard.tar")
+    storage_root.storage.write_bytes(uri, b"first")
+    before = next(iter(storage_root.storage.list(uri)))
+    time.sleep(0.01)
+    storage_root.storage.write_bytes(uri, b"other")
+    after = next(iter(storage_root.storage.list(uri)))
+    assert before.size == after.size and before.etag != after.etag
+
+
+def test_create_exclusive_lets_exactly_one_of_many_racers_win(storage_root):
+    uri = join(storage_root.uri, "claims", "_owner.json")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: storage_root.storage.create_exclusive(uri, b"%d" % i), range(8)))
+    assert won.count(True) == 1
+    assert storage_root.storage.read_bytes(uri) == b"%d" % won.index(True)
+    assert storage_root.storage.create_exclusive(uri, b"again") is False
 
 
 def test_local_list_is_in_key_order_like_aws_s3(tmp_path):
@@ -75,7 +96,7 @@ def test_list_does_not_include_sibling_prefixes(storage_root):
 def test_list_of_a_single_object(storage_root):
     uri = join(storage_root.uri, "only.txt")
     storage_root.storage.write_bytes(uri, b"abc")
-    assert list(storage_root.storage.list(uri)) == [ObjectInfo(uri, 3)]
+    assert [(o.uri, o.size) for o in storage_root.storage.list(uri)] == [(uri, 3)]
 
 
 @pytest.mark.parametrize("key", ["with space/it's a cat.jpg", "O'Brien's  photos/ two  spaces .png", "café/ünï.webp"])
@@ -123,7 +144,7 @@ def test_upload_file(storage_root, tmp_path):
     storage_root.storage.upload_file(str(local), uri)
 
     assert storage_root.storage.read_bytes(uri) == data
-    assert list(storage_root.storage.list(join(storage_root.uri, "uploads"))) == [ObjectInfo(uri, len(data))]
+    assert [(o.uri, o.size) for o in storage_root.storage.list(join(storage_root.uri, "uploads"))] == [(uri, len(data))]
 
 
 def test_open_read_streams_in_chunks(storage_root):
@@ -231,4 +252,4 @@ def test_local_list_follows_file_links_not_folder_links(tmp_path: Path):
 
     listed = list(LocalStorage().list(str(tmp_path / "root")))
 
-    assert listed == [ObjectInfo(str(tmp_path / "root" / "link.txt"), 1)]
+    assert [(o.uri, o.size) for o in listed] == [(str(tmp_path / "root" / "link.txt"), 1)]
