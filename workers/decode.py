@@ -11,7 +11,17 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import (
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    ImageOps,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 
 from schemas.specs import PreprocessSpec
 
@@ -23,8 +33,23 @@ _RESAMPLE = {
 # EXIF orientations that swap width and height.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
-# Only formats that are photos; Pillow would also open EPS (running Ghostscript) and other exotica.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# Only formats that are photos; Pillow would also open EPS (running Ghostscript) and other exotica. These are the
+# names of Pillow's *openers*, each registered by the plugin imported above (checked below). Multi-picture JPEGs
+# (MPO, from stereo and some phone cameras) come through the JPEG opener: "MPO" has no opener of its own, and naming
+# it here made every file that no earlier format accepted (a text file called x.jpg) fail with KeyError: 'MPO'.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_PLUGINS = (JpegImagePlugin, PngImagePlugin, WebPImagePlugin, GifImagePlugin, BmpImagePlugin, TiffImagePlugin)
+
+
+def _check_openers(formats: tuple[str, ...]) -> None:
+    """Fail at import, naming them, if any accepted format has no registered opener (Image.open would raise a bare
+    KeyError on the first file that earlier formats reject)."""
+    missing = [name for name in formats if name not in Image.OPEN]
+    if missing:
+        raise ImportError(f"Pillow {Image.__version__} registers no opener for {missing}: fix ACCEPTED_FORMATS")
+
+
+_check_openers(ACCEPTED_FORMATS)
 # Pillow only warns between its limit and twice that; we refuse at its limit (~89 megapixels).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 # Above this long/short side ratio only the part of the image that lands in the crop is resized.
@@ -107,6 +132,17 @@ def _resize_crop(img: Image.Image, preprocess: PreprocessSpec) -> np.ndarray:
 
 
 def _describe(exc: Exception, data: bytes) -> str:
-    head = data[:16].lstrip().lower()
-    hint = " (content looks like HTML/text, not an image)" if head.startswith((b"<", b"{", b"[")) else ""
-    return f"{type(exc).__name__}: {exc}{hint}"
+    text = _looks_like_text(data)
+    if isinstance(exc, UnidentifiedImageError):  # Pillow's message names only an anonymous BytesIO
+        what = "content looks like HTML/text" if text else f"content is none of {', '.join(ACCEPTED_FORMATS)}"
+        return f"not an image: {what}"
+    return f"{type(exc).__name__}: {exc}" + (" (content looks like HTML/text, not an image)" if text else "")
+
+
+def _looks_like_text(data: bytes) -> bool:
+    """Markup or JSON, or a head that is printable UTF-8 text (an error page, a CSV, a note saved as .jpg)."""
+    head = data[:512]
+    if head.lstrip()[:1] in (b"<", b"{", b"["):
+        return True
+    text = head.decode("utf-8", errors="ignore")
+    return len(text) >= len(head) - 3 and all(c.isprintable() or c in "\t\r\n" for c in text)

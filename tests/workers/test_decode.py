@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from schemas.specs import PreprocessSpec
-from workers.decode import Decoded, decode
+from workers.decode import ACCEPTED_FORMATS, Decoded, _check_openers, decode
 
 # Same folder as tests.support.IMAGENET_SAMPLE; not imported from there because tests.support imports torch (~5 s).
 IMAGENET_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
@@ -317,6 +317,37 @@ def test_decompression_bomb_is_refused_quickly():
     assert time.monotonic() - started < 2.0
     assert result.pixels is None
     assert "refused" in result.error.lower() and "decompression" in result.error.lower()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"hello, this is a text file saved as x.jpg\n", b"key,label\na.jpg,cat\n", b"\x00\x01\x02 binary junk " * 20],
+    ids=["text", "csv", "binary"],
+)
+def test_content_no_format_accepts_is_not_an_image_not_a_key_error(content):
+    """Every file that no accepted format recognises used to end in KeyError: 'MPO' (a format with no opener)."""
+    result = decode(content, SPEC)
+
+    assert result.pixels is None and result.error.startswith("not an image: ")
+    assert "KeyError" not in result.error and "MPO" not in result.error
+    if content.startswith((b"hello", b"key")):
+        assert "text" in result.error
+
+
+def test_every_accepted_format_has_an_opener_and_a_missing_one_is_named():
+    assert set(ACCEPTED_FORMATS) <= set(Image.OPEN)
+    with pytest.raises(ImportError, match="MPO"):
+        _check_openers(("JPEG", "MPO"))
+
+
+def test_multi_picture_jpeg_decodes_through_the_jpeg_opener():
+    first, second = Image.new("RGB", (320, 240), RED), Image.new("RGB", (320, 240), BLUE)
+    data = encode(first, "MPO", save_all=True, append_images=[second])
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "MPO"  # what Pillow reports for it, though "MPO" is not an opener
+
+    pixels = assert_ok(decode(data, SPEC), 320, 240)
+    assert_colour(pixels, RED, tolerance=8)
 
 
 def test_formats_that_are_not_photos_are_refused_not_interpreted():
