@@ -42,6 +42,9 @@ class FaultRule(Spec):
     after_rows: int = 0  # fire once the shard has this many rows labelled
     action: Literal["exit", "hang", "raise", "oom"]
     oom_above: int = 1  # for "oom": batches larger than this run out of memory
+    # For "oom": which out-of-memory error is raised: CUDA's torch.OutOfMemoryError, or the plain RuntimeError torch's
+    # CPU allocator raises (its real message), which a worker must recognise as out-of-memory too.
+    oom_kind: Literal["cuda", "cpu"] = "cuda"
 
     def matches(self, shard: str, attempt: int, rows: int) -> bool:
         return (
@@ -85,7 +88,18 @@ def inject(shard: str, attempt: int, rows: int) -> None:
 
 
 def inject_oom(shard: str, attempt: int, rows: int, batch_len: int) -> None:
-    """Raise torch's out-of-memory error for batches above a matching rule's `oom_above`."""
+    """Raise an out-of-memory error (of the rule's `oom_kind`) for batches above a matching rule's `oom_above`."""
     for rule in active_rules():
         if rule.action == "oom" and rule.matches(shard, attempt, rows) and batch_len > rule.oom_above:
-            raise torch.OutOfMemoryError(f"injected: batch of {batch_len} > {rule.oom_above}")
+            raise out_of_memory_error(rule.oom_kind, batch_len, rule.oom_above)
+
+
+def out_of_memory_error(kind: str, batch_len: int, oom_above: int) -> RuntimeError:
+    """The error torch raises when an allocation fails on `kind` ("cuda" or "cpu"), marked as injected."""
+    if kind == "cpu":  # c10's alloc_cpu.cpp message, as torch 2.x raises it on Linux (a RuntimeError, not an OOM type)
+        return RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+            f"allocate {batch_len * 150 << 20} bytes. Error code 12 (Cannot allocate memory) "
+            f"(injected: batch of {batch_len} > {oom_above})"
+        )
+    return torch.OutOfMemoryError(f"injected: batch of {batch_len} > {oom_above}")

@@ -24,6 +24,26 @@ _KEEP_UP_TO = 1 << 30
 CPU_ACTIVATION_BUDGET = 48 << 20
 
 
+# How torch reports a failed allocation where it raises a plain RuntimeError rather than torch.OutOfMemoryError: its
+# CPU allocator (c10/core/impl/alloc_cpu.cpp, "can't allocate memory" on POSIX, "not enough memory" on Windows), MPS,
+# and CUDA in builds before OutOfMemoryError existed.
+_OOM_MESSAGES = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+    "MPS backend out of memory",
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure on any device, which a smaller batch may avoid: CUDA's
+    torch.OutOfMemoryError, the RuntimeError of torch's CPU (and MPS) allocator, or Python's MemoryError."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(message in str(exc) for message in _OOM_MESSAGES)
+
+
 @dataclass(frozen=True)
 class Predictions:
     """Per image: top-k class indices and probabilities, and the embedding (None when not kept)."""

@@ -31,10 +31,10 @@ import torch
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LabelJobSpec
 from workers import faults
-from workers.inference import Predictions, Predictor, keep_freed_memory_for_reuse, pick_device
+from workers.inference import Predictions, Predictor, is_out_of_memory, keep_freed_memory_for_reuse, pick_device
 from workers.models import build_model
 from workers.pipeline import Batch, Prefetched, Turn, Turns, decoded_batches
-from workers.readers import bounded_map, read_shard
+from workers.readers import StorageByScheme, bounded_map, read_shard
 from workers.storage import local_scratch_dir, open_storage
 from workers.writer import ShardWriter
 
@@ -57,7 +57,9 @@ class LabelWorker:
         self.spec = spec
         self.job_id = job_id
         self.scratch = local_scratch_dir()
-        self.input_storage = open_storage(spec.input.uri, spec.storage)
+        # One storage per scheme: manifest keys may name another store than the input's (each key is read from its own)
+        self.stores = StorageByScheme(spec.storage)
+        self.input_storage = self.stores(spec.input.uri)
         self.output_storage = open_storage(spec.output, spec.storage)
         loaded = build_model(spec.model, spec.storage, Path(self.scratch, "weights"))
         self.categories = loaded.categories
@@ -109,7 +111,8 @@ class LabelWorker:
         spec = self.spec
         writer = ShardWriter(task, self.categories, self.model_id, self.job_id)
         with turn:
-            records = read_shard(self.input_storage, task, spec.input.extensions, self.fetch_pool)
+            records = read_shard(self.input_storage, task, spec.input.extensions, self.fetch_pool, stores=self.stores,
+                                 max_bytes=spec.input.max_object_bytes)  # fmt: skip
             decoded = decoded_batches(records, self.preprocess, self.decode_pool, spec.batch_size)
             with Prefetched(decoded, PREFETCH_BATCHES) as batches:  # reading starts now, before our turn
                 turn.wait()
@@ -160,12 +163,12 @@ class LabelWorker:
         return bounded_map(self.lane_pool, run, submitted(), window=2 * self.lanes)
 
     def _predict(self, pixels: np.ndarray, task: ShardTask, attempt: int, rows: int) -> Predictions:
-        """Predict a batch; out of device memory, split it in halves and try again, down to single images."""
+        """Predict a batch; out of memory (on any device), split it in halves and try again, down to single images."""
         try:
             faults.inject_oom(task.shard_id, attempt, rows, len(pixels))
             return self.predictor(pixels)
-        except torch.OutOfMemoryError:
-            if len(pixels) == 1:
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc) or len(pixels) == 1:
                 raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -4,10 +4,15 @@ Tar shards follow the WebDataset convention (the layout img2dataset writes): mem
 basename up to the first dot form one sample, `abc.jpg` + `abc.json` → key `abc`. The tar is read
 as a stream and members are never extracted to disk, so hostile names (`../../etc/passwd`) are only
 strings; links and other non-files become error rows.
+
+Only what is wrong with one object becomes its row (missing, unreadable, too large, a malformed key); a store that
+cannot be reached (StoreUnavailable) or refuses our credentials (AccessDenied) raises out of the shard, so the
+driver retries the shard later or stops the job: an outage must never be committed as bad images.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import tarfile
 from collections import deque
@@ -16,17 +21,29 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from schemas.shards import ShardTask
-from workers.storage import Storage, join
+from schemas.specs import StorageOptions
+from workers.storage import (
+    AccessDenied,
+    ObjectMissing,
+    Storage,
+    StorageError,
+    StoreUnavailable,
+    classify_s3_error,
+    join,
+    open_storage,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-# Errors that make one object unreadable (gone, no permission) rather than the store unreachable.
-_OBJECT_ERRORS = (OSError, ClientError, BotoCoreError)
+# Local errors that are about one file (its permissions, a folder where a file was expected, its name), not about the
+# disk: those rows; any other OSError (EIO, ENOSPC, ...) fails the shard, which is retried.
+_LOCAL_OBJECT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP}
+_READ_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -64,8 +81,11 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"truncated or corrupt tar at offset {tarfile_.offset}: {exc}") from None
 
 
-def read_tar(storage: Storage, task: ShardTask, extensions: tuple[str, ...]) -> Iterator[Record]:
-    """Stream the image members of a WebDataset tar shard."""
+def read_tar(
+    storage: Storage, task: ShardTask, extensions: tuple[str, ...], max_bytes: int | None = None
+) -> Iterator[Record]:
+    """Stream the image members of a WebDataset tar shard; members above `max_bytes` are error rows, never read
+    (tarfile's stream mode skips an unread member's data in blocks)."""
     source = join(task.base_uri, task.keys[0])
     seen: set[str] = set()
     with (
@@ -85,22 +105,116 @@ def read_tar(storage: Storage, task: ShardTask, extensions: tuple[str, ...]) -> 
             if not member.isfile():
                 yield Record(key, source, None, f"member {member.name!r} is not a regular file (link or device)")
                 continue
+            if max_bytes is not None and member.size > max_bytes:
+                yield Record(key, source, None, f"refused: member {member.name!r} is {member.size} bytes, above "
+                                                f"max_object_bytes={max_bytes}")  # fmt: skip
+                continue
             fh = tar.extractfile(member)
             yield Record(key, source, fh.read() if fh else b"")
 
 
-def read_files(storage: Storage, task: ShardTask, pool: Executor) -> Iterator[Record]:
-    """Fetch the shard's image objects, several GETs in flight, yielded in the shard's key order."""
+class StorageByScheme:
+    """One Storage per URI scheme, built on first use from the job's StorageOptions: a manifest may name keys on
+    another store than its own (a local path in an S3 manifest), and each key is read through the store it names."""
+
+    def __init__(self, options: StorageOptions | None = None, known: dict[str, Storage] | None = None):
+        self._options = options or StorageOptions()
+        self._stores: dict[str, Storage] = dict(known or {})
+
+    @staticmethod
+    def scheme(uri: str) -> str:
+        """'s3', 'local' for a path, or the unsupported scheme named (which open_storage then refuses)."""
+        scheme, sep, _ = uri.partition("://")
+        return scheme.lower() if sep else "local"
+
+    def __call__(self, uri: str) -> Storage:
+        """The storage for `uri`; StorageError for a URI of no supported scheme."""
+        scheme = self.scheme(uri)
+        if scheme not in self._stores:
+            self._stores[scheme] = open_storage(uri, self._options)
+        return self._stores[scheme]
+
+
+def key_uri(base_uri: str, key: str) -> str:
+    """Where a shard's key lives: an absolute URI or path (manifests may name them) as given, else under the base."""
+    return key if key.startswith("/") or "://" in key else join(base_uri, key)
+
+
+def read_files(
+    storage: Storage,
+    task: ShardTask,
+    pool: Executor,
+    *,
+    stores: StorageByScheme | None = None,
+    max_bytes: int | None = None,
+) -> Iterator[Record]:
+    """Fetch the shard's image objects, several GETs in flight, yielded in the shard's key order.
+
+    `storage` serves keys of the base URI's scheme, `stores` any other. What is wrong with one key (missing, not
+    readable, too large, malformed) is its error row; StoreUnavailable and AccessDenied raise and fail the shard.
+    """
+    base_scheme = StorageByScheme.scheme(task.base_uri)
+    stores = stores or StorageByScheme()
+    sizes = dict(zip(task.keys, task.sizes, strict=True)) if task.sizes else {}
 
     def fetch(key: str) -> Record:
-        # Manifests may name absolute locations; those are used as they are.
-        uri = key if key.startswith(("s3://", "/")) else join(task.base_uri, key)
+        uri = key_uri(task.base_uri, key)
         try:
-            return Record(key, uri, storage.read_bytes(uri))
-        except _OBJECT_ERRORS as exc:  # after botocore's own bounded retries: one error row
+            store = storage if StorageByScheme.scheme(uri) == base_scheme else stores(uri)
+            return _fetch(store, key, uri, sizes.get(key), max_bytes)
+        except (StoreUnavailable, AccessDenied):
+            raise  # about the store or the credentials, not this image
+        except ObjectMissing:
+            return Record(key, uri, None, f"missing: {uri} does not exist")
+        except (StorageError, ClientError) as exc:  # malformed URI, no such bucket, an error S3 names for one key
             return Record(key, uri, None, f"cannot read {uri}: {type(exc).__name__}: {exc}")
+        except ValueError as exc:  # a local path open() refuses (an embedded NUL byte)
+            return Record(key, uri, None, f"cannot read {uri}: malformed key: {exc}")
+        except OSError as exc:
+            if exc.errno not in _LOCAL_OBJECT_ERRNOS or StorageByScheme.scheme(uri) != "local":
+                raise
+            return Record(key, uri, None, f"cannot read {uri}: {type(exc).__name__}: {exc.strerror}")
 
     yield from bounded_map(pool, fetch, task.keys, window=16)
+
+
+def _fetch(store: Storage, key: str, uri: str, listed_size: int | None, max_bytes: int | None) -> Record:
+    """One object's record; one above `max_bytes` is refused from its listed size, or once reading passes the cap."""
+    if max_bytes is None:
+        return Record(key, uri, store.read_bytes(uri))
+    if listed_size is not None and listed_size > max_bytes:
+        return Record(key, uri, None, _refused(uri, str(listed_size), max_bytes))
+    if listed_size is not None and uri.startswith("s3://"):
+        return Record(key, uri, store.read_bytes(uri))  # whole, inside S3Storage's retries (mid-body drops too)
+    data = _read_capped(store, uri, max_bytes)
+    if data is None:
+        return Record(key, uri, None, _refused(uri, f"more than {max_bytes}", max_bytes))
+    return Record(key, uri, data)
+
+
+def _refused(uri: str, size: str, max_bytes: int) -> str:
+    return f"refused: {uri} is {size} bytes, above max_object_bytes={max_bytes}"
+
+
+def _read_capped(store: Storage, uri: str, cap: int) -> bytes | None:
+    """The object's bytes, or None as soon as it proves longer than `cap` (the rest is never read)."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        with store.open_read(uri) as stream:
+            while total <= cap:
+                chunk = stream.read(min(_READ_CHUNK, cap + 1 - total))
+                if not chunk:  # at the end: botocore checks the body against its Content-Length here
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+    except Exception as exc:
+        # An S3 body that breaks off mid-read arrives as botocore's or urllib3's own error: classify it like a GET.
+        error = classify_s3_error(exc, "read", uri) if uri.startswith("s3://") else None
+        if error is None or error is exc:
+            raise
+        raise error from exc
+    return None if total > cap else b"".join(chunks)
 
 
 def bounded_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
@@ -114,8 +228,16 @@ def bounded_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window
         yield pending.popleft().result()
 
 
-def read_shard(storage: Storage, task: ShardTask, extensions: tuple[str, ...], pool: Executor) -> Iterator[Record]:
-    """Records of any shard task."""
+def read_shard(
+    storage: Storage,
+    task: ShardTask,
+    extensions: tuple[str, ...],
+    pool: Executor,
+    *,
+    stores: StorageByScheme | None = None,
+    max_bytes: int | None = None,
+) -> Iterator[Record]:
+    """Records of any shard task; objects (loose files or tar members) above `max_bytes` are error rows."""
     if task.kind == "tar":
-        return read_tar(storage, task, extensions)
-    return read_files(storage, task, pool)
+        return read_tar(storage, task, extensions, max_bytes)
+    return read_files(storage, task, pool, stores=stores, max_bytes=max_bytes)

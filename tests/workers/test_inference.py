@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from schemas.specs import PreprocessSpec
-from workers.inference import Predictor, autocast_dtype, pick_device
+from workers.faults import out_of_memory_error
+from workers.inference import Predictor, autocast_dtype, is_out_of_memory, pick_device
 from workers.models import LoadedModel
 
 PRE = PreprocessSpec(resize_size=20, crop_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -98,3 +99,34 @@ def test_cpu_bf16_autocast_runs():
     out = predictor(_pixels(2))
     assert out.embeddings.dtype == np.float32 and out.topk_scores.dtype == np.float32
     assert np.isfinite(out.topk_scores).all()
+
+
+def test_a_real_cpu_allocation_failure_is_recognised_as_out_of_memory():
+    """On CPU torch raises a plain RuntimeError, not torch.OutOfMemoryError: it must still count as out of memory."""
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(1 << 62, dtype=torch.uint8)  # 4 EiB: refused by the allocator at once, nothing is touched
+    assert not isinstance(info.value, torch.OutOfMemoryError)
+    assert "DefaultCPUAllocator: can't allocate memory" in str(info.value)
+    assert is_out_of_memory(info.value)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (out_of_memory_error("cpu", 32, 1), True),  # what the fault injection raises matches the real one
+        (out_of_memory_error("cuda", 32, 1), True),
+        (MemoryError(), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x3)"), False),
+        (ValueError("DefaultCPUAllocator: can't allocate memory"), False),  # only torch's RuntimeError form
+    ],
+)
+def test_is_out_of_memory(error, expected):
+    assert is_out_of_memory(error) is expected
+
+
+@pytest.mark.gpu
+def test_a_real_cuda_allocation_failure_is_recognised_as_out_of_memory():
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(1 << 60, dtype=torch.uint8, device="cuda")
+    assert is_out_of_memory(info.value)

@@ -3,6 +3,7 @@ bad member or object is an error record, a broken tar fails the whole shard (whi
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -15,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from schemas.shards import ShardTask
-from schemas.specs import IMAGE_EXTENSIONS
-from workers.readers import Record, bounded_map, read_files, read_shard, read_tar, webdataset_key
-from workers.storage import LocalStorage, join
+from schemas.specs import IMAGE_EXTENSIONS, StorageOptions
+from workers.readers import Record, StorageByScheme, bounded_map, read_files, read_shard, read_tar, webdataset_key
+from workers.storage import AccessDenied, LocalStorage, S3Storage, StoreUnavailable, join, open_storage
 
 
 def tar_bytes(
@@ -301,7 +302,7 @@ def test_read_files_missing_object_is_an_error_record_on_both_backends(storage_r
     assert records[2] == Record("c.jpg", join(base, "c.jpg"), payload("c.jpg"))
     missing = records[1]
     assert missing.data is None and missing.source == join(base, "gone.jpg")
-    assert missing.error.startswith(f"cannot read {join(base, 'gone.jpg')}: ")
+    assert missing.error == f"missing: {join(base, 'gone.jpg')} does not exist"
 
 
 def test_read_files_absolute_keys_are_used_as_given_on_both_backends(storage_root):
@@ -326,6 +327,130 @@ def test_read_files_unreadable_local_object_is_an_error_record(tmp_path):
         [record] = list(read_files(LocalStorage(), task, pool))
 
     assert record.data is None and "IsADirectoryError" in record.error
+
+
+def test_read_files_unreadable_local_file_is_an_error_record(tmp_path):
+    locked = tmp_path / "locked.jpg"
+    locked.write_bytes(b"x")
+    locked.chmod(0)
+    (tmp_path / "ok.jpg").write_bytes(b"ok")
+    task = ShardTask(shard_id="s-1", kind="files", base_uri=str(tmp_path), keys=("locked.jpg", "ok.jpg"))
+
+    class RootProofStorage(LocalStorage):
+        """As root, mode 0 does not stop a read: raise what open() raises for everyone else."""
+
+        def open_read(self, uri: str):
+            if uri == str(locked) and os.access(locked, os.R_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), uri)
+            return super().open_read(uri)
+
+    with ThreadPoolExecutor(2) as pool:
+        records = list(read_files(RootProofStorage(), task, pool))
+
+    assert records[0].data is None and "PermissionError" in records[0].error
+    assert records[1] == Record("ok.jpg", str(tmp_path / "ok.jpg"), b"ok")
+
+
+@pytest.mark.timeout(60)
+def test_read_files_unreachable_store_raises_instead_of_error_records(monkeypatch):
+    """An outage is not a fact about the images: it fails the shard (retried by the driver), never becomes rows."""
+    monkeypatch.setattr(S3Storage, "RETRY_ATTEMPTS", 2)
+    monkeypatch.setattr(S3Storage, "RETRY_BASE_S", 0.01)
+    storage = S3Storage(StorageOptions(endpoint_url="http://127.0.0.1:9", access_key_id="k", secret_access_key="s"))
+    task = ShardTask(shard_id="s-1", kind="files", base_uri="s3://bucket/images", keys=("a.jpg", "b.jpg"))
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(StoreUnavailable, match="unreachable"):
+        list(read_files(storage, task, pool))
+
+
+def test_read_files_with_a_wrong_secret_raises_access_denied(s3_server, s3_prefix):
+    """Rotated credentials fail the job naming the location; before, every image became a SignatureDoesNotMatch row."""
+    good = open_storage(s3_prefix, s3_server.options())
+    good.write_bytes(join(s3_prefix, "a.jpg"), payload("a"))
+    right = s3_server.options()
+    options = StorageOptions(endpoint_url=right.endpoint_url, access_key_id=right.access_key_id,
+                             secret_access_key="rotated-" + "0" * 24)  # fmt: skip
+    task = ShardTask(shard_id="s-1", kind="files", base_uri=s3_prefix, keys=("a.jpg",))
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(AccessDenied, match="a.jpg"):
+        list(read_files(S3Storage(options), task, pool))
+
+
+def test_read_files_reads_each_key_through_the_storage_of_its_own_scheme(s3_server, s3_prefix, tmp_path):
+    """A local path in an S3 manifest and an s3:// key in a local one are read from where they point."""
+    s3 = open_storage(s3_prefix, s3_server.options())
+    s3.write_bytes(join(s3_prefix, "remote.jpg"), payload("remote"))
+    local = tmp_path / "local.jpg"
+    local.write_bytes(payload("local"))
+    stores = StorageByScheme(s3_server.options())
+    keys = (str(local), join(s3_prefix, "remote.jpg"))
+
+    for base in (s3_prefix, str(tmp_path / "manifest-folder")):
+        task = ShardTask(shard_id="s-1", kind="files", base_uri=base, keys=keys)
+        with ThreadPoolExecutor(2) as pool:
+            records = list(read_files(stores(base), task, pool, stores=stores))
+        assert records == [Record(keys[0], keys[0], payload("local")), Record(keys[1], keys[1], payload("remote"))]
+
+
+@pytest.mark.parametrize(
+    "bad_key, error",
+    [
+        ("s3:///no-bucket.jpg", "no bucket"),
+        ("s3://", "no bucket"),
+        ("http://example.com/x.jpg", "unsupported URI scheme"),
+        ("nul\0byte.jpg", "malformed key"),
+        ("a.jpg/inside-a-file.jpg", "NotADirectoryError"),
+        ("x" * 300 + ".jpg", "OSError"),
+        ("sub", "IsADirectoryError"),
+    ],
+)
+def test_read_files_one_bad_key_is_a_row_and_the_others_are_read(tmp_path, bad_key, error):
+    """One malformed or unreadable key in a manifest never costs its shard's other images."""
+    (tmp_path / "a.jpg").write_bytes(payload("a"))
+    (tmp_path / "b.jpg").write_bytes(payload("b"))
+    (tmp_path / "sub").mkdir()
+    task = ShardTask(shard_id="s-1", kind="files", base_uri=str(tmp_path), keys=("a.jpg", bad_key, "b.jpg"))
+
+    with ThreadPoolExecutor(3) as pool:
+        records = list(read_files(LocalStorage(), task, pool))
+
+    assert [r.key for r in records] == ["a.jpg", bad_key, "b.jpg"]
+    assert records[0].data == payload("a") and records[2].data == payload("b")
+    assert records[1].data is None and records[1].error.startswith("cannot read ") and error in records[1].error
+
+
+def test_read_files_objects_above_the_cap_are_refused_without_being_read(storage_root):
+    base = join(storage_root.uri, "images")
+    sizes = {"small.jpg": 100, "exact.jpg": 1000, "big.jpg": 1001, "listed-big.jpg": 10}
+    for key, size in sizes.items():
+        storage_root.storage.write_bytes(join(base, key), b"x" * size)
+    keys = tuple(sizes)
+    unlisted = ShardTask(shard_id="s-1", kind="files", base_uri=base, keys=keys)  # a manifest: sizes unknown
+    # A listing says how large each object is: one listed above the cap is refused before any GET.
+    listed = unlisted.model_copy(update={"sizes": (100, 1000, 1001, 5000), "etags": ("",) * 4})
+
+    with ThreadPoolExecutor(2) as pool:
+        by_stream = list(read_files(storage_root.storage, unlisted, pool, max_bytes=1000))
+        by_listing = list(read_files(storage_root.storage, listed, pool, max_bytes=1000))
+
+    assert [r.data for r in by_stream] == [b"x" * 100, b"x" * 1000, None, b"x" * 10]
+    assert by_stream[2].error == (
+        f"refused: {join(base, 'big.jpg')} is more than 1000 bytes, above max_object_bytes=1000"
+    )
+    assert [r.data for r in by_listing] == [b"x" * 100, b"x" * 1000, None, None]
+    assert by_listing[3].error == (
+        f"refused: {join(base, 'listed-big.jpg')} is 5000 bytes, above max_object_bytes=1000"
+    )
+
+
+def test_read_tar_members_above_the_cap_are_error_records_and_not_read(tmp_path):
+    members = [("a.jpg", b"a" * 512), ("huge.jpg", b"h" * 5000), ("b.jpg", b"b" * 1024)]
+    task = local_tar(tmp_path, members)
+
+    records = list(read_shard(LocalStorage(), task, IMAGE_EXTENSIONS, None, max_bytes=1024))
+
+    assert [(r.key, r.data) for r in records] == [("a", b"a" * 512), ("huge", None), ("b", b"b" * 1024)]
+    assert records[1].error == "refused: member 'huge.jpg' is 5000 bytes, above max_object_bytes=1024"
 
 
 # --------------------------------------------------------------------------------------------------- bounded_map
