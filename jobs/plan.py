@@ -1,34 +1,87 @@
 """Turn an input location into a stream of shard tasks, without holding the whole listing.
 
 - tar: every `.tar` object under the prefix is one shard (WebDataset layout);
-- files: loose images under the prefix, grouped in listing order into shards of N keys;
-- manifest: a CSV or Parquet file whose key column names the images, read in chunks.
-Shard ids are stable across runs for unchanged input, which is what makes resume possible.
+- files: loose images under the prefix, grouped in key order into shards of N keys; on a re-run, keys inside the
+  key range of a committed shard form that shard again, and only keys outside every committed range form new ones
+  (incremental labelling: input that grew adds shards without shifting the committed ones);
+- manifest: a CSV or Parquet file whose key column names the images, validated whole, then read in chunks.
+
+Shard ids are unique by construction (a readable prefix plus a hash of the full key) and stable across runs for
+unchanged input, which is what makes resume possible; a repeated id refuses the plan rather than merging shards.
+Listings skip only what the spec's `exclude` patterns name, and every skipped object is counted in `PlanStats`.
+Fingerprints cover the listed sizes and ETags (or mtimes); manifests are not listed, so manifest shards fingerprint
+their keys only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import posixpath
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from itertools import islice
 from pathlib import PurePosixPath
+from typing import ClassVar
 
-from schemas.shards import ShardTask
+from jobs.errors import BadInput
+from schemas.shards import ShardResult, ShardTask
 from schemas.specs import InputSpec
-from workers.storage import Storage, StorageError, normalise_uri, relative_key
+from workers.storage import (
+    AccessDenied,
+    ObjectInfo,
+    Storage,
+    StorageError,
+    StoreUnavailable,
+    classify_s3_error,
+    normalise_uri,
+    relative_key,
+)
 
 log = logging.getLogger(__name__)
 
 TAR_SUFFIXES = (".tar",)
 MANIFEST_SUFFIXES = (".csv", ".parquet")
-_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
 MANIFEST_CHUNK_ROWS = 65_536
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
+READABLE_ID_CHARS = 48  # of the key, in the id; the hash of the full key keeps truncated ids apart
+ID_HASH_CHARS = 12
 
 
-class PlanError(ValueError):
-    """The input cannot be planned: missing, empty, or not what the spec says."""
+class PlanError(BadInput):
+    """The input cannot be planned: missing, empty, or not what the spec says (exit 2, before any work)."""
+
+
+@dataclass
+class PlanStats:
+    """What planning skipped, for the job summary. Filled while the plan is consumed: read it after the last task.
+
+    excluded: objects matching the spec's `exclude` patterns; not_images: objects of the wrong kind for the format
+    (loose files without an image extension, non-`.tar` objects in a tar input); examples: the first few skipped keys.
+    """
+
+    MAX_EXAMPLES: ClassVar[int] = 5
+
+    excluded: int = 0
+    not_images: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, key: str, excluded: bool) -> None:
+        if excluded:
+            self.excluded += 1
+        else:
+            self.not_images += 1
+        if len(self.examples) < self.MAX_EXAMPLES:
+            self.examples.append(key)
+
+    @property
+    def skipped(self) -> int:
+        return self.excluded + self.not_images
 
 
 def input_format(spec: InputSpec, storage: Storage, uri: str) -> str:
@@ -38,92 +91,405 @@ def input_format(spec: InputSpec, storage: Storage, uri: str) -> str:
     if uri.lower().endswith(MANIFEST_SUFFIXES):
         return "manifest"
     for obj in islice(storage.list(uri), 1000):
-        if obj.uri.lower().endswith(TAR_SUFFIXES):
+        if obj.uri.lower().endswith(TAR_SUFFIXES) and not is_excluded(_key_of(uri, obj.uri), spec.exclude):
             return "tar"
     return "files"
 
 
-def plan_shards(spec: InputSpec, storage: Storage) -> Iterator[ShardTask]:
-    """Shard tasks for the input, streamed; raises PlanError before yielding if there is nothing to do."""
-    uri = normalise_uri(spec.uri)
-    fmt = input_format(spec, storage, uri)
-    tasks = {"tar": _tar_shards, "files": _file_shards, "manifest": _manifest_shards}[fmt](spec, storage, uri)
+def plan_shards(
+    spec: InputSpec, storage: Storage, stats: PlanStats | None = None, committed: Iterable[ShardResult] = ()
+) -> Iterator[ShardTask]:
+    """Shard tasks for the input, streamed; raises PlanError before yielding if there is nothing to do.
+
+    `committed`: the done-markers of earlier runs of this job, so loose files keep their committed shards (see the
+    module's docstring). `stats` counts what was skipped. Storage outages and denied access are not PlanErrors:
+    StoreUnavailable and AccessDenied leave as they are (infrastructure, exit 3).
+    """
+    with _input_errors(spec.uri):
+        uri = normalise_uri(spec.uri)
+        fmt = input_format(spec, storage, uri)
+    stats = stats if stats is not None else PlanStats()
+    if fmt == "tar":
+        tasks = _tar_shards(spec, storage, uri, stats)
+    elif fmt == "files":
+        tasks = _file_shards(spec, storage, uri, stats, committed)
+    else:
+        tasks = _manifest_shards(spec, storage, uri)
+    tasks = _refuse_repeated_ids(tasks)
     first = next(tasks, None)
     if first is None:
-        wanted = "tar shards" if fmt == "tar" else f"images ({', '.join(spec.extensions)})"
-        raise PlanError(f"input {spec.uri} holds no {wanted}; check the path and the input format ({fmt})")
+        raise PlanError(_nothing_to_do(spec, fmt, stats))
     log.info("planning %s input %s", fmt, spec.uri)
     yield first
     yield from tasks
 
 
-def _listing(storage: Storage, uri: str) -> Iterator[str]:
-    """Keys relative to `uri`, skipping hidden and underscore paths (our own outputs, editor files)."""
+def _nothing_to_do(spec: InputSpec, fmt: str, stats: PlanStats) -> str:
+    if fmt == "manifest":
+        return f"manifest {spec.uri} lists no keys in column {spec.manifest_column!r}"
+    wanted = "tar shards" if fmt == "tar" else f"images ({', '.join(spec.extensions)})"
+    skipped = ""
+    if stats.skipped:
+        skipped = (f"; skipped {stats.excluded} excluded by `exclude` and {stats.not_images} of another kind, e.g. "
+                   f"{', '.join(stats.examples)}")  # fmt: skip
+    return f"input {spec.uri} holds no {wanted}{skipped}; check the path and the input format ({fmt})"
+
+
+@contextmanager
+def _input_errors(uri: str) -> Iterator[None]:
+    """A missing input or bucket is the user's to fix (PlanError); an outage or denied access is not."""
     try:
-        for obj in storage.list(uri):
-            key = relative_key(uri, obj.uri) if obj.uri != uri else PurePosixPath(obj.uri).name
-            if not any(part.startswith((".", "_")) for part in key.split("/")):
-                yield key
-    except FileNotFoundError as exc:
+        yield
+    except (StoreUnavailable, AccessDenied):
+        raise
+    except FileNotFoundError as exc:  # ObjectMissing included
         raise PlanError(f"input {uri} does not exist") from exc
     except StorageError as exc:
-        raise PlanError(str(exc)) from exc
+        raise PlanError(f"input {uri}: {exc}") from exc
 
 
-def _tar_shards(spec: InputSpec, storage: Storage, uri: str) -> Iterator[ShardTask]:
-    for key in _listing(storage, uri):
+def _refuse_repeated_ids(tasks: Iterator[ShardTask]) -> Iterator[ShardTask]:
+    """Pass tasks through, refusing a shard id seen before: two inputs under one id would lose one of them."""
+    seen: dict[str, str] = {}
+    for task in tasks:
+        first_key = task.keys[0] if task.keys else ""
+        if task.shard_id in seen:
+            raise PlanError(
+                f"two shards of the input would share the id {task.shard_id}: {seen[task.shard_id]!r} and "
+                f"{first_key!r}; rename one of them (please report this: ids carry a hash of the key)"
+            )
+        seen[task.shard_id] = first_key
+        yield task
+
+
+# ------------------------------------------------------------------------------------------------ listings
+
+
+def is_excluded(key: str, patterns: Iterable[str]) -> bool:
+    """Whether `key` (relative to the input) matches an `exclude` pattern: fnmatch, case-sensitive, against the
+    whole key (`*` crosses `/`: 'raw/*' is everything under raw/) or against any one path part, folder or file
+    name ('.thumbs' skips every .thumbs folder, '.DS_Store' every such file). A pattern ending in `/` names a
+    folder at that place of the key: 'raw/' is 'raw/*'."""
+    parts = key.split("/")
+    for pattern in patterns:
+        if pattern.endswith("/"):
+            if fnmatchcase(key, pattern + "*"):
+                return True
+        elif fnmatchcase(key, pattern) or any(fnmatchcase(part, pattern) for part in parts):
+            return True
+    return False
+
+
+def _key_of(uri: str, object_uri: str) -> str:
+    return relative_key(uri, object_uri) if object_uri != uri else PurePosixPath(object_uri).name
+
+
+def _listing(storage: Storage, uri: str, spec: InputSpec, stats: PlanStats) -> Iterator[tuple[str, str, ObjectInfo]]:
+    """(base, key, object) for each object under `uri` in key order, keys relative to base, excluded ones counted.
+
+    The base is `uri`, or its folder when `uri` names one object (a single tar or image as the input)."""
+    base = uri
+    with _input_errors(uri):
+        for obj in storage.list(uri):
+            if obj.uri == uri:
+                base = uri.rsplit("/", 1)[0]
+            key = relative_key(base, obj.uri)
+            if is_excluded(key, spec.exclude):
+                stats.skip(key, excluded=True)
+            else:
+                yield base, key, obj
+
+
+def _tar_shards(spec: InputSpec, storage: Storage, uri: str, stats: PlanStats) -> Iterator[ShardTask]:
+    for base, key, obj in _listing(storage, uri, spec, stats):
         if key.lower().endswith(TAR_SUFFIXES):
-            yield ShardTask(shard_id=shard_id_for(key), kind="tar", base_uri=uri, keys=(key,))
+            yield ShardTask(
+                shard_id=shard_id_for(key), kind="tar", base_uri=base, keys=(key,), sizes=(obj.size,),
+                etags=(obj.etag,),
+            )  # fmt: skip
+        else:
+            stats.skip(key, excluded=False)
+
+
+def _readable(text: str) -> str:
+    """A file-name-safe rendering of a key, for people reading ids: 'a/cam 1/x' → 'a__cam_1__x'."""
+    safe = _UNSAFE_ID_CHARS.sub("_", text.replace("/", "__")).lstrip("._-")[:READABLE_ID_CHARS]
+    return safe or "shard"  # keys of non-ASCII names only: the hash alone tells them apart
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:ID_HASH_CHARS]
 
 
 def shard_id_for(key: str) -> str:
-    """A file-name-safe id from a tar key: 'a/b/00001.tar' → 'a__b__00001'."""
-    stem = key.rsplit(".", 1)[0].replace("/", "__")
-    return _UNSAFE_ID_CHARS.sub("_", stem)
+    """The id of a tar shard: its key, made readable and safe, plus a hash of the full key, so that keys differing
+    only in characters the readable part drops ('a b.tar', 'a_b.tar', '中国.tar') still get distinct ids:
+    'a/b/00001.tar' → 'a__b__00001-<sha256[:12]>'."""
+    stem = key[: -len(".tar")] if key.lower().endswith(TAR_SUFFIXES) else key
+    return f"{_readable(stem)}-{_key_hash(key)}"
 
 
-def _file_shards(spec: InputSpec, storage: Storage, uri: str) -> Iterator[ShardTask]:
-    images = (k for k in _listing(storage, uri) if k.rsplit(".", 1)[-1].lower() in spec.extensions)
-    yield from _group(images, spec.files_per_shard, "files", uri)
+def files_shard_id(first_key: str) -> str:
+    """The id of a loose-files shard, from its first key (unique within a listing)."""
+    return f"files-{_readable(first_key)}-{_key_hash(first_key)}"
+
+
+# ------------------------------------------------------------------------------------------------ loose files
+
+
+@dataclass(frozen=True)
+class _Range:
+    first: str
+    last: str
+    shard_id: str
+
+
+def _committed_ranges(committed: Iterable[ShardResult]) -> list[_Range]:
+    """The key ranges of committed loose-files shards, in key order; overlapping ranges are refused."""
+    ranges = sorted(
+        (_Range(m.first_key, m.last_key, m.shard_id) for m in committed
+         if m.shard_id.startswith("files-") and m.first_key is not None and m.last_key is not None),
+        key=lambda r: r.first,
+    )  # fmt: skip
+    for before, after in zip(ranges, ranges[1:], strict=False):
+        if after.first <= before.last:
+            raise PlanError(
+                f"committed shards {before.shard_id} and {after.shard_id} claim overlapping key ranges "
+                f"({before.first!r}..{before.last!r} and {after.first!r}..{after.last!r}); their markers are damaged"
+            )
+    return ranges
+
+
+def _file_shards(
+    spec: InputSpec, storage: Storage, uri: str, stats: PlanStats, committed: Iterable[ShardResult]
+) -> Iterator[ShardTask]:
+    def images() -> Iterator[tuple[str, str, ObjectInfo]]:
+        for item in _listing(storage, uri, spec, stats):
+            if item[1].rsplit(".", 1)[-1].lower() in spec.extensions:
+                yield item
+            else:
+                stats.skip(item[1], excluded=False)
+
+    yield from _group_files(images(), spec.files_per_shard, _committed_ranges(committed))
+
+
+def _group_files(items: Iterable[tuple[str, str, ObjectInfo]], size: int, ranges: list[_Range]) -> Iterator[ShardTask]:
+    """Keys in key order → shards: inside committed range r, shard r again under its id; elsewhere chunks of `size`,
+    cut where a committed range begins. A committed range with no keys left yields nothing (the runner notices the
+    shard is gone)."""
+    fresh: list = []  # keys outside every committed range, not yet a shard
+    inside: list = []  # keys of ranges[r]
+    r = 0
+    for item in items:
+        key = item[1]
+        while r < len(ranges) and ranges[r].last < key:
+            if inside:
+                yield _files_task(inside, ranges[r].shard_id)
+                inside = []
+            r += 1
+        if r < len(ranges) and ranges[r].first <= key:
+            if fresh:
+                yield _files_task(fresh)
+                fresh = []
+            inside.append(item)
+        else:
+            fresh.append(item)
+            if len(fresh) == size:
+                yield _files_task(fresh)
+                fresh = []
+    if fresh:
+        yield _files_task(fresh)
+    if inside:
+        yield _files_task(inside, ranges[r].shard_id)
+
+
+def _files_task(items: list[tuple[str, str, ObjectInfo]], shard_id: str | None = None) -> ShardTask:
+    keys = tuple(key for _, key, _ in items)
+    return ShardTask(
+        shard_id=shard_id or files_shard_id(keys[0]), kind="files", base_uri=items[0][0], keys=keys,
+        sizes=tuple(obj.size for _, _, obj in items), etags=tuple(obj.etag for _, _, obj in items),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ manifests
 
 
 def _manifest_shards(spec: InputSpec, storage: Storage, uri: str) -> Iterator[ShardTask]:
+    """Validate every key first (a key outside the allowed locations refuses the job), then stream the shards."""
     base = uri.rsplit("/", 1)[0]
-    yield from _group(_manifest_keys(spec, storage, uri), spec.files_per_shard, "manifest", base)
+    resolver = KeyResolver(base, spec.allowed_roots)
+    with _local_copy(storage, uri) as local:
+        _check_manifest_keys(spec, uri, local, resolver)
+        keys = (resolver.resolve(key) for _, key in _manifest_rows(spec, uri, local))
+        index = 0
+        while chunk := tuple(islice(keys, spec.files_per_shard)):
+            yield ShardTask(shard_id=f"manifest-{index:06d}", kind="files", base_uri=base, keys=chunk)
+            index += 1
 
 
-def _group(keys: Iterable[str], size: int, prefix: str, base: str) -> Iterator[ShardTask]:
-    it = iter(keys)
-    index = 0
-    while chunk := tuple(islice(it, size)):
-        yield ShardTask(shard_id=f"{prefix}-{index:06d}", kind="files", base_uri=base, keys=chunk)
-        index += 1
+def _check_manifest_keys(spec: InputSpec, uri: str, local: str, resolver: KeyResolver) -> None:
+    """One pass over the whole manifest (about a second per million keys): refuse it if any key lies outside."""
+    outside, first = 0, None
+    for where, key in _manifest_rows(spec, uri, local):
+        if resolver.resolve(key) is None:
+            outside += 1
+            first = first or (where, key)
+    if outside:
+        number, key = first
+        where = _row_label(uri, number)
+        shown = key if len(key) <= 200 else key[:200] + "…"
+        raise PlanError(
+            f"manifest {uri}: {outside} key(s) lie outside the manifest's folder {resolver.base} and the allowed "
+            f"roots (first: {where}: {shown!r}); move those images under {resolver.base}, or name their location "
+            "in the input's allowed_roots"
+        )
 
 
-def _manifest_keys(spec: InputSpec, storage: Storage, uri: str) -> Iterator[str]:
-    """Keys from the manifest's key column, read in chunks from a local copy."""
+class KeyResolver:
+    """Where a manifest key may point: under the manifest's folder, or under one of the spec's allowed roots.
+
+    Keys are relative (to the manifest's folder) or absolute (`/local/path`, `s3://bucket/key`). `.` and `..` are
+    collapsed before the check, so '/data/in/../../etc/passwd' and '../../etc/passwd' are outside; the check is on
+    the text, so a symbolic link inside an allowed root is followed (the root's owner put it there).
+    """
+
+    def __init__(self, base: str, allowed_roots: Iterable[str]):
+        self.base = base
+        self._base_prefix = base.rstrip("/") + "/"
+        roots = [base]
+        for root in allowed_roots:
+            roots += _root_forms(root)
+        self._prefixes = tuple({r.rstrip("/") + "/" for r in roots if r})
+
+    def resolve(self, key: str) -> str | None:
+        """The key as a worker reads it (relative to the manifest's folder when under it and given relative, else
+        absolute), or None when it lies outside every allowed location."""
+        if _plain_relative(key):  # the common case, kept cheap: a million keys are checked in a fraction of a second
+            return key
+        absolute = _absolute(self.base, key)
+        if absolute is None:
+            return None
+        relative = not key.startswith(("/", "s3://"))
+        if relative and absolute.startswith(self._base_prefix):
+            return absolute[len(self._base_prefix) :]
+        if absolute.startswith(self._prefixes):
+            return absolute
+        return None
+
+
+def _plain_relative(key: str) -> bool:
+    """A relative key without `.`, `..` or empty parts (so inside the manifest's folder, as it is)."""
+    return (
+        not key.startswith(("/", "."))
+        and "./" not in key
+        and "//" not in key
+        and not key.endswith(".")
+        and ("\0" not in key)
+    )
+
+
+def _absolute(base: str, key: str) -> str | None:
+    """The key as an absolute, dot-collapsed location; None if it cannot be one (another scheme, above a bucket)."""
+    if key.startswith("s3://"):
+        return _collapse_s3(key)
+    if key.startswith("/"):
+        return posixpath.normpath(key)
+    if "://" in key or "\0" in key:
+        return None
+    if base.startswith("s3://"):
+        return _collapse_s3(f"{base}/{key}")
+    return posixpath.normpath(f"{base}/{key}")
+
+
+def _collapse_s3(uri: str) -> str | None:
+    """s3://bucket/a/./b/../c → s3://bucket/a/c. S3 keys are literal (empty parts kept), but some stores and proxies
+    collapse dot segments in URLs, so a key is checked (and read) in its collapsed form."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        return None
+    parts: list[str] = []
+    for part in key.split("/"):
+        if part == ".":
+            continue
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        else:
+            parts.append(part)
+    return f"s3://{bucket}/" + "/".join(parts)
+
+
+def _root_forms(root: str) -> list[str]:
+    """An allowed root as the keys may spell it: s3 collapsed; a local folder both as written and with its
+    symbolic links resolved."""
+    if root.startswith("s3://"):
+        return [_collapse_s3(root.rstrip("/")) or ""]
+    lexical = posixpath.normpath(os.path.abspath(os.path.expanduser(root)))
+    return [lexical, normalise_uri(root)]
+
+
+def _manifest_rows(spec: InputSpec, uri: str, local: str) -> Iterator[tuple[str, str]]:
+    """(row number as `_row_label` shows it, key) for each non-empty key of the manifest's key column, in chunks."""
+    import pyarrow as pa
+
+    try:
+        number, batches = _manifest_batches(spec, uri, local)
+        for batch in batches:
+            for key in batch.column(0).cast(pa.string()).to_pylist():  # a Parquet column of numbers too
+                if key:
+                    yield number, key
+                number += 1
+    except (pa.ArrowException, OSError) as exc:  # not CSV or Parquet after all, or damaged
+        raise PlanError(f"manifest {uri} cannot be read: {exc}") from exc
+
+
+def _row_label(uri: str, number: int) -> str:
+    return f"row {number}" if uri.lower().endswith(".parquet") else f"line {number}"
+
+
+def _manifest_batches(spec: InputSpec, uri: str, local: str) -> tuple[int, Iterable]:
+    """The first row's number (CSV: its line, after the header) and batches holding only the key column."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    if not storage.exists(uri):
-        raise PlanError(f"manifest {uri} does not exist")
+    column = spec.manifest_column
+    if uri.lower().endswith(".parquet"):
+        reader = pq.ParquetFile(local)
+        names = reader.schema_arrow.names
+        _check_column(uri, column, names)
+        return 1, reader.iter_batches(batch_size=MANIFEST_CHUNK_ROWS, columns=[column])
+    names = pacsv.open_csv(local).schema.names
+    _check_column(uri, column, names)
+    # Keys are text whatever they look like ('0001' is not 1), and only the key column is parsed.
+    convert = pacsv.ConvertOptions(column_types={column: pa.string()}, include_columns=[column])
+    read = pacsv.ReadOptions(block_size=1 << 22)
+    return 2, pacsv.open_csv(local, read_options=read, convert_options=convert)  # line 1: the header
+
+
+def _check_column(uri: str, column: str, names: list[str]) -> None:
+    if column not in names:
+        raise PlanError(f"manifest {uri} has no column {column!r}; it has {names}")
+
+
+@contextmanager
+def _local_copy(storage: Storage, uri: str) -> Iterator[str]:
+    """The manifest copied to a local temporary file (Arrow reads local files in chunks), removed afterwards."""
+    with _input_errors(uri):
+        if not storage.exists(uri):
+            raise PlanError(f"manifest {uri} does not exist")
     with tempfile.NamedTemporaryFile(suffix=PurePosixPath(uri).suffix) as local:
-        with storage.open_read(uri) as src:
-            while chunk := src.read(1 << 20):
-                local.write(chunk)
+        with _input_errors(uri), storage.open_read(uri) as src:
+            try:
+                while chunk := src.read(1 << 20):
+                    local.write(chunk)
+            except StorageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a connection dropped mid-body: classified like any S3 call
+                error = classify_s3_error(exc, "read", uri) if uri.startswith("s3://") else None
+                if error is None:
+                    raise
+                raise error from exc
         local.flush()
-        column = spec.manifest_column
-        if uri.lower().endswith(".parquet"):
-            reader = pq.ParquetFile(local.name)
-            if column not in reader.schema_arrow.names:
-                raise PlanError(f"manifest {uri} has no column {column!r}; it has {reader.schema_arrow.names}")
-            batches = reader.iter_batches(batch_size=MANIFEST_CHUNK_ROWS, columns=[column])
-        else:
-            reader = pacsv.open_csv(local.name, read_options=pacsv.ReadOptions(block_size=1 << 22))
-            if column not in reader.schema.names:
-                raise PlanError(f"manifest {uri} has no column {column!r}; it has {reader.schema.names}")
-            batches = reader
-        for batch in batches:
-            for key in batch.column(column).to_pylist():
-                if key:
-                    yield str(key)
+        yield local.name
