@@ -2,6 +2,8 @@
 
 Layout of an output prefix:
     v1/, v2/, ...            one per finished fine-tune run; an existing version is never written again
+    vN/_claim.json           written first, atomically (create-if-absent): the job that owns vN, so two runs
+                             publishing at the same moment get two versions; the owner alone writes into vN
     vN/model.safetensors     weights: `backbone.*` (torchvision <architecture>, last Linear → Identity), `head.*`
     vN/metrics.json          validation accuracy, per-class precision/recall/F1, confusion matrix, curves
     vN/curves.png            loss and accuracy per epoch
@@ -18,9 +20,12 @@ import contextlib
 import csv
 import hashlib
 import io
+import json
 import logging
+import os
 import re
 import shutil
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,13 +50,19 @@ METRICS_NAME = "metrics.json"
 CURVES_NAME = "curves.png"
 CONFUSION_NAME = "confusion_matrix.png"
 SPLIT_NAME = "split.csv"
+CLAIM_NAME = "_claim.json"
 CHECKPOINTS_DIR = "_checkpoints"
+CLAIM_ATTEMPTS = 100  # versions tried past the highest one listed before publishing gives up
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
 _HASH_CHUNK = 1 << 20
 
 
 class ArtifactError(ValueError):
     """An artifact location holds no usable model card or weights."""
+
+
+class VersionClaimFailed(RuntimeError):
+    """No version could be claimed under an output: every one tried was claimed by another run first."""
 
 
 def is_artifact_location(name: str) -> bool:
@@ -67,7 +78,9 @@ def checkpoints_uri(output: str, job_id: str) -> str:
 
 
 def versions(storage: Storage, output: str) -> dict[int, set[str]]:
-    """Each version folder under `output` and the names of the files directly in it."""
+    """Each version folder under `output` and the names of the files directly in it, complete or not: a version is
+    complete (loadable) only when MODEL_CARD_NAME is among them; one with just a claim is being published or was
+    left by a run that died while publishing. Numbering counts them all, loaders skip the incomplete ones."""
     found: dict[int, set[str]] = {}
     for obj in storage.list(output):
         first, _, rest = relative_key(output, obj.uri).partition("/")
@@ -75,6 +88,43 @@ def versions(storage: Storage, output: str) -> dict[int, set[str]]:
         if match and rest:
             found.setdefault(int(match.group(1)), set()).add(rest)
     return found
+
+
+def claim_version(storage: Storage, output: str, job_id: str) -> int:
+    """The version this job publishes into, claimed before anything is written there.
+
+    A version whose claim is this job's and which has no card yet is the job's own unfinished publication (it
+    died mid-publish): it is continued. Otherwise the next free number is claimed with an atomic create-if-absent
+    of vN/_claim.json; a run that loses the race to another tries N+1, so two runs publishing at the same moment
+    get two versions, and no two runs ever write into one folder.
+    """
+    listed = versions(storage, output)
+    for version, names in sorted(listed.items()):
+        if CLAIM_NAME in names and MODEL_CARD_NAME not in names:
+            claim = _read_claim(storage, join(output, f"v{version}"))
+            if claim.get("job_id") == job_id:
+                log.info("job %s continues publishing v%d, which it claimed before", job_id, version)
+                return version
+    first = max(listed, default=0) + 1  # after every folder present, complete or not: none is written twice
+    for version in range(first, first + CLAIM_ATTEMPTS):
+        claim = {"job_id": job_id, "claimed_at": datetime.now(UTC).isoformat(), "host": socket.gethostname(),
+                 "pid": os.getpid()}  # fmt: skip
+        if storage.create_exclusive(join(output, f"v{version}", CLAIM_NAME), json.dumps(claim).encode()):
+            return version
+        log.info("v%d under %s was claimed by another run first; trying v%d", version, output, version + 1)
+    raise VersionClaimFailed(
+        f"job {job_id}: versions v{first} to v{first + CLAIM_ATTEMPTS - 1} under {output} were all claimed by other "
+        "runs first; its checkpoints are kept, so running the same job again publishes once fewer runs race"
+    )
+
+
+def _read_claim(storage: Storage, location: str) -> dict:
+    """A version's claim, or {} when it cannot be read as one (a claim is tiny JSON written whole)."""
+    try:
+        claim = json.loads(storage.read_bytes(join(location, CLAIM_NAME)))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return claim if isinstance(claim, dict) else {}
 
 
 def find_job_artifact(storage: Storage, output: str, job_id: str) -> tuple[str, ModelCard] | None:
@@ -179,9 +229,9 @@ def sha256_of(path: Path) -> str:
 def publish(
     storage: Storage, job: FinetuneJobSpec, job_id: str, plan: DataPlan, best_weights: Path, state: TrainingState
 ) -> tuple[str, ModelCard]:
-    """Write a run's best weights (a safetensors file), metrics, plots and split as the next version under the
-    job's output; the model card goes last, so a version is complete exactly when its card exists.
-    Returns (location, card)."""
+    """Write a run's best weights (a safetensors file), metrics, plots and split as a new version under the job's
+    output: the version is claimed first (`claim_version`), the model card goes last, so a version is complete
+    exactly when its card exists. Returns (location, card)."""
     scratch = Path(local_scratch_dir())
     try:
         weights = scratch / WEIGHTS_NAME
@@ -190,30 +240,10 @@ def publish(
         metrics = metrics_of(state.best_confusion, class_names, state.history, state.best_epoch)
         plot_curves(state.history, state.best_epoch, scratch / CURVES_NAME)
         plot_confusion(state.best_confusion, class_names, scratch / CONFUSION_NAME)
-        # Versions are numbered after every folder present, complete or not, so none is ever written twice by
-        # runs that publish one after another (two publishing at the same instant could pick the same number).
-        version = max(versions(storage, job.output), default=0) + 1
+        # Claimed only now, once everything to write is ready: a run that fails before leaves no claim behind.
+        version = claim_version(storage, job.output, job_id)
         location = join(job.output, f"v{version}")
-        card = ModelCard(
-            artifact_id=f"{job.artifact_name()}:v{version}",
-            version=version,
-            architecture=job.base.name,
-            base_weights=job.base.weights,
-            class_names=class_names,
-            preprocess=state.preprocess,
-            weights_file=WEIGHTS_NAME,
-            weights_sha256=sha256_of(weights),
-            training=job.training,
-            job_id=job_id,
-            num_workers=job.num_workers,
-            dataset=_dataset_info(job, plan, state),
-            metrics=metrics,
-            epochs_run=state.epochs_done,
-            stopped_early=state.stopped_early,
-            resumed_after_epochs=state.resumed_after_epochs,
-            train_seconds=round(state.train_seconds, 2),
-            created_at=datetime.now(UTC),
-        )
+        card = _card(job, job_id, plan, state, version, metrics, sha256_of(weights))
         storage.upload_file(str(weights), join(location, WEIGHTS_NAME))
         storage.write_bytes(join(location, METRICS_NAME), metrics.model_dump_json(indent=1).encode())
         storage.upload_file(str(scratch / CURVES_NAME), join(location, CURVES_NAME))
@@ -224,6 +254,30 @@ def publish(
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("published %s at %s (val accuracy %.4f)", card.artifact_id, location, metrics.val_accuracy)
     return location, card
+
+
+def _card(job: FinetuneJobSpec, job_id: str, plan: DataPlan, state: TrainingState, version: int, metrics: Metrics,
+          weights_sha256: str) -> ModelCard:  # fmt: skip
+    return ModelCard(
+        artifact_id=f"{job.artifact_name()}:v{version}",
+        version=version,
+        architecture=job.base.name,
+        base_weights=job.base.weights,
+        class_names=list(plan.class_names),
+        preprocess=state.preprocess,
+        weights_file=WEIGHTS_NAME,
+        weights_sha256=weights_sha256,
+        training=job.training,
+        job_id=job_id,
+        num_workers=job.num_workers,
+        dataset=_dataset_info(job, plan, state),
+        metrics=metrics,
+        epochs_run=state.epochs_done,
+        stopped_early=state.stopped_early,
+        resumed_after_epochs=state.resumed_after_epochs,
+        train_seconds=round(state.train_seconds, 2),
+        created_at=datetime.now(UTC),
+    )
 
 
 def _dataset_info(job: FinetuneJobSpec, plan: DataPlan, state: TrainingState) -> DatasetInfo:
@@ -260,6 +314,14 @@ def read_card(location: str, options: StorageOptions | None = None) -> ModelCard
     uri = location if location.endswith(".json") else join(location, MODEL_CARD_NAME)
     storage = open_storage(uri, options)
     if not storage.exists(uri):
+        folder = uri.rsplit("/", 1)[0]
+        claim = _read_claim(storage, folder)
+        if claim:
+            raise ArtifactError(
+                f"{folder} is an incomplete version: claimed by job {claim.get('job_id')} at "
+                f"{claim.get('claimed_at')} on {claim.get('host')}, but its model card is not written (still "
+                "publishing, or that run died while publishing: running the same job again finishes it)"
+            )
         raise ArtifactError(f"no model card at {uri}: expected a fine-tuned model folder such as <output>/v1")
     return ModelCard.model_validate_json(storage.read_bytes(uri))
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,17 +19,22 @@ from torchvision.models import get_model
 from schemas.finetune import MODEL_CARD_NAME, EpochMetrics, FinetuneJobSpec, Metrics, TrainingState
 from schemas.specs import ModelSpec, PreprocessSpec
 from workers.artifacts import (
+    CLAIM_NAME,
+    WEIGHTS_NAME,
     ArtifactError,
+    VersionClaimFailed,
+    claim_version,
     find_job_artifact,
     is_artifact_location,
     metrics_of,
     publish,
     read_card,
+    sha256_of,
     versions,
 )
 from workers.finetune_data import DataPlan
 from workers.models import build_model, check_model_name, model_categories, split_head, weights_entry
-from workers.storage import LocalStorage, join
+from workers.storage import LocalStorage, join, open_storage
 from workers.training import Classifier, save_weights
 
 ARCH = "mobilenet_v3_small"  # small, and its head is a Linear at the end of a Sequential like most torchvision models
@@ -58,15 +68,26 @@ PLAN = DataPlan(
 )
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Classifier, object]:
-    """A 'fine-tuned' classifier (random weights) and its weights file, as a checkpoint's best.safetensors."""
-    torch.manual_seed(0)
+def _trained(folder: Path, seed: int) -> tuple[Classifier, Path]:
+    """A 'fine-tuned' classifier (random weights from `seed`) and its weights file, as a checkpoint's
+    best.safetensors."""
+    torch.manual_seed(seed)
     backbone, old_head = split_head(get_model(ARCH, weights=None))
     model = Classifier(backbone, nn.Linear(old_head.in_features, len(CLASSES))).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "best.safetensors"
+    path = folder / "best.safetensors"
     save_weights(model.state_dict(), path)
     return model, path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Classifier, Path]:
+    return _trained(tmp_path_factory.mktemp("ckpt"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def other_trained(tmp_path_factory) -> tuple[Classifier, Path]:
+    """A second, different model: racing publishers must each end up beside their own weights."""
+    return _trained(tmp_path_factory.mktemp("ckpt-other"), seed=1)
 
 
 def _job(root_uri: str, options=None, job_id: str = "ft-test") -> FinetuneJobSpec:
@@ -94,8 +115,10 @@ def test_publish_writes_a_complete_version_with_the_card_last(storage_root, trai
 
     assert location == join(job.output, "v1") and card.artifact_id == "plants:v1"
     names = versions(storage_root.storage, job.output)[1]
-    assert names == {MODEL_CARD_NAME, "model.safetensors", "metrics.json", "curves.png", "confusion_matrix.png",
-                     "split.csv"}  # fmt: skip
+    assert names == {CLAIM_NAME, MODEL_CARD_NAME, "model.safetensors", "metrics.json", "curves.png",
+                     "confusion_matrix.png", "split.csv"}  # fmt: skip
+    claim = json.loads(storage_root.storage.read_bytes(join(location, CLAIM_NAME)))
+    assert claim["job_id"] == "ft-test" and {"claimed_at", "host", "pid"} <= set(claim)
     stored = read_card(location, storage_root.options)
     assert stored == card
     assert (card.architecture, card.base_weights, card.class_names) == (ARCH, None, list(CLASSES))
@@ -127,6 +150,146 @@ def test_versions_are_never_overwritten_and_incomplete_ones_are_skipped(storage_
     assert find_job_artifact(storage, output, "ft-a")[1].version == 1
     assert find_job_artifact(storage, output, "ft-b")[0] == location
     assert find_job_artifact(storage, output, "ft-c") is None
+
+
+class _ListTogether:
+    """A racer's storage whose first listing returns only once every racer has listed: all of them see the same
+    versions before any of them writes, the interleaving that made two runs pick one number, made certain."""
+
+    def __init__(self, storage, barrier: threading.Barrier):
+        self._storage, self._barrier, self._waited = storage, barrier, False
+
+    def list(self, prefix: str):
+        listed = list(self._storage.list(prefix))
+        if not self._waited:
+            self._waited = True
+            self._barrier.wait()
+        return iter(listed)
+
+    def __getattr__(self, name: str):
+        return getattr(self._storage, name)
+
+
+def _assert_each_card_beside_its_own_weights(root, published: dict[str, str], models: dict[str, Classifier],
+                                             cache: Path) -> None:  # fmt: skip
+    """Each job's version holds that job's card, weights whose sha256 is the card's, and loads as that job's model."""
+    x = torch.rand(2, 3, 64, 64)
+    for job_id, location in published.items():
+        card = read_card(location, root.options)
+        assert card.job_id == job_id and card.artifact_id == f"plants:{location.rsplit('/', 1)[-1]}"
+        local = cache / f"{job_id}.safetensors"
+        local.write_bytes(root.storage.read_bytes(join(location, WEIGHTS_NAME)))
+        assert sha256_of(local) == card.weights_sha256
+        loaded = build_model(ModelSpec(name=location), root.options, cache / job_id)
+        with torch.inference_mode():
+            torch.testing.assert_close(loaded.head(loaded.backbone(x)), models[job_id](x))
+
+
+def test_two_publishers_racing_get_two_versions_each_with_its_own_weights(storage_root, trained, other_trained,
+                                                                          tmp_path):  # fmt: skip
+    """Two threads publish different models into one output; both list the versions before either claims one.
+    Before claims both were told v1, and one's card sat beside the other's weights (or replaced them on S3)."""
+    barrier = threading.Barrier(2, timeout=60)
+    racers = {"ft-a": trained, "ft-b": other_trained}
+    published: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def race(job_id: str) -> None:
+        storage = _ListTogether(open_storage(storage_root.uri, storage_root.options), barrier)
+        try:
+            job = _job(storage_root.uri, storage_root.options, job_id)
+            published[job_id] = publish(storage, job, job_id, PLAN, racers[job_id][1], STATE)[0]
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(job_id,)) for job_id in racers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+
+    output = _job(storage_root.uri).output
+    assert sorted(p.rsplit("/", 1)[-1] for p in published.values()) == ["v1", "v2"]
+    assert set(versions(storage_root.storage, output)) == {1, 2}
+    _assert_each_card_beside_its_own_weights(storage_root, published, {j: m for j, (m, _) in racers.items()},
+                                             tmp_path)  # fmt: skip
+
+
+def _publish_in_process(uri: str, options, job_id: str, weights: Path, barrier) -> None:
+    """One racing publisher in its own process: every process is released by the barrier at the same moment."""
+    storage = open_storage(uri, options)
+    barrier.wait(timeout=120)
+    publish(storage, _job(uri, options, job_id), job_id, PLAN, weights, STATE)
+
+
+@pytest.mark.slow
+def test_two_processes_publishing_at_the_same_moment_get_two_versions(storage_root, trained, other_trained, tmp_path,
+                                                                      record_property):  # fmt: skip
+    """The realistic race: two processes, no interleaving forced, released together by a barrier."""
+    context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
+    barrier = context.Barrier(3)
+    racers = {"ft-a": trained, "ft-b": other_trained}
+    processes = [
+        context.Process(target=_publish_in_process, args=(storage_root.uri, storage_root.options, job_id, w, barrier))
+        for job_id, (_, w) in racers.items()
+    ]
+    for process in processes:
+        process.start()
+    barrier.wait(timeout=120)  # both children imported and ready
+    released = time.monotonic()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0, 0]
+
+    output = _job(storage_root.uri).output
+    published = {job_id: find_job_artifact(storage_root.storage, output, job_id)[0] for job_id in racers}
+    assert sorted(p.rsplit("/", 1)[-1] for p in published.values()) == ["v1", "v2"]
+    _assert_each_card_beside_its_own_weights(storage_root, published, {j: m for j, (m, _) in racers.items()},
+                                             tmp_path)  # fmt: skip
+    claimed = sorted(datetime.fromisoformat(json.loads(storage_root.storage.read_bytes(join(loc, CLAIM_NAME)))[
+        "claimed_at"]) for loc in published.values())  # fmt: skip
+    backend = "s3" if storage_root.uri.startswith("s3://") else "local"
+    outcome = ", ".join(f"{j} -> {loc.rsplit('/', 1)[-1]}" for j, loc in sorted(published.items()))
+    apart_ms = (claimed[1] - claimed[0]).total_seconds() * 1000
+    record_property("measured", f"{backend}: {outcome}; claims {apart_ms:.0f} ms apart; both published "
+                                f"{time.monotonic() - released:.1f} s after release")  # fmt: skip
+
+
+def test_a_rerun_continues_the_version_it_claimed_and_incomplete_ones_are_not_loaded(storage_root, trained, tmp_path):
+    """A run that died mid-publish left its claim and part of its files: the same job publishes into that version
+    again; another job's unfinished version is skipped by everyone and explained to a user who names it."""
+    _, weights = trained
+    storage, output = storage_root.storage, _job(storage_root.uri).output
+    publish(storage, _job(storage_root.uri, storage_root.options, "ft-a"), "ft-a", PLAN, weights, STATE)
+    for version, job_id in ((2, "ft-b"), (3, "ft-c")):
+        assert claim_version(storage, output, job_id) == version
+        storage.write_bytes(join(output, f"v{version}", WEIGHTS_NAME), b"partial")  # then the run died
+
+    location, card = publish(storage, _job(storage_root.uri, storage_root.options, "ft-b"), "ft-b", PLAN, weights,
+                             STATE)  # fmt: skip
+
+    assert (location, card.version) == (join(output, "v2"), 2)
+    assert read_card(location, storage_root.options) == card
+    assert build_model(ModelSpec(name=location), storage_root.options, tmp_path / "cache").model_id == "plants:v2"
+    assert find_job_artifact(storage, output, "ft-c") is None
+    with pytest.raises(ArtifactError, match=r"v3 is an incomplete version: claimed by job ft-c at .* not written"):
+        build_model(ModelSpec(name=join(output, "v3")), storage_root.options, tmp_path / "cache")
+    later = publish(storage, _job(storage_root.uri, storage_root.options, "ft-d"), "ft-d", PLAN, weights, STATE)
+    assert later[1].version == 4
+
+
+class _AlwaysClaimed(LocalStorage):
+    """Local storage on which every claim is lost to some other run: the one failure this test injects."""
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        return False
+
+
+def test_claiming_gives_up_after_a_bounded_number_of_versions(tmp_path, trained):
+    with pytest.raises(VersionClaimFailed, match=r"versions v1 to v100 under .* were all claimed by other runs"):
+        publish(_AlwaysClaimed(), _job(str(tmp_path)), "ft-test", PLAN, trained[1], STATE)
+    assert not list(tmp_path.iterdir())  # nothing written anywhere
 
 
 def test_label_jobs_load_an_artifact_by_its_location(storage_root, trained, tmp_path):
