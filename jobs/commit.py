@@ -1,32 +1,60 @@
-"""Job-level commit state in the output prefix: shard done-markers and the job manifest.
+"""Job-level commit state in the output prefix: the ownership claim, shard done-markers and the job manifest.
 
-Layout of an output prefix:
+Layout of an output prefix (every name here is one bulklabel writes; anything else is a foreign file):
+    _owner.json             the claim: which job owns the prefix, created atomically before anything else
     part-<shard>.parquet    one per shard (what DuckDB/Spark/Athena read: `<output>/*.parquet`)
     _done/<shard>.json      a shard's done-marker, written after its data file
+    _tmp/<shard>.<attempt>.<nonce>.partial   an upload on its way to its final name
     _job.json               the job manifest, written last, after every shard
 Underscore-prefixed names are skipped by Spark, Hive and Athena when they read the folder.
+
+What a run trusts of an earlier run is checked, never assumed: markers are parsed only under their own names and
+validated (a `.DS_Store` or an empty temporary file in `_done/` is ignored or redone, never a crash), and each
+marker's data file must still exist with the size it recorded, else the shard is redone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import socket
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
+
+from jobs.errors import BadInput
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION
-from schemas.shards import ShardResult
+from schemas.shards import MARKER_FORMAT, ShardResult
 from schemas.specs import LabelJobSpec
-from workers.storage import Storage, join
+from workers.storage import ObjectMissing, Storage, join, relative_key
 
 log = logging.getLogger(__name__)
 
+OWNER_NAME = "_owner.json"
 MANIFEST_NAME = "_job.json"
 MARKER_READ_THREADS = 16
+_SHARD = r"[A-Za-z0-9._=-]+"
+_MARKER = re.compile(rf"_done/({_SHARD})\.json")
+# Every name a label job writes under its output prefix, relative to it. LocalStorage writes through hidden
+# `.<name>.<nonce>.tmp` files beside the target; a crash can leave one behind.
+_OWN_NAMES = re.compile(
+    rf"(?:{OWNER_NAME}|{MANIFEST_NAME}|part-{_SHARD}\.parquet|_done/{_SHARD}\.json"
+    rf"|_tmp/{_SHARD}\.\d+\.[0-9a-f]{{8}}\.partial|_probe-[0-9a-f]{{8}}|(?:.*/)?\.[^/]+\.[0-9a-f]{{8}}\.tmp)"
+)
+_PARTIAL = re.compile(rf"_tmp/{_SHARD}\.\d+\.[0-9a-f]{{8}}\.partial|(?:.*/)?\.[^/]+\.[0-9a-f]{{8}}\.tmp")
+# What file browsers drop into any folder they show (Finder, Explorer): never parsed, never deleted, and no reason
+# to refuse an output, since opening the output folder to look at it is enough to create one.
+_LITTER = re.compile(r"(?:.*/)?(?:\.DS_Store|\._[^/]*|Thumbs\.db|desktop\.ini)")
+FOREIGN_EXAMPLES = 3
 
 
-class OutputConflict(RuntimeError):
-    """The output prefix already holds another job's results."""
+class OutputConflict(BadInput):
+    """The output prefix belongs to another job, holds files bulklabel did not write, or an unusable layout."""
 
 
 def manifest_uri(output: str) -> str:
@@ -34,43 +62,199 @@ def manifest_uri(output: str) -> str:
 
 
 def read_manifest(storage: Storage, output: str) -> dict | None:
+    """The job manifest, or None when there is none; an unreadable one is an error naming it."""
     uri = manifest_uri(output)
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    try:
+        data = json.loads(storage.read_bytes(uri))
+    except ObjectMissing:
+        return None
+    except ValueError as exc:
+        raise OutputConflict(f"job manifest {uri} is not valid JSON ({exc}); was it edited by hand?") from exc
+    if not isinstance(data, dict) or "job_id" not in data:
+        raise OutputConflict(f"job manifest {uri} is not a bulklabel manifest (no job_id)")
+    return data
 
 
-def read_done_markers(storage: Storage, output: str) -> dict[str, ShardResult]:
-    """Every committed shard's marker, read in parallel."""
-    prefix = join(output, "_done")
-    uris = [o.uri for o in storage.list(prefix) if o.uri.endswith(".json")]
-
-    def load(uri: str) -> ShardResult:
-        return ShardResult.model_validate_json(storage.read_bytes(uri))
-
-    with ThreadPoolExecutor(MARKER_READ_THREADS) as pool:
-        results = list(pool.map(load, uris))
-    return {r.shard_id: r for r in results}
+# ----------------------------------------------------------------------------------------------- ownership
 
 
-def check_output_owner(storage: Storage, output: str, job_id: str) -> None:
-    """Refuse to mix two jobs' rows in one prefix (the default job id is derived from what decides the rows)."""
+def check_output(storage: Storage, output: str, job_id: str, foreign_files: str) -> None:
+    """Refuse, before anything is written, an output that another job owns or that holds files bulklabel did not
+    write (unless `foreign_files="keep"`; even then, a foreign file under one of bulklabel's own names, such as
+    another tool's `part-00000.parquet`, is refused: it would be overwritten or read as ours)."""
+    listing = _classify(storage, output)
+    if listing.foreign and foreign_files == "refuse":
+        raise OutputConflict(
+            f"output {output} holds {listing.foreign_count} file(s) bulklabel did not write (e.g. "
+            f"{', '.join(listing.foreign)}): use an empty prefix, or set foreign_files: keep to leave them untouched"
+        )
+    if listing.has_owner:
+        owner = _owner_job_id(storage, join(output, OWNER_NAME))
+        if owner != job_id:
+            raise OutputConflict(f"output {output} belongs to job {owner!r}, not {job_id!r}: use a new output prefix")
+        return
+    legacy = _legacy_owner(storage, output, listing)
+    if legacy is not None and legacy != job_id:
+        raise OutputConflict(f"output {output} holds rows of job {legacy!r}, not {job_id!r}: use a new prefix")
+    if legacy is None and listing.ours:
+        raise OutputConflict(
+            f"output {output} holds {', '.join(listing.ours)} with no bulklabel owner or manifest: another tool's "
+            "files under bulklabel's names would be overwritten or misread; use a new output prefix"
+        )
+
+
+def claim_output(storage: Storage, output: str, job_id: str) -> None:
+    """Make `job_id` the one owner of `output` (after `check_output`), or raise OutputConflict.
+
+    The claim is `_owner.json`, created with an atomic create-if-absent (S3 `If-None-Match: *`, a local `link()`):
+    of two jobs starting at the same moment exactly one creates it, and the other reads the winner's id and stops.
+    """
+    owner_uri = join(output, OWNER_NAME)
+    claim = {"job_id": job_id, "claimed_at": datetime.now(UTC).isoformat(), "host": socket.gethostname(),
+             "pid": os.getpid()}  # fmt: skip
+    if storage.create_exclusive(owner_uri, json.dumps(claim).encode()):
+        log.info("claimed output %s for job %s", output, job_id)
+        return
+    owner = _owner_job_id(storage, owner_uri)
+    if owner != job_id:
+        raise OutputConflict(f"output {output} belongs to job {owner!r}, not {job_id!r}: use a new output prefix")
+
+
+@dataclass
+class _Listing:
+    has_owner: bool = False
+    ours: list[str] = field(default_factory=list)  # data under our names: parts, markers, manifest (first few)
+    foreign: list[str] = field(default_factory=list)  # first few foreign names
+    foreign_count: int = 0
+
+
+def _classify(storage: Storage, output: str) -> _Listing:
+    listing = _Listing()
+    for obj in storage.list(output):
+        name = relative_key(output, obj.uri)
+        if name == OWNER_NAME:
+            listing.has_owner = True
+        elif _PARTIAL.fullmatch(name) or _LITTER.fullmatch(name) or re.fullmatch(r"_probe-[0-9a-f]{8}", name):
+            continue  # temporaries (perhaps of a racing job, mid-write) and browser litter: no data, no claim
+        elif _OWN_NAMES.fullmatch(name):
+            if len(listing.ours) < FOREIGN_EXAMPLES:
+                listing.ours.append(name)
+        else:
+            listing.foreign_count += 1
+            if len(listing.foreign) < FOREIGN_EXAMPLES:
+                listing.foreign.append(name)
+    return listing
+
+
+def _legacy_owner(storage: Storage, output: str, listing: _Listing) -> str | None:
+    """The job of an output written before owner files existed (its manifest or first marker), if any."""
+    if not listing.ours:
+        return None
     manifest = read_manifest(storage, output)
-    owner = manifest.get("job_id") if manifest else _first_marker_job_id(storage, output)
-    if owner and owner != job_id:
-        raise OutputConflict(f"output {output} holds rows of job {owner!r}, not {job_id!r}: use a new output prefix")
-
-
-def _first_marker_job_id(storage: Storage, output: str) -> str | None:
-    """The job id of the first done-marker, if any (an interrupted job has markers but no manifest yet)."""
-    for obj in storage.list(join(output, "_done")):
-        return ShardResult.model_validate_json(storage.read_bytes(obj.uri)).job_id
+    if manifest:
+        return manifest["job_id"]
+    for uri in _marker_uris(storage, output):
+        try:
+            return ShardResult.model_validate_json(storage.read_bytes(uri)).job_id
+        except ValidationError:
+            continue
     return None
 
 
+def _owner_job_id(storage: Storage, owner_uri: str) -> str:
+    try:
+        return json.loads(storage.read_bytes(owner_uri))["job_id"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OutputConflict(f"ownership claim {owner_uri} is unreadable ({exc}): use a new output prefix") from exc
+
+
 def remove_partials(storage: Storage, output: str) -> None:
-    """Delete temporary objects left by attempts that died mid-upload. Run only while no shard is in flight."""
-    for obj in storage.list(join(output, "_tmp")):
-        log.info("removing leftover partial upload %s", obj.uri)
-        storage.delete(obj.uri)
+    """Delete temporary objects left by attempts that died mid-upload, and nothing else: a foreign file under
+    `_tmp/` is left alone. Run only while no shard is in flight."""
+    for obj in storage.list(output):
+        if _PARTIAL.fullmatch(relative_key(output, obj.uri)):
+            log.info("removing leftover partial upload %s", obj.uri)
+            storage.delete(obj.uri)
+
+
+# ----------------------------------------------------------------------------------------------- done-markers
+
+
+@dataclass
+class CommittedShards:
+    """What an output's done-markers claim, after checking them against the data files."""
+
+    done: dict[str, ShardResult] = field(default_factory=dict)  # verified: data present with its recorded size
+    redo: dict[str, str] = field(default_factory=dict)  # shard → why its marker cannot be trusted
+
+
+def _marker_uris(storage: Storage, output: str) -> list[str]:
+    prefix = join(output, "_done")
+    return [o.uri for o in storage.list(prefix) if _MARKER.fullmatch(relative_key(output, o.uri))]
+
+
+def read_committed(storage: Storage, output: str, job_id: str) -> CommittedShards:
+    """Every done-marker, validated, with its data file checked: missing or resized data means the shard is redone.
+
+    Only `_done/<shard>.json` names are read (a `.DS_Store` or a temp file is not a marker). A marker that does not
+    parse (a disk that filled up mid-write) or names another job is redone, and named in the log.
+    """
+    uris = _marker_uris(storage, output)
+    sizes = {o.uri: o.size for o in storage.list(output) if o.uri.endswith(".parquet")}
+
+    def load(uri: str) -> tuple[str, ShardResult | str]:
+        shard = _MARKER.fullmatch(relative_key(output, uri)).group(1)
+        try:
+            return shard, ShardResult.model_validate_json(storage.read_bytes(uri))
+        except ValidationError as exc:
+            return shard, f"marker {uri} is unreadable ({exc.errors()[0]['msg']})"
+        except ObjectMissing:
+            return shard, f"marker {uri} vanished while reading"
+
+    with ThreadPoolExecutor(MARKER_READ_THREADS) as pool:
+        loaded = list(pool.map(load, uris))
+    committed = CommittedShards()
+    for shard, marker in loaded:
+        problem = marker if isinstance(marker, str) else _marker_problem(marker, shard, job_id, sizes)
+        if problem:
+            log.warning("shard %s will be labelled again: %s", shard, problem)
+            committed.redo[shard] = problem
+        else:
+            committed.done[shard] = marker
+    return committed
+
+
+def _marker_problem(marker: ShardResult, shard: str, job_id: str, sizes: dict[str, int]) -> str | None:
+    if marker.marker_format < MARKER_FORMAT:
+        raise OutputConflict(
+            f"output holds shards written by an older bulklabel (marker format {marker.marker_format}, shard ids "
+            f"and fingerprints have changed since): write to a new output prefix"
+        )
+    if marker.shard_id != shard or marker.job_id != job_id:
+        return f"marker names shard {marker.shard_id!r} of job {marker.job_id!r}"
+    if marker.data_uri not in sizes:
+        return f"its data file {marker.data_uri} is gone"
+    size = sizes[marker.data_uri]
+    if marker.data_bytes is not None and size != marker.data_bytes:
+        return f"its data file {marker.data_uri} is {size} bytes, the marker recorded {marker.data_bytes}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- the manifest
+
+
+def error_summary(shards: Iterable[ShardResult]) -> tuple[str, int, str] | None:
+    """(commonest error kind, its rows, an example key) over the shards, or None without errors."""
+    counts: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    for result in shards:
+        for kind, count in result.error_kinds.items():
+            counts[kind] = counts.get(kind, 0) + count
+            examples.setdefault(kind, result.error_examples.get(kind, ""))
+    if not counts:
+        return None
+    kind = max(counts, key=counts.get)
+    return kind, counts[kind], examples[kind]
 
 
 def write_manifest(

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from schemas.shards import ShardResult
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Keys the plan listed but did not label: matched an `exclude` pattern, or not an image extension."""
+
+    excluded: int = 0
+    not_images: int = 0
+    examples: tuple[str, ...] = ()
+
+    def line(self) -> str | None:
+        if not (self.excluded or self.not_images):
+            return None
+        example = f" (e.g. {', '.join(self.examples)})" if self.examples else ""
+        return f"  skipped:  {self.excluded} excluded by pattern, {self.not_images} not images{example}"
 
 
 @dataclass(frozen=True)
@@ -26,6 +41,10 @@ class JobSummary:
     seconds: float
     images_this_run: int
     worker_restarts: int = 0  # workers that died or hung and were replaced
+    shards_new: int = 0  # shards added to the input since an earlier run finished (incremental labelling)
+    shards_redone: dict[str, str] = field(default_factory=dict)  # committed shards labelled again → why
+    skipped: Skipped = Skipped()
+    failure_reason: str | None = None  # why a job whose shards all committed still failed (error rows)
 
     @property
     def images_per_second(self) -> float:
@@ -39,8 +58,16 @@ class JobSummary:
             f"  time:     {self.seconds:.1f}s, {self.images_per_second:.1f} images/s this run",
             f"  output:   {self.output}",
         ]
+        if self.shards_new:
+            out.append(f"  new:      {self.shards_new} shards added to the input since the last run, labelled now")
+        for shard, why in sorted(self.shards_redone.items()):
+            out.append(f"  redone:   shard {shard}: {why}")
+        if skipped := self.skipped.line():
+            out.append(skipped)
         if self.worker_restarts:
             out.append(f"  workers replaced after dying or hanging: {self.worker_restarts}")
+        if self.failure_reason:
+            out.append(f"  FAILED: {self.failure_reason}")
         for shard, error in sorted(self.failed_shards.items()):
             out.append(f"  FAILED shard {shard}: {error}")
         return out
@@ -53,6 +80,7 @@ class Progress:
         self.started = time.perf_counter()
         self.images = 0  # all committed shards, including those done before this run
         self.images_this_run = 0
+        self.shards_this_run = 0
         self._bar = tqdm(total=0, unit="shard", desc="shards", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
     def planned(self, count: int = 1) -> None:
@@ -63,6 +91,7 @@ class Progress:
         """Count a committed shard; `earlier` when it was committed by a previous run."""
         self.images += result.rows
         self.images_this_run += 0 if earlier else result.rows
+        self.shards_this_run += 0 if earlier else 1
         rate = self.images_this_run / max(time.perf_counter() - self.started, 1e-9)
         self._bar.set_postfix(images=self.images, img_s=f"{rate:.1f}", refresh=False)
         self._bar.update(1)

@@ -9,15 +9,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import ray
 
 from jobs.cluster import ensure_ray
-from jobs.commit import check_output_owner, read_done_markers, read_manifest, remove_partials, write_manifest
+from jobs.commit import (
+    CommittedShards,
+    check_output,
+    claim_output,
+    error_summary,
+    read_committed,
+    read_manifest,
+    remove_partials,
+    write_manifest,
+)
 from jobs.placement import Placement, place_workers
-from jobs.plan import PlanError, plan_shards
-from jobs.progress import JobSummary, Progress
+from jobs.plan import PlanError, PlanStats, plan_shards
+from jobs.progress import JobSummary, Progress, Skipped
 from jobs.scheduler import SchedulerLimits, ShardScheduler
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LabelJobSpec
@@ -48,29 +58,31 @@ def resolve_locations(spec: LabelJobSpec) -> LabelJobSpec:
 
 
 def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
-    """Run (or resume) a label job to completion and return its summary."""
+    """Run (or resume, or extend with new input) a label job to completion and return its summary."""
     spec = resolve_locations(spec)
     job_id = spec.resolved_job_id()
     started_at, clock = datetime.now(UTC), time.perf_counter()
     out = open_storage(spec.output, spec.storage)
 
-    # Check: nothing starts unless model, output and input are usable.
+    # Check: nothing starts unless model, output and input are usable, and what earlier runs committed holds.
     check_top_k(spec)
-    check_output_owner(out, spec.output, job_id)
-    manifest = read_manifest(out, spec.output)
-    if manifest and manifest.get("status") == "succeeded":
-        log.info("job %s already complete at %s; nothing to do", job_id, spec.output)
-        return _summary_of_manifest(manifest, spec.output)
+    check_output(out, spec.output, job_id, spec.foreign_files)
+    committed = read_committed(out, spec.output, job_id)
+    plan = _check_plan(spec, committed)
+    claim_output(out, spec.output, job_id)  # the first write: only once the input and the output have checked out
     check_writable(out, spec.output)
     remove_partials(out, spec.output)
-    done = read_done_markers(out, spec.output)
-    tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage))
-    first = next(tasks)  # the listing is checked here, before any worker starts
+    manifest = read_manifest(out, spec.output)
+    if not plan.todo and manifest and manifest.get("status") == "succeeded":
+        log.info("job %s already complete at %s; nothing to do", job_id, spec.output)
+        return _summary_of_manifest(manifest, spec.output, plan.stats)
 
     # Plan and dispatch.
+    stats = PlanStats()
+    tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage), stats, committed.done.values())
     placement = place_workers(spec, ensure_ray())
     progress = Progress(enabled=show_progress)
-    results: dict[str, ShardResult] = dict(done)
+    results: dict[str, ShardResult] = {}
 
     def on_done(result: ShardResult) -> None:
         results[result.shard_id] = result
@@ -80,32 +92,112 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
     try:
         worker = ray.get(scheduler.actors[0].describe.remote())
         log.info("%d worker(s): %s on %s", placement.workers, worker["model_id"], worker["device"])
-        failures = scheduler.run(_not_yet_done(_chain(first, tasks), done, progress), on_done)
+        failures = scheduler.run(_not_yet_done(tasks, committed.done, results, progress), on_done)
     finally:
         scheduler.shutdown()
         progress.close()
 
     # Commit.
-    seconds = time.perf_counter() - clock
-    status = "failed" if len(failures) > spec.max_failed_shards else ("partial" if failures else "succeeded")
-    summary = JobSummary(
-        job_id=job_id,
-        status=status,
-        output=spec.output,
-        shards=len(results),
-        shards_skipped=len(done),
-        images=sum(r.rows for r in results.values()),
-        errors=sum(r.errors for r in results.values()),
-        failed_shards=failures,
-        seconds=seconds,
-        images_this_run=progress.images_this_run,
-        worker_restarts=scheduler.restarts,
-    )
-    if status == "failed":
+    summary = _summarise(spec, job_id, results, failures, plan, stats, time.perf_counter() - clock, progress)
+    summary = replace(summary, worker_restarts=scheduler.restarts)
+    if summary.status == "failed":
         raise JobFailed(summary)
     remove_partials(out, spec.output)
     write_manifest(out, spec, job_id, worker, results, failures, started_at)
     return summary
+
+
+@dataclass(frozen=True)
+class _CheckedPlan:
+    """What a first pass over the plan found, before any worker starts."""
+
+    todo: int  # shards to label this run (at least 1 on a first run: the input is not empty)
+    new: int  # of them, shards an earlier run never saw (input that grew); 0 on a first run
+    redo: dict[str, str]  # of them, committed shards whose data or marker is gone or damaged → why
+    stats: PlanStats
+
+
+def _check_plan(spec: LabelJobSpec, committed: CommittedShards) -> _CheckedPlan:
+    """Walk the whole plan once against what is committed, so that changed input is refused before any work.
+
+    Refused: a committed shard whose objects changed (size, ETag or mtime; for loose files, keys added inside its
+    key range) and a committed shard the input no longer lists. New shards are fine (incremental labelling).
+    Without earlier markers this pass only checks that the input has something to label.
+    """
+    stats = PlanStats()
+    tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage), stats, committed.done.values())
+    if not committed.done and not committed.redo:
+        next(tasks)  # raises PlanError for an empty input
+        return _CheckedPlan(todo=1, new=0, redo={}, stats=stats)
+    todo = new = 0
+    listed: set[str] = set()
+    for task in tasks:
+        listed.add(task.shard_id)
+        previous = committed.done.get(task.shard_id)
+        if previous is None:
+            todo += 1
+            new += task.shard_id not in committed.redo
+        elif previous.fingerprint != task.fingerprint():
+            raise PlanError(
+                f"shard {task.shard_id} ({_describe_task(task)}) was committed from different input than the input "
+                "holds now (objects rewritten, or files added inside its key range); write to a new output prefix"
+            )
+    gone = sorted(set(committed.done) - listed)
+    if gone:
+        raise PlanError(
+            f"{len(gone)} committed shard(s) are no longer in the input (e.g. {gone[0]}): input was removed or "
+            "renamed since they were labelled; restore it or write to a new output prefix"
+        )
+    return _CheckedPlan(todo=todo, new=new, redo=committed.redo, stats=stats)
+
+
+def skipped_of(stats: PlanStats) -> Skipped:
+    return Skipped(excluded=stats.excluded, not_images=stats.not_images, examples=tuple(stats.examples))
+
+
+def _describe_task(task: ShardTask) -> str:
+    return task.keys[0] if len(task.keys) == 1 else f"{task.keys[0]} .. {task.keys[-1]}, {len(task.keys)} keys"
+
+
+def _summarise(
+    spec: LabelJobSpec,
+    job_id: str,
+    results: dict[str, ShardResult],
+    failures: dict[str, str],
+    plan: _CheckedPlan,
+    stats: PlanStats,
+    seconds: float,
+    progress: Progress,
+) -> JobSummary:
+    """The job's outcome: failed beyond its shard limit or its error-row fraction, partial, or succeeded."""
+    images = sum(r.rows for r in results.values())
+    errors = sum(r.errors for r in results.values())
+    status, why = "succeeded", None
+    if failures:
+        status = "failed" if len(failures) > spec.max_failed_shards else "partial"
+    if images and errors / images > spec.max_error_fraction:
+        kind, rows, example = error_summary(results.values())
+        status = "failed"
+        why = (
+            f"{errors} of {images} rows are errors, above max_error_fraction={spec.max_error_fraction:g}; "
+            f"commonest: {kind!r} ({rows} rows, e.g. {example!r}); check the input location and format"
+        )
+    return JobSummary(
+        job_id=job_id,
+        status=status,
+        output=spec.output,
+        shards=len(results),
+        shards_skipped=len(results) - progress.shards_this_run,
+        images=images,
+        errors=errors,
+        failed_shards=failures,
+        seconds=seconds,
+        images_this_run=progress.images_this_run,
+        shards_new=plan.new,
+        shards_redone=plan.redo,
+        skipped=skipped_of(stats),
+        failure_reason=why,
+    )
 
 
 def check_top_k(spec: LabelJobSpec) -> None:
@@ -116,13 +208,10 @@ def check_top_k(spec: LabelJobSpec) -> None:
         raise PlanError(f"top_k={spec.top_k} exceeds the {classes} classes of model {spec.model.name!r}")
 
 
-def _chain(first: ShardTask, rest: Iterator[ShardTask]) -> Iterator[ShardTask]:
-    yield first
-    yield from rest
-
-
-def _not_yet_done(tasks: Iterator[ShardTask], done: dict[str, ShardResult], progress: Progress) -> Iterator[ShardTask]:
-    """Skip committed shards; a committed shard whose input changed since is an error, not a silent skip."""
+def _not_yet_done(
+    tasks: Iterator[ShardTask], done: dict[str, ShardResult], results: dict[str, ShardResult], progress: Progress
+) -> Iterator[ShardTask]:
+    """Skip committed shards (counted into `results`); one whose input changed since the check is an error."""
     for task in tasks:
         progress.planned()
         previous = done.get(task.shard_id)
@@ -130,10 +219,10 @@ def _not_yet_done(tasks: Iterator[ShardTask], done: dict[str, ShardResult], prog
             yield task
         elif previous.fingerprint != task.fingerprint():
             raise PlanError(
-                f"shard {task.shard_id} was committed from different input than the input lists now; "
-                "write to a new output prefix"
+                f"shard {task.shard_id} changed while the job ran ({_describe_task(task)}); write to a new output"
             )
         else:
+            results[task.shard_id] = previous
             progress.done(previous, earlier=True)
 
 
@@ -162,7 +251,7 @@ def _limits(spec: LabelJobSpec, placement: Placement) -> SchedulerLimits:
     )
 
 
-def _summary_of_manifest(manifest: dict, output: str) -> JobSummary:
+def _summary_of_manifest(manifest: dict, output: str, stats: PlanStats) -> JobSummary:
     totals = manifest["totals"]
     return JobSummary(
         job_id=manifest["job_id"],
@@ -175,4 +264,5 @@ def _summary_of_manifest(manifest: dict, output: str) -> JobSummary:
         failed_shards={},
         seconds=0.0,
         images_this_run=0,
+        skipped=skipped_of(stats),
     )

@@ -4,7 +4,11 @@ Each actor holds up to IN_FLIGHT_PER_ACTOR shards (one running, one queued, so i
 the driver). Failures are handled by kind, each with a bound:
 - the actor died (killed, OOM, node lost): a new actor replaces it, its shards are retried;
 - a shard ran past `shard_timeout_s`: the actor is killed and replaced, the shard retried;
-- the shard raised: it is retried, up to `max_attempts`, then reported as failed.
+- the shard raised: it is retried, up to `max_attempts`, then reported as failed (an unreachable store is one
+  such failure: the shard waits out its backoff and tries again, it never becomes rows);
+- the shard met an authentication or permission failure (`AccessDenied`): the job stops at once, naming the
+  location, since every other shard would fail the same way (rotated or expired credentials, a policy);
+- workers died more often than `max_actor_restarts`: the job stops with `WorkersLost` (the cluster is at fault).
 Commits are idempotent per shard, so a retry can never duplicate rows.
 """
 
@@ -19,7 +23,9 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from jobs.errors import WorkersLost
 from schemas.shards import ShardResult, ShardTask
+from workers.storage import AccessDenied
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +131,9 @@ class ShardScheduler:
             return
         except RayTaskError as exc:
             del slot.running[index]
+            if isinstance(getattr(exc, "cause", None), AccessDenied):
+                log.error("shard %s: %s; stopping the job", task.shard_id, exc.cause)
+                raise exc.cause from None
             self._retry_or_fail(task, attempt, _first_line(exc))
         else:
             del slot.running[index]
@@ -151,7 +160,7 @@ class ShardScheduler:
         """Swap in a new actor; every shard the old one held is tried again (its running one counts a try)."""
         if self.restarts >= self._limits.max_actor_restarts:
             limit = self._limits.max_actor_restarts
-            raise RuntimeError(f"workers {reason} {self.restarts} times; giving up (max {limit})")
+            raise WorkersLost(f"workers {reason} {self.restarts} times; giving up (max {limit})")
         self.restarts += 1
         ray.kill(slot.actor, no_restart=True)
         held = list(slot.running)

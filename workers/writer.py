@@ -4,7 +4,8 @@ Commit order for shard S of an output prefix O:
 1. write the Parquet file locally, upload it to `O/_tmp/S.<attempt>.<nonce>.partial`
    (not a .parquet name, so `O/*.parquet` globs never match it);
 2. move it to `O/part-S.parquet` (local: os.replace; S3: server-side copy, itself atomic);
-3. write `O/_done/S.json`, the shard's done-marker with its row counts.
+3. write `O/_done/S.json`, the shard's done-marker with its row counts, error kinds, key range and the data
+   file's size (a resume checks the file is still there at that size).
 A crash between steps leaves at worst a stray temp object, or a complete data file that the
 retry overwrites byte-for-byte with the same rows: never a duplicate, never a half file.
 """
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.output import LABEL_SCHEMA
-from schemas.shards import ShardResult, ShardTask
+from schemas.shards import MARKER_FORMAT, ShardResult, ShardTask
 from workers.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class ShardWriter:
         pq.write_table(
             table, local, compression=PARQUET_COMPRESSION, use_dictionary=["shard", "model", "job_id", "label"]
         )
+        data_bytes = os.path.getsize(local)
         temp = join(output, "_tmp", f"{shard_id}.{attempt}.{uuid.uuid4().hex[:8]}.partial")
         try:
             storage.upload_file(local, temp)
@@ -125,10 +127,32 @@ class ShardWriter:
             errors=table.num_rows - int(pc.sum(table["error"].is_null()).as_py() or 0),
             attempt=attempt,
             committed_at=datetime.now(UTC),
+            marker_format=MARKER_FORMAT,
+            data_bytes=data_bytes,
+            first_key=self.task.keys[0] if self.task.keys else None,
+            last_key=self.task.keys[-1] if self.task.keys else None,
+            **error_counts(self._columns["key"], self._columns["error"]),
             **stats,
         )
         storage.write_bytes(marker_uri(output, shard_id), result.model_dump_json().encode())
         return result
+
+
+def error_kind(error: str) -> str:
+    """The kind of an error row: its text before the first ':' ("missing", "UnidentifiedImageError", "refused")."""
+    return error.split(":", 1)[0].strip()[:80] or "error"
+
+
+def error_counts(keys: list[str], errors: list[str | None]) -> dict:
+    """`error_kinds` (kind → rows) and `error_examples` (kind → one key) of a shard, for its done-marker."""
+    kinds: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    for key, error in zip(keys, errors, strict=True):
+        if error is not None:
+            kind = error_kind(error)
+            kinds[kind] = kinds.get(kind, 0) + 1
+            examples.setdefault(kind, key)
+    return {"error_kinds": kinds, "error_examples": examples}
 
 
 def _stack(arrays: list[np.ndarray], dtype) -> np.ndarray:
