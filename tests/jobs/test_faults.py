@@ -62,7 +62,7 @@ def assert_exactly_once(out: Path, photos: Path) -> int:
 def _is_committed(out: Path, path: Path) -> bool:
     rel = path.relative_to(out).as_posix()
     return (
-        rel == "_job.json"
+        rel in ("_job.json", "_owner.json")  # the manifest, and the job's claim on the output prefix
         or (rel.startswith("part-") and rel.endswith(".parquet"))
         or (rel.startswith("_done/") and rel.endswith(".json"))
     )
@@ -147,6 +147,33 @@ def test_out_of_memory_batches_are_split(photos, tmp_path, monkeypatch, record_p
 
     assert labels(tmp_path / "oom") == labels(tmp_path / "plain")
     record_property("measured", "40/40 rows, labels identical to the run without the fault")
+
+
+@pytest.mark.fault(
+    fault="out of memory on CPU in a batch (torch raises a RuntimeError there, not torch.OutOfMemoryError)",
+    injected="BULKLABEL_FAULTS oom with oom_kind=cpu: torch's DefaultCPUAllocator error for batches larger than 2",
+    expected="recognised as out-of-memory and the batches split in halves; same labels as without the fault",
+)
+def test_cpu_out_of_memory_batches_are_split(tmp_path, monkeypatch, record_property):
+    photos = tmp_path / "eight"
+    photos.mkdir()
+    for row in imagenet_labels()[:8]:
+        shutil.copy(IMAGENET_SAMPLE / row["file"], photos / row["file"])
+    spec = _spec(photos, tmp_path / "plain", num_workers=1, batch_size=8,
+                 input={"uri": str(photos), "files_per_shard": 8})  # fmt: skip
+    run_label_job(spec, show_progress=False)
+    _inject(monkeypatch, {"action": "oom", "oom_above": 2, "oom_kind": "cpu"})
+    summary = run_label_job(spec.model_copy(update={"output": str(tmp_path / "oom")}), show_progress=False)
+    assert (summary.status, summary.errors, summary.worker_restarts) == ("succeeded", 0, 0)
+    assert_exactly_once(tmp_path / "oom", photos)
+
+    def labels(out: Path) -> dict:
+        table = ds.dataset(out, format="parquet").to_table(columns=["key", "label"])
+        return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist(), strict=True))
+
+    assert labels(tmp_path / "oom") == labels(tmp_path / "plain")
+    record_property("measured", "8/8 rows, batch of 8 split to 2s, no shard retried, labels identical to the run "
+                                "without the fault")  # fmt: skip
 
 
 def test_faults_stay_off_without_the_acknowledgement(monkeypatch):
