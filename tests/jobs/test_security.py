@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.commit import OutputConflict
 from jobs.plan import PlanError
 from jobs.runner import run_label_job
 from schemas.specs import LabelJobSpec, StorageOptions
@@ -93,5 +94,5 @@ def test_output_of_another_job_is_not_mixed_in(tmp_path):
     base = {"input": {"uri": str(folder)}, "output": str(tmp_path / "out"), "num_workers": 1,
             "model": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}}  # fmt: skip
     run_label_job(LabelJobSpec(**base), show_progress=False)
-    with pytest.raises(RuntimeError, match="holds rows of job"):
+    with pytest.raises(OutputConflict, match="belongs to job"):
         run_label_job(LabelJobSpec(**{**base, "top_k": 3}), show_progress=False)
