@@ -5,40 +5,56 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import reprlib
 import sys
 from importlib import resources
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
 from schemas.finetune import FinetuneJobSpec
 from schemas.specs import LabelJobSpec, job_spec_json_schema, load_job_spec, parse_job_spec
 
 log = logging.getLogger("bulklabel")
 
-EXIT_BAD_SPEC = 2
-EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
+_MAX_MESSAGE_CHARS = 2000
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; an error ends it with one line on stderr naming the problem and the exit code of its kind
+    (jobs.errors), never a traceback (that is logged at DEBUG: `-v` shows it)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         return args.handler(args)
-    except ValidationError as exc:
-        _report(f"invalid job spec:\n{_describe_validation(exc)}")
-        return EXIT_BAD_SPEC
-    except (ValueError, RuntimeError, OSError) as exc:
-        from jobs.finetune import FinetuneFailed
-        from jobs.runner import JobFailed
+    except KeyboardInterrupt:
+        _report("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every error ends in one line and its exit code, bugs included
+        log.debug("the command failed", exc_info=exc)
+        code = exit_code_for(exc)
+        _report(_describe_error(exc, code, getattr(args, "spec", None)))
+        return code
 
-        if isinstance(exc, JobFailed | FinetuneFailed):
-            _report(str(exc))
-            return EXIT_FAILED
-        _report(f"error: {exc}")
-        return EXIT_BAD_SPEC
+
+def _describe_error(exc: Exception, code: int, spec_path: Path | None) -> str:
+    if isinstance(exc, ValidationError):
+        return f"invalid job spec{f' {spec_path}' if spec_path else ''}: {_describe_validation(exc)}"
+    if code == EXIT_INTERNAL:
+        return f"internal error: {type(exc).__name__}: {_one_line(exc)} (run with -v for the traceback)"
+    if code == EXIT_FAILED:
+        return str(exc)  # the job's summary, one line per fact
+    return f"error: {_one_line(exc)}"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line, bounded: storage and library errors may carry multi-line or huge details."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= _MAX_MESSAGE_CHARS else text[:_MAX_MESSAGE_CHARS] + "..."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,12 +230,51 @@ def format_labels_table(output: str) -> str:
     return "\n".join(lines)
 
 
+_MAX_LISTED_ERRORS = 20
+_MAX_EXCERPT_CHARS = 200
+_SECRET_FIELDS = ("secret", "password", "token", "access_key")
+
+
+def _excerpt_repr() -> reprlib.Repr:
+    """A repr bounded in depth and width, so an excerpt of a huge input costs what a small one does."""
+    bounded = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+    bounded.maxlevel, bounded.maxstring, bounded.maxother = 3, 120, 120
+    bounded.maxdict = bounded.maxlist = bounded.maxtuple = bounded.maxset = 6
+    return bounded
+
+
+_EXCERPT = _excerpt_repr()
+
+
 def _describe_validation(exc: ValidationError) -> str:
+    """One line for one error; else a count and one indented line per error, at most 20, each with a bounded
+    excerpt of what was given (secrets masked)."""
+    errors = exc.errors()
     lines = []
-    for err in exc.errors():
+    for err in errors[:_MAX_LISTED_ERRORS]:
         where = ".".join(str(p) for p in err["loc"]) or "(spec)"
-        lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+        secret = any(s in str(p).lower() for p in err["loc"][-1:] for s in _SECRET_FIELDS)
+        lines.append(f"{where}: {err['msg']} (got {'***' if secret else _excerpt(err.get('input'))})")
+    if len(errors) == 1:
+        return lines[0]
+    if len(errors) > _MAX_LISTED_ERRORS:
+        lines.append(f"... and {len(errors) - _MAX_LISTED_ERRORS} more")
+    return f"{len(errors)} problems\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _excerpt(value: object) -> str:
+    text = _EXCERPT.repr(_masked(value))
+    return text if len(text) <= _MAX_EXCERPT_CHARS else text[: _MAX_EXCERPT_CHARS - 3] + "..."
+
+
+def _masked(value: object, depth: int = 0) -> object:
+    """`value` with the values of secret-looking keys replaced (an error on `storage` echoes the whole mapping)."""
+    if not isinstance(value, dict) or depth > 3:
+        return value
+    return {
+        k: "***" if any(s in str(k).lower() for s in _SECRET_FIELDS) else _masked(v, depth + 1)
+        for k, v in list(value.items())[: _EXCERPT.maxdict + 1]
+    }
 
 
 def _report(message: str) -> None:

@@ -26,3 +26,53 @@ class InfrastructureError(RuntimeError):
 
 class WorkersLost(InfrastructureError):
     """Workers died more often than the job allows (nodes lost, OOM kills): the cluster, not the input, is at fault."""
+
+
+# Error classes of modules the driver must not import just to classify an error (jobs.runner and jobs.finetune pull
+# in torch and Ray), matched by their qualified name anywhere in the exception's class hierarchy.
+_BY_NAME = {
+    "jobs.runner.JobFailed": EXIT_FAILED,
+    "jobs.finetune.FinetuneFailed": EXIT_FAILED,
+    "jobs.finetune.ResumeConflict": EXIT_BAD_INPUT,
+    "workers.weights.WeightsError": EXIT_BAD_INPUT,  # weights not found, hash mismatch, unsafe file
+    "workers.storage.StoreUnavailable": EXIT_INFRASTRUCTURE,
+    "workers.storage.AccessDenied": EXIT_INFRASTRUCTURE,
+    "workers.storage.StorageError": EXIT_BAD_INPUT,  # no bucket, bad scheme, unwritable output, missing input
+    "pydantic_core._pydantic_core.ValidationError": EXIT_BAD_INPUT,
+    "yaml.error.YAMLError": EXIT_BAD_INPUT,
+}
+_OUR_PACKAGES = ("jobs.", "workers.", "schemas.")
+# A path the user named that is not there or not theirs: their move. Other OS errors (a full disk, I/O errors) are
+# the machine's.
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code the command ends with when `exc` stops it (see the module docstring)."""
+    for cls in type(exc).__mro__:  # most specific class first: StoreUnavailable before StorageError
+        code = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if code is not None:
+            return code
+    if isinstance(exc, BadInput):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, InfrastructureError):
+        return EXIT_INFRASTRUCTURE
+    if _is_ray_error(exc):
+        # A task's exception re-raised by ray.get: classify what the task raised (a bug there is still a bug).
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException) and type(cause).__name__ != "RayTaskError":
+            return exit_code_for(cause)
+        return EXIT_INTERNAL if type(exc).__name__ == "RayTaskError" else EXIT_INFRASTRUCTURE
+    if isinstance(exc, ConnectionError | TimeoutError):  # ray.init cannot reach $RAY_ADDRESS
+        return EXIT_INFRASTRUCTURE
+    if isinstance(exc, ValueError) and type(exc).__module__.startswith(_OUR_PACKAGES):
+        return EXIT_BAD_INPUT  # ModelError, ArtifactError, FinetuneDataError, PlanError, PlacementError, ...
+    if isinstance(exc, _USER_OS_ERRORS):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, OSError):
+        return EXIT_INFRASTRUCTURE
+    return EXIT_INTERNAL
+
+
+def _is_ray_error(exc: BaseException) -> bool:
+    return any(c.__module__ == "ray.exceptions" and c.__name__ == "RayError" for c in type(exc).__mro__)

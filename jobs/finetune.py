@@ -19,13 +19,13 @@ from pathlib import Path
 from ray.train import TrainingFailedError
 
 from jobs.cluster import ClusterResources, ensure_ray
+from jobs.locations import absolute_locations
 from schemas.finetune import FinetuneJobSpec, ModelCard
 from workers.artifacts import VersionClaimFailed, checkpoints_uri, find_job_artifact, publish, remove_checkpoints
 from workers.finetune_data import DataPlan, plan_data
 from workers.models import check_model_name, weights_entry
-from workers.storage import Storage, check_writable, join, normalise_uri, open_storage, split_s3
+from workers.storage import Storage, check_writable, join, open_storage, split_s3
 from workers.training import BEST_FILE, read_state, train_loop
-from workers.weights import looks_like_location
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +70,7 @@ class FinetuneSummary:
 
 def resolve_locations(spec: FinetuneJobSpec) -> FinetuneJobSpec:
     """Make local paths absolute, so workers in other processes (and the job id) see the same places."""
-    data = spec.data.model_copy(
-        update={
-            "uri": normalise_uri(spec.data.uri),
-            "validation_uri": normalise_uri(spec.data.validation_uri) if spec.data.validation_uri else None,
-        }
-    )
-    # Weights files and folders too: Ray workers run in another working directory.
-    weights, weights_dir = spec.base.weights, spec.base.weights_dir
-    base = spec.base.model_copy(
-        update={
-            "weights": normalise_uri(weights) if weights and looks_like_location(weights) else weights,
-            "weights_dir": normalise_uri(weights_dir) if weights_dir else None,
-        }
-    )
-    return spec.model_copy(update={"output": normalise_uri(spec.output), "data": data, "base": base})
+    return absolute_locations(spec)
 
 
 def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> FinetuneSummary:

@@ -6,10 +6,15 @@ import math
 from dataclasses import dataclass
 
 from jobs.cluster import ClusterResources
+from jobs.errors import BadInput
 from schemas.specs import LabelJobSpec
 
+# The least share of the cluster's CPUs a CPU worker is given when the spec leaves cpus_per_worker to us: below it a
+# replica decodes and runs its model on a sliver of a core (64 workers on 2 CPUs got 0.03 each) and the job crawls.
+MIN_CPUS_PER_CPU_WORKER = 0.5
 
-class PlacementError(ValueError):
+
+class PlacementError(BadInput):
     """The spec asks for resources the cluster does not have."""
 
 
@@ -30,6 +35,12 @@ def place_workers(spec: LabelJobSpec, cluster: ClusterResources) -> Placement:
     workers = spec.num_workers or (int(cluster.gpus) if use_gpu else 1)
     if use_gpu and workers > cluster.gpus:
         raise PlacementError(f"num_workers={workers} needs {workers} GPUs; the cluster has {cluster.gpus:g}")
+    if not use_gpu and not spec.cpus_per_worker and workers * MIN_CPUS_PER_CPU_WORKER > cluster.cpus + 1e-9:
+        raise PlacementError(
+            f"num_workers={workers} needs at least {workers * MIN_CPUS_PER_CPU_WORKER:g} CPUs at "
+            f"{MIN_CPUS_PER_CPU_WORKER:g} CPU each; the cluster has {cluster.cpus:g}"
+            " (fewer workers, or set cpus_per_worker to share the CPUs anyway)"
+        )
     cpus = spec.cpus_per_worker or max(cluster.cpus / workers, 0.01)
     if cpus * workers > cluster.cpus + 1e-9:
         raise PlacementError(

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import tracemalloc
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
+import ray.exceptions
+from pydantic import ValidationError
 
+from jobs import cli
 from jobs.cli import main
+from jobs.errors import BadInput, InfrastructureError, WorkersLost, exit_code_for
+from jobs.placement import PlacementError
+from schemas.specs import LabelJobSpec, SpecError
+from tests.schemas.test_specs import ALIAS_BOMB
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
+from workers.storage import AccessDenied, ObjectMissing, StorageError, StoreUnavailable
 
 
 def test_bad_spec_file_exits_2_naming_the_field(tmp_path, capsys):
@@ -41,11 +52,13 @@ def test_missing_input_fails_fast_with_its_name(tmp_path, capsys):
 
 def test_unwritable_output_fails_fast(tmp_path, capsys):
     (tmp_path / "in").mkdir()
+    shutil.copy(IMAGENET_SAMPLE / imagenet_labels()[0]["file"], tmp_path / "in")  # an input that plans
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code = main(["label", "--input", str(tmp_path / "in"), "--output", str(blocker / "out"), "--model", "resnet18"])
     assert code == 2
-    assert "not writable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(blocker / "out") in err and err.count("\n") == 1
 
 
 def test_schema_command_prints_json_schema(capsys):
@@ -78,3 +91,159 @@ def test_label_command_resolves_real_weights_offline(tmp_path):
     hits = sum(truth[k].lower() in [t.lower() for t in top] for k, top in
                zip(table.column("key").to_pylist(), table.column("topk_labels").to_pylist(), strict=True))  # fmt: skip
     assert hits >= 4
+
+
+def _validation_error() -> ValidationError:
+    try:
+        LabelJobSpec(input={"uri": "s3://a/b"}, output="s3://c/d", model={"name": "x"}, batch_size=-1)
+    except ValidationError as exc:
+        return exc
+    raise AssertionError("the spec validated")
+
+
+def _ray_task_error(cause: BaseException) -> BaseException:
+    return ray.exceptions.RayTaskError("label_shard", "traceback", cause).as_instanceof_cause()
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (lambda: SpecError("job.yaml: aliases"), 2),
+        (_validation_error, 2),
+        (lambda: PlacementError("num_workers=64"), 2),
+        (lambda: BadInput("bad"), 2),
+        (lambda: StorageError("no bucket in s3://"), 2),
+        (lambda: ObjectMissing("s3://b/x does not exist"), 2),
+        (lambda: FileNotFoundError(errno.ENOENT, "No such file", "job.yaml"), 2),
+        (lambda: StoreUnavailable("cannot list s3://b/x: store unreachable"), 3),
+        (lambda: AccessDenied("access to s3://b/x denied"), 3),
+        (lambda: InfrastructureError("cluster gone"), 3),
+        (lambda: WorkersLost("workers died 5 times"), 3),
+        (lambda: ray.exceptions.RaySystemError("raylet died"), 3),
+        (lambda: ray.exceptions.GetTimeoutError("get timed out"), 3),
+        (lambda: ConnectionError("could not connect to the GCS at 10.0.0.1:6379"), 3),
+        (lambda: OSError(errno.ENOSPC, "No space left on device"), 3),
+        (lambda: _ray_task_error(StoreUnavailable("down")), 3),
+        (lambda: _ray_task_error(KeyError("bug")), 4),
+        (lambda: KeyError("bug"), 4),
+        (lambda: ValueError("a bug's ValueError, not a user's"), 4),
+        (lambda: TypeError("bug"), 4),
+    ],
+)
+def test_exit_code_for_each_kind_of_error(make, code):
+    assert exit_code_for(make()) == code
+
+
+def test_failed_jobs_exit_1_classified_without_importing_their_modules():
+    from jobs.finetune import FinetuneFailed
+    from jobs.runner import JobFailed
+
+    assert exit_code_for(FinetuneFailed("training failed")) == 1
+    assert exit_code_for(JobFailed.__new__(JobFailed)) == 1
+    script = "import sys, jobs.errors, jobs.cli; sys.exit('torch' in sys.modules or 'ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == 0
+
+
+def test_internal_error_is_one_line_and_verbose_shows_the_traceback(monkeypatch, capsys, caplog):
+    def broken(args):
+        raise KeyError("shard-7")
+
+    monkeypatch.setattr(cli, "_cmd_schema", broken)  # a bug, injected where `schema` would run
+    assert main(["schema"]) == 4
+    err = capsys.readouterr().err
+    assert err == "internal error: KeyError: 'shard-7' (run with -v for the traceback)\n"
+    with caplog.at_level("DEBUG", logger="bulklabel"):
+        assert main(["-v", "schema"]) == 4
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+
+
+def test_validation_errors_are_bounded_and_mask_secrets(tmp_path, capsys):
+    spec = tmp_path / "job.yaml"
+    fields = "".join(f"extra_{i}: {'x' * 20_000}\n" for i in range(30))
+    spec.write_text(
+        "kind: label\ninput: {uri: s3://a/b}\noutput: s3://c/d\nmodel: {name: resnet50}\n"
+        "storage: {secret_access_key: hunter2hunter2}\n" + fields
+    )
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"invalid job spec {spec}: 31 problems\n")
+    assert "... and 11 more" in err and "hunter2hunter2" not in err
+    assert len(err) < 20 * 400 and max(len(line) for line in err.splitlines()) < 400
+
+
+@pytest.mark.fault(
+    fault="hostile spec files: an alias bomb, a python tag, an oversized excerpt",
+    injected="a 605-byte YAML of nested aliases (387 million values), !!python/object/apply, 30 bad 20 kB fields",
+    expected="each refused before any work, exit 2, one bounded error, no traceback; in milliseconds and kilobytes",
+)
+def test_hostile_spec_files_are_refused_quickly_in_one_bounded_error(tmp_path, capsys, record_property):
+    cases = {
+        "alias bomb": ALIAS_BOMB,
+        "python tag": "kind: !!python/object/apply:os.system ['touch pwned']\n",
+        "oversized excerpt": "kind: label\nbatch_size: " + "x" * 500_000 + "\n",
+    }
+    measured = []
+    for name, text in cases.items():
+        spec = tmp_path / f"{name.replace(' ', '-')}.yaml"
+        spec.write_text(text)
+        tracemalloc.start()
+        started = time.perf_counter()
+        code = main(["run", str(spec)])
+        elapsed, peak = time.perf_counter() - started, tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and str(spec) in err, (name, err[:500])
+        assert elapsed < 1 and peak < 16 << 20 and len(err) < 2000, (name, elapsed, peak, len(err))
+        measured.append(f"{name}: exit {code} in {elapsed * 1000:.0f} ms, {peak / 2**20:.1f} MB, {len(err)} chars")
+    assert not (tmp_path / "pwned").exists()
+    record_property("measured", "; ".join(measured))
+
+
+def _cli_in_subprocess(args: list[str], attempts: int) -> tuple[subprocess.CompletedProcess, float]:
+    """The command in its own process, as a user runs it, with S3 retries cut to `attempts` (the failure itself is
+    real: nothing listens at the endpoint)."""
+    script = (f"import sys; from workers.storage import S3Storage; S3Storage.RETRY_ATTEMPTS = {attempts}; "
+              "from jobs.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": "", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret"}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
+    return done, time.perf_counter() - started
+
+
+@pytest.mark.fault(
+    fault="user-caused failures: unreachable endpoint, bad spec, missing spec file, too many workers",
+    injected="--endpoint-url http://127.0.0.1:1 (nothing listening), batch_size: -4, a missing job.yaml, "
+    "--workers 64 on a 2-CPU Ray",
+    expected="one line on stderr naming the problem, no traceback; exit 3 for the store, 2 for the rest",
+)
+def test_user_caused_failures_end_in_one_line_and_their_exit_code(tmp_path, capsys, ray_cluster, record_property):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(IMAGENET_SAMPLE / imagenet_labels()[0]["file"], photos)
+    bad_spec = tmp_path / "bad.yaml"
+    bad_spec.write_text("kind: label\ninput: {uri: s3://in/x}\noutput: s3://out/x\nmodel: {name: resnet50}\n"
+                        "batch_size: -4\n")  # fmt: skip
+    label = ["label", "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--quiet"]
+    measured = []
+
+    done, elapsed = _cli_in_subprocess(
+        [*label, "--input", "s3://b/x", "--output", str(tmp_path / "o1"), "--endpoint-url", "http://127.0.0.1:1"], 2
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last.startswith("error: ") and "127.0.0.1:1" in last and "s3://b/x" in last, last
+    measured.append(f"unreachable endpoint: exit 3 in {elapsed:.1f} s (2 tries, process start included)")
+
+    cases = {
+        "bad spec": (["run", str(bad_spec)], 2, "batch_size"),
+        "missing spec file": (["run", str(tmp_path / "nope.yaml")], 2, "nope.yaml"),
+        "64 workers": ([*label, "--input", str(photos), "--output", str(tmp_path / "o2"), "--workers", "64"], 2,
+                       "num_workers=64 needs at least 32 CPUs at 0.5 CPU each; the cluster has 2"),
+    }  # fmt: skip
+    for name, (argv, code, named) in cases.items():
+        started = time.perf_counter()
+        assert main(argv) == code, name
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        measured.append(f"{name}: exit {code} in {time.perf_counter() - started:.1f} s")
+    record_property("measured", "; ".join(measured) + "; each one line on stderr")

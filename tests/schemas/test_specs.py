@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from schemas.specs import LabelJobSpec, job_spec_json_schema, load_job_spec, parse_job_spec
+from schemas.specs import MAX_SPEC_BYTES, LabelJobSpec, SpecError, job_spec_json_schema, load_job_spec, parse_job_spec
 
 BASE = {"kind": "label", "input": {"uri": "s3://in/photos"}, "output": "s3://out/run-1", "model": {"name": "resnet50"}}
 
@@ -87,3 +87,88 @@ def test_json_schema_exports_every_field():
     schema = json.dumps(job_spec_json_schema())
     for field in ("top_k", "files_per_shard", "max_failed_shards", "weights_dir"):
         assert field in schema
+
+
+# A "billion laughs": nine levels of nine aliases, 9**9 (387 million) strings once expanded, in a few hundred bytes.
+# Before the limits, validating one of these took 48 s and 4.5 GB and its errors printed 1.5 GB.
+ALIAS_BOMB = "".join(
+    [
+        "kind: label\noutput: s3://out/x\nmodel: {name: resnet50}\n",
+        'a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n',
+        *(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9)),
+        "input: {uri: s3://in/photos, extensions: *a8}\n",
+    ]
+)
+
+
+def _load_text(tmp_path, text: str, name: str = "job.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return load_job_spec(path)
+
+
+def test_alias_bomb_is_refused_in_milliseconds_and_kilobytes(tmp_path):
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    with pytest.raises(SpecError, match="aliases expand to more than") as info:
+        _load_text(tmp_path, ALIAS_BOMB)
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert elapsed < 0.5 and peak < 5 << 20, (elapsed, peak)
+    assert str(tmp_path / "job.yaml") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_modest_aliases_still_load(tmp_path):
+    text = "kind: label\noutput: s3://out/x\nmodel: {name: resnet50}\n"
+    text += "input: {uri: s3://in/p, exclude: &skip ['*.tmp', .thumbs], allowed_roots: [s3://in/extra]}\n"
+    text += "x: *skip\n"  # an unknown field: only checks the alias is expanded before validation refuses it
+    with pytest.raises(ValidationError, match="x"):
+        _load_text(tmp_path, text)
+    text = text.replace("x: *skip\n", "").replace("allowed_roots: [s3://in/extra]", "extensions: &e [jpg, png]")
+    assert _load_text(tmp_path, text).input.extensions == ("jpg", "png")
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    with pytest.raises(SpecError, match="aliases expand"):
+        _load_text(tmp_path, "kind: label\nloop: &x [*x]\n")
+
+
+def test_python_tags_are_refused_in_one_line(tmp_path):
+    text = "kind: !!python/object/apply:os.system ['touch pwned']\n"
+    with pytest.raises(SpecError, match="python tags are not allowed") as info:
+        _load_text(tmp_path, text)
+    assert "line 1" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_oversized_spec_file_is_refused_unread(tmp_path):
+    with pytest.raises(SpecError, match="larger than 1 MiB"):
+        _load_text(tmp_path, "kind: label\n" + "#" * MAX_SPEC_BYTES + "\n")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("deep.yaml", "a: " + "[" * 5000, "not a valid YAML job spec"),
+        ("deep.json", "[" * 200_000, "nested too deeply"),
+        ("bad.json", '{"kind": "label",', "not valid JSON"),
+        ("tabs.yaml", "kind: label\n\tinput: x\n", "not a valid YAML job spec"),
+        ("digits.yaml", "kind: label\nbatch_size: " + "9" * 100_000 + "\n", "a value cannot be read"),
+    ],
+)
+def test_malformed_files_are_one_line_spec_errors(tmp_path, name, text, problem):
+    with pytest.raises(SpecError, match=problem) as info:
+        _load_text(tmp_path, text, name)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_binary_spec_files_are_spec_errors(tmp_path):
+    with pytest.raises(SpecError, match="cannot read job spec"):
+        load_job_spec(tmp_path / "nope.yaml")
+    (tmp_path / "bin.yaml").write_bytes(b"kind: \xff\xfe label\n")
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_job_spec(tmp_path / "bin.yaml")
