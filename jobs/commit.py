@@ -31,7 +31,7 @@ from jobs.errors import BadInput
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION
 from schemas.shards import MARKER_FORMAT, ShardResult
 from schemas.specs import LabelJobSpec
-from workers.storage import ObjectMissing, Storage, join, relative_key
+from workers.storage import ObjectMissing, Storage, StorageError, join, relative_key
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,13 @@ def claim_output(storage: Storage, output: str, job_id: str) -> None:
     owner_uri = join(output, OWNER_NAME)
     claim = {"job_id": job_id, "claimed_at": datetime.now(UTC).isoformat(), "host": socket.gethostname(),
              "pid": os.getpid()}  # fmt: skip
-    if storage.create_exclusive(owner_uri, json.dumps(claim).encode()):
+    try:
+        created = storage.create_exclusive(owner_uri, json.dumps(claim).encode())
+    except StorageError:
+        raise
+    except OSError as exc:  # a local output below a file, on a read-only disk, without permission
+        raise StorageError(f"output {output} is not writable: {type(exc).__name__}: {exc}") from exc
+    if created:
         log.info("claimed output %s for job %s", output, job_id)
         return
     owner = _owner_job_id(storage, owner_uri)

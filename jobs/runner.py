@@ -25,6 +25,7 @@ from jobs.commit import (
     remove_partials,
     write_manifest,
 )
+from jobs.locations import absolute_locations
 from jobs.placement import Placement, place_workers
 from jobs.plan import PlanError, PlanStats, plan_shards
 from jobs.progress import JobSummary, Progress, Skipped
@@ -34,7 +35,7 @@ from schemas.specs import LabelJobSpec
 from workers import faults
 from workers.label_worker import LabelWorker
 from workers.models import model_categories
-from workers.storage import check_writable, normalise_uri, open_storage
+from workers.storage import check_writable, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +48,9 @@ class JobFailed(RuntimeError):
         self.summary = summary
 
 
-def resolve_locations(spec: LabelJobSpec) -> LabelJobSpec:
-    """Make local paths absolute, so workers in other processes (and the job id) see the same places."""
-    return spec.model_copy(
-        update={
-            "output": normalise_uri(spec.output),
-            "input": spec.input.model_copy(update={"uri": normalise_uri(spec.input.uri)}),
-        }
-    )
-
-
 def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
     """Run (or resume, or extend with new input) a label job to completion and return its summary."""
-    spec = resolve_locations(spec)
+    spec = absolute_locations(spec)  # workers in other processes (and the job id) must see the same places
     job_id = spec.resolved_job_id()
     started_at, clock = datetime.now(UTC), time.perf_counter()
     out = open_storage(spec.output, spec.storage)
