@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
+from jobs.plan import files_shard_id
 from jobs.runner import JobFailed, run_label_job
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
@@ -43,6 +44,11 @@ def _spec(photos: Path, out: Path, **overrides) -> LabelJobSpec:
         "top_k": 3,
     }
     return LabelJobSpec(**{**fields, **overrides})
+
+
+def _shard(photos: Path, index: int, per_shard: int = 2) -> str:
+    """The id planning gives the `index`-th shard of `photos` (shards follow key order; ids derive from first keys)."""
+    return files_shard_id(sorted(p.name for p in photos.iterdir())[index * per_shard])
 
 
 def _inject(monkeypatch, *rules: dict) -> None:
@@ -74,7 +80,7 @@ def _is_committed(out: Path, path: Path) -> bool:
     expected="dead workers replaced, their shards retried; rows in = rows out",
 )
 def test_worker_killed_five_times(photos, tmp_path, monkeypatch, record_property):
-    victims = ["files-000002", "files-000005", "files-000009", "files-000013", "files-000017"]
+    victims = [_shard(photos, i) for i in (2, 5, 9, 13, 17)]
     _inject(monkeypatch, *({"shard": s, "attempt": 1, "after_rows": 1, "action": "exit"} for s in victims))
     summary = run_label_job(_spec(photos, tmp_path / "out", batch_size=1), show_progress=False)
     rows = assert_exactly_once(tmp_path / "out", photos)
@@ -90,7 +96,7 @@ def test_worker_killed_five_times(photos, tmp_path, monkeypatch, record_property
     expected="worker killed and replaced after the timeout; shard retried; rows in = rows out",
 )
 def test_hanging_worker_is_replaced_after_timeout(photos, tmp_path, monkeypatch, record_property):
-    _inject(monkeypatch, {"shard": "files-000004", "attempt": 1, "action": "hang"})
+    _inject(monkeypatch, {"shard": _shard(photos, 4), "attempt": 1, "action": "hang"})
     summary = run_label_job(_spec(photos, tmp_path / "out", shard_timeout_s=15), show_progress=False)
     rows = assert_exactly_once(tmp_path / "out", photos)
     assert (summary.status, summary.worker_restarts) == ("succeeded", 1)
@@ -103,11 +109,12 @@ def test_hanging_worker_is_replaced_after_timeout(photos, tmp_path, monkeypatch,
     expected="job fails naming the shard and error; every other shard committed; no manifest",
 )
 def test_shard_failing_every_time_fails_the_job(photos, tmp_path, monkeypatch, record_property):
-    _inject(monkeypatch, {"shard": "files-000007", "action": "raise"})
+    victim = _shard(photos, 7)
+    _inject(monkeypatch, {"shard": victim, "action": "raise"})
     with pytest.raises(JobFailed) as info:
         run_label_job(_spec(photos, tmp_path / "out", max_attempts=2), show_progress=False)
-    assert info.value.summary.failed_shards.keys() == {"files-000007"}
-    assert "files-000007" in str(info.value) and "injected failure" in str(info.value)
+    assert info.value.summary.failed_shards.keys() == {victim}
+    assert victim in str(info.value) and "injected failure" in str(info.value)
     out = tmp_path / "out"
     assert len(list(out.glob("part-*.parquet"))) == 19 and not (out / "_job.json").exists()
     record_property("measured", "status failed, 19/20 shards committed, failed shard named with its error")
@@ -119,11 +126,11 @@ def test_shard_failing_every_time_fails_the_job(photos, tmp_path, monkeypatch, r
     expected="job ends partial; manifest lists the failed shard and its error; others committed",
 )
 def test_shard_failing_every_time_gives_partial_when_allowed(photos, tmp_path, monkeypatch, record_property):
-    _inject(monkeypatch, {"shard": "files-000007", "action": "raise"})
+    _inject(monkeypatch, {"shard": _shard(photos, 7), "action": "raise"})
     summary = run_label_job(_spec(photos, tmp_path / "out", max_attempts=2, max_failed_shards=1), show_progress=False)
     manifest = json.loads((tmp_path / "out" / "_job.json").read_text())
     assert (summary.status, manifest["status"], manifest["totals"]["rows"]) == ("partial", "partial", 38)
-    assert [f["shard"] for f in manifest["failed_shards"]] == ["files-000007"]
+    assert [f["shard"] for f in manifest["failed_shards"]] == [_shard(photos, 7)]
     record_property("measured", "status partial, 19/20 shards, 38/40 rows, failure listed in _job.json")
 
 
