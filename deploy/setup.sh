@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${BULKLABEL_VENV:-.venv}
-stamp="$VENV/.setup-$(cat deploy/requirements.txt deploy/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
+stamp="$VENV/.setup-$(cat deploy/requirements*.txt deploy/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   python3 -m venv "$VENV"
   # pip prints ~100 harmless "Location ... is ignored" lines for its local indexes here; hide them.
