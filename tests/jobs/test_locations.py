@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,34 @@ def test_finetune_s3_and_enum_weights_are_untouched(here):
         output="s3://models/plants/",
     )
     assert absolute_locations(spec) == spec
+
+
+@pytest.mark.fault(
+    fault="a relative --weights path given to a job on a cluster the driver joins (RAY_ADDRESS)",
+    injected="`bulklabel label --weights weights/<file>.pth` run from the folder holding it, against the test "
+    "session's Ray cluster, whose workers start in another directory",
+    expected="the path is made absolute on the driver; the workers load that file; the job succeeds",
+)
+def test_relative_weights_path_works_on_a_joined_cluster(ray_cluster, tmp_path, record_property):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_torchvision_weights
+
+    weights = write_torchvision_weights("mobilenet_v2", tmp_path / "weights")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for row in imagenet_labels()[:2]:
+        shutil.copy(IMAGENET_SAMPLE / row["file"], photos / row["file"])
+    cli = Path(sys.executable).with_name("bulklabel")
+    command = [str(cli), "label", "--model", "mobilenet_v2", "--weights", f"weights/{weights.name}", "--quiet",
+               "--input", "photos", "--output", "out", "--top-k", "3"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["address"]}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert manifest["model"]["model_id"] == f"mobilenet_v2:{weights.name}"
+    assert manifest["spec"]["model"]["weights"] == str(weights)
+    assert manifest["totals"]["rows"] == 2
+    record_property("measured", f"exit 0; workers loaded {manifest['spec']['model']['weights']}; 2/2 rows")
