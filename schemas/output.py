@@ -5,7 +5,11 @@ that Spark, Athena, DuckDB and ClickHouse all read. FixedSizeList would be store
 Arrow-only metadata that several engines mishandle.
 """
 
+from datetime import datetime
+from typing import Any, Literal
+
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
 
 # Bump when a column is added, removed or changes meaning; readers check it in the job manifest.
 LABEL_SCHEMA_VERSION = 1
@@ -30,3 +34,69 @@ LABEL_SCHEMA = pa.schema(
     ],
     metadata={"bulklabel.schema_version": str(LABEL_SCHEMA_VERSION)},
 )
+
+
+# ----------------------------------------------------------------------------------------------- the job manifest
+# What `_job.json` holds (jobs.commit.write_manifest writes it), typed for readers (jobs.output_reader). Fields a
+# newer bulklabel adds to the manifest without changing the rows are ignored, so a reader keeps working; a change
+# to the rows bumps LABEL_SCHEMA_VERSION, which readers check before anything else.
+
+
+class _ManifestPart(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class ManifestShard(_ManifestPart):
+    """One committed shard: its data file (a URI under the output the job wrote to) and its row counts."""
+
+    shard: str
+    data: str
+    rows: int = Field(ge=0)
+    errors: int = Field(ge=0)
+
+
+class ManifestFailedShard(_ManifestPart):
+    shard: str
+    error: str
+
+
+class ManifestModel(_ManifestPart):
+    """The model the rows came from, as the worker described it."""
+
+    model_id: str
+    embedding_dim: int | None = Field(default=None, gt=0)
+    num_classes: int | None = Field(default=None, gt=0)
+    device: str | None = None
+
+
+class ManifestTotals(_ManifestPart):
+    shards: int = Field(ge=0)
+    rows: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    failed_shards: int = Field(ge=0)
+
+
+class JobManifest(_ManifestPart):
+    """A finished label job's manifest: every shard it lists is committed (its data written before the manifest)."""
+
+    job_id: str
+    kind: Literal["label"] = "label"
+    status: Literal["succeeded", "partial"]
+    spec: dict[str, Any]  # the job spec as dumped (secrets masked); kept loose so older specs still read
+    model: ManifestModel
+    schema_version: int
+    started_at: datetime
+    finished_at: datetime
+    totals: ManifestTotals
+    shards: tuple[ManifestShard, ...]
+    failed_shards: tuple[ManifestFailedShard, ...] = ()
+
+    @property
+    def output(self) -> str:
+        """The output URI the job wrote to (the data URIs are under it, even if the output was moved since)."""
+        return self.spec["output"]
+
+    @property
+    def embeddings(self) -> bool:
+        """Whether the job stored embeddings (`embeddings: false` leaves the column null)."""
+        return bool(self.spec.get("embeddings", True))
