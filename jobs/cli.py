@@ -1,4 +1,4 @@
-"""The `bulklabel` command line: label, finetune, run a spec file, demo, schema."""
+"""The `bulklabel` command line: label, finetune, run a spec file, demo, query, similar, schema."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
 from schemas.finetune import FinetuneJobSpec
-from schemas.specs import LabelJobSpec, job_spec_json_schema, load_job_spec, parse_job_spec
+from schemas.specs import LabelJobSpec, StorageOptions, job_spec_json_schema, load_job_spec, parse_job_spec
 
 log = logging.getLogger("bulklabel")
 
@@ -115,6 +115,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", help="where to write the Parquet output")
     demo.set_defaults(handler=_cmd_demo)
 
+    query = sub.add_parser("query", help="SQL (DuckDB) over a label output's committed rows, as the view `labels`")
+    query.add_argument("output", help="the label job's output: local folder or s3://bucket/prefix")
+    query.add_argument("sql", help='e.g. "SELECT label, count(*) FROM labels GROUP BY ALL ORDER BY 2 DESC"')
+    query.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"],
+                       help="json: JSON Lines, one object per row; parquet needs --out")  # fmt: skip
+    query.add_argument("--out", type=Path, help="write the result to this local file (csv, json, parquet)")
+    query.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    query.set_defaults(handler=_cmd_query)
+
+    similar = sub.add_parser("similar", help="the images nearest KEY by embedding cosine (exact), the image first")
+    similar.add_argument("output", help="the label job's output: local folder or s3://bucket/prefix")
+    similar.add_argument("key", help="a row's key, or the URI of the image file it came from")
+    similar.add_argument("-k", type=int, default=10, help="how many rows to show, the image itself included")
+    similar.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    similar.set_defaults(handler=_cmd_similar)
+
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
     return parser
@@ -193,6 +209,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if code == 0:
         print(format_labels_table(spec.output))
     return code
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from jobs.query import run_query  # DuckDB is loaded only by the commands that use it
+
+    run_query(args.output, args.sql, args.format, args.out, StorageOptions(endpoint_url=args.endpoint_url), sys.stdout)
+    return 0
+
+
+def _cmd_similar(args: argparse.Namespace) -> int:
+    from jobs.query import format_neighbours, similar
+
+    print(format_neighbours(similar(args.output, args.key, args.k, StorageOptions(endpoint_url=args.endpoint_url))))
+    return 0
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:

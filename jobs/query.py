@@ -1,0 +1,201 @@
+"""SQL and nearest neighbours over a label output's committed rows, with DuckDB in process.
+
+`bulklabel query OUTPUT "SQL"` runs the SQL against a view `labels`: the committed rows only (jobs.output_reader
+decides which files those are), with `embedding` as `FLOAT[d]` so DuckDB's array functions
+(`array_cosine_similarity`, `array_distance`) work on it directly. The files are handed to DuckDB as a pyarrow
+dataset, local and S3 alike: DuckDB's own S3 support (the httpfs extension) is downloaded on first use, which an
+offline machine cannot do, and one path for both keeps what the view shows the same (no globbing of the output's
+path, no hive-partition guessing from its folder names).
+
+`bulklabel similar OUTPUT KEY -k 10` is exact: one cosine per committed row, a full scan, fine for outputs up to a
+few hundred thousand rows. An index (DuckDB vss or faiss) for larger outputs is not built yet.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import duckdb
+
+from jobs.errors import BadInput
+from jobs.output_reader import LabelOutput, open_output
+from schemas.output import LABEL_SCHEMA
+from schemas.specs import StorageOptions
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("table", "csv", "json", "parquet")
+VIEW = "labels"
+_FILES_VIEW = "labels_lists"  # the rows as stored (embedding a variable-size list); `labels` is built on it
+_BATCH_ROWS = 10_000
+
+
+class QueryError(BadInput):
+    """The SQL failed (syntax, unknown column, ...) or asked for an output format that cannot be written."""
+
+
+class NoEmbeddings(BadInput):
+    """A similarity search on an output (or an image) that has no embedding."""
+
+
+class KeyNotInOutput(BadInput):
+    """The key asked for is not among the output's committed rows."""
+
+
+def connect(output: LabelOutput) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory DuckDB with the `labels` view over `output`'s committed rows."""
+    # Never fetch extensions from the network: a query naming s3:// or https:// itself fails at once, offline too.
+    con = duckdb.connect(config={"autoinstall_known_extensions": False})
+    source = output.dataset() if output.files else LABEL_SCHEMA.empty_table()
+    con.register(_FILES_VIEW, source)
+    dim = output.embedding_dim or _probe_embedding_dim(con)
+    if dim:
+        con.execute(
+            f"CREATE VIEW {VIEW} AS SELECT * REPLACE (embedding::FLOAT[{int(dim)}] AS embedding) FROM {_FILES_VIEW}"
+        )
+    else:  # no embeddings stored (or no rows yet): the column stays a list, all null
+        con.execute(f"CREATE VIEW {VIEW} AS SELECT * FROM {_FILES_VIEW}")
+    return con
+
+
+def _probe_embedding_dim(con: duckdb.DuckDBPyConnection) -> int | None:
+    """Without a manifest to say the width (an unfinished job), the first stored embedding's length does."""
+    row = con.execute(f"SELECT len(embedding) FROM {_FILES_VIEW} WHERE embedding IS NOT NULL LIMIT 1").fetchone()
+    return row[0] if row else None
+
+
+def run_query(
+    uri: str,
+    sql: str,
+    fmt: str = "table",
+    out: Path | None = None,
+    options: StorageOptions | None = None,
+    stream: TextIO | None = None,
+) -> int:
+    """Run `sql` over the output at `uri`; write the result to `out` (csv, json, parquet) or `stream` (table, csv,
+    json: JSON Lines, one object per row). Returns the number of rows written (for `table`, of the result)."""
+    if fmt not in FORMATS:
+        raise QueryError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and out is None:
+        raise QueryError("--format parquet writes a file: give it with --out FILE")
+    if out is not None and fmt == "table":
+        raise QueryError("--out writes csv, json or parquet: add --format csv|json|parquet")
+    stream = stream or sys.stdout
+    output = open_output(uri, options)
+    if not output.complete:
+        log.warning("output %s has no manifest (job running or interrupted): querying the %d shard(s) committed so "
+                    "far", output.uri, len(output.files))  # fmt: skip
+    con = connect(output)
+    try:
+        rel = con.sql(sql)
+        if rel is None:
+            raise QueryError("the SQL returned no result: give a query (SELECT ..., SUMMARIZE labels, ...)")
+        if fmt == "table":
+            stream.write(f"{rel}\n")
+            return len(rel)
+        if fmt == "parquet":
+            rel.write_parquet(str(out), compression="zstd")
+            return len(rel)
+        if out is not None:
+            with open(out, "w", newline="") as fh:
+                return _write_rows(rel, fmt, fh)
+        return _write_rows(rel, fmt, stream)
+    except duckdb.Error as exc:
+        raise QueryError(f"query failed: {exc}") from exc
+    finally:
+        con.close()
+
+
+def _write_rows(rel: duckdb.DuckDBPyRelation, fmt: str, fh: TextIO) -> int:
+    """Stream the result in batches as CSV (lists and structs as JSON text) or JSON Lines."""
+    writer = csv.writer(fh) if fmt == "csv" else None
+    if writer:
+        writer.writerow(rel.columns)
+    count = 0
+    for batch in rel.to_arrow_reader(_BATCH_ROWS):
+        for row in batch.to_pylist():
+            if writer:
+                writer.writerow(_csv_value(v) for v in row.values())
+            else:
+                fh.write(json.dumps(row, default=str) + "\n")
+            count += 1
+    return count
+
+
+def _csv_value(value: object) -> object:
+    return json.dumps(value, default=str) if isinstance(value, list | dict | tuple) else value
+
+
+# ----------------------------------------------------------------------------------------------- similar
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    key: str
+    label: str | None
+    score: float | None
+    similarity: float
+
+
+def similar(uri: str, key: str, k: int = 10, options: StorageOptions | None = None) -> list[Neighbour]:
+    """The `k` committed rows whose embeddings are nearest `key`'s by cosine similarity, most similar first (the
+    image itself first, at ~1.0). `key` is a row's key, or else the URI of the image file it came from (`source`).
+
+    Exact: a full scan of the output (see the module docstring).
+    """
+    if k < 1:
+        raise BadInput(f"-k must be at least 1, not {k}")
+    output = open_output(uri, options)
+    if output.manifest is not None and not output.manifest.embeddings:
+        raise NoEmbeddings(f"output {output.uri} has no embeddings: its job ran with embeddings: false")
+    con = connect(output)
+    try:
+        if con.execute(f"SELECT count(embedding) FROM {VIEW}").fetchone()[0] == 0:
+            raise NoEmbeddings(f"output {output.uri} has no embeddings ({len(output.files)} committed file(s))")
+        column = _key_column(con, key, output)
+        found = con.execute(
+            f"SELECT count(*), count(embedding), any_value(error) FROM {VIEW} WHERE {column} = ?", [key]
+        ).fetchone()
+        if found[1] == 0:
+            raise NoEmbeddings(f"{key!r} has no embedding: it was not labelled ({found[2]})")
+        if found[0] > 1:
+            log.warning("%d rows have %s %r; searching from the first of them", found[0], column, key)
+        rows = con.execute(
+            f"""WITH q AS (SELECT embedding AS e FROM {VIEW} WHERE {column} = $key AND embedding IS NOT NULL
+                           ORDER BY key LIMIT 1)
+                SELECT key, label, score, array_cosine_similarity(embedding, q.e) AS similarity
+                FROM {VIEW}, q WHERE embedding IS NOT NULL
+                ORDER BY similarity DESC, key LIMIT $k""",
+            {"key": key, "k": k},
+        ).fetchall()
+    finally:
+        con.close()
+    return [Neighbour(*row) for row in rows]
+
+
+def _key_column(con: duckdb.DuckDBPyConnection, key: str, output: LabelOutput) -> str:
+    for column in ("key", "source"):
+        if con.execute(f"SELECT 1 FROM {VIEW} WHERE {column} = ? LIMIT 1", [key]).fetchone():
+            return column
+    total, examples = con.execute(f"SELECT count(*), list(key ORDER BY key)[1:3] FROM {VIEW}").fetchone()
+    raise KeyNotInOutput(
+        f"{key!r} is not a key (or image file) of output {output.uri} ({total} committed rows"
+        + (f"; keys look like {', '.join(examples)}" if examples else "")
+        + ")"
+    )
+
+
+def format_neighbours(neighbours: list[Neighbour]) -> str:
+    """An aligned table: key, label, score, similarity."""
+    width = max([len(n.key) for n in neighbours] + [3])
+    lines = [f"{'key':<{width}}  {'label':<24} {'score':>6} {'similarity':>10}"]
+    for n in neighbours:
+        score = f"{n.score:6.3f}" if n.score is not None else f"{'-':>6}"
+        lines.append(f"{n.key:<{width}}  {n.label or '-':<24} {score} {n.similarity:10.4f}")
+    return "\n".join(lines)
