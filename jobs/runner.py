@@ -26,7 +26,7 @@ from jobs.commit import (
     write_manifest,
 )
 from jobs.locations import absolute_locations
-from jobs.placement import Placement, place_workers
+from jobs.placement import Placement, check_locations_reachable, place_workers
 from jobs.plan import PlanError, PlanStats, plan_shards
 from jobs.progress import JobSummary, Progress, Skipped
 from jobs.scheduler import SchedulerLimits, ShardScheduler
@@ -56,6 +56,7 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
     out = open_storage(spec.output, spec.storage)
 
     # Check: nothing starts unless model, output and input are usable, and what earlier runs committed holds.
+    check_locations_reachable(spec)  # local paths on a multi-node cluster: other nodes cannot see them
     check_top_k(spec)
     check_output(out, spec.output, job_id, spec.foreign_files)
     committed = read_committed(out, spec.output, job_id)

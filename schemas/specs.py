@@ -161,6 +161,12 @@ class LabelJobSpec(Spec):
         "keep: they are left untouched (never read, overwritten or deleted); names bulklabel uses are still refused.",
     )
     shard_timeout_s: float = Field(default=3600, gt=0, description="A shard taking longer is retried elsewhere.")
+    shared_storage: bool = Field(
+        default=False,
+        description="Local paths (input, output, model files) are on storage every Ray node mounts at the same path "
+        "(NFS, a shared volume). Without it, a job with a local path on a cluster of more than one node is refused "
+        "before work starts: workers on other nodes would not see this machine's folders.",
+    )
 
     @field_validator("output")
     @classmethod
