@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from jobs.commit import OWNER_NAME, OutputConflict
 from jobs.plan import PlanError
 from jobs.runner import JobFailed, run_label_job
 from schemas.specs import LabelJobSpec
+from tests.jobs.test_storage_outage import run_through_a_restart
 from tests.s3server import S3Server, WeedServer
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
 from workers.storage import AccessDenied, join, open_storage
@@ -266,31 +266,16 @@ def test_rotated_credentials_stop_the_job_and_the_rerun_finishes(tmp_path, recor
             storage.upload_file(str(path), join("s3://rotate/in", path.name))
         out = tmp_path / "out"
         spec = _spec("s3://rotate/in", str(out), storage=server.options(), batch_size=1)
-        outcome: dict = {}
-
-        def run() -> None:
-            try:
-                outcome["summary"] = run_label_job(spec, show_progress=False)
-            except Exception as exc:  # noqa: BLE001 - the test looks at what the job raised
-                outcome["error"] = exc
-
-        job = threading.Thread(target=run)
-        job.start()
-        deadline = time.monotonic() + 120
-        while len(list(out.glob("_done/*.json"))) < 2:
-            assert time.monotonic() < deadline and job.is_alive(), outcome
-            time.sleep(0.05)
-        weed.stop()
-        rotated = _rotate_secret(weed)
-        weed.start()
-        job.join(timeout=300)
+        rotated: list[S3Server] = []
+        outcome = run_through_a_restart(weed, spec, lambda: len(list(out.glob("_done/*.json"))), down_s=0,
+                                        while_down=lambda: rotated.append(_rotate_secret(weed)))  # fmt: skip
         assert isinstance(outcome.get("error"), AccessDenied), outcome
         assert "s3://rotate/in" in str(outcome["error"])
         committed = len(list(out.glob("_done/*.json")))
         errors = ds.dataset(out, format="parquet").to_table(columns=["error"]).column("error").to_pylist()
         assert all(e is None for e in errors)
 
-        summary = run_label_job(spec.model_copy(update={"storage": rotated.options()}), show_progress=False)
+        summary = run_label_job(spec.model_copy(update={"storage": rotated[0].options()}), show_progress=False)
         assert (summary.status, summary.images, summary.errors) == ("succeeded", 12, 0)
         assert _keys(out) == sorted(p.name for p in files)
         record_property("measured", f"stopped: {str(outcome['error'])[:80]}; {committed}/6 shards committed, no "
