@@ -67,7 +67,8 @@ def _spec_file(folder: Path, s3_server, **fields) -> Path:
 
 def _start_job(cluster: MultiNodeCluster, spec: Path, s3_server, cwd: Path) -> subprocess.Popen:
     cli = Path(sys.executable).with_name("bulklabel")
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "disabled", **_credentials(s3_server)}
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TMPDIR": cluster.temp_dir, "RAY_AUTH_MODE": "disabled",
+           **_credentials(s3_server)}  # fmt: skip
     return subprocess.Popen([str(cli), "run", str(spec), "--quiet"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
@@ -150,6 +151,13 @@ def test_label_job_spreads_over_the_nodes_and_uses_s3_only(cluster, s3_server, s
                                 f"cluster start {cluster.describe()}; job {seconds:.0f}s")  # fmt: skip
 
 
+@pytest.mark.fault(
+    fault="a label job with a local output folder on a multi-node Ray cluster",
+    injected="`bulklabel run` with output: /tmp/... (input on S3) against a head and three worker nodes; then the "
+    "same spec with shared_storage: true",
+    expected="refused with exit 2 before anything is written or any worker starts, naming the path, the node count "
+    "and the fix; declared shared, the job runs",
+)
 def test_local_output_is_refused_on_a_multi_node_cluster_unless_declared_shared(
     cluster, s3_server, s3_prefix, tmp_path, record_property
 ):
