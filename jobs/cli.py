@@ -212,14 +212,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from jobs.query import run_query  # DuckDB is loaded only by the commands that use it
+    from jobs.output.query import run_query  # DuckDB is loaded only by the commands that use it
 
     run_query(args.output, args.sql, args.format, args.out, StorageOptions(endpoint_url=args.endpoint_url), sys.stdout)
     return 0
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
-    from jobs.query import format_neighbours, similar
+    from jobs.output.query import format_neighbours, similar
 
     print(format_neighbours(similar(args.output, args.key, args.k, StorageOptions(endpoint_url=args.endpoint_url))))
     return 0
@@ -236,7 +236,7 @@ def _run(spec: LabelJobSpec | FinetuneJobSpec, quiet: bool) -> int:
 
         summary = run_finetune_job(spec, show_progress=not quiet)
     else:
-        from jobs.runner import run_label_job
+        from jobs.label.runner import run_label_job
 
         summary = run_label_job(spec, show_progress=not quiet)
     print("\n".join(summary.lines()))

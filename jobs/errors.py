@@ -28,10 +28,10 @@ class WorkersLost(InfrastructureError):
     """Workers died more often than the job allows (nodes lost, OOM kills): the cluster, not the input, is at fault."""
 
 
-# Error classes of modules the driver must not import just to classify an error (jobs.runner and jobs.finetune pull
-# in torch and Ray), matched by their qualified name anywhere in the exception's class hierarchy.
+# Error classes of modules the driver must not import just to classify an error (jobs.label.runner, jobs.finetune:
+# torch and Ray), matched by their qualified name anywhere in the exception's class hierarchy.
 _BY_NAME = {
-    "jobs.runner.JobFailed": EXIT_FAILED,
+    "jobs.label.runner.JobFailed": EXIT_FAILED,
     "jobs.finetune.FinetuneFailed": EXIT_FAILED,
     "jobs.finetune.ResumeConflict": EXIT_BAD_INPUT,
     "workers.weights.WeightsError": EXIT_BAD_INPUT,  # weights not found, hash mismatch, unsafe file

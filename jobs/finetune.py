@@ -21,11 +21,17 @@ from ray.train import TrainingFailedError
 from jobs.cluster import ClusterResources, ensure_ray
 from jobs.locations import absolute_locations
 from schemas.finetune import FinetuneJobSpec, ModelCard
-from workers.artifacts import VersionClaimFailed, checkpoints_uri, find_job_artifact, publish, remove_checkpoints
-from workers.finetune_data import DataPlan, plan_data
 from workers.models import check_model_name, weights_entry
 from workers.storage import Storage, check_writable, join, open_storage, split_s3
-from workers.training import BEST_FILE, read_state, train_loop
+from workers.training.artifacts import (
+    VersionClaimFailed,
+    checkpoints_uri,
+    find_job_artifact,
+    publish,
+    remove_checkpoints,
+)
+from workers.training.data import DataPlan, plan_data
+from workers.training.loop import BEST_FILE, read_state, train_loop
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Off unless BOTH environment variables are set in the driver's environment:
     BULKLABEL_FAULTS='[{"shard": "files-000003", "attempt": 1, "action": "exit", "after_rows": 8}]'
     BULKLABEL_FAULTS_ACKNOWLEDGE=I-AM-TESTING
 The second one exists so that a stray BULKLABEL_FAULTS in a production environment does nothing
-but log a warning. The driver forwards both to its workers (jobs/runner.py), so faults are scoped
+but log a warning. The driver forwards both to its workers (jobs/label/runner.py), so faults are scoped
 to the job that was started with them.
 """
 

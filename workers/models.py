@@ -18,7 +18,7 @@ from torchvision.models import get_model, get_model_weights, list_models
 
 from schemas.specs import ModelSpec, PreprocessSpec, StorageOptions
 from workers import weights as weights_io
-from workers.artifacts import is_artifact_location, load_artifact_model, read_card
+from workers.training.artifacts import is_artifact_location, load_artifact_model, read_card
 
 log = logging.getLogger(__name__)
 

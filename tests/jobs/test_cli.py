@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from jobs import cli
 from jobs.cli import main
 from jobs.errors import BadInput, InfrastructureError, WorkersLost, exit_code_for
-from jobs.placement import PlacementError
+from jobs.label.placement import PlacementError
 from schemas.specs import LabelJobSpec, SpecError
 from tests.schemas.test_specs import ALIAS_BOMB
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
@@ -136,7 +136,7 @@ def test_exit_code_for_each_kind_of_error(make, code):
 
 def test_failed_jobs_exit_1_classified_without_importing_their_modules():
     from jobs.finetune import FinetuneFailed
-    from jobs.runner import JobFailed
+    from jobs.label.runner import JobFailed
 
     assert exit_code_for(FinetuneFailed("training failed")) == 1
     assert exit_code_for(JobFailed.__new__(JobFailed)) == 1

@@ -1,4 +1,4 @@
-"""jobs.commit: the ownership claim, which files count as ours, and what a re-run trusts of the done-markers.
+"""jobs.label.commit: the ownership claim, which files count as ours, and what a re-run trusts of the done-markers.
 
 Pure storage logic, on both backends (a local folder and SeaweedFS), without Ray.
 """
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from jobs.commit import (
+from jobs.label.commit import (
     OWNER_NAME,
     OutputConflict,
     check_output,
@@ -58,7 +58,7 @@ def test_a_fresh_output_is_claimed_and_then_only_by_its_job(storage_root):
 def _racer_script(uri: str, options_json: str, start_at: float) -> str:
     return textwrap.dedent(f"""
         import json, os, sys, time
-        from jobs.commit import OutputConflict, check_output, claim_output
+        from jobs.label.commit import OutputConflict, check_output, claim_output
         from schemas.specs import StorageOptions
         from workers.storage import open_storage
         options = StorageOptions.model_validate_json({options_json!r}) if {options_json!r} else None

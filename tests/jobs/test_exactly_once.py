@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.commit import OWNER_NAME, OutputConflict
-from jobs.plan import PlanError
-from jobs.runner import JobFailed, run_label_job
+from jobs.label.commit import OWNER_NAME, OutputConflict
+from jobs.label.plan import PlanError
+from jobs.label.runner import JobFailed, run_label_job
 from schemas.specs import LabelJobSpec
 from tests.jobs.test_storage_outage import run_through_a_restart
 from tests.s3server import S3Server, WeedServer

@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.plan import files_shard_id
-from jobs.runner import JobFailed, run_label_job
+from jobs.label.plan import files_shard_id
+from jobs.label.runner import JobFailed, run_label_job
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
 from workers import faults

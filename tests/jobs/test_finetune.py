@@ -24,14 +24,14 @@ from torchvision.models import get_model
 from jobs.cli import main
 from jobs.errors import EXIT_BAD_INPUT
 from jobs.finetune import ResumeConflict, run_finetune_job, run_storage
-from jobs.runner import run_label_job
+from jobs.label.runner import run_label_job
 from schemas.finetune import FinetuneJobSpec
 from schemas.specs import LabelJobSpec, ModelSpec
 from tests.support import PLANTS, write_torchvision_weights
-from workers.artifacts import SPLIT_NAME, find_job_artifact, publish, read_card, sha256_of, versions
-from workers.finetune_data import FinetuneDataError, plan_data
 from workers.models import build_model
 from workers.storage import join, open_storage
+from workers.training.artifacts import SPLIT_NAME, find_job_artifact, publish, read_card, sha256_of, versions
+from workers.training.data import FinetuneDataError, plan_data
 
 CLASSES = ("Potato___Early_blight", "Potato___healthy")
 RESUME_JOB_ID = "resume-test"
@@ -283,7 +283,7 @@ def _finished_run(spec: FinetuneJobSpec, folder: Path):
     from schemas.finetune import EpochMetrics, TrainingState
     from schemas.specs import PreprocessSpec
     from workers.models import split_head
-    from workers.training import Classifier, save_weights
+    from workers.training.loop import Classifier, save_weights
 
     torch.manual_seed(spec.training.seed)
     backbone, old_head = split_head(get_model("mobilenet_v2", weights=None))

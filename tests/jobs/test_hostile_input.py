@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from jobs.runner import run_label_job
+from jobs.label.runner import run_label_job
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
 from workers.storage import join, open_storage

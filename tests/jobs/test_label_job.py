@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from jobs.runner import run_label_job
+from jobs.label.runner import run_label_job
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, webdataset_key, write_tar_shards, write_torchvision_weights
 from workers.storage import join, open_storage

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.cluster import ClusterResources
 from jobs.errors import BadInput
-from jobs.placement import (
+from jobs.label.placement import (
     PlacementError,
     UnreachableLocation,
     local_locations,
@@ -164,7 +164,7 @@ def test_a_private_local_ray_is_never_asked_and_a_ray_start_cluster_is(tmp_path)
     script = f"""
 import ray
 from jobs.cluster import joins_existing_cluster
-from jobs.placement import check_locations_reachable
+from jobs.label.placement import check_locations_reachable
 from schemas.specs import LabelJobSpec
 spec = LabelJobSpec(input={{"uri": {str(tmp_path / "in")!r}}}, output={str(tmp_path / "out")!r},
                     model={{"name": "mobilenet_v2"}})

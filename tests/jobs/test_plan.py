@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import plan
 from jobs.errors import BadInput
-from jobs.plan import KeyResolver, PlanError, PlanStats, files_shard_id, is_excluded, plan_shards, shard_id_for
+from jobs.label import plan
+from jobs.label.plan import KeyResolver, PlanError, PlanStats, files_shard_id, is_excluded, plan_shards, shard_id_for
 from schemas.shards import ShardResult
 from schemas.specs import InputSpec, StorageOptions
 from workers.storage import AccessDenied, ObjectInfo, StoreUnavailable, join, open_storage

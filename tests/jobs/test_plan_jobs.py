@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.plan import PlanError
-from jobs.runner import run_label_job
+from jobs.label.plan import PlanError
+from jobs.label.runner import run_label_job
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.plan import shard_id_for
-from jobs.runner import run_label_job
+from jobs.label.plan import shard_id_for
+from jobs.label.runner import run_label_job
 from schemas.specs import LabelJobSpec
 from tests.s3server import WeedServer
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from jobs.query import NoEmbeddings, similar
+from jobs.output.query import NoEmbeddings, similar
 from schemas.output import LABEL_SCHEMA_VERSION
-from tests.jobs.test_output_reader import PHOTOS, label_photos
+from tests.jobs.output.test_reader import PHOTOS, label_photos
 from workers.storage import join, open_storage
 
 
@@ -150,7 +150,7 @@ def test_similar_on_an_output_without_embeddings_says_so(labelled, tmp_path):
 
 
 def test_query_and_similar_on_s3(tmp_path_factory, ray_cluster, s3_server, s3_prefix, capsys, monkeypatch):
-    from jobs.output_reader import open_output
+    from jobs.output.reader import open_output
 
     label_photos(tmp_path_factory, s3_prefix, storage=s3_server.options())
     storage = open_storage(s3_prefix, s3_server.options())
@@ -174,5 +174,5 @@ def test_query_and_similar_on_s3(tmp_path_factory, ray_cluster, s3_server, s3_pr
 
 
 def test_query_module_imports_no_torch_or_ray():
-    script = "import sys, jobs.query; sys.exit('torch' in sys.modules or 'ray' in sys.modules)"
+    script = "import sys, jobs.output.query; sys.exit('torch' in sys.modules or 'ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == 0

@@ -1,4 +1,4 @@
-"""jobs.output_reader on a real label job's output: committed files only, typed manifest, schema version checked;
+"""jobs.output.reader on a real label job's output: committed files only, typed manifest, schema version checked;
 and what other readers (DuckDB, Polars, pyarrow/pandas) make of the same committed files."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.errors import exit_code_for
-from jobs.output_reader import OutputError, UnsupportedSchemaVersion, open_output
+from jobs.output.reader import OutputError, UnsupportedSchemaVersion, open_output
 from schemas.output import LABEL_SCHEMA_VERSION
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
 
@@ -25,7 +25,7 @@ FILES_PER_SHARD = 4
 
 def label_photos(tmp_path_factory: pytest.TempPathFactory, output: str, storage=None) -> str:
     """Label 12 real ImageNet photos with MobileNetV2 (3 shards of 4) into `output`; returns the output."""
-    from jobs.runner import run_label_job
+    from jobs.label.runner import run_label_job
     from schemas.specs import LabelJobSpec
 
     photos = tmp_path_factory.mktemp("photos")

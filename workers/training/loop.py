@@ -25,7 +25,10 @@ from torch.utils.data import DataLoader
 
 from schemas.finetune import EpochMetrics, FinetuneJobSpec, TrainingSpec, TrainingState
 from schemas.specs import PreprocessSpec
-from workers.finetune_data import (
+from workers.inference import autocast_dtype
+from workers.models import build_model
+from workers.storage import local_scratch_dir, open_storage
+from workers.training.data import (
     AugmentedImages,
     DataPlan,
     DecodedImages,
@@ -36,9 +39,6 @@ from workers.finetune_data import (
     shard_of,
     train_cache_preprocess,
 )
-from workers.inference import autocast_dtype
-from workers.models import build_model
-from workers.storage import local_scratch_dir, open_storage
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""workers.training: the pieces of the per-worker loop that need no Ray (the loop itself runs in tests/jobs)."""
+"""workers.training.loop: the pieces of the per-worker loop that need no Ray (the loop itself runs in tests/jobs)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 
 from schemas.finetune import EpochMetrics, FinetuneJobSpec, TrainingSpec, TrainingState
 from schemas.specs import PreprocessSpec
-from workers.finetune_data import DataPlan
 from workers.inference import Predictor
 from workers.models import LoadedModel
-from workers.training import (
+from workers.training.data import DataPlan
+from workers.training.loop import (
     Classifier,
     EpochTotals,
     Normalise,

@@ -40,8 +40,8 @@ from schemas.finetune import (
     TrainingState,
 )
 from schemas.specs import StorageOptions
-from workers.finetune_data import DataPlan
 from workers.storage import Storage, join, local_scratch_dir, normalise_uri, open_storage, relative_key
+from workers.training.data import DataPlan
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import ray
 
 from jobs.cluster import ensure_ray
-from jobs.commit import (
+from jobs.label.commit import (
     CommittedShards,
     check_output,
     claim_output,
@@ -25,11 +25,11 @@ from jobs.commit import (
     remove_partials,
     write_manifest,
 )
+from jobs.label.placement import Placement, check_locations_reachable, place_workers
+from jobs.label.plan import PlanError, PlanStats, plan_shards
+from jobs.label.scheduler import SchedulerLimits, ShardScheduler
 from jobs.locations import absolute_locations
-from jobs.placement import Placement, check_locations_reachable, place_workers
-from jobs.plan import PlanError, PlanStats, plan_shards
 from jobs.progress import JobSummary, Progress, Skipped
-from jobs.scheduler import SchedulerLimits, ShardScheduler
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LabelJobSpec
 from workers import faults

@@ -1,4 +1,4 @@
-"""workers.finetune_data: listing (class folders, labels files) on both backends, the split, decoding, datasets."""
+"""workers.training.data: listing (class folders, labels files) on both backends, the split, decoding, datasets."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from PIL import Image
 from schemas.finetune import FinetuneDataSpec
 from schemas.specs import PreprocessSpec
 from tests.support import PLANTS
-from workers.finetune_data import (
+from workers.storage import join
+from workers.training.data import (
     AugmentedImages,
     Example,
     FinetuneDataError,
@@ -28,7 +29,6 @@ from workers.finetune_data import (
     stratified_split,
     train_cache_preprocess,
 )
-from workers.storage import join
 
 PREPROCESS = PreprocessSpec(resize_size=40, crop_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
 

@@ -1,6 +1,6 @@
 """SQL and nearest neighbours over a label output's committed rows, with DuckDB in process.
 
-`bulklabel query OUTPUT "SQL"` runs the SQL against a view `labels`: the committed rows only (jobs.output_reader
+`bulklabel query OUTPUT "SQL"` runs the SQL against a view `labels`: the committed rows only (jobs.output.reader
 decides which files those are), with `embedding` as `FLOAT[d]` so DuckDB's array functions
 (`array_cosine_similarity`, `array_distance`) work on it directly. The files are handed to DuckDB as a pyarrow
 dataset, local and S3 alike: DuckDB's own S3 support (the httpfs extension) is downloaded on first use, which an
@@ -24,7 +24,7 @@ from typing import TextIO
 import duckdb
 
 from jobs.errors import BadInput
-from jobs.output_reader import LabelOutput, open_output
+from jobs.output.reader import LabelOutput, open_output
 from schemas.output import LABEL_SCHEMA
 from schemas.specs import StorageOptions
 

@@ -1,4 +1,4 @@
-"""workers.artifacts: versioned publishing on both backends, metrics, plots, and loading an artifact for labelling."""
+"""workers.training.artifacts: versioned publishing on both backends, metrics, plots, loading an artifact to label."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from torchvision.models import get_model
 
 from schemas.finetune import MODEL_CARD_NAME, EpochMetrics, FinetuneJobSpec, Metrics, TrainingState
 from schemas.specs import ModelSpec, PreprocessSpec
-from workers.artifacts import (
+from workers.models import build_model, check_model_name, model_categories, split_head, weights_entry
+from workers.storage import LocalStorage, join, open_storage
+from workers.training.artifacts import (
     CLAIM_NAME,
     WEIGHTS_NAME,
     ArtifactError,
@@ -32,10 +34,8 @@ from workers.artifacts import (
     sha256_of,
     versions,
 )
-from workers.finetune_data import DataPlan
-from workers.models import build_model, check_model_name, model_categories, split_head, weights_entry
-from workers.storage import LocalStorage, join, open_storage
-from workers.training import Classifier, save_weights
+from workers.training.data import DataPlan
+from workers.training.loop import Classifier, save_weights
 
 ARCH = "mobilenet_v3_small"  # small, and its head is a Linear at the end of a Sequential like most torchvision models
 CLASSES = ("healthy", "rust", "scab")

@@ -1,10 +1,10 @@
 """Reading a label job's output: the committed rows only, with a typed manifest and the schema version checked.
 
-The writer side of the layout is jobs.commit (see its docstring); this is the reader every command goes through
+The writer side of the layout is jobs.label.commit (see its docstring); this is the reader every command goes through
 (`bulklabel query`, `bulklabel similar`). What counts as committed:
 - an output with a manifest (`_job.json`, written last): exactly the data files it lists, `complete=True`;
 - an output without one (a job still running, or interrupted): the data files of valid done-markers (parsed,
-  of the owning job, data file present at the recorded size: jobs.commit.read_committed), `complete=False`.
+  of the owning job, data file present at the recorded size: jobs.label.commit.read_committed), `complete=False`.
 Anything else under the prefix (a part file whose marker was never written, a temporary upload, another tool's
 Parquet file) is never read.
 
@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 from pydantic import ValidationError
 
-from jobs.commit import MANIFEST_NAME, OWNER_NAME, read_committed, read_manifest
 from jobs.errors import BadInput
+from jobs.label.commit import MANIFEST_NAME, OWNER_NAME, read_committed, read_manifest
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobManifest
 from schemas.specs import StorageOptions
 from workers.storage import ObjectMissing, join, normalise_uri, open_storage, relative_key, split_s3

@@ -1,0 +1,1 @@
+"""Label jobs on the driver: plan the input, place and dispatch workers, commit the output."""

@@ -1,0 +1,1 @@
+"""A label output read back: committed files only, queries, similarity."""
