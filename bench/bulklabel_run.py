@@ -29,8 +29,8 @@ def run_bulklabel(
     server: S3Server, input_uri: str, output_uri: str, model: BenchModel, batch_size: int, num_workers: int = 0
 ) -> JobTiming:
     """Run one label job (Ray already running); returns its wall time from start to manifest committed."""
-    from jobs.commit import read_done_markers
-    from jobs.runner import run_label_job
+    from jobs.label.commit import read_done_markers
+    from jobs.label.runner import run_label_job
     from schemas.specs import LabelJobSpec
     from workers.storage import open_storage
 

@@ -86,9 +86,9 @@ def label_check(artifact: str, output: Path) -> tuple[float, float, int, float]:
     seconds)."""
     import pyarrow.dataset as ds
 
-    from jobs.runner import run_label_job
+    from jobs.label.runner import run_label_job
     from schemas.specs import LabelJobSpec
-    from workers.artifacts import SPLIT_NAME, read_card
+    from workers.training.artifacts import SPLIT_NAME, read_card
 
     card = read_card(artifact)
     with open(Path(artifact, SPLIT_NAME), newline="") as fh:

@@ -50,7 +50,7 @@ def write_small_image_shards(folder: Path, images: int, per_shard: int) -> int:
 
 
 def run_job(images: int, per_shard: int, model: str, workers: int) -> None:
-    from jobs.runner import run_label_job
+    from jobs.label.runner import run_label_job
     from schemas.specs import LabelJobSpec
 
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
@@ -90,7 +90,7 @@ def _rows_and_distinct_keys(output: Path) -> tuple[int, int]:
 
 
 def plan_manifest(keys: int, per_shard: int) -> None:
-    from jobs.plan import plan_shards
+    from jobs.label.plan import plan_shards
     from schemas.specs import InputSpec
     from workers.storage import LocalStorage
 

@@ -81,7 +81,7 @@ def run_scale(config: ScaleConfig) -> list[str]:
         small = upload_tar_shards(server, f"s3://{BUCKET}/in-small-{n}", payloads, n, config.small_shard)
         big = upload_tar_shards(server, f"s3://{BUCKET}/in-big-{n}", payloads, n, config.images_per_shard)
         with local_ray(config.cpus):
-            import jobs.runner  # noqa: F401 - imported before any clock starts
+            import jobs.label.runner  # noqa: F401 - imported before any clock starts
 
             points = [_median_point([_job(server, inputs[size].uri, model, config) for _ in range(config.repeat)])
                       for size in config.sizes]  # fmt: skip

@@ -136,7 +136,7 @@ def _warm_driver_imports() -> None:
     import ray.data
     import torchvision  # noqa: F401
 
-    import jobs.runner  # noqa: F401
+    import jobs.label.runner  # noqa: F401
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     for name in ("ray", "ray.data"):  # Ray Data sets its loggers up on import; quieten them after that

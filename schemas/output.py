@@ -37,7 +37,7 @@ LABEL_SCHEMA = pa.schema(
 
 
 # ----------------------------------------------------------------------------------------------- the job manifest
-# What `_job.json` holds (jobs.commit.write_manifest writes it), typed for readers (jobs.output_reader). Fields a
+# What `_job.json` holds (jobs.label.commit.write_manifest writes it), typed for readers (jobs.output.reader). Fields a
 # newer bulklabel adds to the manifest without changing the rows are ignored, so a reader keeps working; a change
 # to the rows bumps LABEL_SCHEMA_VERSION, which readers check before anything else.
 
