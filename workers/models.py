@@ -138,3 +138,22 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.Identity())
     return model, last
+
+
+def registry_catalog() -> dict:
+    """The torch-free catalog (schemas/catalog.py) as the installed torchvision's registry has it; after upgrading
+    torchvision, regenerate schemas/model_catalog.json from it (tests/schemas/test_catalog.py fails until then):
+    `python -c "import json, workers.models as m; print(json.dumps(m.registry_catalog()))" > schemas/model_catalog.json`
+    """
+    sets: dict[tuple[str, ...], str] = {}
+    models = {}
+    for name in classification_models():
+        enum = get_model_weights(name)
+        weights = {}
+        for entry in enum:
+            categories = entry.meta.get("categories")
+            if categories is not None:
+                categories = sets.setdefault(tuple(categories), f"set{len(sets)}")
+            weights[entry.name] = categories
+        models[name] = {"default": enum.DEFAULT.name, "weights": weights}
+    return {"categories": {key: list(names) for names, key in sets.items()}, "models": models}
