@@ -1,0 +1,1 @@
+"""The job service: jobs as typed records with a state machine, their durable store, and admission policy."""

@@ -1,0 +1,235 @@
+"""A job as a typed record with an explicit state machine; every change of state goes through `advance`.
+
+Job kinds are registered once in `JOB_KINDS` (kind → spec class, human name), so neither the CLI nor the queue
+branches on `kind`. Records never hold credentials: specs enter them through `masked_spec`, and a record whose
+spec still holds a secret-looking value is refused when it is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, Field, SecretStr, field_validator
+
+from schemas.specs import Spec
+
+MASK = "***"
+# Keys whose values are credentials, whatever their type (a plain str in a dict spec, a SecretStr in a model).
+SECRET_KEY = re.compile(r"secret|password|token|access_key|session", re.IGNORECASE)
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # as the specs' job_id: safe as a file name and a Ray name
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"  # ended with failed shards within the job's limits
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # was running on a cluster that went away; `resume` queues it again
+
+    def is_terminal(self) -> bool:
+        """The job ended (a resume may still queue it again, except after success)."""
+        return self in _TERMINAL
+
+    def is_active(self) -> bool:
+        """Queued or running: the service owns it now."""
+        return self in (JobState.QUEUED, JobState.RUNNING)
+
+
+_TERMINAL = frozenset({JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED})
+
+# The whole state machine. running → queued is a re-admission after a service restart (it counts an attempt when
+# it runs again); failed/partial/cancelled/interrupted → queued is `resume`.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.RUNNING: _TERMINAL | {JobState.INTERRUPTED, JobState.QUEUED},
+    JobState.INTERRUPTED: frozenset({JobState.QUEUED, JobState.CANCELLED}),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.PARTIAL: frozenset({JobState.QUEUED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    """A change of state the state machine does not allow (e.g. resuming a job that succeeded)."""
+
+
+class JobKind(StrEnum):
+    LABEL = "label"
+    FINETUNE = "finetune"
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    """What the service knows about a job kind, as data: import paths, not imports (the driver stays light)."""
+
+    name: str  # for people: "label job"
+    spec_class: str  # "module:Class" of the job's pydantic spec
+    runner: str | None = None  # "module:callable" that runs it on the cluster (filled by the service side)
+
+    def load_spec_class(self) -> type[BaseModel]:
+        module, _, attr = self.spec_class.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+JOB_KINDS: dict[JobKind, KindInfo] = {
+    JobKind.LABEL: KindInfo(name="label job", spec_class="schemas.specs:LabelJobSpec"),
+    JobKind.FINETUNE: KindInfo(name="fine-tune job", spec_class="schemas.finetune:FinetuneJobSpec"),
+}
+
+
+class JobProgress(Spec):
+    """How far a job is; shards_total is None while its input is still being planned."""
+
+    shards_total: int | None = Field(default=None, ge=0)
+    shards_done: int = Field(default=0, ge=0)
+    shards_failed: int = Field(default=0, ge=0)
+    images: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0, description="Error rows (images that could not be labelled).")
+    images_per_s: float = Field(default=0.0, ge=0)
+    eta_s: float | None = Field(default=None, ge=0)
+
+
+class JobRecord(Spec):
+    """One job, as the store keeps it: written whole at every change of state."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    kind: JobKind
+    spec: dict[str, Any] = Field(description="The job spec as JSON, secrets masked (see masked_spec).")
+    priority: int = 0
+    max_workers: int | None = Field(default=None, ge=1)
+    state: JobState = JobState.QUEUED
+    submitted_at: AwareDatetime
+    started_at: AwareDatetime | None = None
+    ended_at: AwareDatetime | None = None
+    updated_at: AwareDatetime
+    progress: JobProgress = JobProgress()
+    waiting_reason: str | None = None
+    last_error: str | None = None
+    attempts: int = Field(default=0, ge=0, description="Times it went to running.")
+    cluster: str | None = Field(default=None, description="The Ray cluster/session that ran it last.")
+    output: str
+    seq: int = Field(ge=0, description="Submission order: the FIFO tie-break within a priority.")
+    model_key: str | None = None
+
+    @field_validator("spec")
+    @classmethod
+    def _no_credentials(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        leaked = unmasked_secrets(spec)
+        if leaked:
+            raise ValueError(f"job spec holds unmasked credentials at {', '.join(leaked)}: build it with masked_spec")
+        return spec
+
+
+def new_record(
+    job_id: str, kind: JobKind, spec: BaseModel | Mapping, *, output: str, seq: int, now: datetime, **fields
+) -> JobRecord:
+    """A queued record for a job just submitted; `spec` is masked on the way in."""
+    return JobRecord(job_id=job_id, kind=kind, spec=masked_spec(spec), output=output, seq=seq, submitted_at=now,
+                     updated_at=now, **fields)  # fmt: skip
+
+
+# What advance() itself keeps; callers cannot set these through `changes`.
+_MANAGED = frozenset({"state", "attempts", "started_at", "ended_at", "updated_at"})
+
+
+def advance(record: JobRecord, to: JobState, now: datetime, **changes) -> JobRecord:
+    """The one function that changes a job's state: checks TRANSITIONS, keeps the timestamps and attempts.
+
+    →running sets started_at, counts an attempt and clears waiting_reason; a terminal state sets ended_at; leaving a
+    terminal state (resume) clears ended_at. `changes` are other fields to set at the same time (last_error, cluster).
+    """
+    if to not in TRANSITIONS[record.state]:
+        allowed = ", ".join(sorted(TRANSITIONS[record.state])) or "none"
+        raise IllegalTransition(f"job {record.job_id}: cannot go from {record.state} to {to} (allowed: {allowed})")
+    if managed := _MANAGED.intersection(changes):
+        raise TypeError(f"advance() sets {', '.join(sorted(managed))} itself")
+    update: dict[str, Any] = {"state": to, "updated_at": now}
+    if to is JobState.RUNNING:
+        update |= {"started_at": now, "attempts": record.attempts + 1, "waiting_reason": None}
+    if to.is_terminal():
+        update["ended_at"] = now
+    elif record.state.is_terminal():
+        update["ended_at"] = None
+    return _replace(record, **update, **changes)
+
+
+def with_progress(record: JobRecord, progress: JobProgress, now: datetime) -> JobRecord:
+    """The record with new progress figures (no change of state)."""
+    return _replace(record, progress=progress, updated_at=now)
+
+
+def with_waiting(record: JobRecord, reason: str | None, now: datetime) -> JobRecord:
+    """The record of a queued job with why it waits (from admission), or None once it is not waiting."""
+    return _replace(record, waiting_reason=reason, updated_at=now)
+
+
+def _replace(record: JobRecord, **fields) -> JobRecord:
+    """A copy with `fields` changed, validated like a new record (model_copy alone would skip validation)."""
+    return JobRecord.model_validate(record.model_dump() | fields)
+
+
+def masked_spec(spec: BaseModel | Mapping) -> dict[str, Any]:
+    """The spec as JSON-ready data with every credential replaced by MASK: SecretStr fields wherever they are, and
+    the values of secret-looking keys (secret, password, token, access_key, session). Absent (None) values stay
+    None, so a record still shows that no key was given."""
+    if isinstance(spec, BaseModel):
+        data = _mask_secret_fields(spec, spec.model_dump(mode="json"))
+    else:
+        data = dict(spec)
+    return _mask_secret_keys(data)
+
+
+def _mask_secret_fields(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    for name in type(model).model_fields:
+        if name in dumped:
+            dumped[name] = _mask_value(getattr(model, name), dumped[name])
+    return dumped
+
+
+def _mask_value(value: Any, dumped: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, BaseModel) and isinstance(dumped, dict):
+        return _mask_secret_fields(value, dumped)
+    if isinstance(value, list | tuple) and isinstance(dumped, list):
+        return [_mask_value(v, d) for v, d in zip(value, dumped, strict=False)]
+    if isinstance(value, Mapping) and isinstance(dumped, dict):
+        return {k: _mask_value(value.get(k), d) for k, d in dumped.items()}
+    return dumped
+
+
+def _mask_secret_keys(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: MASK if _is_secret_key(k) and v is not None else _mask_secret_keys(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_mask_secret_keys(v) for v in data]
+    return data
+
+
+def _is_secret_key(key: Any) -> bool:
+    return isinstance(key, str) and SECRET_KEY.search(key) is not None
+
+
+def unmasked_secrets(data: Any, path: str = "spec") -> list[str]:
+    """Paths of secret-looking keys whose value is neither None nor masked (empty when the data is clean)."""
+    found: list[str] = []
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            where = f"{path}.{key}"
+            if _is_secret_key(key) and value not in (None, MASK, "**********"):
+                found.append(where)
+            else:
+                found.extend(unmasked_secrets(value, where))
+    elif isinstance(data, list | tuple):
+        for index, value in enumerate(data):
+            found.extend(unmasked_secrets(value, f"{path}[{index}]"))
+    return found
