@@ -100,3 +100,20 @@ class JobManifest(_ManifestPart):
     def embeddings(self) -> bool:
         """Whether the job stored embeddings (`embeddings: false` leaves the column null)."""
         return bool(self.spec.get("embeddings", True))
+
+
+class JobFailure(_ManifestPart):
+    """`_failed.json`: a run of the job failed (too many failed shards, too many error rows, an error on the driver).
+
+    The shards committed before the failure stay committed (a re-run keeps them); this record says why the run
+    stopped, for people and for `open_output`. A later run that completes removes it.
+    """
+
+    job_id: str
+    kind: Literal["label"] = "label"
+    status: Literal["failed"] = "failed"
+    reason: str
+    started_at: datetime
+    failed_at: datetime
+    shards_committed: int = Field(ge=0)
+    failed_shards: tuple[ManifestFailedShard, ...] = ()

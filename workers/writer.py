@@ -22,21 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.output.layout import data_uri, marker_uri, temp_uri
 from schemas.output import LABEL_SCHEMA
 from schemas.shards import MARKER_FORMAT, ShardResult, ShardTask
-from workers.storage import Storage, join
+from workers.storage import Storage
 
 log = logging.getLogger(__name__)
 
 PARQUET_COMPRESSION = "zstd"
-
-
-def data_uri(output: str, shard_id: str) -> str:
-    return join(output, f"part-{shard_id}.parquet")
-
-
-def marker_uri(output: str, shard_id: str) -> str:
-    return join(output, "_done", f"{shard_id}.json")
 
 
 class ShardWriter:
@@ -111,7 +104,7 @@ class ShardWriter:
             table, local, compression=PARQUET_COMPRESSION, use_dictionary=["shard", "model", "job_id", "label"]
         )
         data_bytes = os.path.getsize(local)
-        temp = join(output, "_tmp", f"{shard_id}.{attempt}.{uuid.uuid4().hex[:8]}.partial")
+        temp = temp_uri(output, shard_id, attempt, uuid.uuid4().hex[:8])
         try:
             storage.upload_file(local, temp)
         finally:

@@ -1,12 +1,7 @@
 """Job-level commit state in the output prefix: the ownership claim, shard done-markers and the job manifest.
 
-Layout of an output prefix (every name here is one bulklabel writes; anything else is a foreign file):
-    _owner.json             the claim: which job owns the prefix, created atomically before anything else
-    part-<shard>.parquet    one per shard (what DuckDB/Spark/Athena read: `<output>/*.parquet`)
-    _done/<shard>.json      a shard's done-marker, written after its data file
-    _tmp/<shard>.<attempt>.<nonce>.partial   an upload on its way to its final name
-    _job.json               the job manifest, written last, after every shard
-Underscore-prefixed names are skipped by Spark, Hive and Athena when they read the folder.
+The names of an output prefix are defined in jobs.output.layout (every name there is one bulklabel writes; anything
+else is a foreign file); the phases that use these functions in order are jobs.output.session.OutputSession.
 
 What a run trusts of an earlier run is checked, never assumed: markers are parsed only under their own names and
 validated (a `.DS_Store` or an empty temporary file in `_done/` is ignored or redone, never a crash), and each
@@ -18,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,37 +22,30 @@ from datetime import UTC, datetime
 from pydantic import ValidationError
 
 from jobs.errors import BadInput
-from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION
+from jobs.output.layout import (
+    LITTER,
+    MARKER,
+    OWN_NAMES,
+    OWNER_NAME,
+    PARTIAL,
+    PROBE,
+    failed_uri,
+    manifest_uri,
+    markers_prefix,
+)
+from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobFailure
 from schemas.shards import MARKER_FORMAT, ShardResult
 from schemas.specs import LabelJobSpec
 from workers.storage import ObjectMissing, Storage, StorageError, join, relative_key
 
 log = logging.getLogger(__name__)
 
-OWNER_NAME = "_owner.json"
-MANIFEST_NAME = "_job.json"
 MARKER_READ_THREADS = 16
-_SHARD = r"[A-Za-z0-9._=-]+"
-_MARKER = re.compile(rf"_done/({_SHARD})\.json")
-# Every name a label job writes under its output prefix, relative to it. LocalStorage writes through hidden
-# `.<name>.<nonce>.tmp` files beside the target; a crash can leave one behind.
-_OWN_NAMES = re.compile(
-    rf"(?:{OWNER_NAME}|{MANIFEST_NAME}|part-{_SHARD}\.parquet|_done/{_SHARD}\.json"
-    rf"|_tmp/{_SHARD}\.\d+\.[0-9a-f]{{8}}\.partial|_probe-[0-9a-f]{{8}}|(?:.*/)?\.[^/]+\.[0-9a-f]{{8}}\.tmp)"
-)
-_PARTIAL = re.compile(rf"_tmp/{_SHARD}\.\d+\.[0-9a-f]{{8}}\.partial|(?:.*/)?\.[^/]+\.[0-9a-f]{{8}}\.tmp")
-# What file browsers drop into any folder they show (Finder, Explorer): never parsed, never deleted, and no reason
-# to refuse an output, since opening the output folder to look at it is enough to create one.
-_LITTER = re.compile(r"(?:.*/)?(?:\.DS_Store|\._[^/]*|Thumbs\.db|desktop\.ini)")
 FOREIGN_EXAMPLES = 3
 
 
 class OutputConflict(BadInput):
     """The output prefix belongs to another job, holds files bulklabel did not write, or an unusable layout."""
-
-
-def manifest_uri(output: str) -> str:
-    return join(output, MANIFEST_NAME)
 
 
 def read_manifest(storage: Storage, output: str) -> dict | None:
@@ -140,9 +127,9 @@ def _classify(storage: Storage, output: str) -> _Listing:
         name = relative_key(output, obj.uri)
         if name == OWNER_NAME:
             listing.has_owner = True
-        elif _PARTIAL.fullmatch(name) or _LITTER.fullmatch(name) or re.fullmatch(r"_probe-[0-9a-f]{8}", name):
+        elif PARTIAL.fullmatch(name) or LITTER.fullmatch(name) or PROBE.fullmatch(name):
             continue  # temporaries (perhaps of a racing job, mid-write) and browser litter: no data, no claim
-        elif _OWN_NAMES.fullmatch(name):
+        elif OWN_NAMES.fullmatch(name):
             if len(listing.ours) < FOREIGN_EXAMPLES:
                 listing.ours.append(name)
         else:
@@ -178,7 +165,7 @@ def remove_partials(storage: Storage, output: str) -> None:
     """Delete temporary objects left by attempts that died mid-upload, and nothing else: a foreign file under
     `_tmp/` is left alone. Run only while no shard is in flight."""
     for obj in storage.list(output):
-        if _PARTIAL.fullmatch(relative_key(output, obj.uri)):
+        if PARTIAL.fullmatch(relative_key(output, obj.uri)):
             log.info("removing leftover partial upload %s", obj.uri)
             storage.delete(obj.uri)
 
@@ -195,8 +182,8 @@ class CommittedShards:
 
 
 def _marker_uris(storage: Storage, output: str) -> list[str]:
-    prefix = join(output, "_done")
-    return [o.uri for o in storage.list(prefix) if _MARKER.fullmatch(relative_key(output, o.uri))]
+    prefix = markers_prefix(output)
+    return [o.uri for o in storage.list(prefix) if MARKER.fullmatch(relative_key(output, o.uri))]
 
 
 def read_committed(storage: Storage, output: str, job_id: str) -> CommittedShards:
@@ -209,7 +196,7 @@ def read_committed(storage: Storage, output: str, job_id: str) -> CommittedShard
     sizes = {o.uri: o.size for o in storage.list(output) if o.uri.endswith(".parquet")}
 
     def load(uri: str) -> tuple[str, ShardResult | str]:
-        shard = _MARKER.fullmatch(relative_key(output, uri)).group(1)
+        shard = MARKER.fullmatch(relative_key(output, uri)).group(1)
         try:
             return shard, ShardResult.model_validate_json(storage.read_bytes(uri))
         except ValidationError as exc:
@@ -299,3 +286,23 @@ def write_manifest(
     }
     storage.write_bytes(manifest_uri(spec.output), json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def write_failure(storage: Storage, output: str, failure: JobFailure) -> None:
+    """Write `_failed.json`: the record that a run of the job failed, and why (a later complete run removes it)."""
+    storage.write_bytes(failed_uri(output), failure.model_dump_json(indent=2).encode())
+
+
+def read_failure(storage: Storage, output: str) -> JobFailure | None:
+    """The failure record of the last failed run, or None; an unreadable one is logged and ignored (it is advice)."""
+    try:
+        return JobFailure.model_validate_json(storage.read_bytes(failed_uri(output)))
+    except ObjectMissing:
+        return None
+    except ValidationError as exc:
+        log.warning("failure record %s is unreadable: %s", failed_uri(output), exc.errors()[0]["msg"])
+        return None
+
+
+def remove_failure(storage: Storage, output: str) -> None:
+    storage.delete(failed_uri(output))

@@ -10,32 +10,23 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 import ray
 
 from jobs.cluster import ensure_ray
-from jobs.label.commit import (
-    CommittedShards,
-    check_output,
-    claim_output,
-    error_summary,
-    read_committed,
-    read_manifest,
-    remove_partials,
-    write_manifest,
-)
+from jobs.label.commit import CommittedShards, error_summary
 from jobs.label.placement import Placement, check_locations_reachable, place_workers
 from jobs.label.plan import PlanError, PlanStats, plan_shards
 from jobs.label.scheduler import SchedulerLimits, ShardScheduler
 from jobs.locations import absolute_locations
+from jobs.output.session import OutputSession
 from jobs.progress import JobSummary, Progress, Skipped
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LabelJobSpec
 from workers import faults
 from workers.label_worker import LabelWorker
 from workers.models import model_categories
-from workers.storage import check_writable, open_storage
+from workers.storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +43,15 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
     """Run (or resume, or extend with new input) a label job to completion and return its summary."""
     spec = absolute_locations(spec)  # workers in other processes (and the job id) must see the same places
     job_id = spec.resolved_job_id()
-    started_at, clock = datetime.now(UTC), time.perf_counter()
-    out = open_storage(spec.output, spec.storage)
+    clock = time.perf_counter()
+    session = OutputSession(spec, job_id)  # every write to the output goes through its phases
 
     # Check: nothing starts unless model, output and input are usable, and what earlier runs committed holds.
     check_locations_reachable(spec)  # local paths on a multi-node cluster: other nodes cannot see them
     check_top_k(spec)
-    check_output(out, spec.output, job_id, spec.foreign_files)
-    committed = read_committed(out, spec.output, job_id)
+    committed = session.check()
     plan = _check_plan(spec, committed)
-    claim_output(out, spec.output, job_id)  # the first write: only once the input and the output have checked out
-    check_writable(out, spec.output)
-    remove_partials(out, spec.output)
-    manifest = read_manifest(out, spec.output)
+    manifest = session.start()  # the first write: only once the input and the output have checked out
     if not plan.todo and manifest and manifest.get("status") == "succeeded":
         log.info("job %s already complete at %s; nothing to do", job_id, spec.output)
         return _summary_of_manifest(manifest, spec.output, plan.stats)
@@ -78,6 +65,7 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
 
     def on_done(result: ShardResult) -> None:
         results[result.shard_id] = result
+        session.shard_committed(result)
         progress.done(result)
 
     scheduler = ShardScheduler(_actor_factory(spec, job_id, placement), placement.workers, _limits(spec, placement))
@@ -85,6 +73,9 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
         worker = ray.get(scheduler.actors[0].describe.remote())
         log.info("%d worker(s): %s on %s", placement.workers, worker["model_id"], worker["device"])
         failures = scheduler.run(_not_yet_done(tasks, committed.done, results, progress), on_done)
+    except BaseException as exc:
+        session.failed(f"{type(exc).__name__}: {exc}", results)
+        raise
     finally:
         scheduler.shutdown()
         progress.close()
@@ -93,9 +84,9 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
     summary = _summarise(spec, job_id, results, failures, plan, stats, time.perf_counter() - clock, progress)
     summary = replace(summary, worker_restarts=scheduler.restarts)
     if summary.status == "failed":
+        session.failed(summary.failure_reason or f"{len(failures)} shard(s) failed", results, failures)
         raise JobFailed(summary)
-    remove_partials(out, spec.output)
-    write_manifest(out, spec, job_id, worker, results, failures, started_at)
+    session.complete(worker, results, failures)
     return summary
 
 

@@ -27,7 +27,8 @@ from pyarrow import fs as pafs
 from pydantic import ValidationError
 
 from jobs.errors import BadInput
-from jobs.label.commit import MANIFEST_NAME, OWNER_NAME, read_committed, read_manifest
+from jobs.label.commit import read_committed, read_manifest
+from jobs.output.layout import MANIFEST_NAME, OWNER_NAME
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobManifest
 from schemas.specs import StorageOptions
 from workers.storage import ObjectMissing, join, normalise_uri, open_storage, relative_key, split_s3

@@ -1,0 +1,94 @@
+"""The one definition of a label output's layout: every name bulklabel writes under an output prefix.
+
+Layout version 2 (this bulklabel writes it):
+    _owner.json             the claim: which job owns the prefix (and the layout version), created first, atomically
+    data/part-<shard>.parquet   one per shard: `data/` holds Parquet files and nothing else, so DuckDB
+                            (`read_parquet('OUT/data/**')`), Polars (`pl.read_parquet('OUT/data/')`), pyarrow, pandas,
+                            Spark and Athena read that folder as it is
+    data/compact-<gen>-<n>.parquet   files of a compaction generation (jobs.output.compact): the manifest says which
+                            file holds which shard's rows
+    _done/<shard>.json      a shard's done-marker, written after its data file
+    _tmp/<shard>.<attempt>.<nonce>.partial   an upload on its way to its final name
+    _tmp/compact-<gen>/...  a compaction's new files before they are switched in
+    _job.json               the job manifest, written last, after every shard (rewritten by a compaction: the pointer
+                            readers and resume go through)
+    _failed.json            the record of a failed run (its reason), removed when a later run completes
+Layout version 1 (bulklabel before `data/`): data files `part-<shard>.parquet` at the top of the prefix, beside the
+markers. Outputs in it are still read (the reader follows the manifest's or markers' file names); a run is refused.
+
+Driver and workers both import this module: no torch, no Ray.
+"""
+
+from __future__ import annotations
+
+import re
+
+from workers.storage import join
+
+LAYOUT_VERSION = 2  # 1: data files at the top of the prefix; 2: data files under data/
+
+OWNER_NAME = "_owner.json"
+MANIFEST_NAME = "_job.json"
+FAILED_NAME = "_failed.json"
+DONE_DIR = "_done"
+TMP_DIR = "_tmp"
+DATA_DIR = "data"
+
+SHARD = r"[A-Za-z0-9._=-]+"
+MARKER = re.compile(rf"{DONE_DIR}/({SHARD})\.json")
+_DATA_FILE = rf"(?:{DATA_DIR}/)?(?:part-{SHARD}|compact-\d+-\d+)\.parquet"
+DATA_FILE = re.compile(_DATA_FILE)
+# LocalStorage writes through hidden `.<name>.<nonce>.tmp` files beside the target; a crash can leave one behind.
+PARTIAL = re.compile(
+    rf"{TMP_DIR}/{SHARD}\.\d+\.[0-9a-f]{{8}}\.partial|{TMP_DIR}/compact-\d+/[^/]+|(?:.*/)?\.[^/]+\.[0-9a-f]{{8}}\.tmp"
+)
+PROBE = re.compile(r"_probe-[0-9a-f]{8}")
+# Every name a label job writes under its output prefix, relative to it.
+OWN_NAMES = re.compile(
+    rf"(?:{OWNER_NAME}|{MANIFEST_NAME}|{FAILED_NAME}|{_DATA_FILE}|{DONE_DIR}/{SHARD}\.json|{PARTIAL.pattern}"
+    rf"|{PROBE.pattern})"
+)
+# What file browsers drop into any folder they show (Finder, Explorer): never parsed, never deleted, and no reason
+# to refuse an output, since opening the output folder to look at it is enough to create one.
+LITTER = re.compile(r"(?:.*/)?(?:\.DS_Store|\._[^/]*|Thumbs\.db|desktop\.ini)")
+
+
+def data_dir(output: str) -> str:
+    """The folder of data files: what analytics engines are pointed at."""
+    return join(output, DATA_DIR)
+
+
+def data_uri(output: str, shard_id: str) -> str:
+    return join(output, f"part-{shard_id}.parquet")
+
+
+def compacted_uri(output: str, generation: int, index: int) -> str:
+    return join(output, DATA_DIR, f"compact-{generation}-{index:05d}.parquet")
+
+
+def compaction_temp_uri(output: str, generation: int, index: int) -> str:
+    return join(output, TMP_DIR, f"compact-{generation}", f"{index:05d}.parquet")
+
+
+def marker_uri(output: str, shard_id: str) -> str:
+    return join(output, DONE_DIR, f"{shard_id}.json")
+
+
+def markers_prefix(output: str) -> str:
+    return join(output, DONE_DIR)
+
+
+def temp_uri(output: str, shard_id: str, attempt: int, nonce: str) -> str:
+    return join(output, TMP_DIR, f"{shard_id}.{attempt}.{nonce}.partial")
+
+
+def owner_uri(output: str) -> str:
+    return join(output, OWNER_NAME)
+
+
+def manifest_uri(output: str) -> str:
+    return join(output, MANIFEST_NAME)
+
+
+def failed_uri(output: str) -> str:
+    return join(output, FAILED_NAME)

@@ -1,0 +1,98 @@
+"""The driver's side of writing a label output, in explicit phases (the layout: jobs.output.layout).
+
+    check()                 before any write: the output is ours or free, what earlier runs committed holds
+    start()                 the ownership claim, a write probe, stale partial uploads removed
+    shard_committed(result) a worker committed a shard (data file, then done-marker)
+    complete(...)           every shard is done: the manifest, written last
+    failed(reason, ...)     the run stops: `_failed.json` says why (a failed run used to leave no record)
+
+The job runner calls these and nothing else of the output; the workers write shards (workers/writer.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from jobs.label.commit import (
+    CommittedShards,
+    check_output,
+    claim_output,
+    read_committed,
+    read_manifest,
+    remove_failure,
+    remove_partials,
+    write_failure,
+    write_manifest,
+)
+from schemas.output import JobFailure, ManifestFailedShard
+from schemas.shards import ShardResult
+from schemas.specs import LabelJobSpec
+from workers.storage import Storage, check_writable, open_storage
+
+log = logging.getLogger(__name__)
+
+
+class OutputSession:
+    """One run of a label job writing into its output. Args: the job's spec (locations made absolute), its id."""
+
+    def __init__(self, spec: LabelJobSpec, job_id: str, storage: Storage | None = None):
+        self.spec = spec
+        self.job_id = job_id
+        self.uri = spec.output
+        self.storage = storage or open_storage(spec.output, spec.storage)
+        self.started_at = datetime.now(UTC)
+        self.committed = CommittedShards()
+
+    def check(self) -> CommittedShards:
+        """Refuse an output another job owns or that holds foreign files; read and verify earlier done-markers.
+
+        Writes nothing. Returns the shards earlier runs committed (verified) and those to redo (with why).
+        """
+        check_output(self.storage, self.uri, self.job_id, self.spec.foreign_files)
+        self.committed = read_committed(self.storage, self.uri, self.job_id)
+        return self.committed
+
+    def start(self) -> dict | None:
+        """Claim the output (the first write), probe that it is writable, remove partial uploads of dead attempts.
+
+        Returns the manifest of an earlier complete run, or None.
+        """
+        claim_output(self.storage, self.uri, self.job_id)
+        check_writable(self.storage, self.uri)
+        remove_partials(self.storage, self.uri)
+        return read_manifest(self.storage, self.uri)
+
+    def shard_committed(self, result: ShardResult) -> None:
+        """A worker committed `result`'s shard: its data file and done-marker are in place."""
+        log.debug("shard %s committed: %d rows in %s", result.shard_id, result.rows, result.data_uri)
+
+    def complete(self, worker: dict, results: dict[str, ShardResult], failures: dict[str, str]) -> dict:
+        """Write the manifest last (every shard in `results` is committed), and drop an earlier run's failure record.
+
+        Args: the worker's description (model id, embedding width), every committed shard, shards that failed.
+        Returns the manifest as written.
+        """
+        remove_partials(self.storage, self.uri)
+        manifest = write_manifest(self.storage, self.spec, self.job_id, worker, results, failures, self.started_at)
+        remove_failure(self.storage, self.uri)
+        return manifest
+
+    def failed(self, reason: str, results: dict[str, ShardResult], failures: dict[str, str] | None = None) -> None:
+        """Record that this run failed and why; what was committed stays committed for a re-run.
+
+        Never raises: the caller is already on its way out with the original error, which must not be masked.
+        """
+        record = JobFailure(
+            job_id=self.job_id,
+            reason=reason,
+            started_at=self.started_at,
+            failed_at=datetime.now(UTC),
+            shards_committed=len(results),
+            failed_shards=tuple(ManifestFailedShard(shard=s, error=e) for s, e in sorted((failures or {}).items())),
+        )
+        try:
+            write_failure(self.storage, self.uri, record)
+            log.info("job %s failed: %s (recorded in %s)", self.job_id, reason, self.uri)
+        except Exception as exc:  # noqa: BLE001 - the store may be why the job failed; keep the first error
+            log.warning("could not record the failure of job %s at %s: %s", self.job_id, self.uri, exc)

@@ -1,0 +1,74 @@
+"""jobs.output.session: the writer's phases (check, start, shard committed, complete, failed) on both backends,
+and a real failed job leaving a record of why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs.label.commit import OutputConflict, read_failure
+from jobs.output.layout import FAILED_NAME, MANIFEST_NAME, OWNER_NAME, temp_uri
+from jobs.output.session import OutputSession
+from schemas.specs import LabelJobSpec
+from workers.storage import join
+
+
+def _spec(output: str, tmp_path: Path, **fields) -> LabelJobSpec:
+    return LabelJobSpec(input={"uri": str(tmp_path / "in")}, output=output, model={"name": "mobilenet_v2"}, **fields)
+
+
+def _names(root) -> set[str]:
+    return {o.uri.removeprefix(root.uri + "/") for o in root.storage.list(root.uri)}
+
+
+def test_phases_claim_record_a_failure_then_complete(storage_root, tmp_path):
+    spec = _spec(storage_root.uri, tmp_path, **({"storage": storage_root.options} if storage_root.options else {}))
+    session = OutputSession(spec, "job-a", storage_root.storage)
+    assert not session.check().done and not _names(storage_root)  # check writes nothing
+    leftover = temp_uri(storage_root.uri, "s1", 1, "0123abcd")
+    storage_root.storage.write_bytes(leftover, b"half an upload")
+    assert session.start() is None
+    assert _names(storage_root) == {OWNER_NAME}  # claimed; the partial of a dead attempt removed
+
+    session.failed("ValueError: the store went away", {}, {"s1": "worker died 3 times"})
+    failure = read_failure(storage_root.storage, storage_root.uri)
+    assert (failure.job_id, failure.reason, failure.shards_committed) == ("job-a", "ValueError: the store went away", 0)
+    assert [(f.shard, f.error) for f in failure.failed_shards] == [("s1", "worker died 3 times")]
+
+    with pytest.raises(OutputConflict, match="belongs to job 'job-a'"):
+        OutputSession(spec, "job-b", storage_root.storage).check()
+    again = OutputSession(spec, "job-a", storage_root.storage)  # the re-run that completes
+    again.check()
+    again.start()
+    again.complete({"model_id": "m"}, {}, {})
+    assert _names(storage_root) == {OWNER_NAME, MANIFEST_NAME}  # the failure record is gone with the manifest
+    manifest = json.loads(storage_root.storage.read_bytes(join(storage_root.uri, MANIFEST_NAME)))
+    assert manifest["status"] == "succeeded"
+
+
+def test_failed_never_masks_the_error_that_stopped_the_run(tmp_path):
+    output = tmp_path / "out"
+    session = OutputSession(_spec(str(output), tmp_path), "job-a")
+    output.write_text("a file where the output folder should be")  # every write below it fails
+    session.failed("the first error", {})  # logs, does not raise
+    assert output.read_text() == "a file where the output folder should be"
+
+
+def test_a_real_job_that_fails_leaves_a_record_saying_why(tmp_path, ray_cluster):
+    from jobs.label.runner import JobFailed, run_label_job
+
+    (tmp_path / "in").mkdir()
+    manifest = tmp_path / "in" / "manifest.csv"
+    manifest.write_text("key\n" + "\n".join(f"nope-{i}.jpg" for i in range(4)) + "\n")
+    out = tmp_path / "out"
+    spec = LabelJobSpec(input={"uri": str(manifest)}, output=str(out), model={"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
+                       num_workers=1)  # fmt: skip
+    with pytest.raises(JobFailed):
+        run_label_job(spec, show_progress=False)
+    assert not (out / MANIFEST_NAME).exists()
+    record = json.loads((out / FAILED_NAME).read_text())
+    assert record["status"] == "failed" and record["job_id"] == spec.resolved_job_id()
+    assert "above max_error_fraction" in record["reason"] and "'missing'" in record["reason"]
+    assert record["shards_committed"] == 1
