@@ -145,6 +145,13 @@ class LabelJobSpec(Spec):
     num_workers: int = Field(default=0, ge=0, description="Model replicas (Ray actors); 0 = one per GPU, or 1 on CPU.")
     cpus_per_worker: float = Field(default=0, ge=0, description="0 = the cluster's CPUs split between the workers.")
     decode_threads: int = Field(default=2, gt=0, le=64)
+    decoder: Literal["auto", "pillow", "torchvision", "nvjpeg"] = Field(
+        default="auto",
+        description="pillow: Pillow, pixels identical to torchvision's weights.transforms(); torchvision: "
+        "torchvision.io.decode_jpeg plus the tensor resize on the CPU (faster, within 2 grey levels); nvjpeg: the "
+        "batch's JPEGs decoded and resized on the GPU; auto: nvjpeg on a GPU worker, else torchvision. PNGs, CMYK, "
+        "progressive and corrupt JPEGs always go to Pillow, one image at a time.",
+    )
     max_attempts: int = Field(
         default=5, gt=0, le=20, description="Tries per shard before it counts as failed (retries back off 5-60 s)."
     )

@@ -58,28 +58,53 @@ _MAX_WHOLE_RESIZE_ASPECT = 4
 
 @dataclass(frozen=True)
 class Decoded:
-    """A decoded image ready for batching (`pixels` is crop x crop x 3 uint8), or why it could not be."""
+    """A decoded image ready for batching (`pixels` is crop x crop x 3 uint8), or why it could not be.
+
+    A batched decoder (nvjpeg) leaves `pixels` None and keeps the checked JPEG in `jpeg` for the batch step."""
 
     pixels: np.ndarray | None
     width: int | None = None
     height: int | None = None
     error: str | None = None
+    jpeg: bytes | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `resize`, computed as torchvision computes it
+    (`_compute_resized_output_size`): the long side is truncated, not rounded (600x399 → 384x256, where rounding
+    384.96 gives 385)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resize * long / short)
+    return (resize, new_long) if width <= height else (new_long, resize)
+
+
+def crop_offsets(width: int, height: int, crop: int) -> tuple[int, int]:
+    """(left, top) of torchvision's centre crop of an image at least `crop` in both sides: the offset is rounded
+    half to even (Python's round), where floor division shifts odd margins by one pixel."""
+    return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
+
+
+def pad_ltrb(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
+    """torchvision's centre-crop padding for an image smaller than the crop: the odd pixel goes right/bottom."""
+    dw, dh = max(0, crop - width), max(0, crop - height)
+    return dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2
 
 
 def decode(data: bytes, preprocess: PreprocessSpec) -> Decoded:
-    """Decode, orient, convert to RGB, resize the shorter side and centre-crop one image."""
-    if not data:
-        return Decoded(None, error="empty object (0 bytes)")
+    """Decode, orient, convert to RGB, resize the shorter side and centre-crop one image, exactly as torchvision's
+    `weights.transforms()` does on the decoded PIL image (the same Pillow resize, sizes and offsets)."""
+    opened = open_image(data)
+    if isinstance(opened, Decoded):
+        return opened
     try:
-        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
-            if img.width * img.height > MAX_PIXELS:
-                return Decoded(None, error=f"refused: {img.width}x{img.height} exceeds {MAX_PIXELS} pixels")
-            width, height = _oriented_size(img)
-            if img.format == "JPEG":
-                # Decode at a reduced scale straight from the DCT when the photo is far larger than needed.
-                img.draft("RGB", (preprocess.resize_size, preprocess.resize_size))
+        with opened as img:
+            width, height = oriented_size(img)
             img = ImageOps.exif_transpose(img)
-            pixels = _resize_crop(_to_rgb(img), preprocess)
+            pixels = _resize_crop(to_rgb(img), preprocess)
     except Image.DecompressionBombError as exc:
         return Decoded(None, error=f"refused: {exc}")
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt input; each is one bad row
@@ -87,14 +112,32 @@ def decode(data: bytes, preprocess: PreprocessSpec) -> Decoded:
     return Decoded(pixels, width, height)
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    width, height = img.size
-    if img.getexif().get(_EXIF_ORIENTATION_TAG) in _TRANSPOSED_ORIENTATIONS:
-        return height, width
-    return width, height
+def open_image(data: bytes) -> Image.Image | Decoded:
+    """The image opened lazily (header only), or the error row for bytes that are not an image we accept."""
+    if not data:
+        return Decoded(None, error="empty object (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        return Decoded(None, error=f"refused: {exc}")
+    except Exception as exc:  # noqa: BLE001 - see decode()
+        return Decoded(None, error=_describe(exc, data))
+    if img.width * img.height > MAX_PIXELS:
+        img.close()
+        return Decoded(None, error=f"refused: {img.width}x{img.height} exceeds {MAX_PIXELS} pixels")
+    return img
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed, after the EXIF orientation."""
+    return (img.height, img.width) if exif_orientation(img) in _TRANSPOSED_ORIENTATIONS else img.size
+
+
+def exif_orientation(img: Image.Image) -> int:
+    return img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
     """RGB from any mode; transparency is composited on white, 16-bit greys are scaled, not clipped."""
     if img.mode == "RGB":
         return img
@@ -112,22 +155,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _resize_crop(img: Image.Image, preprocess: PreprocessSpec) -> np.ndarray:
     width, height = img.size
-    scale = preprocess.resize_size / min(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size = resized_size(width, height, preprocess.resize_size)
     crop = preprocess.crop_size
+    resample = _RESAMPLE[preprocess.interpolation]
     if min(size) >= crop and max(size) > _MAX_WHOLE_RESIZE_ASPECT * min(size):
         # A long strip (a 1x20000 PNG is a few hundred bytes) would become a huge intermediate (256x5,120,000 RGB,
         # 4 GB): resize only the source box that lands in the centre crop. Ordinary photos keep the whole-image
-        # resize, whose rounding a box resize does not reproduce exactly (NEAREST can shift by a pixel).
-        left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+        # resize, whose rounding a box resize does not reproduce exactly (measured: within 2 grey levels).
+        left, top = crop_offsets(*size, crop)
         sx, sy = width / size[0], height / size[1]
         box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
-        return np.asarray(img.resize((crop, crop), _RESAMPLE[preprocess.interpolation], box=box), dtype=np.uint8)
-    img = img.resize(size, _RESAMPLE[preprocess.interpolation])
-    if min(size) < crop:  # only for resize_size < crop_size presets: pad like torchvision's CenterCrop
-        img = ImageOps.pad(img, (max(crop, size[0]), max(crop, size[1])), color=(0, 0, 0))
-        size = img.size
-    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+        return np.asarray(img.resize((crop, crop), resample, box=box), dtype=np.uint8)
+    if size != img.size:  # torchvision returns the image untouched when it already has the size
+        img = img.resize(size, resample)
+    if min(size) < crop:  # only for resize_size < crop_size presets: zero padding, like torchvision's CenterCrop
+        left, top, right, bottom = pad_ltrb(*size, crop)
+        padded = Image.new("RGB", (size[0] + left + right, size[1] + top + bottom), (0, 0, 0))
+        padded.paste(img, (left, top))
+        img, size = padded, padded.size
+    left, top = crop_offsets(*size, crop)
     return np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
 
 

@@ -127,9 +127,10 @@ class Predictor:
         self.chunk = cpu_chunk_size(self.backbone, pre.crop_size) if device.type == "cpu" else None
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> Predictions:
-        """Predict a (n, h, w, 3) uint8 batch."""
-        batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> Predictions:
+        """Predict a (n, h, w, 3) uint8 batch: a numpy array, or a tensor (a GPU decoder's, already on the device)."""
+        batch = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
+        batch = batch.to(self.device, non_blocking=True)
         # NHWC → NCHW as a view: the strides are already channels_last, so no copy is made.
         x = (batch.permute(0, 3, 1, 2).float() - self.mean) / self.std
         autocast = (

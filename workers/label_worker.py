@@ -31,6 +31,7 @@ import torch
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LabelJobSpec
 from workers import faults
+from workers.decoders import make_decoder
 from workers.inference import Predictions, Predictor, is_out_of_memory, keep_freed_memory_for_reuse, pick_device
 from workers.models import build_model
 from workers.pipeline import Batch, Prefetched, Turn, Turns, decoded_batches
@@ -113,7 +114,8 @@ class LabelWorker:
         with turn:
             records = read_shard(self.input_storage, task, spec.input.extensions, self.fetch_pool, stores=self.stores,
                                  max_bytes=spec.input.max_object_bytes)  # fmt: skip
-            decoded = decoded_batches(records, self.preprocess, self.decode_pool, spec.batch_size)
+            decoder = make_decoder(spec.decoder, self.preprocess, self.device)
+            decoded = decoded_batches(records, decoder, self.decode_pool, spec.batch_size)
             with Prefetched(decoded, PREFETCH_BATCHES) as batches:  # reading starts now, before our turn
                 turn.wait()
                 started = time.perf_counter()  # the shard's own time: from its turn to its commit

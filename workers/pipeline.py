@@ -4,51 +4,95 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
-
-from schemas.specs import PreprocessSpec
-from workers.decode import Decoded, decode
+from workers.decode import Decoded
+from workers.decoders import Decoder
 from workers.readers import Record, bounded_map
 
 RowMeta = tuple[str, str, "int | None", "int | None", "str | None"]  # key, source, width, height, error
+STAGES = ("read", "decode", "infer", "write", "wait")
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Up to batch_size rows; `pixels` holds the decodable ones, in row order (None if there are none)."""
+    """Up to batch_size rows; `pixels` holds the decodable ones, in row order (None if there are none): a numpy
+    array, or a tensor already on the model's device (GPU decoders)."""
 
     meta: list[RowMeta]
-    pixels: np.ndarray | None
+    pixels: object
     bytes_read: int
 
 
+class StageClock:
+    """Seconds per stage of one shard, summed over the threads that run it: read (waiting for the reader), decode
+    (summed over decode threads), infer (summed over lanes), write (the commit), wait (the model waiting for a
+    batch). Thread-safe; `seconds()` is what the done-marker records."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds = dict.fromkeys(STAGES, 0.0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[stage] += seconds
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - started)
+
+    def timed(self, stage: str, items: Iterator) -> Iterator:
+        """`items`, with the time each `next()` takes counted as `stage`."""
+        items = iter(items)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                self.add(stage, time.perf_counter() - started)
+                return
+            self.add(stage, time.perf_counter() - started)
+            yield item
+
+    def seconds(self) -> dict[str, float]:
+        with self._lock:
+            return {stage: round(value, 3) for stage, value in self._seconds.items()}
+
+
 def decoded_batches(
-    records: Iterator[Record], preprocess: PreprocessSpec, pool: Executor, batch_size: int
+    records: Iterator[Record], decoder: Decoder, pool: Executor, batch_size: int, clock: StageClock | None = None
 ) -> Iterator[Batch]:
-    """Decode records in `pool` (bounded in flight) and group them into batches."""
+    """Decode records in `pool` (bounded in flight) and group them into batches; `clock` gets read and decode."""
+    clock = clock or StageClock()
 
     def work(record: Record) -> tuple[Record, Decoded]:
         if record.error is not None:
             return record, Decoded(None, error=record.error)
-        return record, decode(record.data, preprocess)
+        with clock.stage("decode"):
+            return record, decoder.decode(record.data)
 
-    meta: list[RowMeta] = []
-    pixels: list[np.ndarray] = []
-    nbytes = 0
-    for record, decoded in bounded_map(pool, work, records, window=2 * batch_size):
-        meta.append((record.key, record.source, decoded.width, decoded.height, decoded.error))
-        nbytes += len(record.data or b"")
-        if decoded.pixels is not None:
-            pixels.append(decoded.pixels)
-        if len(meta) == batch_size:
-            yield Batch(meta, np.stack(pixels) if pixels else None, nbytes)
-            meta, pixels, nbytes = [], [], 0
-    if meta:
-        yield Batch(meta, np.stack(pixels) if pixels else None, nbytes)
+    def batch(items: list[tuple[Record, Decoded]]) -> Batch:
+        with clock.stage("decode"):
+            rows, pixels = decoder.batch([decoded for _, decoded in items])
+        meta = [(r.key, r.source, d.width, d.height, d.error) for (r, _), d in zip(items, rows, strict=True)]
+        return Batch(meta, pixels, sum(len(r.data or b"") for r, _ in items))
+
+    items: list[tuple[Record, Decoded]] = []
+    for item in bounded_map(pool, work, clock.timed("read", records), window=2 * batch_size):
+        items.append(item)
+        if len(items) == batch_size:
+            yield batch(items)
+            items = []
+    if items:
+        yield batch(items)
 
 
 _DONE = object()

@@ -11,13 +11,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from schemas.specs import PreprocessSpec
-from workers.pipeline import Batch, decoded_batches, prefetch
+from workers.decoders import NvjpegDecoder, PillowDecoder, TorchvisionDecoder
+from workers.pipeline import STAGES, Batch, StageClock, decoded_batches, prefetch
 from workers.readers import Record
 
 SPEC = PreprocessSpec(resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# The batched (GPU) decoder runs its whole path on the CPU too: decode_jpeg takes a list on any device.
+DECODERS = {
+    "pillow": lambda: PillowDecoder(SPEC),
+    "torchvision": lambda: TorchvisionDecoder(SPEC),
+    "batched-on-cpu": lambda: NvjpegDecoder(SPEC, torch.device("cpu")),
+}
 PREFETCH_THREAD = "bulklabel-prefetch"
 RED = (255, 0, 0)
 
@@ -35,7 +43,8 @@ def colour_of(i: int) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------------------------- decoded_batches
 
 
-def test_decoded_batches_groups_in_order_and_keeps_error_rows():
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_decoded_batches_groups_in_order_and_keeps_error_rows(decoder):
     # Rows 2 (read error) and 4 (not an image) fail; sizes differ so decodes finish out of order on the pool.
     records, expected = [], []
     for i in range(8):
@@ -52,7 +61,7 @@ def test_decoded_batches_groups_in_order_and_keeps_error_rows():
             expected.append((f"k{i}", source, *size, None))
 
     with ThreadPoolExecutor(4) as pool:
-        batches = list(decoded_batches(iter(records), SPEC, pool, batch_size=3))
+        batches = list(decoded_batches(iter(records), DECODERS[decoder](), pool, batch_size=3))
 
     assert [len(b.meta) for b in batches] == [3, 3, 2]  # the last batch is partial
     meta = [row for b in batches for row in b.meta]
@@ -62,8 +71,9 @@ def test_decoded_batches_groups_in_order_and_keeps_error_rows():
 
     good = [[0, 1], [3, 5], [6, 7]]  # the rows of each batch that have pixels, in row order
     for batch, rows in zip(batches, good, strict=True):
-        assert batch.pixels.shape == (len(rows), 224, 224, 3) and batch.pixels.dtype == np.uint8
-        for pixels, i in zip(batch.pixels, rows, strict=True):
+        batch_pixels = np.asarray(batch.pixels)  # a tensor from the batched decoder
+        assert batch_pixels.shape == (len(rows), 224, 224, 3) and batch_pixels.dtype == np.uint8
+        for pixels, i in zip(batch_pixels, rows, strict=True):
             assert (pixels == colour_of(i)).all()
     assert [b.bytes_read for b in batches] == [
         sum(len(r.data or b"") for r in records[start : start + 3]) for start in (0, 3, 6)
@@ -78,7 +88,7 @@ def test_decoded_batches_all_error_batch_has_no_pixels():
     ]
 
     with ThreadPoolExecutor(2) as pool:
-        first, second = decoded_batches(iter(records), SPEC, pool, batch_size=2)
+        first, second = decoded_batches(iter(records), PillowDecoder(SPEC), pool, batch_size=2)
 
     assert isinstance(first, Batch) and first.pixels is None
     assert [row[0] for row in first.meta] == ["a", "b"]
@@ -91,8 +101,57 @@ def test_decoded_batches_all_error_batch_has_no_pixels():
 def test_decoded_batches_exact_multiple_and_empty_input():
     records = [Record(f"k{i}", "src", png(colour_of(i), (20, 20))) for i in range(4)]
     with ThreadPoolExecutor(2) as pool:
-        assert [len(b.meta) for b in decoded_batches(iter(records), SPEC, pool, batch_size=2)] == [2, 2]
-        assert list(decoded_batches(iter([]), SPEC, pool, batch_size=2)) == []
+        assert [len(b.meta) for b in decoded_batches(iter(records), PillowDecoder(SPEC), pool, batch_size=2)] == [2, 2]
+        assert list(decoded_batches(iter([]), PillowDecoder(SPEC), pool, batch_size=2)) == []
+
+
+def jpeg(colour: tuple[int, int, int], size: tuple[int, int], **params) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG", quality=95, **params)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_a_corrupt_jpeg_among_good_ones_is_one_error_row_and_fallbacks_keep_their_place(decoder):
+    """Truncated JPEGs fail libjpeg (and a batched GPU call with them); progressive and CMYK ones go to Pillow:
+    every other row of the batch keeps its pixels, in row order."""
+    good = jpeg(RED, (300, 200))
+    cut = jpeg((0, 0, 255), (300, 200))[:400]
+    progressive = jpeg((0, 200, 0), (200, 300), progressive=True)
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(cmyk, "JPEG", quality=95)  # red in CMYK
+    records = [Record(f"k{i}", "src", data) for i, data in enumerate([good, cut, progressive, cmyk.getvalue(), good])]
+
+    with ThreadPoolExecutor(2) as pool:
+        (batch,) = decoded_batches(iter(records), DECODERS[decoder](), pool, batch_size=8)
+
+    errors = [row[4] for row in batch.meta]
+    assert errors[0] is None and errors[2] is None and errors[3] is None and errors[4] is None
+    assert errors[1] and "truncated" in errors[1].lower()
+    assert [row[2:4] for row in batch.meta] == [(300, 200), (None, None), (200, 300), (64, 64), (300, 200)]
+    pixels = np.asarray(batch.pixels)
+    assert pixels.shape == (4, 224, 224, 3)
+    for got, colour in zip(pixels, [RED, (0, 200, 0), RED, RED], strict=True):
+        assert np.abs(got.astype(int) - colour).max() <= 12
+
+
+def test_stage_clock_counts_reads_decodes_and_named_stages():
+    clock = StageClock()
+
+    def slow_records() -> Iterator[Record]:
+        for i in range(3):
+            time.sleep(0.02)
+            yield Record(f"k{i}", "src", png(RED, (20, 20)))
+
+    with ThreadPoolExecutor(2) as pool:
+        batches = list(decoded_batches(slow_records(), PillowDecoder(SPEC), pool, batch_size=2, clock=clock))
+    with clock.stage("write"):
+        time.sleep(0.01)
+
+    seconds = clock.seconds()
+    assert set(seconds) == set(STAGES) and len(batches) == 2
+    assert seconds["read"] >= 0.06 and seconds["decode"] > 0 and seconds["write"] >= 0.01
+    assert seconds["infer"] == seconds["wait"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------- prefetch
