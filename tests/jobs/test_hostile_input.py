@@ -54,13 +54,14 @@ def _hostile_files() -> dict[str, tuple[bytes, bool]]:
     }
 
 
-def _spec(input_uri: Path | str, out: Path, **input_fields) -> LabelJobSpec:
+def _spec(input_uri: Path | str, out: Path, decoder: str = "auto", **input_fields) -> LabelJobSpec:
     return LabelJobSpec(
         input={"uri": str(input_uri), **input_fields},
         output=str(out),
         model={"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
         num_workers=1,
         batch_size=4,
+        decoder=decoder,
     )
 
 
@@ -74,13 +75,14 @@ def _rows(out: Path) -> dict[str, dict]:
     injected="a folder of generated files next to a real photo",
     expected="decodable ones labelled (rotation applied), the rest error rows; the job succeeds",
 )
-def test_bad_image_files_become_rows(tmp_path, record_property):
+@pytest.mark.parametrize("decoder", ["auto", "pillow"])  # auto: torchvision.io on these CPU workers, Pillow fallback
+def test_bad_image_files_become_rows(tmp_path, record_property, decoder):
     folder = tmp_path / "in"
     folder.mkdir()
     files = _hostile_files()
     for name, (content, _) in files.items():
         (folder / name).write_bytes(content)
-    summary = run_label_job(_spec(folder, tmp_path / "out"), show_progress=False)
+    summary = run_label_job(_spec(folder, tmp_path / "out", decoder=decoder), show_progress=False)
     rows = {r["key"]: r for r in ds.dataset(tmp_path / "out", format="parquet").to_table().to_pylist()}
     assert summary.status == "succeeded" and rows.keys() == files.keys()
     for name, (_, labelled) in files.items():
