@@ -14,6 +14,7 @@ measured on the CPU bench (`python -m bench scale`).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -98,7 +99,7 @@ def run(config: GpuBenchConfig, photos: Path) -> list[Row]:
     import torch
 
     from bench.data import _write_tar, photo_payloads
-    from schemas.shards import ShardTask
+    from schemas.shards import ShardJob, ShardTask, WorkerSpec
     from schemas.specs import LabelJobSpec
     from tests.support import write_torchvision_weights
     from workers.label_worker import LabelWorker
@@ -117,15 +118,24 @@ def run(config: GpuBenchConfig, photos: Path) -> list[Row]:
         batch_size=config.batch_size,
         decode_threads=config.decode_threads,
     )
-    worker = LabelWorker(spec, "gpu-bench", torch_threads=os.cpu_count() or 1)
+    worker = LabelWorker(WorkerSpec.of(spec), torch_threads=os.cpu_count() or 1)
+    job = ShardJob.of(spec, "gpu-bench")
+    worker.predictor = worker._context(job).predictor  # the bench swaps in a compiled backbone below
+    blocking = functools.partial(worker.label_shard_blocking, job=job)
     log.info("%d images in %d shards; %d decode threads", config.images, len(tasks), config.decode_threads)
     eager_backbone = worker.predictor.backbone
     rows = []
     for compiled in config.compile_modes:
         worker.predictor.backbone = torch.compile(eager_backbone) if compiled else eager_backbone
         rows.append(Row("forward", compiled, forward_rate(worker, config)))
-        rows.append(Row("cpu_decode", compiled, _timed_shards(tasks, config, worker.label_shard_blocking)))
-        gpu = GpuDecodeLabeler(worker, config.gpu_lanes, str(tmp / "out-gpu-decode"))
+        rows.append(
+            Row(
+                "cpu_decode",
+                compiled,
+                _timed_shards(tasks, config, blocking),
+            )
+        )
+        gpu = GpuDecodeLabeler(worker, job, config.gpu_lanes, str(tmp / "out-gpu-decode"))
         rows.append(Row("gpu_decode", compiled, _timed_shards(tasks, config, gpu.label_shard)))
         for row in rows[-3:]:
             log.info("%s compiled=%s: %.0f img/s", row.variant, row.compiled, row.rate)
@@ -220,8 +230,8 @@ class GpuDecodeLabeler:
     """A shard through bulklabel's reader and writer, with JPEG decode, resize and crop on the GPU in batches.
     Images nvjpeg cannot decode (PNG, CMYK, corrupt) go through bulklabel's CPU decode, one by one."""
 
-    def __init__(self, worker, lanes: int, output: str):
-        self.worker = worker
+    def __init__(self, worker, job, lanes: int, output: str):
+        self.worker, self.job = worker, job
         self.output = output
         self.lanes = ThreadPoolExecutor(lanes, thread_name_prefix="gpu-lane")
         self.lane_count = lanes
@@ -231,15 +241,16 @@ class GpuDecodeLabeler:
         from workers.readers import bounded_map, read_shard
         from workers.writer import ShardWriter
 
-        w = self.worker
-        writer = ShardWriter(task, w.categories, w.model_id, w.job_id)
-        records = read_shard(w.input_storage, task, w.spec.input.extensions, w.fetch_pool)
-        chunks = _chunks(records, w.spec.batch_size)
+        w, job = self.worker, self.job
+        context = w._context(job)
+        writer = ShardWriter(task, w.categories, w.model_id, job.job_id)
+        records = read_shard(context.input_storage, task, job.input.extensions, w.fetch_pool)
+        chunks = _chunks(records, job.batch_size)
         with Prefetched(chunks, 2) as ahead:
             for meta, (indices, scores, embeddings) in bounded_map(self.lanes, self._batch, ahead, self.lane_count):
                 writer.add(meta, indices, scores, embeddings)
         stats = {"bytes_read": 0, "seconds": 0.0}
-        return writer.commit(w.output_storage, self.output, w.scratch, attempt, stats)
+        return writer.commit(context.output_storage, self.output, w.scratch, attempt, stats)
 
     def _batch(self, records: list) -> tuple[list, tuple]:
         pixels, meta = self._decode(records)

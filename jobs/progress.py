@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tqdm import tqdm
 
@@ -73,10 +74,19 @@ class JobSummary:
         return out
 
 
+class ProgressListener(Protocol):
+    """Who else follows a job's progress (the job service, to keep the job's record current)."""
+
+    def planned(self, count: int) -> None: ...
+
+    def done(self, result: ShardResult, earlier: bool) -> None: ...
+
+
 class Progress:
     """A progress bar over shards that also shows images, images/s and an ETA."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, listener: ProgressListener | None = None):
+        self.listener = listener
         self.started = time.perf_counter()
         self.images = 0  # all committed shards, including those done before this run
         self.images_this_run = 0
@@ -86,6 +96,8 @@ class Progress:
     def planned(self, count: int = 1) -> None:
         self._bar.total += count
         self._bar.refresh()
+        if self.listener:
+            self.listener.planned(count)
 
     def done(self, result: ShardResult, earlier: bool = False) -> None:
         """Count a committed shard; `earlier` when it was committed by a previous run."""
@@ -95,6 +107,8 @@ class Progress:
         rate = self.images_this_run / max(time.perf_counter() - self.started, 1e-9)
         self._bar.set_postfix(images=self.images, img_s=f"{rate:.1f}", refresh=False)
         self._bar.update(1)
+        if self.listener:
+            self.listener.done(result, earlier)
 
     def close(self) -> None:
         self._bar.close()

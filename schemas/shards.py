@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.specs import Spec
+from schemas.specs import InputSpec, LabelJobSpec, ModelSpec, Spec, StorageOptions
 
 # Version of the done-marker layout. 1: markers written before shard ids carried a hash of their key and before
 # fingerprints covered sizes and ETags; outputs holding those are refused on resume (their ids would not match).
@@ -35,6 +35,51 @@ class ShardTask(Spec):
             if self.sizes:
                 digest.update(b"\1%d\1" % self.sizes[i] + self.etags[i].encode())
         return digest.hexdigest()[:16]
+
+
+class WorkerSpec(Spec):
+    """What a label worker is built from: the model it keeps resident. Every job on the same model, device and
+    precision can use the same workers (a warm pool), so nothing here is specific to one job."""
+
+    model: ModelSpec
+    storage: StorageOptions = StorageOptions()  # to fetch the weights file or the fine-tuned artifact
+    decode_threads: int = Field(default=2, gt=0, le=64)
+
+    @classmethod
+    def of(cls, spec: LabelJobSpec) -> WorkerSpec:
+        return cls(model=spec.model, storage=spec.storage, decode_threads=spec.decode_threads)
+
+    def pool_key(self) -> str:
+        """Jobs whose worker specs share this key share workers. Credentials are left out of the key (they are
+        masked in the dump): jobs naming the same model from the same place with other keys share workers too."""
+        identity = self.model_dump_json(exclude={"storage": {"access_key_id", "secret_access_key"}})
+        return f"{self.model.name.rsplit('/', 1)[-1]}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+
+
+class ShardJob(Spec):
+    """What a shard needs from its job, sent with each shard: one worker labels shards of any job on its model."""
+
+    job_id: str
+    input: InputSpec
+    output: str
+    storage: StorageOptions = StorageOptions()
+    top_k: int = Field(gt=0)
+    embeddings: bool = True
+    batch_size: int = Field(gt=0)
+    decoder: Literal["auto", "pillow", "torchvision", "nvjpeg"] = "auto"
+
+    @classmethod
+    def of(cls, spec: LabelJobSpec, job_id: str) -> ShardJob:
+        return cls(
+            job_id=job_id,
+            input=spec.input,
+            output=spec.output,
+            storage=spec.storage,
+            top_k=spec.top_k,
+            embeddings=spec.embeddings,
+            batch_size=spec.batch_size,
+            decoder=spec.decoder,
+        )
 
 
 class ShardResult(Spec):

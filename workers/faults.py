@@ -17,7 +17,6 @@ import time
 from functools import cache
 from typing import Literal
 
-import torch
 from pydantic import TypeAdapter
 
 from schemas.specs import Spec
@@ -102,4 +101,6 @@ def out_of_memory_error(kind: str, batch_len: int, oom_above: int) -> RuntimeErr
             f"allocate {batch_len * 150 << 20} bytes. Error code 12 (Cannot allocate memory) "
             f"(injected: batch of {batch_len} > {oom_above})"
         )
+    import torch  # only a worker that injects an OOM needs torch; the driver imports this module too
+
     return torch.OutOfMemoryError(f"injected: batch of {batch_len} > {oom_above}")

@@ -23,20 +23,20 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from schemas.shards import ShardResult, ShardTask
-from schemas.specs import LabelJobSpec
+from schemas.shards import ShardJob, ShardResult, ShardTask, WorkerSpec
 from workers import faults
 from workers.decoders import make_decoder
 from workers.inference import Predictions, Predictor, is_out_of_memory, keep_freed_memory_for_reuse, pick_device
 from workers.models import build_model
 from workers.pipeline import Batch, Prefetched, Turn, Turns, decoded_batches
 from workers.readers import StorageByScheme, bounded_map, read_shard
-from workers.storage import local_scratch_dir, open_storage
+from workers.storage import Storage, local_scratch_dir, open_storage
 from workers.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -49,20 +49,43 @@ SHARD_THREADS = 4
 # need no barrier between torch's threads per operator, so a core that decode or a neighbour takes for a moment
 # does not stall the other. Each lane holds a batch's activations (~1 GB for MobileNetV2 at 32), hence the cap.
 MAX_CPU_LANES = 4
+MODELS_LOADED = 0  # models this process has built: a warm worker serving its second job still says 1
+
+
+@dataclass(frozen=True)
+class _JobContext:
+    job: ShardJob
+    stores: StorageByScheme
+    input_storage: Storage
+    output_storage: Storage
+    predictor: Predictor
+
+
+def _node_id() -> str | None:
+    """The Ray node this worker runs on (None outside Ray, as in-process tests run it)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
 
 
 class LabelWorker:
-    """Holds a model resident on its device and labels one shard per call."""
+    """Holds a model resident on its device and labels one shard per call, for any job on that model.
 
-    def __init__(self, spec: LabelJobSpec, job_id: str, torch_threads: int):
+    What belongs to a job (its output, storage, top-k, embeddings, batch size) comes with each shard as a `ShardJob`,
+    so the job service keeps workers warm between jobs: a second job on the same model loads nothing.
+    """
+
+    def __init__(self, spec: WorkerSpec, torch_threads: int):
+        global MODELS_LOADED
         self.spec = spec
-        self.job_id = job_id
         self.scratch = local_scratch_dir()
-        # One storage per scheme: manifest keys may name another store than the input's (each key is read from its own)
-        self.stores = StorageByScheme(spec.storage)
-        self.input_storage = self.stores(spec.input.uri)
-        self.output_storage = open_storage(spec.output, spec.storage)
+        self._jobs: dict[str, _JobContext] = {}  # per job id: its storage clients and predictor settings
         loaded = build_model(spec.model, spec.storage, Path(self.scratch, "weights"))
+        MODELS_LOADED += 1
+        self.loaded = loaded
         self.categories = loaded.categories
         self.model_id = loaded.model_id
         self.preprocess = loaded.preprocess
@@ -73,17 +96,18 @@ class LabelWorker:
         self.lanes, threads = inference_lanes(self.device, torch_threads)
         if threads > 0:
             torch.set_num_threads(threads)
-        self.predictor = Predictor(loaded, self.device, spec.model.precision, spec.top_k, spec.embeddings)
+        self._predictors: dict[tuple[int, bool], Predictor] = {}
         self.decode_pool = ThreadPoolExecutor(spec.decode_threads, thread_name_prefix="decode")
         self.fetch_pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="fetch")
         self.lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="lane")
         self.shard_pool = ThreadPoolExecutor(SHARD_THREADS, thread_name_prefix="shard")
         self.turns = Turns()
+        self.shards_labelled = 0
         log.info("worker ready: %s on %s, %d lane(s) of %d torch threads", self.model_id, self.device, self.lanes,
                  torch.get_num_threads())  # fmt: skip
 
     def describe(self) -> dict:
-        """What the driver records in the job manifest."""
+        """What the driver records in the job manifest, and what the service shows of its pools."""
         return {
             "model_id": self.model_id,
             "device": str(self.device),
@@ -91,9 +115,26 @@ class LabelWorker:
             "num_classes": len(self.categories),
             "preprocess": self.preprocess.model_dump(),
             "pid": os.getpid(),
+            "node_id": _node_id(),
+            "models_loaded": MODELS_LOADED,  # in this process: 1 for a worker that never reloaded its model
+            "jobs_served": len(self._jobs),
+            "shards_labelled": self.shards_labelled,
         }
 
-    async def label_shard(self, task: ShardTask, attempt: int) -> ShardResult:
+    def _context(self, job: ShardJob) -> _JobContext:
+        """The job's storage clients and predictor, built on its first shard here and kept for the next ones."""
+        context = self._jobs.get(job.job_id)
+        if context is None or context.job != job:
+            stores = StorageByScheme(job.storage)
+            key = (job.top_k, job.embeddings)
+            if key not in self._predictors:  # shares the resident model; only top-k and embeddings differ
+                self._predictors[key] = Predictor(self.loaded, self.device, self.spec.model.precision, *key)
+            context = _JobContext(job, stores, stores(job.input.uri), open_storage(job.output, job.storage),
+                                  self._predictors[key])  # fmt: skip
+            self._jobs[job.job_id] = context
+        return context
+
+    async def label_shard(self, task: ShardTask, attempt: int, job: ShardJob) -> ShardResult:
         """Read, decode, predict and commit one shard; returns its done-marker.
 
         Async so that Ray runs this worker as an asyncio actor, whose calls may overlap: the shard the scheduler
@@ -102,25 +143,26 @@ class LabelWorker:
         this one's last, so its commit overlaps the next shard's predictions. The work runs on threads.
         """
         turn = self.turns.take()
-        return await asyncio.get_running_loop().run_in_executor(self.shard_pool, self._label_shard, task, attempt, turn)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.shard_pool, self._label_shard, task, attempt, job, turn)
 
-    def label_shard_blocking(self, task: ShardTask, attempt: int) -> ShardResult:
+    def label_shard_blocking(self, task: ShardTask, attempt: int, job: ShardJob) -> ShardResult:
         """`label_shard` for in-process callers (tests, a plain loop)."""
-        return self._label_shard(task, attempt, self.turns.take())
+        return self._label_shard(task, attempt, job, self.turns.take())
 
-    def _label_shard(self, task: ShardTask, attempt: int, turn: Turn) -> ShardResult:
-        spec = self.spec
-        writer = ShardWriter(task, self.categories, self.model_id, self.job_id)
+    def _label_shard(self, task: ShardTask, attempt: int, job: ShardJob, turn: Turn) -> ShardResult:
+        context = self._context(job)
+        writer = ShardWriter(task, self.categories, self.model_id, job.job_id)
         with turn:
-            records = read_shard(self.input_storage, task, spec.input.extensions, self.fetch_pool, stores=self.stores,
-                                 max_bytes=spec.input.max_object_bytes)  # fmt: skip
-            decoder = make_decoder(spec.decoder, self.preprocess, self.device)
-            decoded = decoded_batches(records, decoder, self.decode_pool, spec.batch_size)
+            records = read_shard(context.input_storage, task, job.input.extensions, self.fetch_pool,
+                                 stores=context.stores, max_bytes=job.input.max_object_bytes)  # fmt: skip
+            decoder = make_decoder(job.decoder, self.preprocess, self.device)
+            decoded = decoded_batches(records, decoder, self.decode_pool, job.batch_size)
             with Prefetched(decoded, PREFETCH_BATCHES) as batches:  # reading starts now, before our turn
                 turn.wait()
                 started = time.perf_counter()  # the shard's own time: from its turn to its commit
                 bytes_read = 0
-                for batch, preds in self._predicted(batches, task, attempt, writer, turn):
+                for batch, preds in self._predicted(batches, task, attempt, writer, turn, context.predictor):
                     writer.add(
                         batch.meta,
                         preds.topk_indices if preds else None,
@@ -129,13 +171,15 @@ class LabelWorker:
                     )
                     bytes_read += batch.bytes_read
             stats = {"bytes_read": bytes_read, "seconds": round(time.perf_counter() - started, 3)}
-            result = writer.commit(self.output_storage, spec.output, self.scratch, attempt, stats)
+            result = writer.commit(context.output_storage, job.output, self.scratch, attempt, stats)
+        self.shards_labelled += 1
         log.info("shard %s: %d rows, %d errors, %.1fs", task.shard_id, result.rows, result.errors, result.seconds)
         return result
 
     def _predicted(
-        self, batches: Iterator[Batch], task: ShardTask, attempt: int, writer: ShardWriter, turn: Turn
-    ) -> Iterator[tuple[Batch, Predictions | None]]:
+        self, batches: Iterator[Batch], task: ShardTask, attempt: int, writer: ShardWriter, turn: Turn,
+        predictor: Predictor,
+    ) -> Iterator[tuple[Batch, Predictions | None]]:  # fmt: skip
         """(batch, predictions) in batch order, up to `lanes` batches in the model at once.
 
         The turn ends as soon as the shard's last batch is handed to the lanes, not when the shard commits: the next
@@ -156,7 +200,7 @@ class LabelWorker:
             batch, rows = item
             if batch.pixels is None:
                 return batch, None
-            return batch, self._predict(batch.pixels, task, attempt, rows)
+            return batch, self._predict(predictor, batch.pixels, task, attempt, rows)
 
         if self.lanes == 1:
             return map(run, submitted())
@@ -164,11 +208,13 @@ class LabelWorker:
         # its neighbour's batch, which comes first in order.
         return bounded_map(self.lane_pool, run, submitted(), window=2 * self.lanes)
 
-    def _predict(self, pixels: np.ndarray, task: ShardTask, attempt: int, rows: int) -> Predictions:
+    def _predict(
+        self, predictor: Predictor, pixels: np.ndarray, task: ShardTask, attempt: int, rows: int
+    ) -> Predictions:
         """Predict a batch; out of memory (on any device), split it in halves and try again, down to single images."""
         try:
             faults.inject_oom(task.shard_id, attempt, rows, len(pixels))
-            return self.predictor(pixels)
+            return predictor(pixels)
         except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc) or len(pixels) == 1:
                 raise
@@ -176,8 +222,8 @@ class LabelWorker:
                 torch.cuda.empty_cache()
             half = len(pixels) // 2
             log.warning("shard %s: out of memory on a batch of %d; splitting it", task.shard_id, len(pixels))
-            first = self._predict(pixels[:half], task, attempt, rows)
-            second = self._predict(pixels[half:], task, attempt, rows + half)
+            first = self._predict(predictor, pixels[:half], task, attempt, rows)
+            second = self._predict(predictor, pixels[half:], task, attempt, rows + half)
             return Predictions(
                 topk_indices=np.concatenate([first.topk_indices, second.topk_indices]),
                 topk_scores=np.concatenate([first.topk_scores, second.topk_scores]),

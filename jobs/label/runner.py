@@ -8,24 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import ray
 
 from jobs.cluster import ensure_ray
+from jobs.label.actors import start_label_worker
 from jobs.label.commit import CommittedShards, error_summary
 from jobs.label.placement import Placement, check_locations_reachable, place_workers
 from jobs.label.plan import PlanError, PlanStats, plan_shards
-from jobs.label.scheduler import SchedulerLimits, ShardScheduler
+from jobs.label.scheduler import PrivateWorkers, SchedulerLimits, ShardScheduler, WorkerSource
 from jobs.locations import absolute_locations
 from jobs.output.session import OutputSession
-from jobs.progress import JobSummary, Progress, Skipped
-from schemas.shards import ShardResult, ShardTask
+from jobs.progress import JobSummary, Progress, ProgressListener, Skipped
+from schemas.catalog import class_names
+from schemas.shards import ShardJob, ShardResult, ShardTask, WorkerSpec
 from schemas.specs import LabelJobSpec
-from workers import faults
-from workers.label_worker import LabelWorker
-from workers.models import model_categories
 from workers.storage import open_storage
 
 log = logging.getLogger(__name__)
@@ -39,8 +38,25 @@ class JobFailed(RuntimeError):
         self.summary = summary
 
 
-def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
-    """Run (or resume, or extend with new input) a label job to completion and return its summary."""
+@dataclass(frozen=True)
+class LabelRun:
+    """How a label job runs: alone, from the CLI (its own workers, a progress bar), or inside the job service
+    (workers from a warm pool shared with other jobs on the same model, progress reported to the job's record)."""
+
+    show_progress: bool = True
+    workers: WorkerSource | None = None  # None: the job's own workers, started for it and killed at its end
+    placement: Placement | None = None  # None: placed on the cluster as it is now (place_workers)
+    listener: ProgressListener | None = None
+    cancelled: Callable[[], bool] = lambda: False  # checked between shards: once true, nothing new is dispatched
+
+
+def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun | None = None) -> JobSummary:
+    """Run (or resume, or extend with new input) a label job to completion and return its summary.
+
+    A cancelled run (run.cancelled) dispatches nothing more, lets running shards commit, and returns a summary with
+    status "cancelled": the committed shards stay, and running the job again labels exactly the rest.
+    """
+    run = run or LabelRun(show_progress=show_progress)
     spec = absolute_locations(spec)  # workers in other processes (and the job id) must see the same places
     job_id = spec.resolved_job_id()
     clock = time.perf_counter()
@@ -59,8 +75,8 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
     # Plan and dispatch.
     stats = PlanStats()
     tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage), stats, committed.done.values())
-    placement = place_workers(spec, ensure_ray())
-    progress = Progress(enabled=show_progress)
+    placement = run.placement or place_workers(spec, ensure_ray())
+    progress = Progress(enabled=run.show_progress, listener=run.listener)
     results: dict[str, ShardResult] = {}
 
     def on_done(result: ShardResult) -> None:
@@ -68,11 +84,14 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
         session.shard_committed(result)
         progress.done(result)
 
-    scheduler = ShardScheduler(_actor_factory(spec, job_id, placement), placement.workers, _limits(spec, placement))
+    workers = run.workers or PrivateWorkers(_actor_factory(spec, job_id, placement))
+    scheduler = ShardScheduler(workers, placement.workers, _limits(spec, placement), ShardJob.of(spec, job_id))
+    failures: dict[str, str] = {}
     try:
-        worker = ray.get(scheduler.actors[0].describe.remote())
-        log.info("%d worker(s): %s on %s", placement.workers, worker["model_id"], worker["device"])
-        failures = scheduler.run(_not_yet_done(tasks, committed.done, results, progress), on_done)
+        worker = scheduler.first_ready(run.cancelled)
+        if worker is not None:
+            log.info("%d worker(s): %s on %s", placement.workers, worker["model_id"], worker["device"])
+            failures = scheduler.run(_not_yet_done(tasks, committed.done, results, progress), on_done, run.cancelled)
     except BaseException as exc:
         session.failed(f"{type(exc).__name__}: {exc}", results)
         raise
@@ -81,6 +100,9 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True) -> JobSummary:
         progress.close()
 
     # Commit.
+    if run.cancelled():  # what committed stays committed; the manifest is written by the run that finishes
+        return replace(_summarise(spec, job_id, results, {}, plan, stats, time.perf_counter() - clock, progress),
+                       status="cancelled", worker_restarts=scheduler.restarts)  # fmt: skip
     summary = _summarise(spec, job_id, results, failures, plan, stats, time.perf_counter() - clock, progress)
     summary = replace(summary, worker_restarts=scheduler.restarts)
     if summary.status == "failed":
@@ -186,7 +208,7 @@ def _summarise(
 def check_top_k(spec: LabelJobSpec) -> None:
     """An explicit top_k must not exceed the model's classes (also checks the model and weights names); the
     default is capped to the classes by the predictor, so a 3-class fine-tuned model needs no --top-k."""
-    classes = len(model_categories(spec.model, spec.storage))
+    classes = len(class_names(spec.model, spec.storage))
     if spec.top_k > classes and "top_k" in spec.model_fields_set:
         raise PlanError(f"top_k={spec.top_k} exceeds the {classes} classes of model {spec.model.name!r}")
 
@@ -209,21 +231,9 @@ def _not_yet_done(
             progress.done(previous, earlier=True)
 
 
-def _actor_factory(spec: LabelJobSpec, job_id: str, placement: Placement):
-    actor_class = ray.remote(LabelWorker)
-    fault_env = faults.forwarded_environment()  # empty unless a test turned fault injection on
-
-    def make(index: int) -> ray.actor.ActorHandle:
-        return actor_class.options(
-            name=f"bulklabel-{job_id}-{index}",
-            num_cpus=placement.cpus_per_worker,
-            num_gpus=placement.gpus_per_worker,
-            max_restarts=0,  # the scheduler replaces dead workers itself, and counts them
-            max_task_retries=0,
-            runtime_env={"env_vars": fault_env} if fault_env else None,
-        ).remote(spec, job_id, placement.torch_threads)
-
-    return make
+def _actor_factory(spec: LabelJobSpec, job_id: str, placement: Placement) -> Callable[[int], ray.actor.ActorHandle]:
+    worker = WorkerSpec.of(spec)
+    return lambda index: start_label_worker(worker, placement, name=f"bulklabel-{job_id}-{index}")
 
 
 def _limits(spec: LabelJobSpec, placement: Placement) -> SchedulerLimits:

@@ -19,12 +19,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from jobs.errors import WorkersLost
-from schemas.shards import ShardResult, ShardTask
+from schemas.shards import ShardJob, ShardResult, ShardTask
 from workers.storage import AccessDenied
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,10 @@ class SchedulerLimits:
 class ShardScheduler:
     """Runs shard tasks on actors made by `make_actor(index)` until every task is done or failed."""
 
-    def __init__(self, make_actor: Callable[[int], ray.actor.ActorHandle], num_actors: int, limits: SchedulerLimits):
-        self._make_actor = make_actor
+    def __init__(self, workers: WorkerSource, num_actors: int, limits: SchedulerLimits, job: ShardJob):
+        self._workers = workers
+        self._job = ray.put(job)  # sent with every shard (workers serve any job on their model): stored once
         self._limits = limits
-        self._actors_made = 0
         self._slots = [self._new_slot() for _ in range(num_actors)]
         self._retry: deque[tuple[ShardTask, int, float]] = deque()  # (task, attempt, not before)
         self.failures: dict[str, str] = {}
@@ -70,14 +71,31 @@ class ShardScheduler:
     def actors(self) -> list[ray.actor.ActorHandle]:
         return [slot.actor for slot in self._slots]
 
-    def run(self, tasks: Iterator[ShardTask], on_done: Callable[[ShardResult], None]) -> dict[str, str]:
+    def first_ready(self, cancelled: Callable[[], bool] = lambda: False) -> dict | None:
+        """Wait for the first worker to be up (on a cluster without room yet, until a node joins) and return its
+        description; None if the job was cancelled while it waited."""
+        while not cancelled():
+            started, _ = ray.wait([slot.ready for slot in self._slots if slot.ready], num_returns=1, timeout=1.0)
+            if started:
+                return ray.get(started[0])
+        return None
+
+    def run(
+        self,
+        tasks: Iterator[ShardTask],
+        on_done: Callable[[ShardResult], None],
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> dict[str, str]:
         """Run all tasks; `on_done` sees each committed shard. Returns failed shard ids and their errors.
 
         A failed shard does not stop the others: every shard that can be committed is, so a re-run
-        has only the failed ones left to do.
+        has only the failed ones left to do. Once `cancelled()`, nothing new starts (retries included) and the
+        shards already running are let finish: what they commit is committed.
         """
         pending = iter(tasks)
         while True:
+            if cancelled():
+                pending, self._retry = iter(()), deque()
             self._fill(pending)
             refs = {entry[0]: slot for slot in self._slots for entry in slot.running}
             if not refs and not self._retry:
@@ -90,9 +108,12 @@ class ShardScheduler:
                 self._settle(refs[ref], ref, on_done)
             self._enforce_timeouts()
 
+    def add_workers(self, count: int) -> None:
+        """Take `count` more workers (nodes joined, or a warm pool grew); they get shards from the next fill."""
+        self._slots += [self._new_slot() for _ in range(count)]
+
     def shutdown(self) -> None:
-        for slot in self._slots:
-            ray.kill(slot.actor, no_restart=True)
+        self._workers.release([slot.actor for slot in self._slots])
 
     def _fill(self, pending: Iterator[ShardTask]) -> None:
         """Give each actor's free places to retries first, then to new tasks."""
@@ -118,7 +139,7 @@ class ShardScheduler:
     def _submit(self, slot: _Slot, task: ShardTask, attempt: int) -> None:
         if not slot.running:
             slot.head_started = time.monotonic()
-        slot.running.append((slot.actor.label_shard.remote(task, attempt), task, attempt))
+        slot.running.append((slot.actor.label_shard.remote(task, attempt, self._job), task, attempt))
 
     def _settle(self, slot: _Slot, ref: ray.ObjectRef, on_done: Callable[[ShardResult], None]) -> None:
         index = next(i for i, entry in enumerate(slot.running) if entry[0] == ref)
@@ -162,10 +183,9 @@ class ShardScheduler:
             limit = self._limits.max_actor_restarts
             raise WorkersLost(f"workers {reason} {self.restarts} times; giving up (max {limit})")
         self.restarts += 1
-        ray.kill(slot.actor, no_restart=True)
         held = list(slot.running)
         slot.running.clear()
-        slot.actor = self._make_actor(self._next_index())
+        slot.actor = self._workers.replace(slot.actor)
         slot.ready = slot.actor.describe.remote()
         for position, (_, task, attempt) in enumerate(held):
             if position == 0:
@@ -186,12 +206,41 @@ class ShardScheduler:
                 self._replace(slot, reason="timed out")
 
     def _new_slot(self) -> _Slot:
-        actor = self._make_actor(self._next_index())
+        actor = self._workers.acquire()
         return _Slot(actor, ready=actor.describe.remote())
 
-    def _next_index(self) -> int:
-        self._actors_made += 1
-        return self._actors_made - 1
+
+class WorkerSource(Protocol):
+    """Where a job's workers come from: its own actors (PrivateWorkers), or a warm pool shared by jobs on one model."""
+
+    def acquire(self) -> ray.actor.ActorHandle:
+        """A worker for this job: started now, or already running (and warm)."""
+
+    def replace(self, dead: ray.actor.ActorHandle) -> ray.actor.ActorHandle:
+        """A worker in place of one that died or hung (which is killed, if it still runs)."""
+
+    def release(self, actors: list[ray.actor.ActorHandle]) -> None:
+        """The job is done with these workers."""
+
+
+class PrivateWorkers:
+    """Workers made for one job (`make_actor(index)`) and killed when it ends: `bulklabel label` without a service."""
+
+    def __init__(self, make_actor: Callable[[int], ray.actor.ActorHandle]):
+        self._make_actor = make_actor
+        self._made = 0
+
+    def acquire(self) -> ray.actor.ActorHandle:
+        self._made += 1
+        return self._make_actor(self._made - 1)
+
+    def replace(self, dead: ray.actor.ActorHandle) -> ray.actor.ActorHandle:
+        ray.kill(dead, no_restart=True)
+        return self.acquire()
+
+    def release(self, actors: list[ray.actor.ActorHandle]) -> None:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
 
 
 def _first_line(exc: BaseException) -> str:

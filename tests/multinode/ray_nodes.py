@@ -90,10 +90,10 @@ class MultiNodeCluster:
         return list_nodes(address=self.dashboard, detail=True)
 
     def worker_actors(self, state: str | None = None) -> list:
-        """The LabelWorker actors this cluster ever ran (dead ones too, unless `state` is given)."""
+        """The label worker actors this cluster ever ran (dead ones too, unless `state` is given)."""
         from ray.util.state import list_actors
 
-        filters = [("class_name", "=", "LabelWorker")] + ([("state", "=", state)] if state else [])
+        filters = [("class_name", "=", "LabelWorkerActor")] + ([("state", "=", state)] if state else [])
         return list_actors(address=self.dashboard, filters=filters, detail=True, limit=1000)
 
     def finished_shard_tasks_by_node(self) -> dict[str, int]:
@@ -103,7 +103,7 @@ class MultiNodeCluster:
         counts: dict[str, int] = {}
         tasks = list_tasks(address=self.dashboard, filters=[("state", "=", "FINISHED")], detail=True, limit=10000)
         for task in tasks:
-            if task.name.endswith("LabelWorker.label_shard"):
+            if task.name.endswith("LabelWorkerActor.label_shard"):
                 counts[task.node_id] = counts.get(task.node_id, 0) + 1
         return counts
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from schemas.shards import ShardTask
+from schemas.shards import ShardJob, ShardTask, WorkerSpec
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
 from workers.label_worker import LabelWorker, inference_lanes
@@ -27,14 +27,14 @@ def tar_shards(tmp_path_factory) -> list[ShardTask]:
     return [ShardTask(shard_id=p.stem, kind="tar", base_uri=str(folder), keys=(p.name,)) for p in shards]
 
 
-def _worker(tar_shards: list[ShardTask], out: Path, torch_threads: int) -> LabelWorker:
+def _worker(tar_shards: list[ShardTask], out: Path, torch_threads: int) -> tuple[LabelWorker, ShardJob]:
     spec = LabelJobSpec(
         input={"uri": tar_shards[0].base_uri, "format": "tar"},
         output=str(out),
         model={"name": "mobilenet_v2", "weights": "IMAGENET1K_V1", "device": "cpu"},
         batch_size=4,
     )
-    return LabelWorker(spec, "job", torch_threads)
+    return LabelWorker(WorkerSpec.of(spec), torch_threads), ShardJob.of(spec, "job")
 
 
 def _rows(out: Path, shard: str) -> list[tuple]:
@@ -51,16 +51,16 @@ def test_inference_lanes_split_cpu_threads_and_keep_one_lane_on_gpu():
 
 @pytest.mark.timeout(300)
 def test_overlapping_shards_on_two_lanes_match_one_at_a_time_on_one_lane(tar_shards, tmp_path, monkeypatch):
-    one = _worker(tar_shards, tmp_path / "one", torch_threads=1)
+    one, job_one = _worker(tar_shards, tmp_path / "one", torch_threads=1)
     for task in tar_shards:
-        one.label_shard_blocking(task, 1)
+        one.label_shard_blocking(task, 1, job_one)
     one.close()
 
-    two = _worker(tar_shards, tmp_path / "two", torch_threads=2)
+    two, job_two = _worker(tar_shards, tmp_path / "two", torch_threads=2)
     assert two.lanes == 2
 
     async def all_at_once():
-        return await asyncio.gather(*(two.label_shard(task, 1) for task in tar_shards))
+        return await asyncio.gather(*(two.label_shard(task, 1, job_two) for task in tar_shards))
 
     results = asyncio.run(all_at_once())
     two.close()
@@ -72,15 +72,15 @@ def test_overlapping_shards_on_two_lanes_match_one_at_a_time_on_one_lane(tar_sha
 
 @pytest.mark.timeout(300)
 def test_the_next_shard_enters_the_lanes_before_this_one_commits(tar_shards, tmp_path, monkeypatch):
-    worker = _worker(tar_shards, tmp_path / "out", torch_threads=2)
+    worker, job = _worker(tar_shards, tmp_path / "out", torch_threads=2)
     first, second = tar_shards[:2]
     second_predicting = threading.Event()
     predict = worker._predict
 
-    def watching(pixels, task, attempt, rows):
+    def watching(predictor, pixels, task, attempt, rows):
         if task.shard_id == second.shard_id:
             second_predicting.set()
-        return predict(pixels, task, attempt, rows)
+        return predict(predictor, pixels, task, attempt, rows)
 
     commit = ShardWriter.commit
     overlapped = []
@@ -94,7 +94,7 @@ def test_the_next_shard_enters_the_lanes_before_this_one_commits(tar_shards, tmp
     monkeypatch.setattr(ShardWriter, "commit", commit_once_the_next_shard_predicts)
 
     async def both():
-        return await asyncio.gather(worker.label_shard(first, 1), worker.label_shard(second, 1))
+        return await asyncio.gather(worker.label_shard(first, 1, job), worker.label_shard(second, 1, job))
 
     results = asyncio.run(both())
     worker.close()
@@ -104,11 +104,11 @@ def test_the_next_shard_enters_the_lanes_before_this_one_commits(tar_shards, tmp
 
 @pytest.mark.timeout(300)
 def test_a_failing_shard_releases_its_turn_to_the_next(tar_shards, tmp_path, monkeypatch):
-    worker = _worker(tar_shards, tmp_path / "out", torch_threads=1)
+    worker, job = _worker(tar_shards, tmp_path / "out", torch_threads=1)
     missing = tar_shards[0].model_copy(update={"shard_id": "missing", "keys": ("no-such.tar",)})
 
     async def both():
-        return await asyncio.gather(worker.label_shard(missing, 1), worker.label_shard(tar_shards[1], 1),
+        return await asyncio.gather(worker.label_shard(missing, 1, job), worker.label_shard(tar_shards[1], 1, job),
                                     return_exceptions=True)  # fmt: skip
 
     failed, done = asyncio.run(asyncio.wait_for(both(), timeout=120))
