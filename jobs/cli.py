@@ -1,4 +1,4 @@
-"""The `bulklabel` command line: label, finetune, run a spec file, demo, query, similar, schema."""
+"""The `bulklabel` command line: label, finetune, run a spec file, demo, query, similar, report, schema."""
 
 from __future__ import annotations
 
@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     similar.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     similar.set_defaults(handler=_cmd_similar)
 
+    report = sub.add_parser("report", help="one self-contained HTML page: labels, confidence, throughput, errors, "
+                            "slowest shards, least-confident thumbnails")  # fmt: skip
+    report.add_argument("output", help="the label job's output: local folder or s3://bucket/prefix")
+    report.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file to write")
+    report.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    report.set_defaults(handler=_cmd_report)
+
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
     return parser
@@ -222,6 +229,14 @@ def _cmd_similar(args: argparse.Namespace) -> int:
     from jobs.output.query import format_neighbours, similar
 
     print(format_neighbours(similar(args.output, args.key, args.k, StorageOptions(endpoint_url=args.endpoint_url))))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from jobs.output.report_page import write_report
+
+    data = write_report(args.output, args.out, StorageOptions(endpoint_url=args.endpoint_url))
+    print(f"report of {data.rows} images ({data.errors} errors, {data.shards} shards) written to {args.out}")
     return 0
 
 

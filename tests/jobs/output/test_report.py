@@ -1,0 +1,238 @@
+"""`bulklabel report` on real label jobs' outputs (MobileNetV2 on real photos, a corrupt file and hostile file names
+among them), rendered in headless Chromium: what the page shows, thumbnails decoded, nothing from the data run as
+code; and on S3, tar shards in and out."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageStat
+
+from jobs.cli import main
+from jobs.output.report import THUMB_LABELS, THUMBS_PER_LABEL
+from jobs.output.report_page import CSP, write_report
+from tests.conftest import PROJECT_ROOT
+from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
+from workers.storage import join, open_storage
+
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+CHROMIUM_NOTE = PROJECT_ROOT / ".venv" / ".chromium-unavailable"  # deploy/setup.sh: why apt could not install it
+# Names that would run script (or add elements) if the page put them in unescaped: '/' cannot be in a file name.
+HOSTILE = ["<img src=x onerror=window.__pwned=1>.jpg", "\"'><svg onload=window.__pwned=2>.jpg"]
+PHOTOS = 8
+REPEATS = 3  # the first photo also under three more names: one label with 4 images
+
+
+def _photo_folder(folder: Path) -> Path:
+    files = [IMAGENET_SAMPLE / row["file"] for row in imagenet_labels()[:PHOTOS]]
+    folder.mkdir(parents=True)
+    for file in files:
+        shutil.copy(file, folder / file.name)
+    for i in range(REPEATS):
+        shutil.copy(files[0], folder / f"again-{i}.jpg")
+    shutil.copy(files[1], folder / HOSTILE[0])
+    shutil.copy(files[2], folder / HOSTILE[1])
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG at all" * 20)
+    return folder
+
+
+def _label(input_uri: str, output: str, files_per_shard: int = 4, storage=None) -> None:
+    from jobs.label.runner import run_label_job
+    from schemas.specs import LabelJobSpec
+
+    spec = LabelJobSpec(
+        input={"uri": input_uri, "files_per_shard": files_per_shard},
+        output=output,
+        model={"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
+        num_workers=1,
+        batch_size=8,
+        **({"storage": storage} if storage else {}),
+    )
+    summary = run_label_job(spec, show_progress=False)
+    assert summary.status == "succeeded" and summary.errors == 1, summary.lines()
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, ray_cluster) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    _label(str(_photo_folder(root / "photos")), str(root / "out"))
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def rows(labelled):
+    return pq.read_table(sorted(labelled.glob("part-*.parquet"))).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def report(labelled, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("page") / "report.html"
+    assert main(["report", str(labelled), "--out", str(out)]) == 0
+    return out
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if CHROMIUM_NOTE.exists():
+        pytest.skip(f"chromium could not be installed by deploy/setup.sh: {CHROMIUM_NOTE.read_text().strip()}")
+    pytest.fail("chromium is not installed: run `bash deploy/setup.sh` (it installs Debian's chromium)")
+
+
+def _render(page: Path, tmp_path: Path, *args: str) -> str:
+    """Headless Chromium on `page` (file://), offline; returns its stdout (the DOM, for --dump-dom)."""
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-default-apps", "--disable-sync", "--no-first-run",
+               "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+               "--virtual-time-budget=5000", *args, page.as_uri()]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+class _Dom(HTMLParser):
+    """The elements of a dumped DOM as (tag, attributes), and its text."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def find(self, tag: str, **attrs: str) -> list[dict[str, str | None]]:
+        return [a for t, a in self.elements if t == tag and all(a.get(k.replace("_", "-")) == v
+                                                                   for k, v in attrs.items())]  # fmt: skip
+
+
+_PROBE = """<script>
+window.addEventListener('load', () => {
+  for (const img of document.images) img.setAttribute('data-natural', img.naturalWidth + 'x' + img.naturalHeight);
+  document.body.setAttribute('data-pwned', String(window.__pwned || 0));
+  document.body.setAttribute('data-probed', 'yes');
+});
+</script>"""
+
+
+def test_report_in_chromium_shows_the_jobs_figures(labelled, rows, report, tmp_path):
+    page = report.read_text()
+    assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    # A copy with a probe script (the CSP lifted for it alone) writes what Chromium decoded into the DOM.
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace(CSP, CSP.replace("default-src 'none'", "script-src 'unsafe-inline'"))
+                      .replace("</body>", _PROBE + "</body>"))  # fmt: skip
+    dom = _Dom(_render(probed, tmp_path, "--dump-dom"))
+    body = dom.find("body")[0]
+    assert body["data-probed"] == "yes" and body["data-pwned"] == "0"  # escaping alone stops the hostile names
+
+    labelled_rows = [r for r in rows if r["error"] is None]
+    bars = {a["data-label"]: int(a["data-count"]) for a in dom.find("g", **{"class": "label-bar"})}
+    assert bars == Counter(r["label"] for r in labelled_rows)
+    assert max(bars.values()) == 1 + REPEATS
+    bins = [int(a["data-count"]) for a in dom.find("rect", **{"class": "score-bin"})]
+    assert len(bins) == 20 and sum(bins) == len(labelled_rows)
+    assert [int(a["data-count"]) for a in dom.find("tr", **{"class": "error-kind"})] == [1]
+    (corrupt,) = [r for r in rows if r["error"]]
+    assert corrupt["key"] == "corrupt.jpg"
+    assert dom.find("tr", **{"class": "error-kind"})[0]["data-kind"] == corrupt["error"].split(":")[0]
+    text = "".join(dom.text)
+    assert corrupt["error"][:60] in text and HOSTILE[0] in text and HOSTILE[1] in text  # shown as text
+    assert len(dom.find("tr", **{"class": "slow-shard"})) == len(list((labelled / "_done").glob("*.json")))
+    assert dom.find("polyline", id="cumulative")
+
+    commonest = sorted(bars.items(), key=lambda item: (-item[1], item[0]))[:THUMB_LABELS]
+    assert [a["data-label"] for a in dom.find("h3")] == [label for label, _ in commonest]
+    images = dom.find("img", **{"class": "thumb"})
+    expected = sum(min(n, THUMBS_PER_LABEL) for n in sorted(bars.values(), reverse=True)[:THUMB_LABELS])
+    assert len(images) == len(dom.find("img")) == expected  # no element came from a key
+    sizes = [tuple(map(int, a["data-natural"].split("x"))) for a in images]
+    assert all(0 < w <= 160 and 0 < h <= 160 and max(w, h) == 160 for w, h in sizes), sizes
+    assert {a["data-key"] for a in images} >= {f"again-{i}.jpg" for i in range(REPEATS)}
+
+
+def test_report_page_runs_nothing_and_screenshot_is_kept(report, tmp_path):
+    dom = _Dom(_render(report, tmp_path, "--dump-dom"))  # the page as shipped: CSP on, no script
+    assert not dom.find("script") and dom.find("section", id="uncertain")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    shot.unlink(missing_ok=True)
+    _render(report, tmp_path, f"--screenshot={shot}", "--window-size=1280,3600")
+    with Image.open(shot) as image:
+        assert image.size == (1280, 3600)
+        stat = ImageStat.Stat(image.convert("L"))
+        colours = len(image.convert("RGB").getcolors(1 << 24) or [])
+    assert stat.stddev[0] > 20 and colours > 1000, (stat.stddev, colours)  # text, bars and photos, not a blank page
+    shutil.copy(report, ARTIFACTS / "report.html")
+    sys.stdout.write(f"\nreport screenshot: {shot}\n")
+
+
+def _thumbnails_decoded(page: str) -> list[tuple[int, int]]:
+    found = re.findall(r"src='data:image/jpeg;base64,([A-Za-z0-9+/=]+)'", page)
+    sizes = []
+    for data in found:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            image.load()
+            sizes.append(image.size)
+    return sizes
+
+
+def test_report_of_an_s3_output_of_tar_shards(tmp_path_factory, ray_cluster, s3_server, s3_prefix):
+    """Input tars and output on a real S3 server: thumbnails come out of the tar members by key."""
+    root = tmp_path_factory.mktemp("report-s3")
+    files = [IMAGENET_SAMPLE / row["file"] for row in imagenet_labels()[PHOTOS : PHOTOS + 6]]
+    (root / "bad.jpg").write_bytes(b"not an image")
+    tars = write_tar_shards(files + [root / "bad.jpg"], root / "tars", per_shard=4)
+    storage = open_storage(s3_prefix, s3_server.options())
+    for tar in tars:
+        storage.upload_file(str(tar), join(s3_prefix, "in", tar.name))
+    output = join(s3_prefix, "out")
+    _label(join(s3_prefix, "in"), output, storage=s3_server.options())
+    data = write_report(output, root / "report.html", s3_server.options())
+    assert (data.rows, data.errors, data.shards, data.complete) == (7, 1, 2, True)
+    assert [(k.kind, k.rows, k.examples[0][0]) for k in data.error_kinds] == [(data.error_kinds[0].kind, 1, "bad")]
+    sizes = _thumbnails_decoded((root / "report.html").read_text())
+    assert len(sizes) == THUMB_LABELS and all(max(s) == 160 for s in sizes)
+    assert all(t.problem is None for thumbs in data.thumbnails.values() for t in thumbs)
+
+
+def test_report_of_an_output_whose_input_is_gone_says_so(labelled, tmp_path):
+    copy = Path(shutil.copytree(labelled, tmp_path / "out"))
+    input_folder = Path(str(open_output_input(copy)))
+    hidden = tmp_path / "hidden"
+    shutil.move(input_folder, hidden)
+    try:
+        data = write_report(str(copy), tmp_path / "r.html")
+    finally:
+        shutil.move(hidden, input_folder)
+    problems = [t.problem for thumbs in data.thumbnails.values() for t in thumbs]
+    assert problems and all(p and "cannot read" in p for p in problems)
+    assert "no thumbnail: cannot read" in (tmp_path / "r.html").read_text()
+
+
+def open_output_input(output: Path) -> str:
+    from jobs.output.reader import open_output
+
+    return open_output(str(output)).manifest.spec["input"]["uri"]
+
+
+def test_report_module_imports_no_torch_or_ray():
+    script = "import sys, jobs.output.report_page; sys.exit('torch' in sys.modules or 'ray' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    assert subprocess.run([sys.executable, "-c", script], timeout=60, env=env).returncode == 0
