@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
+from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneJobSpec
 from schemas.specs import LabelJobSpec, StorageOptions, job_spec_json_schema, load_job_spec, parse_job_spec
 
@@ -25,7 +26,7 @@ _MAX_MESSAGE_CHARS = 2000
 def main(argv: list[str] | None = None) -> int:
     """Run a command; an error ends it with one line on stderr naming the problem and the exit code of its kind
     (jobs.errors), never a traceback (that is logged at DEBUG: `-v` shows it)."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -63,47 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     label = sub.add_parser("label", help="label the images under --input, write Parquet to --output")
-    label.add_argument("--input", required=True, help="local folder/manifest or s3://bucket/prefix")
-    label.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
-    label.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50, mobilenet_v2")
-    label.add_argument("--weights", default="DEFAULT", help="weights name (IMAGENET1K_V1), file path/URI, or 'none'")
-    label.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
-    label.add_argument("--format", default="auto", choices=["auto", "tar", "files", "manifest"])
-    label.add_argument("--files-per-shard", type=int, default=1000)
-    label.add_argument("--top-k", type=int, help="classes kept per image (default 5, or all if fewer)")
-    label.add_argument("--batch-size", type=int, default=32)
-    label.add_argument("--workers", type=int, default=0, help="model replicas (0: one per GPU, or 1 on CPU)")
-    label.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    label.add_argument("--no-embeddings", action="store_true", help="do not store penultimate-layer features")
-    label.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
-    label.add_argument("--job-id", help="defaults to a hash of input, output, model and top-k")
-    label.add_argument("--quiet", action="store_true", help="no progress bar")
+    _label_arguments(label)
     label.set_defaults(handler=_cmd_label)
 
     tune = sub.add_parser("finetune", help="fine-tune a torchvision model on labelled images → <output>/vN/")
-    tune.add_argument("--data", required=True, help="folder/s3 prefix with a sub-folder per class, or a CSV/Parquet "
-                      "labels file (key, label)")  # fmt: skip
-    tune.add_argument("--base", required=True, help="torchvision model name, e.g. mobilenet_v2, resnet50")
-    tune.add_argument("--weights", default="DEFAULT", help="weights to start from (IMAGENET1K_V1), a file, or 'none'")
-    tune.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
-    tune.add_argument("--output", required=True, help="folder or s3://bucket/prefix; each run adds v1, v2, ...")
-    tune.add_argument("--method", default="full", choices=["full", "linear-probe"])
-    tune.add_argument("--epochs", type=int, default=5)
-    tune.add_argument("--batch-size", type=int, default=32)
-    tune.add_argument("--lr", type=float, default=1e-3, help="the new head's peak learning rate")
-    tune.add_argument("--image-size", type=int, help="training crop side (default: the weights' eval crop)")
-    tune.add_argument("--val-data", help="a separate validation set (else a stratified split of --data)")
-    tune.add_argument("--val-fraction", type=float, default=0.2)
-    tune.add_argument("--key-column", default="key", help="labels-file column of image keys")
-    tune.add_argument("--label-column", default="label", help="labels-file column of class names")
-    tune.add_argument("--class-weights", default="none", choices=["none", "balanced"])
-    tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
-    tune.add_argument("--gpus-per-worker", type=float, default=0)
-    tune.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
-    tune.add_argument("--job-id", help="defaults to a hash of data, model, training settings and output")
-    tune.add_argument("--name", help="artifact name in its id <name>:vN (default: the output folder's name)")
-    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    _finetune_arguments(tune)
     tune.set_defaults(handler=_cmd_finetune)
 
     run = sub.add_parser("run", help="run a job spec file (YAML or JSON), of any kind")
@@ -140,10 +105,61 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
+    add_service_commands(sub, _label_arguments, _finetune_arguments, _label_spec, _finetune_spec)
     return parser
 
 
+def _label_arguments(label: argparse.ArgumentParser) -> None:
+    label.add_argument("--input", required=True, help="local folder/manifest or s3://bucket/prefix")
+    label.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
+    label.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50, mobilenet_v2")
+    label.add_argument("--weights", default="DEFAULT", help="weights name (IMAGENET1K_V1), file path/URI, or 'none'")
+    label.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
+    label.add_argument("--format", default="auto", choices=["auto", "tar", "files", "manifest"])
+    label.add_argument("--files-per-shard", type=int, default=1000)
+    label.add_argument("--top-k", type=int, help="classes kept per image (default 5, or all if fewer)")
+    label.add_argument("--batch-size", type=int, default=32)
+    label.add_argument("--workers", type=int, default=0, help="model replicas (0: one per GPU, or 1 on CPU)")
+    label.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    label.add_argument("--no-embeddings", action="store_true", help="do not store penultimate-layer features")
+    label.add_argument("--shared-storage", action="store_true",
+                       help="local paths are on storage every Ray node mounts at the same path (NFS)")  # fmt: skip
+    label.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    label.add_argument("--job-id", help="defaults to a hash of input, output, model and top-k")
+    label.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _finetune_arguments(tune: argparse.ArgumentParser) -> None:
+    tune.add_argument("--data", required=True, help="folder/s3 prefix with a sub-folder per class, or a CSV/Parquet "
+                      "labels file (key, label)")  # fmt: skip
+    tune.add_argument("--base", required=True, help="torchvision model name, e.g. mobilenet_v2, resnet50")
+    tune.add_argument("--weights", default="DEFAULT", help="weights to start from (IMAGENET1K_V1), a file, or 'none'")
+    tune.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
+    tune.add_argument("--output", required=True, help="folder or s3://bucket/prefix; each run adds v1, v2, ...")
+    tune.add_argument("--method", default="full", choices=["full", "linear-probe"])
+    tune.add_argument("--epochs", type=int, default=5)
+    tune.add_argument("--batch-size", type=int, default=32)
+    tune.add_argument("--lr", type=float, default=1e-3, help="the new head's peak learning rate")
+    tune.add_argument("--image-size", type=int, help="training crop side (default: the weights' eval crop)")
+    tune.add_argument("--val-data", help="a separate validation set (else a stratified split of --data)")
+    tune.add_argument("--val-fraction", type=float, default=0.2)
+    tune.add_argument("--key-column", default="key", help="labels-file column of image keys")
+    tune.add_argument("--label-column", default="label", help="labels-file column of class names")
+    tune.add_argument("--class-weights", default="none", choices=["none", "balanced"])
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    tune.add_argument("--gpus-per-worker", type=float, default=0)
+    tune.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    tune.add_argument("--job-id", help="defaults to a hash of data, model, training settings and output")
+    tune.add_argument("--name", help="artifact name in its id <name>:vN (default: the output folder's name)")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _cmd_label(args: argparse.Namespace) -> int:
+    return _run(_label_spec(args), quiet=args.quiet)
+
+
+def _label_spec(args: argparse.Namespace) -> LabelJobSpec:
     spec = {
         "kind": "label",
         "input": {"uri": args.input, "format": args.format, "files_per_shard": args.files_per_shard},
@@ -157,16 +173,21 @@ def _cmd_label(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "num_workers": args.workers,
         "embeddings": not args.no_embeddings,
+        "shared_storage": args.shared_storage,
         "storage": {"endpoint_url": args.endpoint_url},
     }
     if args.job_id:
         spec["job_id"] = args.job_id
     if args.top_k is not None:
         spec["top_k"] = args.top_k
-    return _run(parse_job_spec(spec), quiet=args.quiet)
+    return parse_job_spec(spec)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    return _run(_finetune_spec(args), quiet=args.quiet)
+
+
+def _finetune_spec(args: argparse.Namespace) -> FinetuneJobSpec:
     spec = {
         "kind": "finetune",
         "data": {
@@ -196,7 +217,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         "storage": {"endpoint_url": args.endpoint_url},
     }
     spec |= {key: value for key, value in (("job_id", args.job_id), ("name", args.name)) if value}
-    return _run(parse_job_spec(spec), quiet=args.quiet)
+    return parse_job_spec(spec)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

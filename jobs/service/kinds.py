@@ -1,0 +1,249 @@
+"""How the job service runs each kind of job: what it needs from the cluster, how it starts, how it ends.
+
+Registered once (RUNNERS, by JobKind): the service and the CLI never branch on a job's kind.
+- A label job runs in a thread of the service, dispatching its shards to workers leased from its model's warm
+  pool: the same runner (jobs.label.runner) as `bulklabel label`, with the pool as its worker source.
+- A fine-tune runs as a Ray task (its own process, so Ray Train's driver and torch stay out of the service), which
+  a cancel kills; its checkpoints let `resume` continue from the last epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import ray
+
+from jobs.cluster import ClusterResources
+from jobs.errors import exit_code_for
+from jobs.label.placement import Placement, PlacementError, place_workers
+from jobs.service.admission import Needs, Resources
+from jobs.service.pools import PoolLease
+from jobs.service.records import JobKind, JobProgress, JobState
+from schemas.finetune import FinetuneJobSpec
+from schemas.shards import ShardResult, WorkerSpec
+from schemas.specs import LabelJobSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: JobState
+    summary: tuple[str, ...] = ()  # the job summary's lines, as `bulklabel label` prints them
+    error: str | None = None
+
+
+class RunningJob(Protocol):
+    def outcome(self) -> Outcome | None:
+        """How it ended, or None while it runs."""
+
+    def cancel(self) -> None: ...
+
+    def progress(self) -> JobProgress: ...
+
+
+class LabelProgress:
+    """Counts a label job's shards as the runner reports them (jobs.progress.ProgressListener)."""
+
+    def __init__(self, on_shard: Callable[[ShardResult], None] | None = None):
+        self._lock = threading.Lock()
+        self._on_shard = on_shard
+        self.planned_count = self.done_count = self.images = self.errors = self.images_this_run = 0
+        self._started = None
+
+    def planned(self, count: int) -> None:
+        with self._lock:
+            self.planned_count += count
+
+    def done(self, result: ShardResult, earlier: bool) -> None:
+        with self._lock:
+            self.done_count += 1
+            self.images += result.rows
+            self.errors += result.errors
+            if not earlier:
+                self._started = self._started or time.monotonic() - result.seconds
+                self.images_this_run += result.rows
+        if self._on_shard and not earlier:
+            self._on_shard(result)
+
+    def snapshot(self, planning_done: bool) -> JobProgress:
+        with self._lock:
+            seconds = time.monotonic() - self._started if self._started else 0.0
+            rate = self.images_this_run / seconds if seconds > 0 else 0.0
+            total = self.planned_count if planning_done else None
+            left = (total - self.done_count) if total is not None else None
+            per_shard = self.images_this_run / max(self.done_count, 1)
+            eta = left * per_shard / rate if rate > 0 and left is not None else None
+            return JobProgress(shards_total=total, shards_done=self.done_count, images=self.images,
+                               errors=self.errors, images_per_s=round(rate, 2),
+                               eta_s=None if eta is None else round(eta, 1))  # fmt: skip
+
+
+class LabelJobRun:
+    """A label job running in a thread of the service on a warm pool."""
+
+    def __init__(self, spec: LabelJobSpec, lease: PoolLease, placement: Placement, progress: LabelProgress,
+                 job_id: str):  # fmt: skip
+        from jobs.label.runner import LabelRun  # the runner pulls in planning and commit: only once a job runs
+
+        self._cancel = threading.Event()
+        self._lease = lease
+        self._progress = progress
+        self._outcome: Outcome | None = None
+        self._planning_done = threading.Event()
+        run = LabelRun(show_progress=False, workers=lease, placement=placement, listener=progress,
+                       cancelled=self._cancel.is_set)  # fmt: skip
+        self._thread = threading.Thread(target=self._run, args=(spec, run, job_id), name=f"job-{job_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self, spec: LabelJobSpec, run, job_id: str) -> None:
+        from jobs.label.runner import run_label_job
+
+        set_current_job(job_id)
+        try:
+            summary = run_label_job(spec, run=run)
+            state = {"cancelled": JobState.CANCELLED, "partial": JobState.PARTIAL}.get(summary.status,
+                                                                                     JobState.SUCCEEDED)  # fmt: skip
+            self._outcome = Outcome(state, tuple(summary.lines()))
+        except Exception as exc:  # noqa: BLE001 - every failure ends the job with its reason, the service lives on
+            log.exception("job %s failed", job_id)
+            summary = getattr(exc, "summary", None)
+            lines = tuple(summary.lines()) if summary is not None else ()
+            self._outcome = Outcome(JobState.FAILED, lines, _one_line(exc))
+        finally:
+            self._lease.release([])  # also when the job failed before it had workers: the pool may go idle
+            set_current_job(None)
+
+    def outcome(self) -> Outcome | None:
+        return self._outcome if not self._thread.is_alive() else None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def progress(self) -> JobProgress:
+        return self._progress.snapshot(planning_done=self._outcome is not None)
+
+
+class FinetuneJobRun:
+    """A fine-tune running as a Ray task; cancel kills the task (and the Ray Train workers it owns)."""
+
+    def __init__(self, spec: FinetuneJobSpec, job_id: str, state_uri: str):
+        self._ref = _finetune_task.options(name=f"bulklabel-{job_id}").remote(spec, job_id, state_uri)
+        self._cancelled = False
+        self._outcome: Outcome | None = None
+
+    def outcome(self) -> Outcome | None:
+        if self._outcome is None and ray.wait([self._ref], timeout=0)[0]:
+            try:
+                state, lines = ray.get(self._ref)
+                self._outcome = Outcome(JobState(state), tuple(lines))
+            except Exception as exc:  # noqa: BLE001 - a task killed by cancel, or a failed training
+                cause = getattr(exc, "cause", None) or exc
+                state = JobState.CANCELLED if self._cancelled else JobState.FAILED
+                self._outcome = Outcome(state, (), None if self._cancelled else _one_line(cause))
+        return self._outcome
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        ray.cancel(self._ref, force=True)
+
+    def progress(self) -> JobProgress:
+        return JobProgress()
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _finetune_task(spec: FinetuneJobSpec, job_id: str, state_uri: str) -> tuple[str, list[str]]:
+    """Run a fine-tune in its own process; its log lines go to the job's log in the store."""
+    from jobs.finetune import run_finetune_job
+    from jobs.service.store import JobStore
+
+    store = JobStore(state_uri, getattr(spec, "storage", None))
+    handler = StoreLogHandler(store, job_id=job_id)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        summary = run_finetune_job(spec, show_progress=False)
+        return JobState.SUCCEEDED.value, list(summary.lines())
+    finally:
+        logging.getLogger().removeHandler(handler)
+        store.close()
+
+
+# ------------------------------------------------------------------------------------------ needs and registry
+
+
+def label_needs(spec: LabelJobSpec, cluster: ClusterResources, max_workers: int | None) -> tuple[Needs, Placement]:
+    """What a label job asks of the cluster: workers as placed on its nodes now (placement.py); on a cluster that
+    cannot hold one yet (no CPUs, no GPUs: scaled to zero), one worker of what the spec asks, so the job waits for
+    a node instead of failing."""
+    try:
+        placement = place_workers(spec, cluster)
+    except PlacementError:
+        gpu = spec.model.device == "cuda"
+        placement = Placement(spec.num_workers or 1, spec.cpus_per_worker or 1.0, 1.0 if gpu else 0.0,
+                              max(1, int(spec.cpus_per_worker or 1)))  # fmt: skip
+    cap = min(placement.workers, max_workers or placement.workers)
+    per_worker = Resources(placement.cpus_per_worker, placement.gpus_per_worker)
+    return Needs.elastic(per_worker, cap), placement
+
+
+def finetune_needs(spec: FinetuneJobSpec, cluster: ClusterResources) -> Needs:
+    """A fine-tune needs all its Ray Train workers at once, each sized as jobs.finetune sizes it (the spec's
+    cpus_per_worker, else an even split of the cluster's CPUs, at least 1)."""
+    cpus = spec.cpus_per_worker or max(1.0, math.floor(cluster.cpus / spec.num_workers))
+    return Needs.gang(Resources(cpus, spec.gpus_per_worker), spec.num_workers)
+
+
+@dataclass(frozen=True)
+class KindRunner:
+    spec_class: type
+    model_key: Callable[[object], str | None]
+
+
+RUNNERS: dict[JobKind, KindRunner] = {
+    JobKind.LABEL: KindRunner(LabelJobSpec, lambda spec: WorkerSpec.of(spec).pool_key()),
+    JobKind.FINETUNE: KindRunner(FinetuneJobSpec, lambda spec: None),
+}
+
+
+def kind_of(spec: LabelJobSpec | FinetuneJobSpec) -> JobKind:
+    return JobKind(spec.kind)
+
+
+# ------------------------------------------------------------------------------------------------------ logs
+
+_current = threading.local()
+
+
+def set_current_job(job_id: str | None) -> None:
+    """Log records from this thread belong to `job_id` (StoreLogHandler writes them to that job's log)."""
+    _current.job_id = job_id
+
+
+class StoreLogHandler(logging.Handler):
+    """Writes log records of a job (the thread's current job, or a fixed one) to its log in the job store."""
+
+    def __init__(self, store, job_id: str | None = None):
+        super().__init__(logging.INFO)
+        self.store, self.job_id = store, job_id
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job_id = self.job_id or getattr(_current, "job_id", None)
+        if job_id is None:
+            return
+        try:
+            self.store.append_log(job_id, self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - a log that cannot be written must not fail the job
+            self.handleError(record)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:2000]} (exit code {exit_code_for(exc)})"

@@ -1,0 +1,116 @@
+"""Warm model pools: label workers that keep one model resident and serve every job on it, one after another or
+side by side. A job leases workers from its model's pool (a `WorkerSource` for its shard scheduler); the pool
+outlives the job, so the next job on that model starts without loading anything, and is released once it has
+been idle for a while (admission also releases idle pools early when a waiting job needs their resources).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import ray
+
+from jobs.label.actors import start_label_worker
+from jobs.label.placement import Placement
+from jobs.service.admission import Resources, WarmPool
+from schemas.shards import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    """The workers holding one model (`spec.pool_key()`), each asking Ray for `placement`'s resources."""
+
+    def __init__(self, spec: WorkerSpec, placement: Placement, clock: Callable[[], float] = time.monotonic):
+        self.spec, self.placement, self.key = spec, placement, spec.pool_key()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._actors: list[ray.actor.ActorHandle] = []
+        self._leases: dict[str, list[ray.actor.ActorHandle]] = {}  # job id → the workers it holds
+        self._replaced: dict[bytes, ray.actor.ActorHandle] = {}  # dead worker → its replacement (jobs share both)
+        self._started = 0
+        self.idle_since: float | None = clock()
+
+    def lease(self, job_id: str) -> PoolLease:
+        with self._lock:
+            self._leases.setdefault(job_id, [])
+            self.idle_since = None
+        return PoolLease(self, job_id)
+
+    @property
+    def jobs(self) -> list[str]:
+        with self._lock:
+            return list(self._leases)
+
+    def view(self) -> WarmPool:
+        """The pool as admission sees it."""
+        with self._lock:
+            per_worker = Resources(self.placement.cpus_per_worker, self.placement.gpus_per_worker)
+            return WarmPool(self.key, len(self._actors), per_worker, busy=len(self._leases), idle_since=self.idle_since)
+
+    def describe(self) -> dict:
+        with self._lock:
+            idle = None if self.idle_since is None else round(self._clock() - self.idle_since, 1)
+            return {"model": self.spec.model.name, "key": self.key, "workers": len(self._actors),
+                    "jobs": sorted(self._leases), "workers_started": self._started, "idle_s": idle}  # fmt: skip
+
+    def close(self) -> None:
+        with self._lock:
+            actors, self._actors = self._actors, []
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        log.info("released the %s pool (%d workers)", self.key, len(actors))
+
+    # What a lease asks of its pool.
+    def _acquire(self, job_id: str) -> ray.actor.ActorHandle:
+        """A worker this job does not hold yet: a warm one if there is one, else a new one."""
+        with self._lock:
+            held = {a._actor_id for a in self._leases[job_id]}
+            actor = next((a for a in self._actors if a._actor_id not in held), None)
+            if actor is None:
+                actor = self._start()
+            self._leases[job_id].append(actor)
+            return actor
+
+    def _replace(self, job_id: str, dead: ray.actor.ActorHandle) -> ray.actor.ActorHandle:
+        """The replacement of a dead or hung worker; jobs sharing it get the same one."""
+        with self._lock:
+            new = self._replaced.get(dead._actor_id)
+            if new is None:
+                ray.kill(dead, no_restart=True)
+                new = self._replaced[dead._actor_id] = self._start()
+                self._actors = [a for a in self._actors if a._actor_id != dead._actor_id]
+            lease = self._leases[job_id]
+            self._leases[job_id] = [a for a in lease if a._actor_id != dead._actor_id] + [new]
+            return new
+
+    def _release(self, job_id: str) -> None:
+        with self._lock:
+            self._leases.pop(job_id, None)
+            if not self._leases:
+                self.idle_since = self._clock()
+
+    def _start(self) -> ray.actor.ActorHandle:
+        self._started += 1
+        actor = start_label_worker(self.spec, self.placement, name=f"bulklabel-pool-{self.key}-{self._started}")
+        self._actors.append(actor)
+        return actor
+
+
+class PoolLease:
+    """One job's workers from a pool (jobs.label.scheduler.WorkerSource): released back to the pool, not killed."""
+
+    def __init__(self, pool: WorkerPool, job_id: str):
+        self.pool, self.job_id = pool, job_id
+
+    def acquire(self) -> ray.actor.ActorHandle:
+        return self.pool._acquire(self.job_id)
+
+    def replace(self, dead: ray.actor.ActorHandle) -> ray.actor.ActorHandle:
+        return self.pool._replace(self.job_id, dead)
+
+    def release(self, actors: list[ray.actor.ActorHandle]) -> None:
+        self.pool._release(self.job_id)
