@@ -89,10 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     query.set_defaults(handler=_cmd_query)
 
-    similar = sub.add_parser("similar", help="the images nearest KEY by embedding cosine (exact), the image first")
+    similar = sub.add_parser("similar", help="the images nearest KEY by embedding cosine, the image first")
     similar.add_argument("output", help="the label job's output: local folder or s3://bucket/prefix")
-    similar.add_argument("key", help="a row's key, or the URI of the image file it came from")
+    similar.add_argument("key", help="a row's key, the URI of the image file it came from, or its image_id")
     similar.add_argument("-k", type=int, default=10, help="how many rows to show, the image itself included")
+    similar.add_argument("--index", default="auto", choices=["auto", "always", "never"],
+                         help="auto: exact on small outputs, a cached ANN index (faiss) on large ones")  # fmt: skip
     similar.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     similar.set_defaults(handler=_cmd_similar)
 
@@ -249,7 +251,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
 def _cmd_similar(args: argparse.Namespace) -> int:
     from jobs.output.query import format_neighbours, similar
 
-    print(format_neighbours(similar(args.output, args.key, args.k, StorageOptions(endpoint_url=args.endpoint_url))))
+    options = StorageOptions(endpoint_url=args.endpoint_url)
+    print(format_neighbours(similar(args.output, args.key, args.k, options, use_index=args.index)))
     return 0
 
 

@@ -7,8 +7,9 @@ dataset, local and S3 alike: DuckDB's own S3 support (the httpfs extension) is d
 offline machine cannot do, and one path for both keeps what the view shows the same (no globbing of the output's
 path, no hive-partition guessing from its folder names).
 
-`bulklabel similar OUTPUT KEY -k 10` is exact: one cosine per committed row, a full scan, fine for outputs up to a
-few hundred thousand rows. An index (DuckDB vss or faiss) for larger outputs is not built yet.
+`bulklabel similar OUTPUT KEY -k 10` is exact (one cosine per committed row, a full scan) below INDEX_MIN_ROWS
+committed rows, and goes through an approximate index (jobs.output.index: faiss IVF, built on first use and cached
+locally per committed set) from there on; `--index always|never` forces either.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ FORMATS = ("table", "csv", "json", "parquet")
 VIEW = "labels"
 _FILES_VIEW = "labels_lists"  # the rows as stored (embedding a variable-size list); `labels` is built on it
 _BATCH_ROWS = 10_000
+INDEX_CHOICES = ("auto", "always", "never")
+# From `python -m bench.similar` (bench/RESULTS.md): from here on a query through the cached index beats the exact
+# scan even counting the index's one-off build over a few queries.
+INDEX_MIN_ROWS = 200_000
 
 
 class QueryError(BadInput):
@@ -143,29 +148,41 @@ class Neighbour:
     similarity: float
 
 
-def similar(uri: str, key: str, k: int = 10, options: StorageOptions | None = None) -> list[Neighbour]:
+def similar(
+    uri: str,
+    key: str,
+    k: int = 10,
+    options: StorageOptions | None = None,
+    *,
+    use_index: str = "auto",
+    index_min_rows: int = INDEX_MIN_ROWS,
+    cache_dir: Path | None = None,
+) -> list[Neighbour]:
     """The `k` committed rows whose embeddings are nearest `key`'s by cosine similarity, most similar first (the
-    image itself first, at ~1.0). `key` is a row's key, or else the URI of the image file it came from (`source`).
+    image itself first, at ~1.0). `key` is a row's key, else the URI of the image file it came from (`source`), else
+    its `image_id` where the rows have one.
 
-    Exact: a full scan of the output (see the module docstring).
+    `use_index`: "auto" searches exactly below `index_min_rows` committed rows and through the cached ANN index
+    (jobs.output.index) from there on; "always" and "never" force one or the other.
     """
     if k < 1:
         raise BadInput(f"-k must be at least 1, not {k}")
+    if use_index not in INDEX_CHOICES:
+        raise BadInput(f"unknown index choice {use_index!r}: use one of {', '.join(INDEX_CHOICES)}")
     output = open_output(uri, options)
     if output.manifest is not None and not output.manifest.embeddings:
         raise NoEmbeddings(f"output {output.uri} has no embeddings: its job ran with embeddings: false")
+    rows = output.manifest.totals.rows if output.manifest else output.dataset().count_rows()
+    if use_index == "always" or (use_index == "auto" and rows >= index_min_rows):
+        return _similar_indexed(output, key, k, cache_dir)
+    return _similar_exact(output, key, k)
+
+
+def _similar_exact(output: LabelOutput, key: str, k: int) -> list[Neighbour]:
+    """One cosine per committed row: a full scan in DuckDB."""
     con = connect(output)
     try:
-        if con.execute(f"SELECT count(embedding) FROM {VIEW}").fetchone()[0] == 0:
-            raise NoEmbeddings(f"output {output.uri} has no embeddings ({len(output.files)} committed file(s))")
-        column = _key_column(con, key, output)
-        found = con.execute(
-            f"SELECT count(*), count(embedding), any_value(error) FROM {VIEW} WHERE {column} = ?", [key]
-        ).fetchone()
-        if found[1] == 0:
-            raise NoEmbeddings(f"{key!r} has no embedding: it was not labelled ({found[2]})")
-        if found[0] > 1:
-            log.warning("%d rows have %s %r; searching from the first of them", found[0], column, key)
+        column = _query_row(con, key, output)
         rows = con.execute(
             f"""WITH q AS (SELECT embedding AS e FROM {VIEW} WHERE {column} = $key AND embedding IS NOT NULL
                            ORDER BY key LIMIT 1)
@@ -179,15 +196,50 @@ def similar(uri: str, key: str, k: int = 10, options: StorageOptions | None = No
     return [Neighbour(*row) for row in rows]
 
 
+def _similar_indexed(output: LabelOutput, key: str, k: int, cache_dir: Path | None) -> list[Neighbour]:
+    from jobs.output.index import open_index  # faiss is loaded only when an index is used
+
+    if output.files:
+        index = open_index(output, cache_dir)
+        found = index.row_of(key)
+        if found is not None:
+            row, column = found
+            if column != "key":
+                log.info("similar: %r is the %s of row %s", key, column, index.rows.column("key")[row].as_py())
+            return [Neighbour(*hit) for hit in index.search(row, k)]
+    con = connect(output)  # not among the indexed rows: say why as the exact search would
+    try:
+        _query_row(con, key, output)
+    finally:
+        con.close()
+    raise NoEmbeddings(f"{key!r} has no embedding")  # (only reached if the index and the rows disagree)
+
+
+def _query_row(con: duckdb.DuckDBPyConnection, key: str, output: LabelOutput) -> str:
+    """The column that names `key` (key, source or image_id), after checking the output and the row have an
+    embedding; raises NoEmbeddings or KeyNotInOutput."""
+    if con.execute(f"SELECT count(embedding) FROM {VIEW}").fetchone()[0] == 0:
+        raise NoEmbeddings(f"output {output.uri} has no embeddings ({len(output.files)} committed file(s))")
+    column = _key_column(con, key, output)
+    found = con.execute(
+        f"SELECT count(*), count(embedding), any_value(error) FROM {VIEW} WHERE {column} = ?", [key]
+    ).fetchone()
+    if found[1] == 0:
+        raise NoEmbeddings(f"{key!r} has no embedding: it was not labelled ({found[2]})")
+    if found[0] > 1:
+        log.warning("%d rows have %s %r; searching from the first of them", found[0], column, key)
+    return column
+
+
 def _key_column(con: duckdb.DuckDBPyConnection, key: str, output: LabelOutput) -> str:
-    for column in ("key", "source"):
+    names = {row[0] for row in con.execute(f"DESCRIBE {VIEW}").fetchall()}
+    for column in (c for c in ("key", "source", "image_id") if c in names):
         if con.execute(f"SELECT 1 FROM {VIEW} WHERE {column} = ? LIMIT 1", [key]).fetchone():
             return column
     total, examples = con.execute(f"SELECT count(*), list(key ORDER BY key)[1:3] FROM {VIEW}").fetchone()
     raise KeyNotInOutput(
-        f"{key!r} is not a key (or image file) of output {output.uri} ({total} committed rows"
-        + (f"; keys look like {', '.join(examples)}" if examples else "")
-        + ")"
+        f"{key!r} is not a key (or image file{', image id' if 'image_id' in names else ''}) of output {output.uri} "
+        f"({total} committed rows" + (f"; keys look like {', '.join(examples)}" if examples else "") + ")"
     )
 
 
