@@ -133,9 +133,14 @@ class JobStore:
 
     def list(self, states: Iterable[JobState] | None = None) -> list[JobRecord]:
         """Every readable record (in `states`, if given) in submission order. Corrupt records are skipped with a
-        warning naming their file: one bad file must not hide every other job."""
+        warning naming their file: one bad file must not hide every other job. The writer, whose index is the
+        truth once it has written, reads only the records in `states` (the service lists queued jobs often)."""
         wanted = None if states is None else frozenset(JobState(s) for s in states)
-        records = [r for r in self._read_all(self._job_ids()) if wanted is None or r.state in wanted]
+        if wanted is not None and self._index is not None:
+            ids = [job_id for job_id, entry in self._index.items() if entry.state in wanted]
+        else:
+            ids = self._job_ids()
+        records = [r for r in self._read_all(ids) if wanted is None or r.state in wanted]
         return sorted(records, key=lambda r: r.seq)
 
     def exists(self, job_id: str) -> bool:

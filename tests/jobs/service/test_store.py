@@ -235,3 +235,17 @@ def test_default_state_location(monkeypatch, tmp_path):
     monkeypatch.delenv("BULKLABEL_STATE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_state_uri() == str(tmp_path / ".bulklabel" / "state")
+
+
+def test_the_writer_lists_a_state_by_reading_only_those_records(store, storage_root, monkeypatch):
+    for name in ("job-1", "job-2", "job-3"):
+        record = make(store, name)
+        store.put(record if name == "job-2" else advance(record, JobState.CANCELLED, T0))
+    reads = []
+    read_bytes = store._storage.read_bytes
+    monkeypatch.setattr(store._storage, "read_bytes", lambda uri: reads.append(uri) or read_bytes(uri))
+
+    assert [r.job_id for r in store.list([JobState.QUEUED])] == ["job-2"]
+    assert reads == [store.record_uri("job-2")]
+    reader = JobStore(storage_root.uri, storage_root.options)  # not a writer: reads every record to know
+    assert [r.job_id for r in reader.list([JobState.QUEUED])] == ["job-2"]
