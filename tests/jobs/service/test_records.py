@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -165,3 +166,14 @@ def test_job_ids_must_be_safe_file_names():
     for bad in ("../etc/passwd", "a/b", "", ".hidden"):
         with pytest.raises(ValidationError):
             record().model_validate(record().model_dump() | {"job_id": bad})
+
+
+def test_the_pure_modules_import_neither_torch_nor_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, jobs.service.records, jobs.service.store, jobs.service.admission, jobs.label.ledger; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'ray') if m in sys.modules))")  # fmt: skip
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]"
