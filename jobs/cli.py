@@ -117,7 +117,9 @@ def _label_arguments(label: argparse.ArgumentParser) -> None:
     label.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50, mobilenet_v2")
     label.add_argument("--weights", default="DEFAULT", help="weights name (IMAGENET1K_V1), file path/URI, or 'none'")
     label.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
-    label.add_argument("--format", default="auto", choices=["auto", "tar", "files", "manifest"])
+    label.add_argument("--format", default="auto", choices=["auto", "tar", "files", "manifest", "parquet"])
+    label.add_argument("--image-field", help="tar samples with several images: the one to label, e.g. 'jpg;png'")
+    label.add_argument("--decoder", default="auto", choices=["auto", "pillow", "torchvision", "nvjpeg"])
     label.add_argument("--files-per-shard", type=int, default=1000)
     label.add_argument("--top-k", type=int, help="classes kept per image (default 5, or all if fewer)")
     label.add_argument("--batch-size", type=int, default=32)
@@ -164,7 +166,13 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def _label_spec(args: argparse.Namespace) -> LabelJobSpec:
     spec = {
         "kind": "label",
-        "input": {"uri": args.input, "format": args.format, "files_per_shard": args.files_per_shard},
+        "input": {
+            "uri": args.input,
+            "format": args.format,
+            "files_per_shard": args.files_per_shard,
+            "image_field": args.image_field,
+        },
+        "decoder": args.decoder,
         "output": args.output,
         "model": {
             "name": args.model,

@@ -19,9 +19,9 @@ class ShardTask(Spec):
     """One unit of work: a tar object, or a list of image objects under a common base."""
 
     shard_id: str = Field(pattern=r"^[A-Za-z0-9._=-]+$", max_length=120)
-    kind: Literal["tar", "files"]
+    kind: Literal["tar", "files", "parquet"]
     base_uri: str  # keys are relative to it; for tar shards, the input prefix
-    keys: tuple[str, ...]  # one tar key, or the image keys of this shard (relative, or absolute URIs from manifests)
+    keys: tuple[str, ...]  # one tar or parquet key, or the image keys of this shard (relative, or absolute URIs)
     # From the listing, one per key (empty for manifests, which are not listed): what makes the fingerprint notice
     # an object rewritten under the same name.
     sizes: tuple[int, ...] = ()

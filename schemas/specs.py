@@ -85,10 +85,31 @@ class InputSpec(Spec):
     uri: Annotated[str, not_blank("input uri")] = Field(
         description="Local folder/file or s3://bucket/prefix holding the images."
     )
-    format: Literal["auto", "tar", "files", "manifest"] = Field(
+    format: Literal["auto", "tar", "files", "manifest", "parquet"] = Field(
         default="auto",
-        description="tar: WebDataset tar shards; files: loose images grouped into shards; manifest: CSV/Parquet "
-        "of keys. auto: a .csv/.parquet uri is a manifest, a prefix holding .tar files is tar, else files.",
+        description="tar: WebDataset tar shards (.tar, .tar.gz, .tgz; a folder, one shard file, or a brace pattern "
+        "such as shard-{000000..000099}.tar); files: loose images grouped into shards; manifest: CSV/Parquet of "
+        "keys; parquet: Parquet files holding image bytes in a column (img2dataset's parquet output, Hugging Face "
+        "datasets), one shard per file. auto: a brace pattern is tar, a .csv/.parquet uri is a manifest, a prefix "
+        "holding tar shards is tar, else files.",
+    )
+    image_field: str | None = Field(
+        default=None,
+        description="Tar shards whose samples hold several images (jpg + seg.png, left.jpg + right.jpg): the one "
+        "labelled, as webdataset's to_tuple('jpg;png') picks it: the first of these ';'-separated extensions the "
+        "sample has (matched whole: 'png' is not 'seg.png'); a sample with none is an error row. Unset: every image "
+        "member is a row, and a second image of one sample a 'duplicate key' error row.",
+        pattern=r"^[A-Za-z0-9._-]+(;[A-Za-z0-9._-]+)*$",
+    )
+    row_key: Literal["path", "name"] = Field(
+        default="path",
+        description="How loose files are keyed in the output: path: relative to the input ('00000/000000000.jpg'); "
+        "name: the file name without extension ('000000000'), as img2dataset keys its files layout.",
+    )
+    image_column: str | None = Field(
+        default=None,
+        description="parquet input: the column holding the image bytes (binary, or a struct with a 'bytes' field, "
+        "as Hugging Face's Image feature stores them). Unset: the first of jpg, png, webp, image, img present.",
     )
     files_per_shard: int = Field(default=1000, gt=0, description="Images per shard for loose files and manifests.")
     extensions: Extensions

@@ -155,7 +155,8 @@ class LabelWorker:
         writer = ShardWriter(task, self.categories, self.model_id, job.job_id)
         with turn:
             records = read_shard(context.input_storage, task, job.input.extensions, self.fetch_pool,
-                                 stores=context.stores, max_bytes=job.input.max_object_bytes)  # fmt: skip
+                                 stores=context.stores, max_bytes=job.input.max_object_bytes,
+                                 layout=job.input, scratch=self.scratch)  # fmt: skip
             decoder = make_decoder(job.decoder, self.preprocess, self.device)
             decoded = decoded_batches(records, decoder, self.decode_pool, job.batch_size)
             with Prefetched(decoded, PREFETCH_BATCHES) as batches:  # reading starts now, before our turn

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import tarfile
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -24,7 +26,7 @@ from typing import TypeVar
 from botocore.exceptions import ClientError
 
 from schemas.shards import ShardTask
-from schemas.specs import StorageOptions
+from schemas.specs import InputSpec, StorageOptions
 from workers.storage import (
     AccessDenied,
     ObjectMissing,
@@ -82,35 +84,129 @@ class _StrictTarInfo(tarfile.TarInfo):
 
 
 def read_tar(
-    storage: Storage, task: ShardTask, extensions: tuple[str, ...], max_bytes: int | None = None
+    storage: Storage,
+    task: ShardTask,
+    extensions: tuple[str, ...],
+    max_bytes: int | None = None,
+    image_field: str | None = None,
 ) -> Iterator[Record]:
-    """Stream the image members of a WebDataset tar shard; members above `max_bytes` are error rows, never read
-    (tarfile's stream mode skips an unread member's data in blocks)."""
+    """Stream the image members of a WebDataset tar shard (plain or gzip-compressed); members above `max_bytes` are
+    error rows, never read (tarfile's stream mode skips an unread member's data in blocks). With `image_field`
+    ('jpg;png'), one row per sample: its first member of those extensions (see InputSpec.image_field)."""
     source = join(task.base_uri, task.keys[0])
-    seen: set[str] = set()
     with (
         storage.open_read(source) as stream,
         tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar,
     ):
-        for member in tar:
-            if member.isdir():
-                continue
-            key, ext = webdataset_key(member.name)
-            if not _image_extension(ext, extensions):
-                continue  # sidecars (.json, .txt, .cls) carry metadata, not pixels
-            if key in seen:
-                yield Record(key, source, None, f"duplicate key {key!r} in shard (member {member.name!r})")
-                continue
-            seen.add(key)
-            if not member.isfile():
-                yield Record(key, source, None, f"member {member.name!r} is not a regular file (link or device)")
-                continue
-            if max_bytes is not None and member.size > max_bytes:
-                yield Record(key, source, None, f"refused: member {member.name!r} is {member.size} bytes, above "
-                                                f"max_object_bytes={max_bytes}")  # fmt: skip
-                continue
-            fh = tar.extractfile(member)
-            yield Record(key, source, fh.read() if fh else b"")
+        if image_field is None:
+            yield from _member_rows(tar, source, extensions, max_bytes)
+        else:
+            yield from _sample_rows(tar, source, tuple(image_field.lower().split(";")), max_bytes)
+
+
+def _member_rows(tar: tarfile.TarFile, source: str, extensions: tuple[str, ...], max_bytes: int | None):
+    seen: set[str] = set()
+    for member in tar:
+        if member.isdir():
+            continue
+        key, ext = webdataset_key(member.name)
+        if not _image_extension(ext, extensions):
+            continue  # sidecars (.json, .txt, .cls) carry metadata, not pixels
+        if key in seen:
+            yield Record(key, source, None, f"duplicate key {key!r} in shard (member {member.name!r}): a sample "
+                                            "with several images needs image_field (e.g. 'jpg;png')")  # fmt: skip
+            continue
+        seen.add(key)
+        yield _member_record(tar, member, key, source, max_bytes)
+
+
+def _member_record(tar: tarfile.TarFile, member: tarfile.TarInfo, key: str, source: str, max_bytes: int | None):
+    if not member.isfile():
+        return Record(key, source, None, f"member {member.name!r} is not a regular file (link or device)")
+    if max_bytes is not None and member.size > max_bytes:
+        return Record(key, source, None, f"refused: member {member.name!r} is {member.size} bytes, above "
+                                         f"max_object_bytes={max_bytes}")  # fmt: skip
+    fh = tar.extractfile(member)
+    return Record(key, source, fh.read() if fh else b"")
+
+
+def _sample_rows(tar: tarfile.TarFile, source: str, fields: tuple[str, ...], max_bytes: int | None):
+    """One record per sample (consecutive members sharing a key, as webdataset groups them): the member of the
+    first of `fields` the sample has; a sample with none is an error row naming what it has."""
+    key: str | None = None
+    found: dict[str, Record] = {}
+    others: list[str] = []
+    for member in tar:
+        if member.isdir():
+            continue
+        member_key, ext = webdataset_key(member.name)
+        if member_key != key:
+            if key is not None:
+                yield _pick(key, source, fields, found, others)
+            key, found, others = member_key, {}, []
+        if ext in fields and ext not in found:
+            found[ext] = _member_record(tar, member, member_key, source, max_bytes)
+        else:
+            others.append(ext)
+    if key is not None:
+        yield _pick(key, source, fields, found, others)
+
+
+def _pick(key: str, source: str, fields: tuple[str, ...], found: dict[str, Record], others: list[str]) -> Record:
+    for field in fields:
+        if field in found:
+            return found[field]
+    return Record(key, source, None, f"sample {key!r} has no member {';'.join(fields)} (it has "
+                                     f"{', '.join(others) or 'nothing'}); see image_field")  # fmt: skip
+
+
+PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")
+PARQUET_KEY_COLUMNS = ("key", "__key__", "id")
+_PARQUET_BATCH_ROWS = 64
+
+
+def read_parquet(storage: Storage, task: ShardTask, scratch: str | None, image_column: str | None = None,
+                 max_bytes: int | None = None) -> Iterator[Record]:  # fmt: skip
+    """Rows of a Parquet shard holding image bytes: binary cells, or structs with a `bytes` field (Hugging Face's
+    Image feature). Keys from a `key` column (img2dataset), else `<file stem>/<row number>`; an empty cell (a
+    failed img2dataset download) is an error row. The file is copied to local scratch first (Parquet is read by
+    seeking, object streams are not seekable), then read a few rows at a time."""
+    import pyarrow.parquet as pq
+
+    source = join(task.base_uri, task.keys[0])
+    stem = task.keys[0].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    with tempfile.TemporaryFile(dir=scratch) as local:
+        with storage.open_read(source) as stream:
+            shutil.copyfileobj(stream, local, _READ_CHUNK)
+        local.seek(0)
+        parquet = pq.ParquetFile(local)
+        names = parquet.schema_arrow.names
+        column = image_column or next((c for c in PARQUET_IMAGE_COLUMNS if c in names), None)
+        if column not in names:
+            raise ParquetLayoutError(f"{source} has no image column {column or PARQUET_IMAGE_COLUMNS} (columns: "
+                                     f"{names}); set input.image_column")  # fmt: skip
+        key_column = next((c for c in PARQUET_KEY_COLUMNS if c in names), None)
+        row = 0
+        columns = [column] + ([key_column] if key_column else [])
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            keys = batch.column(key_column).to_pylist() if key_column else [None] * batch.num_rows
+            for key, cell in zip(keys, batch.column(column).to_pylist(), strict=True):
+                yield _parquet_record(str(key) if key is not None else f"{stem}/{row}", source, cell, max_bytes)
+                row += 1
+
+
+class ParquetLayoutError(ValueError):
+    """A parquet shard without the image column the spec names (or any of the usual ones)."""
+
+
+def _parquet_record(key: str, source: str, cell, max_bytes: int | None) -> Record:
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    if data is None:
+        return Record(key, source, None, "empty: no image bytes in this row")
+    if max_bytes is not None and len(data) > max_bytes:
+        return Record(key, source, None, f"refused: row {key!r} is {len(data)} bytes, above max_object_bytes="
+                                         f"{max_bytes}")  # fmt: skip
+    return Record(key, source, bytes(data))
 
 
 class StorageByScheme:
@@ -236,8 +332,23 @@ def read_shard(
     *,
     stores: StorageByScheme | None = None,
     max_bytes: int | None = None,
+    layout: InputSpec | None = None,
+    scratch: str | None = None,
 ) -> Iterator[Record]:
-    """Records of any shard task; objects (loose files or tar members) above `max_bytes` are error rows."""
+    """Records of any shard task; objects (loose files, tar members, parquet cells) above `max_bytes` are error
+    rows. `layout` (the job's InputSpec) says which image of a tar sample (`image_field`) or which parquet column
+    (`image_column`) to read, and how loose files are keyed (`row_key`); `scratch` holds parquet shards' copies."""
+    layout = layout or InputSpec(uri=task.base_uri)
     if task.kind == "tar":
-        return read_tar(storage, task, extensions, max_bytes)
-    return read_files(storage, task, pool, stores=stores, max_bytes=max_bytes)
+        return read_tar(storage, task, extensions, max_bytes, layout.image_field)
+    if task.kind == "parquet":
+        return read_parquet(storage, task, scratch, layout.image_column, max_bytes)
+    records = read_files(storage, task, pool, stores=stores, max_bytes=max_bytes)
+    return records if layout.row_key == "path" else (_named(record) for record in records)
+
+
+def _named(record: Record) -> Record:
+    """The record keyed by its file name without extension (img2dataset's key for its `files` layout)."""
+    name = record.key.rsplit("/", 1)[-1]
+    return Record(name.split(".", 1)[0] if not name.startswith(".") else name, record.source, record.data,
+                  record.error)  # fmt: skip

@@ -1,6 +1,10 @@
 """Turn an input location into a stream of shard tasks, without holding the whole listing.
 
-- tar: every `.tar` object under the prefix is one shard (WebDataset layout);
+- tar: every `.tar` (or `.tar.gz`, `.tgz`) object under the prefix is one shard (WebDataset layout); the input may
+  also be one shard file, or a brace pattern naming shards (`s3://b/shard-{000000..000099}.tar`, webdataset's
+  notation), every one of which must exist;
+- parquet: every `.parquet` object under the prefix is one shard whose rows hold image bytes in a column
+  (img2dataset's `parquet` output, Hugging Face datasets' `image` struct);
 - files: loose images under the prefix, grouped in key order into shards of N keys; on a re-run, keys inside the
   key range of a committed shard form that shard again, and only keys outside every committed range form new ones
   (incremental labelling: input that grew adds shards without shifting the committed ones);
@@ -45,8 +49,11 @@ from workers.storage import (
 
 log = logging.getLogger(__name__)
 
-TAR_SUFFIXES = (".tar",)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet",)
 MANIFEST_SUFFIXES = (".csv", ".parquet")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+MAX_BRACE_EXPANSION = 1_000_000
 MANIFEST_CHUNK_ROWS = 65_536
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
 READABLE_ID_CHARS = 48  # of the key, in the id; the hash of the full key keeps truncated ids apart
@@ -88,6 +95,8 @@ def input_format(spec: InputSpec, storage: Storage, uri: str) -> str:
     """The spec's format, with `auto` decided from the URI or the first listing page."""
     if spec.format != "auto":
         return spec.format
+    if has_brace_pattern(uri):
+        return "tar"
     if uri.lower().endswith(MANIFEST_SUFFIXES):
         return "manifest"
     for obj in islice(storage.list(uri), 1000):
@@ -109,8 +118,10 @@ def plan_shards(
         uri = normalise_uri(spec.uri)
         fmt = input_format(spec, storage, uri)
     stats = stats if stats is not None else PlanStats()
-    if fmt == "tar":
-        tasks = _tar_shards(spec, storage, uri, stats)
+    if fmt == "tar" and has_brace_pattern(uri):
+        tasks = _pattern_shards(storage, uri)
+    elif fmt in ("tar", "parquet"):
+        tasks = _tar_shards(spec, storage, uri, stats, fmt)
     elif fmt == "files":
         tasks = _file_shards(spec, storage, uri, stats, committed)
     else:
@@ -127,7 +138,7 @@ def plan_shards(
 def _nothing_to_do(spec: InputSpec, fmt: str, stats: PlanStats) -> str:
     if fmt == "manifest":
         return f"manifest {spec.uri} lists no keys in column {spec.manifest_column!r}"
-    wanted = "tar shards" if fmt == "tar" else f"images ({', '.join(spec.extensions)})"
+    wanted = {"tar": "tar shards", "parquet": "parquet shards"}.get(fmt, f"images ({', '.join(spec.extensions)})")
     skipped = ""
     if stats.skipped:
         skipped = (f"; skipped {stats.excluded} excluded by `exclude` and {stats.not_images} of another kind, e.g. "
@@ -200,15 +211,68 @@ def _listing(storage: Storage, uri: str, spec: InputSpec, stats: PlanStats) -> I
                 yield base, key, obj
 
 
-def _tar_shards(spec: InputSpec, storage: Storage, uri: str, stats: PlanStats) -> Iterator[ShardTask]:
+def _tar_shards(spec: InputSpec, storage: Storage, uri: str, stats: PlanStats, fmt: str) -> Iterator[ShardTask]:
+    """One shard per tar (or parquet) object; a single such file as the input is one shard, any other single file
+    refuses the plan at once (it is no shard, and would otherwise fail on every worker try)."""
+    suffixes = TAR_SUFFIXES if fmt == "tar" else PARQUET_SUFFIXES
     for base, key, obj in _listing(storage, uri, spec, stats):
-        if key.lower().endswith(TAR_SUFFIXES):
+        if key.lower().endswith(suffixes):
             yield ShardTask(
-                shard_id=shard_id_for(key), kind="tar", base_uri=base, keys=(key,), sizes=(obj.size,),
+                shard_id=shard_id_for(key), kind=fmt, base_uri=base, keys=(key,), sizes=(obj.size,),
                 etags=(obj.etag,),
             )  # fmt: skip
+        elif obj.uri == uri:
+            raise PlanError(f"input {uri} is one file but not a {fmt} shard ({', '.join(suffixes)})")
         else:
             stats.skip(key, excluded=False)
+
+
+def has_brace_pattern(uri: str) -> bool:
+    return _BRACE.search(uri) is not None
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's (and bash's) brace notation: `{000..099}` is a zero-padded range (as wide as its first bound),
+    `{a,b}` alternatives; several groups multiply out, in order. Nested braces are not supported."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    if ".." in body and "," not in body:
+        first, _, last = body.partition("..")
+        if not (first.isdigit() and last.isdigit()):
+            raise PlanError(f"brace range {{{body}}} in {pattern!r} is not two numbers")
+        step = 1 if int(last) >= int(first) else -1
+        choices = [f"{n:0{len(first)}d}" for n in range(int(first), int(last) + step, step)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], expand_braces(pattern[match.end() :])
+    if len(choices) * len(tail) > MAX_BRACE_EXPANSION:
+        raise PlanError(f"{pattern!r} names more than {MAX_BRACE_EXPANSION} shards")
+    return [head + choice + rest for choice in choices for rest in tail]
+
+
+def _pattern_shards(storage: Storage, uri: str) -> Iterator[ShardTask]:
+    """The shards a brace pattern names, found by listing the folder above its first brace once (not one request
+    per name); a name that does not exist refuses the plan before any work, naming it."""
+    base = uri[: _BRACE.search(uri).start()].rsplit("/", 1)[0]
+    wanted = {relative_key(base, name) for name in expand_braces(uri)}
+    found: dict[str, ShardTask] = {}
+    with _input_errors(uri):
+        for obj in storage.list(base):
+            key = relative_key(base, obj.uri)
+            if key in wanted:
+                found[key] = ShardTask(shard_id=shard_id_for(key), kind="tar", base_uri=base, keys=(key,),
+                                       sizes=(obj.size,), etags=(obj.etag,))  # fmt: skip
+    missing = sorted(wanted - found.keys())
+    if missing:
+        raise PlanError(f"input pattern {uri}: {len(missing)} of its {len(wanted)} shards do not exist (first: "
+                        f"{join_uri(base, missing[0])})")  # fmt: skip
+    yield from (found[key] for key in sorted(found))
+
+
+def join_uri(base: str, key: str) -> str:
+    return f"{base.rstrip('/')}/{key}"
 
 
 def _readable(text: str) -> str:
@@ -225,8 +289,8 @@ def shard_id_for(key: str) -> str:
     """The id of a tar shard: its key, made readable and safe, plus a hash of the full key, so that keys differing
     only in characters the readable part drops ('a b.tar', 'a_b.tar', '中国.tar') still get distinct ids:
     'a/b/00001.tar' → 'a__b__00001-<sha256[:12]>'."""
-    stem = key[: -len(".tar")] if key.lower().endswith(TAR_SUFFIXES) else key
-    return f"{_readable(stem)}-{_key_hash(key)}"
+    suffix = next((s for s in (*TAR_SUFFIXES, *PARQUET_SUFFIXES) if key.lower().endswith(s)), "")
+    return f"{_readable(key[: len(key) - len(suffix)])}-{_key_hash(key)}"
 
 
 def files_shard_id(first_key: str) -> str:

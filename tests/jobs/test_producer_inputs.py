@@ -1,0 +1,57 @@
+"""Whole label jobs on inputs as real producers write them: gzip shards from the `webdataset` library named by a
+brace pattern, with samples of several images; img2dataset's parquet and files layouts (see tests/producers.py)."""
+
+from __future__ import annotations
+
+import pyarrow.dataset as ds
+import pytest
+
+from jobs.label.runner import run_label_job
+from schemas.specs import LabelJobSpec
+from tests.producers import png_bytes, write_img2dataset, write_webdataset_shards
+from tests.support import IMAGENET_SAMPLE
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+TENCH = IMAGENET_SAMPLE / "n01440764_tench.JPEG"
+ROBIN = IMAGENET_SAMPLE / "n01558993_robin.JPEG"
+
+
+def _run(tmp_path, **input_fields) -> dict[str, dict]:
+    spec = LabelJobSpec(
+        input=input_fields,
+        output=str(tmp_path / "out"),
+        model={"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
+        num_workers=1,
+        batch_size=4,
+        embeddings=False,
+    )
+    summary = run_label_job(spec, show_progress=False)
+    assert summary.status == "succeeded"
+    return {r["key"]: r for r in ds.dataset(tmp_path / "out", format="parquet").to_table().to_pylist()}
+
+
+def test_webdataset_gzip_shards_by_brace_pattern_with_several_images_per_sample(tmp_path):
+    samples = [
+        {"__key__": f"s{i}", "jpg": (TENCH if i % 2 else ROBIN).read_bytes(), "seg.png": png_bytes((i, i, i))}
+        for i in range(6)
+    ]
+    write_webdataset_shards(str(tmp_path / "in" / "train-%04d.tar.gz"), samples, per_shard=2)  # 3 shards
+
+    rows = _run(tmp_path, uri=str(tmp_path / "in" / "train-{0000..0001}.tar.gz"), image_field="jpg;png")
+
+    assert sorted(rows) == ["s0", "s1", "s2", "s3"]  # the pattern names two of the three shards
+    assert all(r["error"] is None for r in rows.values())
+    assert [rows[k]["label"] for k in ("s1", "s3")] == ["tench", "tench"]
+    assert [rows[k]["label"] for k in ("s0", "s2")] == ["robin", "robin"]
+
+
+@pytest.mark.parametrize("layout", ["parquet", "files"])
+def test_img2dataset_layouts_label_under_img2datasets_keys(tmp_path, layout):
+    photos = [TENCH.read_bytes(), ROBIN.read_bytes(), TENCH.read_bytes()]
+    keys = write_img2dataset(tmp_path / "in", photos, layout, per_shard=2)
+    fields = {"format": "parquet"} if layout == "parquet" else {"row_key": "name", "extensions": ["jpg"]}
+
+    rows = _run(tmp_path, uri=str(tmp_path / "in"), **fields)
+
+    assert sorted(rows) == keys == ["000000000", "000000001", "000010000"]
+    assert [rows[k]["label"] for k in keys] == ["tench", "robin", "tench"]
