@@ -39,7 +39,8 @@ class FaultRule(Spec):
     shard: str = "*"
     attempt: int | None = None  # None: every attempt
     after_rows: int = 0  # fire once the shard has this many rows labelled
-    action: Literal["exit", "hang", "raise", "oom"]
+    action: Literal["exit", "hang", "raise", "oom", "slow"]
+    seconds: float = 1.0  # for "slow": the pause before each batch (a slow store or model, so a test can act mid-job)
     oom_above: int = 1  # for "oom": batches larger than this run out of memory
     # For "oom": which out-of-memory error is raised: CUDA's torch.OutOfMemoryError, or the plain RuntimeError torch's
     # CPU allocator raises (its real message), which a worker must recognise as out-of-memory too.
@@ -75,9 +76,12 @@ def active_rules() -> tuple[FaultRule, ...]:
 
 
 def inject(shard: str, attempt: int, rows: int) -> None:
-    """Fire the first matching exit/hang/raise rule (called between batches)."""
+    """Fire the first matching exit/hang/raise rule (called between batches); "slow" rules only pause."""
     for rule in active_rules():
-        if rule.action != "oom" and rule.matches(shard, attempt, rows):
+        if rule.action == "slow" and rule.matches(shard, attempt, rows):
+            time.sleep(rule.seconds)
+            continue
+        if rule.action not in ("oom", "slow") and rule.matches(shard, attempt, rows):
             log.warning("injecting %s at shard %s attempt %d after %d rows", rule.action, shard, attempt, rows)
             if rule.action == "exit":
                 os._exit(1)

@@ -52,10 +52,16 @@ class WorkerPool:
             return WarmPool(self.key, len(self._actors), per_worker, busy=len(self._leases), idle_since=self.idle_since)
 
     def describe(self) -> dict:
+        """The pool for `bulklabel service status`, with what each started worker says of itself (models loaded,
+        jobs served, shards labelled)."""
         with self._lock:
             idle = None if self.idle_since is None else round(self._clock() - self.idle_since, 1)
-            return {"model": self.spec.model.name, "key": self.key, "workers": len(self._actors),
-                    "jobs": sorted(self._leases), "workers_started": self._started, "idle_s": idle}  # fmt: skip
+            actors = list(self._actors)
+            described = {"model": self.spec.model.name, "key": self.key, "workers": len(actors),
+                         "jobs": sorted(self._leases), "workers_started": self._started, "idle_s": idle}  # fmt: skip
+        refs = [actor.describe.remote() for actor in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0) if refs else ([], [])
+        return described | {"worker_details": ray.get(ready)}
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,264 @@
+"""The job service end to end, through the CLI as a user drives it, on a real Ray cluster started with `ray start`
+(tests/multinode/ray_nodes.py): a head with no CPUs and a 2-CPU worker node, so jobs compete for one node's CPUs.
+
+Every command is a separate `bulklabel` process with RAY_ADDRESS at that head and BULKLABEL_STATE at the test's job
+store: the service outlives each of them, as it outlives a user's terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.jobs.test_faults import assert_exactly_once
+from tests.multinode.ray_nodes import MultiNodeCluster
+from tests.support import IMAGENET_SAMPLE, PLANTS, imagenet_labels
+from workers.faults import ACK_ENV, ACK_VALUE, FAULTS_ENV
+
+pytestmark = pytest.mark.multinode
+
+CLI = str(Path(sys.executable).with_name("bulklabel"))
+JOB_TIMEOUT_S = 300
+MODEL = ["--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1"]
+
+
+class Service:
+    """A cluster, a job store, and the CLI pointed at both."""
+
+    def __init__(self, cluster: MultiNodeCluster, state: Path):
+        self.cluster, self.state = cluster, state
+
+    def env(self) -> dict[str, str]:
+        return {**self.cluster.node_env(), "RAY_ADDRESS": self.cluster.address, "BULKLABEL_STATE": str(self.state)}
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        done = subprocess.run([CLI, *args], env=self.env(), capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"bulklabel {' '.join(args)} exited {done.returncode}: {done.stderr[-3000:]}")
+        return done
+
+    def submit(self, *args: str) -> str:
+        return self.cli("submit", *args).stdout.strip().splitlines()[-1]
+
+    def status(self, job: str) -> dict:
+        return json.loads(self.cli("status", job, "--json").stdout)
+
+    def jobs(self) -> dict[str, dict]:
+        return {r["job_id"]: r for r in json.loads(self.cli("list", "--json").stdout)}
+
+    def wait_for(self, job: str, predicate, timeout: float = JOB_TIMEOUT_S, what: str = "") -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = self.status(job)
+            if predicate(record):
+                return record
+            time.sleep(0.5)
+        raise AssertionError(f"job {job}: {what or 'condition'} not reached in {timeout:.0f}s; last: {record}")
+
+    def wait_ended(self, job: str) -> dict:
+        return self.wait_for(job, lambda r: r["state"] in ("succeeded", "partial", "failed", "cancelled"),
+                             what="an end")  # fmt: skip
+
+    def stop(self) -> None:
+        self.cli("service", "stop", check=False)
+
+
+# Every batch pauses a moment, so a job lasts long enough (about 1 s a shard) to be cancelled or killed mid-way.
+SLOW = {FAULTS_ENV: json.dumps([{"action": "slow", "seconds": 0.5}]), ACK_ENV: ACK_VALUE}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    nodes = MultiNodeCluster(env=SLOW)
+    try:
+        yield nodes.start(worker_nodes=1, cpus_per_node=2)
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture
+def service(cluster, tmp_path):
+    svc = Service(cluster, tmp_path / "state")
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def _photos(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True)
+    for row in imagenet_labels()[:count]:
+        shutil.copy(IMAGENET_SAMPLE / row["file"], folder / row["file"])
+    return folder
+
+
+def _label_args(photos: Path, out: Path, *extra: str, per_shard: int = 2) -> list[str]:
+    return ["label", *MODEL, "--input", str(photos), "--output", str(out), "--files-per-shard", str(per_shard),
+            "--batch-size", "1", "--shared-storage", "--quiet", *extra]  # fmt: skip
+
+
+def _small_plants(folder: Path, per_class: int = 4) -> Path:
+    for name in ("Potato___Early_blight", "Potato___healthy"):
+        (folder / name).mkdir(parents=True)
+        for photo in sorted((PLANTS / name).iterdir())[:per_class]:
+            shutil.copy(photo, folder / name / photo.name)
+    return folder
+
+
+def test_jobs_queue_share_a_warm_pool_and_start_by_priority(service, tmp_path):
+    photos = _photos(tmp_path / "photos", 12)
+    first = service.submit(*_label_args(photos, tmp_path / "out-a"))
+    same_model = service.submit(*_label_args(photos, tmp_path / "out-b"))
+    other_model = service.submit("label", "--model", "mobilenet_v3_small", "--weights", "none", "--input",
+                                 str(photos), "--output", str(tmp_path / "out-c"), "--files-per-shard", "4",
+                                 "--shared-storage", "--quiet")  # fmt: skip
+    tune = service.submit("finetune", "--data", str(_small_plants(tmp_path / "plants")), "--base", "mobilenet_v2",
+                          "--weights", "IMAGENET1K_V1", "--output", str(tmp_path / "model"), "--epochs", "1",
+                          "--image-size", "64", "--quiet", "--priority", "5")  # fmt: skip
+    jobs = (first, same_model, other_model, tune)
+    seen: dict[str, set[str]] = {job: set() for job in jobs}
+    waiting_reasons: set[str] = set()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        records = service.jobs()
+        for job in jobs:
+            seen[job].add(records[job]["state"])
+            waiting_reasons.add(records[job]["waiting_reason"] or "")
+        if all(records[job]["state"] in ("succeeded", "failed", "partial") for job in jobs):
+            break
+        time.sleep(0.5)
+    assert {job: records[job]["state"] for job in jobs} == dict.fromkeys(jobs, "succeeded"), records
+    # The second job on the same model ran on the first one's warm worker: one worker started, one model loaded.
+    assert "running" in seen[same_model]
+    assert "queued" in seen[other_model] and any("CPU" in reason for reason in waiting_reasons), waiting_reasons
+    started = {job: records[job]["started_at"] for job in jobs}
+    assert started[tune] < started[other_model], "the fine-tune (priority 5) should start before the priority-0 job"
+    for out in ("out-a", "out-b"):
+        assert_exactly_once(tmp_path / out, photos)
+    assert (tmp_path / "model" / "v1").is_dir()
+    logs = service.cli("logs", same_model).stdout
+    assert "succeeded" in logs
+
+
+def test_a_second_job_on_a_warm_pool_loads_no_model(service, tmp_path):
+    photos = _photos(tmp_path / "photos", 4)
+    for name in ("one", "two"):
+        job = service.submit(*_label_args(photos, tmp_path / name))
+        assert service.wait_ended(job)["state"] == "succeeded"
+    pools = json.loads(service.cli("service", "status").stdout)["pools"]
+    assert len(pools) == 1 and pools[0]["workers_started"] == 1, pools
+    assert [w["models_loaded"] for w in pools[0]["worker_details"]] == [1], pools
+    assert pools[0]["worker_details"][0]["jobs_served"] == 2
+
+
+@pytest.mark.fault(
+    fault="a running job cancelled through the service, then resumed",
+    injected="`bulklabel cancel` once 2 of 8 shards were committed, then `bulklabel resume`",
+    expected="running shards finish, nothing new starts; resume labels exactly the rest: one row per image",
+)
+def test_cancel_then_resume_labels_exactly_the_rest(service, tmp_path, record_property):
+    photos = _photos(tmp_path / "photos", 16)
+    job = service.submit(*_label_args(photos, tmp_path / "out"))
+    service.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
+    service.cli("cancel", job)
+    cancelled = service.wait_ended(job)
+    assert cancelled["state"] == "cancelled"
+    done_at_cancel = cancelled["progress"]["shards_done"]
+    assert done_at_cancel < 8 and not (tmp_path / "out" / "_job.json").exists()
+    service.cli("resume", job)
+    assert service.wait_ended(job)["state"] == "succeeded"
+    rows = assert_exactly_once(tmp_path / "out", photos)
+    record_property("measured", f"cancelled with {done_at_cancel}/8 shards committed; resume did the rest; "
+                                f"{rows}/16 rows, no duplicates, no stray files")  # fmt: skip
+
+
+@pytest.mark.fault(
+    fault="the job service's process SIGKILLed mid-job",
+    injected="SIGKILL to the service actor's process after 2 of 8 shards were committed",
+    expected="Ray restarts the service, which continues the job; status answers throughout; exact counts",
+)
+def test_service_killed_mid_job_continues_it(service, tmp_path, record_property):
+    photos = _photos(tmp_path / "photos", 16)
+    job = service.submit(*_label_args(photos, tmp_path / "out"))
+    service.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
+    pid = json.loads(service.cli("service", "status").stdout)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    states = []
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        record = service.status(job)  # each call must answer, during the restart too
+        states.append(record["state"])
+        if record["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.5)
+    assert states[-1] == "succeeded" and set(states) <= {"queued", "running", "succeeded"}, states
+    new_pid = json.loads(service.cli("service", "status").stdout)["pid"]
+    assert new_pid != pid and not psutil.pid_exists(pid)
+    assert record["attempts"] >= 2 and record["progress"]["images"] == 16
+    rows = assert_exactly_once(tmp_path / "out", photos)
+    record_property("measured", f"service pid {pid} killed at 2/8 shards; restarted as {new_pid}; job succeeded "
+                                f"after {record['attempts']} attempts; {rows}/16 rows, no duplicates")  # fmt: skip
+
+
+@pytest.mark.fault(
+    fault="the whole Ray cluster stopped mid-job, a new one started with the same job store",
+    injected="every process of the cluster killed after 2 of 8 shards; a new head and worker node started",
+    expected="`list` on the new cluster shows the job interrupted; `resume` finishes it with exact counts",
+)
+def test_cluster_lost_mid_job_is_interrupted_then_resumed(tmp_path, record_property):
+    photos, state = _photos(tmp_path / "photos", 16), tmp_path / "state"
+    old = MultiNodeCluster(env=SLOW).start(worker_nodes=1, cpus_per_node=2)
+    try:
+        svc = Service(old, state)
+        job = svc.submit(*_label_args(photos, tmp_path / "out"))
+        svc.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
+    finally:
+        old.stop()
+    new = MultiNodeCluster().start(worker_nodes=1, cpus_per_node=2)
+    try:
+        svc = Service(new, state)
+        listed = svc.jobs()[job]
+        assert listed["state"] == "interrupted", listed
+        svc.cli("resume", job)
+        record = svc.wait_ended(job)
+        svc.stop()
+    finally:
+        new.stop()
+    assert record["state"] == "succeeded"
+    rows = assert_exactly_once(tmp_path / "out", photos)
+    record_property("measured", f"listed as interrupted on the new cluster; resumed to {rows}/16 rows, "
+                                "no duplicates")  # fmt: skip
+
+
+@pytest.mark.fault(
+    fault="a job submitted to a cluster with no CPUs (head started with --num-cpus 0, no worker node)",
+    injected="`bulklabel submit` to the bare head; a worker node started (`ray start --address`) 5 s later",
+    expected="the job waits as queued with its reason (not an error); the new node picks it up and it finishes",
+)
+def test_a_job_waits_for_a_node_then_runs_on_it(tmp_path, record_property):
+    photos = _photos(tmp_path / "photos", 4)
+    cluster = MultiNodeCluster().start(worker_nodes=0)
+    try:
+        svc = Service(cluster, tmp_path / "state")
+        job = svc.submit(*_label_args(photos, tmp_path / "out"))
+        waiting = svc.wait_for(job, lambda r: r["waiting_reason"], timeout=60, what="a waiting reason")
+        assert waiting["state"] == "queued" and "node" in waiting["waiting_reason"], waiting
+        time.sleep(5)
+        assert svc.status(job)["state"] == "queued"
+        cluster.add_worker_node("late", cpus=2)
+        record = svc.wait_ended(job)
+        svc.stop()
+    finally:
+        cluster.stop()
+    assert record["state"] == "succeeded", record
+    rows = assert_exactly_once(tmp_path / "out", photos)
+    record_property("measured", f"queued: {waiting['waiting_reason']!r}; ran once the node joined; {rows}/4 rows")
