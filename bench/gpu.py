@@ -153,7 +153,7 @@ def _embedding_difference(cpu_out: Path, gpu_out: Path, shard: str) -> tuple[flo
     import pyarrow.parquet as pq
 
     def embeddings(folder: Path) -> np.ndarray:
-        table = pq.read_table(folder / f"part-{shard}.parquet", columns=["key", "embedding"]).sort_by("key")
+        table = pq.read_table(folder / "data" / f"part-{shard}.parquet", columns=["key", "embedding"]).sort_by("key")
         return np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
 
     a, b = embeddings(cpu_out), embeddings(gpu_out)

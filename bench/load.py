@@ -85,7 +85,7 @@ def _rows_and_distinct_keys(output: Path) -> tuple[int, int]:
     """Read the committed Parquet back with DuckDB, as a user would, rather than trusting the job's own count."""
     import duckdb
 
-    files = str(output / "part-*.parquet")
+    files = str(output / "data" / "part-*.parquet")
     return duckdb.sql(f"SELECT count(*), count(DISTINCT key) FROM read_parquet('{files}')").fetchall()[0]
 
 

@@ -85,6 +85,8 @@ class JobManifest(_ManifestPart):
     spec: dict[str, Any]  # the job spec as dumped (secrets masked); kept loose so older specs still read
     model: ManifestModel
     schema_version: int
+    layout_version: int = 1  # absent in manifests of layout 1 (jobs.output.layout)
+    generation: int = Field(default=0, ge=0)  # compaction generation: 0 until `bulklabel compact` merges files
     started_at: datetime
     finished_at: datetime
     totals: ManifestTotals

@@ -147,6 +147,22 @@ class ModelSpec(Spec):
     )
 
 
+class OutputOptions(Spec):
+    """How a label output is laid out; given as `output: {uri: ..., format: ..., ...}` in a spec (jobs.output)."""
+
+    format: Literal["parquet", "delta"] = Field(
+        default="parquet",
+        description="parquet: a folder of Parquet files (data/) with done-markers and a manifest. delta: the same "
+        "files also committed, each shard exactly once, to a Delta Lake table at the output (deltalake).",
+    )
+    compact: Literal["auto", "never"] = Field(
+        default="auto",
+        description="auto: at the end of a job whose many data files are small, merge them into files of "
+        "target_file_mb (as `bulklabel compact` does); never: keep one file per shard.",
+    )
+    target_file_mb: int = Field(default=256, ge=1, le=8192, description="Size compaction aims each data file at.")
+
+
 class LabelJobSpec(Spec):
     """Bulk inference: image shards → one committed Parquet file per shard."""
 
@@ -157,7 +173,11 @@ class LabelJobSpec(Spec):
         description="Defaults to a hash of what determines the output, so a re-run is the same job.",
     )
     input: InputSpec
-    output: str = Field(description="Local folder or s3://bucket/prefix for the Parquet files and the job manifest.")
+    output: str = Field(
+        description="Local folder or s3://bucket/prefix for the Parquet files and the job manifest; in a spec file "
+        "also {uri: ..., format: parquet|delta, compact: auto|never, target_file_mb: 256}."
+    )
+    output_options: OutputOptions = OutputOptions()
     model: ModelSpec
     storage: StorageOptions = StorageOptions()
     top_k: int = Field(default=5, gt=0, description="Classes kept per image; checked against the model's classes.")
@@ -195,6 +215,19 @@ class LabelJobSpec(Spec):
         "(NFS, a shared volume). Without it, a job with a local path on a cluster of more than one node is refused "
         "before work starts: workers on other nodes would not see this machine's folders.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output_mapping(cls, data: object) -> object:
+        """`output: {uri, format, ...}` becomes `output` (the URI, a string for every reader) and `output_options`."""
+        if isinstance(data, dict) and isinstance(data.get("output"), dict):
+            options = dict(data["output"])
+            if "uri" not in options:
+                raise ValueError("output: a mapping needs uri (a local folder or s3://bucket/prefix)")
+            if "output_options" in data:
+                raise ValueError("give the output's options in output: {uri: ...} or in output_options, not both")
+            data = {**data, "output": options.pop("uri"), "output_options": options}
+        return data
 
     @field_validator("output")
     @classmethod

@@ -30,6 +30,7 @@ from workers.storage import Storage
 log = logging.getLogger(__name__)
 
 PARQUET_COMPRESSION = "zstd"
+DICTIONARY_COLUMNS = ["shard", "model", "job_id", "label"]  # few distinct values each: dictionary pages pay
 
 
 class ShardWriter:
@@ -100,9 +101,7 @@ class ShardWriter:
         table = self.to_table()
         shard_id = self.task.shard_id
         local = os.path.join(scratch_dir, f"{shard_id}.{uuid.uuid4().hex[:8]}.parquet")
-        pq.write_table(
-            table, local, compression=PARQUET_COMPRESSION, use_dictionary=["shard", "model", "job_id", "label"]
-        )
+        pq.write_table(table, local, compression=PARQUET_COMPRESSION, use_dictionary=DICTIONARY_COLUMNS)
         data_bytes = os.path.getsize(local)
         temp = temp_uri(output, shard_id, attempt, uuid.uuid4().hex[:8])
         try:

@@ -23,12 +23,14 @@ from pydantic import ValidationError
 
 from jobs.errors import BadInput
 from jobs.output.layout import (
+    LAYOUT_VERSION,
     LITTER,
     MARKER,
     OWN_NAMES,
     OWNER_NAME,
     PARTIAL,
     PROBE,
+    V1_DATA_FILE,
     failed_uri,
     manifest_uri,
     markers_prefix,
@@ -36,7 +38,7 @@ from jobs.output.layout import (
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobFailure
 from schemas.shards import MARKER_FORMAT, ShardResult
 from schemas.specs import LabelJobSpec
-from workers.storage import ObjectMissing, Storage, StorageError, join, relative_key
+from workers.storage import ObjectMissing, Storage, StorageError, join, normalise_uri, relative_key
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +81,13 @@ def check_output(storage: Storage, output: str, job_id: str, foreign_files: str)
         owner = _owner_job_id(storage, join(output, OWNER_NAME))
         if owner != job_id:
             raise OutputConflict(f"output {output} belongs to job {owner!r}, not {job_id!r}: use a new output prefix")
+        _refuse_layout_1(output, listing)
         return
     legacy = _legacy_owner(storage, output, listing)
     if legacy is not None and legacy != job_id:
         raise OutputConflict(f"output {output} holds rows of job {legacy!r}, not {job_id!r}: use a new prefix")
+    if legacy is not None:
+        _refuse_layout_1(output, listing)
     if legacy is None and listing.ours:
         raise OutputConflict(
             f"output {output} holds {', '.join(listing.ours)} with no bulklabel owner or manifest: another tool's "
@@ -98,7 +103,7 @@ def claim_output(storage: Storage, output: str, job_id: str) -> None:
     """
     owner_uri = join(output, OWNER_NAME)
     claim = {"job_id": job_id, "claimed_at": datetime.now(UTC).isoformat(), "host": socket.gethostname(),
-             "pid": os.getpid()}  # fmt: skip
+             "pid": os.getpid(), "layout_version": LAYOUT_VERSION}  # fmt: skip
     try:
         created = storage.create_exclusive(owner_uri, json.dumps(claim).encode())
     except StorageError:
@@ -119,6 +124,7 @@ class _Listing:
     ours: list[str] = field(default_factory=list)  # data under our names: parts, markers, manifest (first few)
     foreign: list[str] = field(default_factory=list)  # first few foreign names
     foreign_count: int = 0
+    v1_files: int = 0  # data files where layout 1 put them (the top of the prefix)
 
 
 def _classify(storage: Storage, output: str) -> _Listing:
@@ -130,6 +136,7 @@ def _classify(storage: Storage, output: str) -> _Listing:
         elif PARTIAL.fullmatch(name) or LITTER.fullmatch(name) or PROBE.fullmatch(name):
             continue  # temporaries (perhaps of a racing job, mid-write) and browser litter: no data, no claim
         elif OWN_NAMES.fullmatch(name):
+            listing.v1_files += bool(V1_DATA_FILE.fullmatch(name))
             if len(listing.ours) < FOREIGN_EXAMPLES:
                 listing.ours.append(name)
         else:
@@ -137,6 +144,18 @@ def _classify(storage: Storage, output: str) -> _Listing:
             if len(listing.foreign) < FOREIGN_EXAMPLES:
                 listing.foreign.append(name)
     return listing
+
+
+def _refuse_layout_1(output: str, listing: _Listing) -> None:
+    """Layout 1 outputs stay readable (the reader follows their manifest or markers), but a run would put new shards
+    in `data/` beside old ones at the top, and folder readers would see half the rows: refused, naming both layouts."""
+    if listing.v1_files:
+        raise OutputConflict(
+            f"output {output} is in output layout version 1 (data files at the top of the prefix, "
+            f"{listing.v1_files} of them); this bulklabel writes layout version {LAYOUT_VERSION} (data files under "
+            "data/) and does not extend a layout 1 output: its rows stay readable with bulklabel query, similar and "
+            "report; write this run to a new output prefix"
+        )
 
 
 def _legacy_owner(storage: Storage, output: str, listing: _Listing) -> str | None:
@@ -179,6 +198,10 @@ class CommittedShards:
 
     done: dict[str, ShardResult] = field(default_factory=dict)  # verified: data present with its recorded size
     redo: dict[str, str] = field(default_factory=dict)  # shard → why its marker cannot be trusted
+    # shard → the file holding its rows where that is not the marker's own file: a compaction merged it (the
+    # manifest is the pointer), so a resume keeps it and the next manifest names that file again
+    locations: dict[str, str] = field(default_factory=dict)
+    generation: int = 0  # the manifest's compaction generation (0: never compacted)
 
 
 def _marker_uris(storage: Storage, output: str) -> list[str]:
@@ -190,10 +213,13 @@ def read_committed(storage: Storage, output: str, job_id: str) -> CommittedShard
     """Every done-marker, validated, with its data file checked: missing or resized data means the shard is redone.
 
     Only `_done/<shard>.json` names are read (a `.DS_Store` or a temp file is not a marker). A marker that does not
-    parse (a disk that filled up mid-write) or names another job is redone, and named in the log.
+    parse (a disk that filled up mid-write) or names another job is redone, and named in the log. A shard the
+    manifest places in a compacted file is checked against that file instead of its own (deleted) one.
     """
     uris = _marker_uris(storage, output)
     sizes = {o.uri: o.size for o in storage.list(output) if o.uri.endswith(".parquet")}
+    manifest = read_manifest(storage, output)
+    placed = manifest_locations(manifest, output)
 
     def load(uri: str) -> tuple[str, ShardResult | str]:
         shard = MARKER.fullmatch(relative_key(output, uri)).group(1)
@@ -206,18 +232,40 @@ def read_committed(storage: Storage, output: str, job_id: str) -> CommittedShard
 
     with ThreadPoolExecutor(MARKER_READ_THREADS) as pool:
         loaded = list(pool.map(load, uris))
-    committed = CommittedShards()
+    committed = CommittedShards(generation=int((manifest or {}).get("generation", 0)))
     for shard, marker in loaded:
-        problem = marker if isinstance(marker, str) else _marker_problem(marker, shard, job_id, sizes)
+        moved = None
+        if isinstance(marker, ShardResult) and placed.get(shard, marker.data_uri) != marker.data_uri:
+            moved = placed[shard]  # compacted (or the output was moved): the manifest's file holds the rows
+        problem = marker if isinstance(marker, str) else _marker_problem(marker, shard, job_id, sizes, moved)
         if problem:
             log.warning("shard %s will be labelled again: %s", shard, problem)
             committed.redo[shard] = problem
         else:
             committed.done[shard] = marker
+            if moved is not None:
+                committed.locations[shard] = moved
     return committed
 
 
-def _marker_problem(marker: ShardResult, shard: str, job_id: str, sizes: dict[str, int]) -> str | None:
+def manifest_locations(manifest: dict | None, output: str) -> dict[str, str]:
+    """Shard → the data file holding its rows, as the manifest lists it, under `output` (the manifest names the
+    output the job wrote to; an output moved since reads the same)."""
+    if not manifest:
+        return {}
+    recorded = normalise_uri(str(manifest.get("spec", {}).get("output", output))).rstrip("/")
+    located = {}
+    for entry in manifest.get("shards", ()):
+        try:
+            located[entry["shard"]] = join(output, relative_key(recorded, entry["data"]))
+        except (KeyError, TypeError, ValueError):
+            continue  # a damaged entry places nothing: the shard's own marker decides
+    return located
+
+
+def _marker_problem(
+    marker: ShardResult, shard: str, job_id: str, sizes: dict[str, int], moved: str | None = None
+) -> str | None:
     if marker.marker_format < MARKER_FORMAT:
         raise OutputConflict(
             f"output holds shards written by an older bulklabel (marker format {marker.marker_format}, shard ids "
@@ -225,6 +273,8 @@ def _marker_problem(marker: ShardResult, shard: str, job_id: str, sizes: dict[st
         )
     if marker.shard_id != shard or marker.job_id != job_id:
         return f"marker names shard {marker.shard_id!r} of job {marker.job_id!r}"
+    if moved is not None:
+        return None if moved in sizes else f"the data file {moved} its manifest places it in is gone"
     if marker.data_uri not in sizes:
         return f"its data file {marker.data_uri} is gone"
     size = sizes[marker.data_uri]
@@ -258,8 +308,14 @@ def write_manifest(
     shards: dict[str, ShardResult],
     failures: dict[str, str],
     started: datetime,
+    locations: dict[str, str] | None = None,
+    generation: int = 0,
 ) -> dict:
-    """Write `_job.json` last; a reader that finds it knows every listed shard is committed."""
+    """Write `_job.json` last; a reader that finds it knows every listed shard is committed.
+
+    `locations` places shards a compaction merged (shard → its compacted file); the others are in their own file.
+    """
+    locations = locations or {}
     finished = datetime.now(UTC)
     status = "succeeded" if not failures else "partial"
     manifest = {
@@ -269,6 +325,8 @@ def write_manifest(
         "spec": json.loads(spec.model_dump_json()),  # SecretStr fields dump as '**********'
         "model": worker,
         "schema_version": LABEL_SCHEMA_VERSION,
+        "layout_version": LAYOUT_VERSION,
+        "generation": generation,
         "schema": [{"name": f.name, "type": str(f.type)} for f in LABEL_SCHEMA],
         "started_at": started.isoformat(),
         "finished_at": finished.isoformat(),
@@ -279,7 +337,7 @@ def write_manifest(
             "failed_shards": len(failures),
         },
         "shards": [
-            {"shard": r.shard_id, "data": r.data_uri, "rows": r.rows, "errors": r.errors}
+            {"shard": r.shard_id, "data": locations.get(r.shard_id, r.data_uri), "rows": r.rows, "errors": r.errors}
             for r in sorted(shards.values(), key=lambda r: r.shard_id)
         ],
         "failed_shards": [{"shard": s, "error": e} for s, e in sorted(failures.items())],

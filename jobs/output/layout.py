@@ -38,6 +38,8 @@ SHARD = r"[A-Za-z0-9._=-]+"
 MARKER = re.compile(rf"{DONE_DIR}/({SHARD})\.json")
 _DATA_FILE = rf"(?:{DATA_DIR}/)?(?:part-{SHARD}|compact-\d+-\d+)\.parquet"
 DATA_FILE = re.compile(_DATA_FILE)
+PART_FILE = re.compile(rf"{DATA_DIR}/part-({SHARD})\.parquet")  # a shard's own file; group 1: the shard
+V1_DATA_FILE = re.compile(rf"part-{SHARD}\.parquet")  # layout 1's data files, at the top of the prefix
 # LocalStorage writes through hidden `.<name>.<nonce>.tmp` files beside the target; a crash can leave one behind.
 PARTIAL = re.compile(
     rf"{TMP_DIR}/{SHARD}\.\d+\.[0-9a-f]{{8}}\.partial|{TMP_DIR}/compact-\d+/[^/]+|(?:.*/)?\.[^/]+\.[0-9a-f]{{8}}\.tmp"
@@ -59,7 +61,7 @@ def data_dir(output: str) -> str:
 
 
 def data_uri(output: str, shard_id: str) -> str:
-    return join(output, f"part-{shard_id}.parquet")
+    return join(output, DATA_DIR, f"part-{shard_id}.parquet")
 
 
 def compacted_uri(output: str, generation: int, index: int) -> str:

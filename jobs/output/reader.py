@@ -1,12 +1,14 @@
 """Reading a label job's output: the committed rows only, with a typed manifest and the schema version checked.
 
-The writer side of the layout is jobs.label.commit (see its docstring); this is the reader every command goes through
-(`bulklabel query`, `bulklabel similar`). What counts as committed:
-- an output with a manifest (`_job.json`, written last): exactly the data files it lists, `complete=True`;
+The layout is jobs.output.layout, its writer jobs.output.session; this is the reader every command goes through
+(`bulklabel query`, `similar`, `report`, `compact`). What counts as committed:
+- an output with a manifest (`_job.json`, written last; rewritten by a compaction, the one atomic switch): exactly the
+  data files it lists, `complete=True`;
 - an output without one (a job still running, or interrupted): the data files of valid done-markers (parsed,
   of the owning job, data file present at the recorded size: jobs.label.commit.read_committed), `complete=False`.
 Anything else under the prefix (a part file whose marker was never written, a temporary upload, another tool's
-Parquet file) is never read.
+Parquet file, the files a compaction merged or a crashed compaction left behind) is never read. Both layout versions
+read: 1 (data files at the top of the prefix) and 2 (under `data/`).
 
 Data files are found by their name relative to the output the job wrote to, so an output copied or moved to
 another folder or bucket (with its manifest) reads the same. Driver-side: no torch, no Ray.
@@ -27,9 +29,9 @@ from pyarrow import fs as pafs
 from pydantic import ValidationError
 
 from jobs.errors import BadInput
-from jobs.label.commit import read_committed, read_manifest
-from jobs.output.layout import MANIFEST_NAME, OWNER_NAME
-from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobManifest
+from jobs.label.commit import read_committed, read_failure, read_manifest
+from jobs.output.layout import FAILED_NAME, MANIFEST_NAME, OWNER_NAME
+from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobFailure, JobManifest
 from schemas.specs import StorageOptions
 from workers.storage import ObjectMissing, join, normalise_uri, open_storage, relative_key, split_s3
 
@@ -54,8 +56,9 @@ class LabelOutput:
     job_id: str
     complete: bool  # True when the manifest is there: the job finished, and `files` is final
     manifest: JobManifest | None
-    files: tuple[str, ...]  # URIs of the committed data files, in shard order
+    files: tuple[str, ...]  # URIs of the committed data files, in shard order (a compacted file once)
     filesystem: pafs.FileSystem
+    failure: JobFailure | None = None  # the last failed run's record (`_failed.json`), until a run completes
 
     @property
     def embedding_dim(self) -> int | None:
@@ -66,7 +69,7 @@ class LabelOutput:
 
     def paths(self) -> list[str]:
         """The data files as paths of `filesystem` (`bucket/key` for S3)."""
-        return [_fs_path(uri) for uri in self.files]
+        return [fs_path(uri) for uri in self.files]
 
     def dataset(self) -> ds.Dataset:
         """A pyarrow dataset of the committed rows (lazy: nothing is read until it is scanned)."""
@@ -96,7 +99,7 @@ def open_output(uri: str, storage_options: StorageOptions | None = None) -> Labe
         manifest, complete = None, False
         job_id = _owner(storage, uri, sizes)
         committed = read_committed(storage, uri, job_id)
-        files = [committed.done[shard].data_uri for shard in sorted(committed.done)]
+        files = [committed.locations.get(s, committed.done[s].data_uri) for s in sorted(committed.done)]
         if committed.redo:
             # Said aloud: an unfinished output copied elsewhere lands here (its markers name the old location).
             shard, why = next(iter(sorted(committed.redo.items())))
@@ -106,7 +109,8 @@ def open_output(uri: str, storage_options: StorageOptions | None = None) -> Labe
     if manifest is None and files:
         _check_file_version(files[0], filesystem)
     log.debug("output %s: %d committed file(s), complete=%s", uri, len(files), complete)
-    return LabelOutput(uri, job_id, complete, manifest, tuple(files), filesystem)
+    failure = read_failure(storage, uri) if FAILED_NAME in sizes else None
+    return LabelOutput(uri, job_id, complete, manifest, tuple(dict.fromkeys(files)), filesystem, failure)
 
 
 def _parse_manifest(raw: dict, where: str) -> JobManifest:
@@ -167,14 +171,15 @@ def _owner(storage, uri: str, sizes: dict[str, int]) -> str:
 
 def _check_file_version(uri: str, filesystem: pafs.FileSystem) -> None:
     """Without a manifest, the version the writer put in the file's Arrow metadata."""
-    metadata = pq.read_schema(_fs_path(uri), filesystem=filesystem).metadata or {}
+    metadata = pq.read_schema(fs_path(uri), filesystem=filesystem).metadata or {}
     _check_version(metadata.get(SCHEMA_VERSION_KEY), uri)
 
 
 # ----------------------------------------------------------------------------------------------- filesystems
 
 
-def _fs_path(uri: str) -> str:
+def fs_path(uri: str) -> str:
+    """`uri` as a path of its pyarrow filesystem (`bucket/key` for S3)."""
     if uri.startswith("s3://"):
         bucket, key = split_s3(uri)
         return f"{bucket}/{key}"

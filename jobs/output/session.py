@@ -1,9 +1,10 @@
 """The driver's side of writing a label output, in explicit phases (the layout: jobs.output.layout).
 
     check()                 before any write: the output is ours or free, what earlier runs committed holds
-    start()                 the ownership claim, a write probe, stale partial uploads removed
+    start()                 the ownership claim, a write probe, stale partial uploads and the leftovers of a crashed
+                            compaction removed
     shard_committed(result) a worker committed a shard (data file, then done-marker)
-    complete(...)           every shard is done: the manifest, written last
+    complete(...)           every shard is done: the manifest, written last; then many small files compacted
     failed(reason, ...)     the run stops: `_failed.json` says why (a failed run used to leave no record)
 
 The job runner calls these and nothing else of the output; the workers write shards (workers/writer.py).
@@ -25,6 +26,7 @@ from jobs.label.commit import (
     write_failure,
     write_manifest,
 )
+from jobs.output.compact import auto_compact, remove_superseded
 from schemas.output import JobFailure, ManifestFailedShard
 from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
@@ -61,7 +63,9 @@ class OutputSession:
         claim_output(self.storage, self.uri, self.job_id)
         check_writable(self.storage, self.uri)
         remove_partials(self.storage, self.uri)
-        return read_manifest(self.storage, self.uri)
+        manifest = read_manifest(self.storage, self.uri)
+        remove_superseded(self.storage, self.uri, manifest)
+        return manifest
 
     def shard_committed(self, result: ShardResult) -> None:
         """A worker committed `result`'s shard: its data file and done-marker are in place."""
@@ -71,11 +75,15 @@ class OutputSession:
         """Write the manifest last (every shard in `results` is committed), and drop an earlier run's failure record.
 
         Args: the worker's description (model id, embedding width), every committed shard, shards that failed.
-        Returns the manifest as written.
+        Returns the manifest as written (before a compaction, which rewrites only its file names).
         """
         remove_partials(self.storage, self.uri)
-        manifest = write_manifest(self.storage, self.spec, self.job_id, worker, results, failures, self.started_at)
+        manifest = write_manifest(self.storage, self.spec, self.job_id, worker, results, failures, self.started_at,
+                                  self.committed.locations, self.committed.generation)  # fmt: skip
         remove_failure(self.storage, self.uri)
+        options = self.spec.output_options
+        if options.compact == "auto":
+            auto_compact(self.uri, options.target_file_mb << 20, self.spec.storage)
         return manifest
 
     def failed(self, reason: str, results: dict[str, ShardResult], failures: dict[str, str] | None = None) -> None:

@@ -23,6 +23,7 @@ from jobs.label.commit import (
     read_committed,
     remove_partials,
 )
+from jobs.output.layout import data_uri
 from schemas.shards import MARKER_FORMAT, ShardResult
 from tests.conftest import PROJECT_ROOT
 from workers.storage import join
@@ -31,7 +32,7 @@ RACERS = 6
 
 
 def _marker(output: str, shard: str, job: str = "job-a", **fields) -> ShardResult:
-    values = {"shard_id": shard, "job_id": job, "fingerprint": "f", "data_uri": join(output, f"part-{shard}.parquet"),
+    values = {"shard_id": shard, "job_id": job, "fingerprint": "f", "data_uri": data_uri(output, shard),
               "rows": 2, "errors": 0, "bytes_read": 1, "seconds": 0.1, "attempt": 1, "marker_format": MARKER_FORMAT,
               "data_bytes": 4}  # fmt: skip
     return ShardResult(**{**values, **fields})
@@ -132,9 +133,9 @@ def test_read_committed_trusts_only_markers_whose_data_is_there(storage_root):
     root = storage_root
     good = _commit(root, "a-1")
     _commit(root, "b-2")
-    root.storage.delete(join(root.uri, "part-b-2.parquet"))  # deleted by a lifecycle rule
+    root.storage.delete(data_uri(root.uri, "b-2"))  # deleted by a lifecycle rule
     _commit(root, "c-3")
-    root.storage.write_bytes(join(root.uri, "part-c-3.parquet"), b"PAR1 rewritten, longer")
+    root.storage.write_bytes(data_uri(root.uri, "c-3"), b"PAR1 rewritten, longer")
     root.storage.write_bytes(join(root.uri, "_done", "d-4.json"), b"")  # a disk that filled up mid-write
     root.storage.write_bytes(join(root.uri, "_done", ".DS_Store"), b"\0Bud1")  # never parsed
     _commit(root, "e-5", job="job-other")

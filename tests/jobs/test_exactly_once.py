@@ -54,7 +54,7 @@ def test_rerun_redoes_a_shard_whose_data_was_deleted(tmp_path, record_property):
     photos, out = _photos(tmp_path / "photos", 8), tmp_path / "out"
     spec = _spec(str(photos), str(out))
     assert run_label_job(spec, show_progress=False).status == "succeeded"
-    victim = sorted(out.glob("part-*.parquet"))[1]
+    victim = sorted(out.glob("data/part-*.parquet"))[1]
     victim.unlink()
 
     summary = run_label_job(spec, show_progress=False)

@@ -69,7 +69,7 @@ def _is_committed(out: Path, path: Path) -> bool:
     rel = path.relative_to(out).as_posix()
     return (
         rel in ("_job.json", "_owner.json")  # the manifest, and the job's claim on the output prefix
-        or (rel.startswith("part-") and rel.endswith(".parquet"))
+        or (rel.startswith("data/part-") and rel.endswith(".parquet"))
         or (rel.startswith("_done/") and rel.endswith(".json"))
     )
 
@@ -116,7 +116,7 @@ def test_shard_failing_every_time_fails_the_job(photos, tmp_path, monkeypatch, r
     assert info.value.summary.failed_shards.keys() == {victim}
     assert victim in str(info.value) and "injected failure" in str(info.value)
     out = tmp_path / "out"
-    assert len(list(out.glob("part-*.parquet"))) == 19 and not (out / "_job.json").exists()
+    assert len(list(out.glob("data/part-*.parquet"))) == 19 and not (out / "_job.json").exists()
     record_property("measured", "status failed, 19/20 shards committed, failed shard named with its error")
 
 

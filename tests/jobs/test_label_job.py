@@ -69,7 +69,7 @@ def _read_s3_output(s3_server, prefix: str):
         region="us-east-1",
     )
     path = prefix.removeprefix("s3://")
-    files = [f.path for f in s3.get_file_info(fs.FileSelector(path)) if f.path.endswith(".parquet")]
+    files = [f.path for f in s3.get_file_info(fs.FileSelector(path, recursive=True)) if f.path.endswith(".parquet")]
     return ds.dataset(files, filesystem=s3, format="parquet").to_table()
 
 
@@ -125,16 +125,16 @@ def test_rerun_of_half_done_job_labels_only_missing_shards(photo_folder, tmp_pat
     spec = _files_spec(photo_folder, out, num_workers=1, input={"uri": str(photo_folder), "files_per_shard": 20})
     first = run_label_job(spec, show_progress=False)
     assert (first.shards, first.images) == (3, 60)
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("data/*.parquet")}
     # Undo the commit of one shard and of the job, as if the driver had died before them.
     middle = sorted((out / "_done").glob("*.json"))[1].stem
     (out / "_job.json").unlink()
     (out / "_done" / f"{middle}.json").unlink()
-    (out / f"part-{middle}.parquet").unlink()
+    (out / "data" / f"part-{middle}.parquet").unlink()
 
     second = run_label_job(spec, show_progress=False)
     assert (second.status, second.shards, second.shards_skipped, second.images_this_run) == ("succeeded", 3, 2, 20)
-    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("data/*.parquet")}
     assert {name for name in after if after[name] != before.get(name)} == {f"part-{middle}.parquet"}
     assert len({r["key"] for r in _rows(out)}) == len(_rows(out)) == 60
 
@@ -154,7 +154,7 @@ def test_torchvision_format_weight_files_label_with_right_embedding_width(arch, 
         extra.unlink()  # four photos are enough to check the path; VGG-16 runs at ~4 images/s here
     summary = run_label_job(spec, show_progress=False)
     assert (summary.status, summary.images, summary.errors) == ("succeeded", 4, 0)
-    table = pq.read_table(next((tmp_path / "out").glob("*.parquet")))
+    table = pq.read_table(next((tmp_path / "out").glob("data/*.parquet")))
     assert {len(e) for e in table.column("embedding").to_pylist()} == {width}
     assert set(table.column("model").to_pylist()) == {f"{arch}:{weights.name}"}
     assert {len(t) for t in table.column("topk_labels").to_pylist()} == {3}

@@ -83,7 +83,7 @@ def test_job_survives_a_20s_storage_outage(tmp_path, record_property):
         assert (summary.status, summary.images, summary.shards) == ("succeeded", 64, 8)
         listed = client.list_objects_v2(Bucket="outage", Prefix="out/")["Contents"]
         data = sorted(o["Key"] for o in listed if o["Key"].endswith(".parquet"))
-        assert data == sorted(f"out/part-{shard_id_for(shard.name)}.parquet" for shard in shards)
+        assert data == sorted(f"out/data/part-{shard_id_for(shard.name)}.parquet" for shard in shards)
         assert not [o for o in listed if "/_tmp/" in o["Key"]]
         record_property("measured", f"succeeded, 64/64 rows in 8/8 shards, {summary.seconds:.0f}s with a "
                                     f"{OUTAGE_S}s outage")  # fmt: skip

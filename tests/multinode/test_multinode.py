@@ -100,7 +100,8 @@ def _s3_objects(s3_server, prefix: str) -> list[str]:
 def _assert_exactly_once_on_s3(s3_server, prefix: str, names: list[str]) -> int:
     """One row per input photo, none twice, read back with pyarrow from S3; nothing but committed files there."""
     objects = _s3_objects(s3_server, prefix)
-    strays = [k for k in objects if not (k in _COMMITTED_NAMES or (k.startswith("part-") and k.endswith(".parquet"))
+    strays = [k for k in objects if not (k in _COMMITTED_NAMES
+                                         or (k.startswith("data/part-") and k.endswith(".parquet"))
                                          or (k.startswith("_done/") and k.endswith(".json")))]  # fmt: skip
     assert strays == [], f"uncommitted or foreign objects under {prefix}: {strays}"
     parts = [f"{prefix.removeprefix('s3://')}/{k}" for k in objects if k.endswith(".parquet")]

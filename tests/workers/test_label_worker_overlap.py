@@ -38,7 +38,7 @@ def _worker(tar_shards: list[ShardTask], out: Path, torch_threads: int) -> tuple
 
 
 def _rows(out: Path, shard: str) -> list[tuple]:
-    table = pq.read_table(out / f"part-{shard}.parquet", columns=["key", "label_index", "topk_indices"])
+    table = pq.read_table(out / "data" / f"part-{shard}.parquet", columns=["key", "label_index", "topk_indices"])
     return list(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
 
 

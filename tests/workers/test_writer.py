@@ -125,7 +125,7 @@ def test_commit_local_writes_data_and_marker(writer, tmp_path):
     assert before <= result.committed_at <= datetime.now(UTC)
 
     data = Path(data_uri(str(out), SHARD))
-    assert data == out / f"part-{SHARD}.parquet" and data.is_file()
+    assert data == out / "data" / f"part-{SHARD}.parquet" and data.is_file()
     marker = Path(marker_uri(str(out), SHARD))
     assert marker == out / "_done" / f"{SHARD}.json"
     on_disk = ShardResult.model_validate(json.loads(marker.read_text()))
@@ -140,7 +140,7 @@ def test_commit_local_writes_data_and_marker(writer, tmp_path):
 
     assert not [p for p in (out / "_tmp").rglob("*") if p.is_file()]
     assert not list(scratch.iterdir())  # local staging file removed
-    assert sorted(p.name for p in out.glob("*.parquet")) == [data.name]
+    assert sorted(p.name for p in out.glob("data/*.parquet")) == [data.name]
 
     # Readable by pyarrow with the schema intact, and by DuckDB.
     read = pq.read_table(data)
@@ -172,10 +172,10 @@ def test_commit_twice_is_idempotent(writer, tmp_path):
     scratch.mkdir()
     first = _commit(writer, out, scratch, attempt=1)
     second = _commit(writer, out, scratch, attempt=2)
-    assert sorted(p.name for p in out.glob("*.parquet")) == [f"part-{SHARD}.parquet"]
+    assert sorted(p.name for p in out.glob("data/*.parquet")) == [f"part-{SHARD}.parquet"]
     assert first.rows == second.rows == 9 and second.attempt == 2
-    assert pq.read_table(out / f"part-{SHARD}.parquet").num_rows == 9
+    assert pq.read_table(out / "data" / f"part-{SHARD}.parquet").num_rows == 9
     assert ShardResult.model_validate_json((out / "_done" / f"{SHARD}.json").read_text()) == second
     assert not [p for p in (out / "_tmp").rglob("*") if p.is_file()]
-    glob = str(out / "*.parquet")
+    glob = str(out / "data" / "**")  # the data folder as it is: nothing but Parquet in it
     assert duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0] == (9,)

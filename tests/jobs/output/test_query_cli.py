@@ -31,7 +31,7 @@ def labelled(tmp_path_factory, ray_cluster) -> Path:
 @pytest.fixture(scope="module")
 def reference(labelled):
     """The committed rows as pyarrow reads the part files that have done-markers."""
-    parts = [labelled / f"part-{m.stem}.parquet" for m in sorted((labelled / "_done").glob("*.json"))]
+    parts = [labelled / "data" / f"part-{m.stem}.parquet" for m in sorted((labelled / "_done").glob("*.json"))]
     return pq.read_table(parts)
 
 
@@ -75,8 +75,8 @@ def test_embedding_is_a_fixed_array_and_cosine_equals_numpys(labelled, reference
 
 def test_files_without_a_commit_are_not_in_the_view(labelled, tmp_path, capsys):
     out = Path(shutil.copytree(labelled, tmp_path / "copy"))
-    parts = sorted(out.glob("part-*.parquet"))
-    shutil.copy(parts[0], out / "part-stray-0123456789ab.parquet")  # data whose marker was never written
+    parts = sorted(out.glob("data/part-*.parquet"))
+    shutil.copy(parts[0], out / "data" / "part-stray-0123456789ab.parquet")  # data whose marker was never written
     (out / "exports").mkdir()
     shutil.copy(parts[1], out / "exports" / "other-tool.parquet")  # another tool's file under the output
     code, text, _ = _query(capsys, str(out), "SELECT count(*) AS n, count(DISTINCT shard) AS s FROM labels",

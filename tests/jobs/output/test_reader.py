@@ -10,7 +10,9 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import polars as pl
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -56,7 +58,7 @@ def copied(labelled, tmp_path) -> Path:
 
 
 def _parts(output: Path) -> list[str]:
-    return sorted(str(p) for p in output.glob("part-*.parquet"))
+    return sorted(str(p) for p in output.glob("data/part-*.parquet"))
 
 
 def test_open_output_gives_the_manifest_and_committed_files(labelled):
@@ -75,11 +77,11 @@ def test_open_output_gives_the_manifest_and_committed_files(labelled):
 
 def test_stray_part_and_foreign_parquet_are_not_read(copied):
     # A part file whose done-marker was never written (a worker died between the two) and another tool's file.
-    shutil.copy(_parts(copied)[0], copied / "part-stray-0123456789ab.parquet")
+    shutil.copy(_parts(copied)[0], copied / "data" / "part-stray-0123456789ab.parquet")
     (copied / "other").mkdir()
     shutil.copy(_parts(copied)[1], copied / "other" / "foreign.parquet")
     output = open_output(str(copied))
-    assert len(output.files) == 3 and all(Path(f).parent == copied for f in output.files)
+    assert len(output.files) == 3 and all(Path(f).parent == copied / "data" for f in output.files)
     assert "part-stray-0123456789ab.parquet" not in {Path(f).name for f in output.files}
     assert output.to_table().num_rows == PHOTOS  # the copy reads the same: files are found relative to the output
 
@@ -95,7 +97,7 @@ def test_without_a_manifest_only_shards_with_valid_markers_are_read(labelled, tm
         output = open_output(str(labelled))
         assert not output.complete and output.manifest is None and output.embedding_dim is None
         assert len(output.files) == 2
-        assert str(labelled / f"part-{markers[-1].stem}.parquet") not in output.files
+        assert str(labelled / "data" / f"part-{markers[-1].stem}.parquet") not in output.files
         assert output.to_table().num_rows == 2 * FILES_PER_SHARD
     finally:
         shutil.move(marker_aside, markers[-1])
@@ -118,7 +120,7 @@ def test_newer_or_unknown_schema_version_is_refused_naming_both(copied, version)
 
 def test_damaged_or_missing_outputs_are_clear_errors(copied, tmp_path):
     Path(_parts(copied)[1]).unlink()
-    with pytest.raises(OutputError, match=r"is damaged: its manifest lists part-.*\.parquet .*which is not there"):
+    with pytest.raises(OutputError, match=r"is damaged: its manifest lists data/part-.*\.parquet .*which is not there"):
         open_output(str(copied))
     with pytest.raises(OutputError, match="not a bulklabel label output: it is empty or missing"):
         open_output(str(tmp_path / "nothing-here"))
@@ -175,3 +177,55 @@ def test_parquet_files_use_3_level_lists_plain_top1_scalars_and_zstd(labelled):
         codecs = {metadata.row_group(g).column(c).compression for g in range(metadata.num_row_groups)
                   for c in range(metadata.num_columns)}  # fmt: skip
         assert codecs == {"ZSTD"}
+
+
+def test_every_reader_pointed_at_the_folder_itself_reads_it_as_it_is(labelled):
+    """No file list, no glob of ours: `OUT/data/` holds Parquet and nothing else (markers, manifest, claim and
+    temporaries are beside it), and pyarrow and pandas given the output's own folder skip the `_` names."""
+    reference = open_output(str(labelled)).to_table()
+    labels = Counter(reference.column("label").to_pylist())
+    data = labelled / "data"
+    con = duckdb.connect()
+    for source in (f"{data}/**", f"{data}/*.parquet", str(data)):
+        rows = con.sql(f"SELECT label, count(*) FROM read_parquet('{source}') GROUP BY label").fetchall()
+        assert dict(rows) == labels, source
+    for source in (f"{data}/", str(data)):
+        assert dict(pl.read_parquet(source).group_by("label").len().iter_rows()) == labels, source
+        assert pl.scan_parquet(source).select(pl.len()).collect().item() == PHOTOS
+    for folder in (labelled, data):
+        assert ds.dataset(str(folder), format="parquet").count_rows() == PHOTOS
+        assert Counter(pd.read_parquet(folder)["label"]) == labels
+
+
+def _as_layout_1(output: Path, written_at: Path) -> None:
+    """Rewrite a finished output the way bulklabel before `data/` laid it out (data files at the top), as if it had
+    been written where it is now (its markers name the copy)."""
+    for part in sorted((output / "data").glob("*.parquet")):
+        part.rename(output / part.name)
+    (output / "data").rmdir()
+    for marker in (output / "_done").glob("*.json"):
+        marker.write_text(marker.read_text().replace(f"{written_at}/data/part-", f"{output}/part-"))
+    manifest = json.loads((output / "_job.json").read_text())
+    manifest.pop("layout_version"), manifest.pop("generation")
+    for entry in manifest["shards"]:
+        entry["data"] = entry["data"].replace("/data/part-", "/part-")
+    (output / "_job.json").write_text(json.dumps(manifest))
+    owner = json.loads((output / "_owner.json").read_text())
+    owner.pop("layout_version")
+    (output / "_owner.json").write_text(json.dumps(owner))
+
+
+def test_a_layout_1_output_still_reads_but_a_run_into_it_is_refused_naming_the_versions(labelled, copied):
+    from jobs.label.commit import OutputConflict, check_output, read_committed
+    from workers.storage import open_storage
+
+    _as_layout_1(copied, labelled)
+    output = open_output(str(copied))
+    assert output.manifest.layout_version == 1 and all(Path(f).parent == copied for f in output.files)
+    assert output.to_table().num_rows == PHOTOS
+    (copied / "_job.json").unlink()  # and unfinished: read through its markers
+    assert open_output(str(copied)).to_table().num_rows == PHOTOS
+    storage = open_storage(str(copied))
+    with pytest.raises(OutputConflict, match=r"output layout version 1 .*writes layout version 2 .*new output prefix"):
+        check_output(storage, str(copied), output.job_id, "refuse")
+    assert len(read_committed(storage, str(copied), output.job_id).done) == PHOTOS // FILES_PER_SHARD

@@ -63,8 +63,8 @@ def test_a_real_job_that_fails_leaves_a_record_saying_why(tmp_path, ray_cluster)
     manifest = tmp_path / "in" / "manifest.csv"
     manifest.write_text("key\n" + "\n".join(f"nope-{i}.jpg" for i in range(4)) + "\n")
     out = tmp_path / "out"
-    spec = LabelJobSpec(input={"uri": str(manifest)}, output=str(out), model={"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
-                       num_workers=1)  # fmt: skip
+    model = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
+    spec = LabelJobSpec(input={"uri": str(manifest)}, output=str(out), model=model, num_workers=1)
     with pytest.raises(JobFailed):
         run_label_job(spec, show_progress=False)
     assert not (out / MANIFEST_NAME).exists()

@@ -1,0 +1,245 @@
+"""`bulklabel compact OUTPUT`: merge a finished output's small per-shard files into files of a target size.
+
+Analytics engines pay per file (an open, a footer read, a request on S3): a million images in 1,000-row shards is a
+thousand files of a few MB. Compaction rewrites them into files of about `target_bytes` with row groups of about
+ROW_GROUP_BYTES, without breaking resume or exactly-once:
+
+1. the new files are written under `_tmp/compact-<gen>/` (no reader looks there), then moved into `data/` as
+   `compact-<gen>-<n>.parquet`;
+2. ONE atomic switch: the manifest (`_job.json`, one object written whole) is rewritten to name, for every shard, the
+   file holding its rows now, with the generation bumped. Readers (`open_output`) and resume (`read_committed`) go
+   through the manifest, so they see either the old files or the new ones, never both and never neither;
+3. the merged files are deleted.
+A crash before 2 leaves new files no manifest names; after 2, old files no manifest names. Either kind is removed by
+`remove_superseded`, which the next compaction and the next run of the job call first. Until then a reader that
+globs `data/` itself (not through the manifest) can see both: run compaction when nobody globs the folder, or query
+through bulklabel. A compaction must not run while a job writes into the same output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.label.commit import manifest_locations, read_manifest
+from jobs.output.faultpoints import crash_point
+from jobs.output.layout import (
+    DATA_FILE,
+    PART_FILE,
+    compacted_uri,
+    compaction_temp_uri,
+    data_dir,
+    manifest_uri,
+)
+from jobs.output.reader import LabelOutput, OutputError, open_output
+from schemas.output import LABEL_SCHEMA
+from schemas.specs import StorageOptions
+from workers.storage import Storage, join, normalise_uri, open_storage, relative_key
+from workers.writer import DICTIONARY_COLUMNS, PARQUET_COMPRESSION
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_BYTES = 256 << 20
+# Uncompressed bytes per row group (at most; a quarter of the target file below 512 MB): large enough for long
+# sequential reads per column chunk (engines split scans by row group), small enough to hold one in memory.
+ROW_GROUP_BYTES = 128 << 20
+# At the end of a job, compaction runs only where it pays: this many files or more, averaging under a quarter of the
+# target. A job of a few dozen shards is read just as fast as it is.
+AUTO_MIN_FILES = 64
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What one compaction did. `generation` is the manifest's generation after it (unchanged when nothing merged)."""
+
+    generation: int
+    files_before: int
+    files_after: int
+    files_merged: int
+    rows_merged: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+
+
+def compact_output(
+    uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, storage_options: StorageOptions | None = None
+) -> Compaction:
+    """Merge the small data files of the finished output at `uri` into files of about `target_bytes`.
+
+    Raises OutputError for an output without a manifest (unfinished: its files still change) or in layout 1.
+    """
+    clock = time.perf_counter()
+    uri = normalise_uri(uri).rstrip("/")
+    storage = open_storage(uri, storage_options)
+    raw = _finished_manifest(storage, uri)
+    remove_superseded(storage, uri, raw)  # a crashed compaction's leftovers, before anything new is written
+    output = open_output(uri, storage_options)
+    sizes = {o.uri: o.size for o in storage.list(data_dir(uri))}
+    small = small_files([(f, sizes[f]) for f in output.files], target_bytes)
+    before = sum(sizes[f] for f in output.files)
+    generation = int(raw.get("generation", 0))
+    if not small:
+        log.info("output %s: nothing to compact (%d files)", uri, len(output.files))
+        return Compaction(generation, len(output.files), len(output.files), 0, 0, before, before, 0.0)
+    generation += 1
+    rows, moved = _write_generation(storage, output, small, generation, target_bytes)
+    _switch(storage, uri, raw, moved, generation)
+    crash_point("compact:switched")
+    for old in moved:
+        storage.delete(old)
+    after_files = open_output(uri, storage_options).files
+    after = sum(o.size for o in storage.list(data_dir(uri)) if o.uri in set(after_files))
+    result = Compaction(generation, len(output.files), len(after_files), len(moved), rows, before, after,
+                        time.perf_counter() - clock)  # fmt: skip
+    log.info("output %s compacted: %s", uri, result)
+    return result
+
+
+def auto_compact(uri: str, target_bytes: int, storage_options: StorageOptions | None = None) -> Compaction | None:
+    """Compact at the end of a job when its files are many and small (see AUTO_MIN_FILES); else None."""
+    output = open_output(uri, storage_options)
+    storage = open_storage(uri, storage_options)
+    sizes = [o.size for o in storage.list(data_dir(output.uri)) if o.uri in set(output.files)]
+    if len(sizes) < AUTO_MIN_FILES or sum(sizes) / len(sizes) >= target_bytes / 4:
+        return None
+    return compact_output(uri, target_bytes, storage_options)
+
+
+def small_files(files: list[tuple[str, int]], target_bytes: int) -> list[str]:
+    """The files worth merging, in shard order: those under half the target, when there are two or more."""
+    small = [uri for uri, size in files if size < target_bytes // 2]
+    return small if len(small) > 1 else []
+
+
+def remove_superseded(storage: Storage, uri: str, raw: dict | None) -> int:
+    """Delete data files the manifest does not name and never will again: a crashed compaction's new files (before
+    its switch) or merged files (after it). A shard's own file is kept unless the manifest places that shard in
+    another file: without a manifest entry it may belong to a run in progress. Returns how many were deleted."""
+    if raw is None:
+        return 0
+    placed = manifest_locations(raw, uri)
+    named = set(placed.values())
+    deleted = 0
+    for obj in storage.list(data_dir(uri)):
+        name = relative_key(uri, obj.uri)
+        if obj.uri in named or not DATA_FILE.fullmatch(name):
+            continue
+        own = PART_FILE.fullmatch(name)  # else a compacted file no manifest names: never read again
+        if own is None or placed.get(own.group(1), obj.uri) != obj.uri:
+            log.info("removing superseded data file %s", obj.uri)
+            storage.delete(obj.uri)
+            deleted += 1
+    return deleted
+
+
+def _finished_manifest(storage: Storage, uri: str) -> dict:
+    raw = read_manifest(storage, uri)
+    if raw is None:
+        raise OutputError(
+            f"output {uri} has no manifest: only a finished job's output is compacted (a running job's files still "
+            "change; an interrupted one resumes first)"
+        )
+    if int(raw.get("layout_version", 1)) < 2:
+        raise OutputError(f"output {uri} is in output layout version 1 (data files at the top): not compacted")
+    return raw
+
+
+def _write_generation(
+    storage: Storage, output: LabelOutput, small: list[str], generation: int, target_bytes: int
+) -> tuple[int, dict[str, str]]:
+    """Stream the rows of `small`, in order, into new files of about `target_bytes` (each written locally, uploaded
+    under `_tmp/`, then moved into `data/`). Returns the rows written and old file → the new file holding its rows."""
+    paths = dict(zip(output.files, output.paths(), strict=True))
+    group_bytes = min(ROW_GROUP_BYTES, max(target_bytes // 4, 1))  # files end within a quarter above the target
+    moved: dict[str, str] = {}
+    temps: list[str] = []
+    rows = 0
+    with tempfile.TemporaryDirectory(prefix="bulklabel-compact-") as scratch:
+        rolling = _RollingFile(scratch, target_bytes, group_bytes)
+        for uri in small:
+            table = pq.read_table(paths[uri], filesystem=output.filesystem).select(LABEL_SCHEMA.names)
+            rows += table.num_rows
+            moved[uri] = compacted_uri(output.uri, generation, rolling.index)
+            if rolling.append(table.cast(LABEL_SCHEMA)):  # the file reached the target: publish it, start the next
+                temps.append(_upload(storage, rolling, output.uri, generation))
+        if rolling.close():
+            temps.append(_upload(storage, rolling, output.uri, generation))
+    crash_point("compact:uploaded")
+    for index, temp in enumerate(temps):
+        storage.move(temp, compacted_uri(output.uri, generation, index))
+    crash_point("compact:moved")
+    return rows, moved
+
+
+class _RollingFile:
+    """Local Parquet files of about `target_bytes`, row groups of about `group_bytes` (uncompressed); an input
+    table is never split between two files, so each shard's rows are in exactly one new file."""
+
+    def __init__(self, scratch: str, target_bytes: int, group_bytes: int):
+        self.scratch, self.target_bytes, self.group_bytes = scratch, target_bytes, group_bytes
+        self.index = 0  # the file being written
+        self.finished: str | None = None  # the last file closed, to upload
+        self._writer: pq.ParquetWriter | None = None
+        self._buffer: list[pa.Table] = []
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.scratch, f"{self.index:05d}.parquet")
+
+    def append(self, table: pa.Table) -> bool:
+        """Add the rows; True when that closed the file (it reached the target): `finished` is then to upload."""
+        self._buffer.append(table)
+        if sum(t.nbytes for t in self._buffer) >= self.group_bytes:
+            self._flush()
+            if os.path.getsize(self.path) >= self.target_bytes:
+                return self.close()
+        return False
+
+    def close(self) -> bool:
+        """Close the current file (True if it holds rows) and move on to the next index."""
+        self._flush()
+        if self._writer is None:
+            return False
+        self._writer.close()
+        self._writer, self.finished = None, self.path
+        self.index += 1
+        return True
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, LABEL_SCHEMA, compression=PARQUET_COMPRESSION,
+                                            use_dictionary=DICTIONARY_COLUMNS)  # fmt: skip
+        table = pa.concat_tables(self._buffer).combine_chunks()
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self._buffer = []
+
+
+def _upload(storage: Storage, rolling: _RollingFile, output: str, generation: int) -> str:
+    index = int(os.path.basename(rolling.finished).split(".")[0])
+    temp = compaction_temp_uri(output, generation, index)
+    storage.upload_file(rolling.finished, temp)
+    os.unlink(rolling.finished)
+    return temp
+
+
+def _switch(storage: Storage, uri: str, raw: dict, moved: dict[str, str], generation: int) -> None:
+    """The one atomic step: the manifest names each merged shard's new file (under the output the job wrote to, as
+    every manifest entry is) and the new generation."""
+    recorded = normalise_uri(str(raw["spec"]["output"])).rstrip("/")
+    placed = manifest_locations(raw, uri)
+    shards = []
+    for entry in raw["shards"]:
+        new = moved.get(placed.get(entry["shard"], ""))
+        shards.append({**entry, "data": join(recorded, relative_key(uri, new))} if new else entry)
+    switched = {**raw, "shards": shards, "generation": generation}
+    storage.write_bytes(manifest_uri(uri), json.dumps(switched, indent=2).encode())
