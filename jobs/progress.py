@@ -9,7 +9,7 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from schemas.shards import ShardResult
+from schemas.shards import ShardResult, StageSeconds
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class JobSummary:
     shards_redone: dict[str, str] = field(default_factory=dict)  # committed shards labelled again → why
     skipped: Skipped = Skipped()
     failure_reason: str | None = None  # why a job whose shards all committed still failed (error rows)
+    stages: StageSeconds | None = None  # where the shards' time went, summed over shards (see StageSeconds)
 
     @property
     def images_per_second(self) -> float:
@@ -59,6 +60,8 @@ class JobSummary:
             f"  time:     {self.seconds:.1f}s, {self.images_per_second:.1f} images/s this run",
             f"  output:   {self.output}",
         ]
+        if self.stages is not None:
+            out.append(f"  stages:   {self.stages.line()} (summed over shards and threads)")
         if self.shards_new:
             out.append(f"  new:      {self.shards_new} shards added to the input since the last run, labelled now")
         for shard, why in sorted(self.shards_redone.items()):

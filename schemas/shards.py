@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
@@ -82,6 +83,33 @@ class ShardJob(Spec):
         )
 
 
+class StageSeconds(Spec):
+    """Where a shard's time went, in seconds summed over the threads that ran each stage (so stages that overlap can
+    add up to more than the shard's wall time): read (waiting for the reader), decode (decode threads, and a GPU
+    decoder's batch step), infer (the model, over its lanes), write (building rows and committing: Parquet, upload,
+    publish), wait (the model waiting for a decoded batch)."""
+
+    read: float = Field(default=0, ge=0)
+    decode: float = Field(default=0, ge=0)
+    infer: float = Field(default=0, ge=0)
+    write: float = Field(default=0, ge=0)
+    wait: float = Field(default=0, ge=0)
+
+    def plus(self, stage: str, seconds: float) -> StageSeconds:
+        return self.model_copy(update={stage: round(getattr(self, stage) + seconds, 3)})
+
+    @classmethod
+    def total(cls, results: Iterable[ShardResult]) -> StageSeconds | None:
+        """The sum over shards that recorded stages (None if none did: markers from before they existed)."""
+        recorded = [r.stages for r in results if r.stages is not None]
+        if not recorded:
+            return None
+        return cls(**{name: round(sum(getattr(s, name) for s in recorded), 3) for name in cls.model_fields})
+
+    def line(self) -> str:
+        return ", ".join(f"{name} {getattr(self, name):.1f}s" for name in type(self).model_fields)
+
+
 class ShardResult(Spec):
     """A committed shard: written by the worker as the shard's done-marker, read back on resume."""
 
@@ -104,3 +132,4 @@ class ShardResult(Spec):
     last_key: str | None = None
     error_kinds: dict[str, int] = Field(default_factory=dict)  # error rows by kind (the text before the first ':')
     error_examples: dict[str, str] = Field(default_factory=dict)  # kind → one key that had it
+    stages: StageSeconds | None = None  # None in markers written before per-stage timings

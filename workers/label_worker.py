@@ -34,7 +34,7 @@ from workers import faults
 from workers.decoders import make_decoder
 from workers.inference import Predictions, Predictor, is_out_of_memory, keep_freed_memory_for_reuse, pick_device
 from workers.models import build_model
-from workers.pipeline import Batch, Prefetched, Turn, Turns, decoded_batches
+from workers.pipeline import Batch, Prefetched, StageClock, Turn, Turns, decoded_batches
 from workers.readers import StorageByScheme, bounded_map, read_shard
 from workers.storage import Storage, local_scratch_dir, open_storage
 from workers.writer import ShardWriter
@@ -153,25 +153,29 @@ class LabelWorker:
     def _label_shard(self, task: ShardTask, attempt: int, job: ShardJob, turn: Turn) -> ShardResult:
         context = self._context(job)
         writer = ShardWriter(task, self.categories, self.model_id, job.job_id)
+        clock = StageClock()  # where the shard's time goes, for its done-marker
         with turn:
             records = read_shard(context.input_storage, task, job.input.extensions, self.fetch_pool,
                                  stores=context.stores, max_bytes=job.input.max_object_bytes,
                                  layout=job.input, scratch=self.scratch)  # fmt: skip
             decoder = make_decoder(job.decoder, self.preprocess, self.device)
-            decoded = decoded_batches(records, decoder, self.decode_pool, job.batch_size)
+            decoded = decoded_batches(records, decoder, self.decode_pool, job.batch_size, clock)
             with Prefetched(decoded, PREFETCH_BATCHES) as batches:  # reading starts now, before our turn
                 turn.wait()
                 started = time.perf_counter()  # the shard's own time: from its turn to its commit
                 bytes_read = 0
-                for batch, preds in self._predicted(batches, task, attempt, writer, turn, context.predictor):
-                    writer.add(
-                        batch.meta,
-                        preds.topk_indices if preds else None,
-                        preds.topk_scores if preds else None,
-                        preds.embeddings if preds else None,
-                    )
+                for batch, preds in self._predicted(clock.timed("wait", batches), task, attempt, writer, turn,
+                                                    clock.timing("infer", context.predictor)):  # fmt: skip
+                    with clock.stage("write"):
+                        writer.add(
+                            batch.meta,
+                            preds.topk_indices if preds else None,
+                            preds.topk_scores if preds else None,
+                            preds.embeddings if preds else None,
+                        )
                     bytes_read += batch.bytes_read
-            stats = {"bytes_read": bytes_read, "seconds": round(time.perf_counter() - started, 3)}
+            stats = {"bytes_read": bytes_read, "seconds": round(time.perf_counter() - started, 3),
+                     "stages": clock.stages()}  # the writer adds its commit to "write"  # fmt: skip
             result = writer.commit(context.output_storage, job.output, self.scratch, attempt, stats)
         self.shards_labelled += 1
         log.info("shard %s: %d rows, %d errors, %.1fs", task.shard_id, result.rows, result.errors, result.seconds)

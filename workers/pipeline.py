@@ -5,17 +5,20 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
+from schemas.shards import StageSeconds
 from workers.decode import Decoded
 from workers.decoders import Decoder
 from workers.readers import Record, bounded_map
 
 RowMeta = tuple[str, str, "int | None", "int | None", "str | None"]  # key, source, width, height, error
-STAGES = ("read", "decode", "infer", "write", "wait")
+STAGES = tuple(StageSeconds.model_fields)  # read, decode, infer, write, wait
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,19 @@ class StageClock:
     def seconds(self) -> dict[str, float]:
         with self._lock:
             return {stage: round(value, 3) for stage, value in self._seconds.items()}
+
+    def stages(self) -> StageSeconds:
+        """The done-marker's record of them."""
+        return StageSeconds(**self.seconds())
+
+    def timing(self, stage: str, fn: Callable[..., R]) -> Callable[..., R]:
+        """`fn`, with the time of each call counted as `stage`."""
+
+        def timed(*args, **kwargs) -> R:
+            with self.stage(stage):
+                return fn(*args, **kwargs)
+
+        return timed
 
 
 def decoded_batches(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -98,6 +99,7 @@ class ShardWriter:
 
     def commit(self, storage: Storage, output: str, scratch_dir: str, attempt: int, stats: dict) -> ShardResult:
         """Write, publish and mark the shard done; returns the marker's content."""
+        started = time.perf_counter()
         table = self.to_table()
         shard_id = self.task.shard_id
         local = os.path.join(scratch_dir, f"{shard_id}.{uuid.uuid4().hex[:8]}.parquet")
@@ -110,6 +112,8 @@ class ShardWriter:
             os.unlink(local)
         final = data_uri(output, shard_id)
         storage.move(temp, final)
+        if stats.get("stages") is not None:  # the commit, up to the marker, is the shard's write stage too
+            stats = {**stats, "stages": stats["stages"].plus("write", time.perf_counter() - started)}
         result = ShardResult(
             shard_id=shard_id,
             job_id=self.job_id,

@@ -23,7 +23,7 @@ from jobs.locations import absolute_locations
 from jobs.output.session import OutputSession
 from jobs.progress import JobSummary, Progress, ProgressListener, Skipped
 from schemas.catalog import class_names
-from schemas.shards import ShardJob, ShardResult, ShardTask, WorkerSpec
+from schemas.shards import ShardJob, ShardResult, ShardTask, StageSeconds, WorkerSpec
 from schemas.specs import LabelJobSpec
 from workers.storage import open_storage
 
@@ -202,6 +202,7 @@ def _summarise(
         shards_redone=plan.redo,
         skipped=skipped_of(stats),
         failure_reason=why,
+        stages=StageSeconds.total(results.values()),
     )
 
 

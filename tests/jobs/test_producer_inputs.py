@@ -1,12 +1,18 @@
 """Whole label jobs on inputs as real producers write them: gzip shards from the `webdataset` library named by a
-brace pattern, with samples of several images; img2dataset's parquet and files layouts (see tests/producers.py)."""
+brace pattern, with samples of several images; img2dataset's parquet and files layouts (see tests/producers.py);
+per-stage timings in the done-markers and the summary."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 
 from jobs.label.runner import run_label_job
+from jobs.output.layout import markers_prefix
+from jobs.progress import JobSummary
+from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
 from tests.producers import png_bytes, write_img2dataset, write_webdataset_shards
 from tests.support import IMAGENET_SAMPLE
@@ -16,7 +22,7 @@ TENCH = IMAGENET_SAMPLE / "n01440764_tench.JPEG"
 ROBIN = IMAGENET_SAMPLE / "n01558993_robin.JPEG"
 
 
-def _run(tmp_path, **input_fields) -> dict[str, dict]:
+def _run(tmp_path, **input_fields) -> tuple[dict[str, dict], JobSummary]:
     spec = LabelJobSpec(
         input=input_fields,
         output=str(tmp_path / "out"),
@@ -27,7 +33,7 @@ def _run(tmp_path, **input_fields) -> dict[str, dict]:
     )
     summary = run_label_job(spec, show_progress=False)
     assert summary.status == "succeeded"
-    return {r["key"]: r for r in ds.dataset(tmp_path / "out", format="parquet").to_table().to_pylist()}
+    return {r["key"]: r for r in ds.dataset(tmp_path / "out", format="parquet").to_table().to_pylist()}, summary
 
 
 def test_webdataset_gzip_shards_by_brace_pattern_with_several_images_per_sample(tmp_path):
@@ -37,12 +43,24 @@ def test_webdataset_gzip_shards_by_brace_pattern_with_several_images_per_sample(
     ]
     write_webdataset_shards(str(tmp_path / "in" / "train-%04d.tar.gz"), samples, per_shard=2)  # 3 shards
 
-    rows = _run(tmp_path, uri=str(tmp_path / "in" / "train-{0000..0001}.tar.gz"), image_field="jpg;png")
+    rows, summary = _run(tmp_path, uri=str(tmp_path / "in" / "train-{0000..0001}.tar.gz"), image_field="jpg;png")
 
     assert sorted(rows) == ["s0", "s1", "s2", "s3"]  # the pattern names two of the three shards
     assert all(r["error"] is None for r in rows.values())
     assert [rows[k]["label"] for k in ("s1", "s3")] == ["tench", "tench"]
     assert [rows[k]["label"] for k in ("s0", "s2")] == ["robin", "robin"]
+
+    # Per-stage timings: in each done-marker, and summed in the job summary.
+    markers = [
+        ShardResult.model_validate_json(p.read_bytes())
+        for p in Path(markers_prefix(str(tmp_path / "out"))).glob("*.json")
+    ]
+    assert len(markers) == 2 and all(m.stages is not None for m in markers)
+    for m in markers:
+        assert m.stages.decode > 0 and m.stages.infer > 0 and m.stages.write > 0 and m.stages.read > 0
+        assert m.stages.infer < 60
+    assert summary.stages.infer == pytest.approx(sum(m.stages.infer for m in markers), abs=0.01)
+    assert any(line.startswith("  stages:   read ") and "infer" in line for line in summary.lines())
 
 
 @pytest.mark.parametrize("layout", ["parquet", "files"])
@@ -51,7 +69,7 @@ def test_img2dataset_layouts_label_under_img2datasets_keys(tmp_path, layout):
     keys = write_img2dataset(tmp_path / "in", photos, layout, per_shard=2)
     fields = {"format": "parquet"} if layout == "parquet" else {"row_key": "name", "extensions": ["jpg"]}
 
-    rows = _run(tmp_path, uri=str(tmp_path / "in"), **fields)
+    rows, _ = _run(tmp_path, uri=str(tmp_path / "in"), **fields)
 
     assert sorted(rows) == keys == ["000000000", "000000001", "000010000"]
     assert [rows[k]["label"] for k in keys] == ["tench", "robin", "tench"]

@@ -371,3 +371,19 @@ def test_a_turn_ended_without_waiting_does_not_block_the_next():
     first.end()  # idempotent
     assert released.wait(5)
     thread.join(5)
+
+
+def test_stage_seconds_in_markers_old_markers_parse_and_totals_skip_them():
+    from schemas.shards import ShardResult, StageSeconds
+
+    base = {"shard_id": "s", "job_id": "j", "fingerprint": "f", "data_uri": "d", "rows": 1, "errors": 0,
+            "bytes_read": 1, "seconds": 1.0, "attempt": 1}  # fmt: skip
+    old = ShardResult.model_validate(base)  # a marker written before per-stage timings
+    new = ShardResult.model_validate({**base, "stages": {"read": 1, "decode": 2.5, "infer": 4, "write": 0.5}})
+
+    assert old.stages is None and new.stages.wait == 0
+    assert StageSeconds.total([old]) is None
+    assert StageSeconds.total([old, new, new]).model_dump() == {"read": 2, "decode": 5, "infer": 8, "write": 1,
+                                                                "wait": 0}  # fmt: skip
+    assert new.stages.plus("write", 0.25).write == 0.75
+    assert ShardResult.model_validate_json(new.model_dump_json()) == new
