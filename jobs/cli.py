@@ -15,7 +15,14 @@ from pydantic import ValidationError
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
 from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneJobSpec
-from schemas.specs import LabelJobSpec, StorageOptions, job_spec_json_schema, load_job_spec, parse_job_spec
+from schemas.specs import (
+    LabelJobSpec,
+    OutputOptions,
+    StorageOptions,
+    job_spec_json_schema,
+    load_job_spec,
+    parse_job_spec,
+)
 
 log = logging.getLogger("bulklabel")
 
@@ -105,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     report.set_defaults(handler=_cmd_report)
 
+    compact = sub.add_parser("compact", help="merge a finished label output's small data files into files of a "
+                             "target size (one atomic switch; resume and readers unaffected)")  # fmt: skip
+    compact.add_argument("output", help="the label job's output: local folder or s3://bucket/prefix")
+    compact.add_argument("--target-mb", type=int, default=OutputOptions.model_fields["target_file_mb"].default,
+                         help="the size each merged file aims at")  # fmt: skip
+    compact.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    compact.set_defaults(handler=_cmd_compact)
+
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
     add_service_commands(sub, _label_arguments, _finetune_arguments, _label_spec, _finetune_spec)
@@ -114,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
 def _label_arguments(label: argparse.ArgumentParser) -> None:
     label.add_argument("--input", required=True, help="local folder/manifest or s3://bucket/prefix")
     label.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
+    output = OutputOptions.model_fields
+    label.add_argument("--output-format", default=output["format"].default, choices=["parquet", "delta"],
+                       help="parquet: Parquet files; delta: also a Delta table in OUTPUT/table")  # fmt: skip
+    label.add_argument("--compact", default=output["compact"].default, choices=["auto", "never"],
+                       help="auto: merge many small data files at the end of the job")  # fmt: skip
+    label.add_argument("--target-file-mb", type=int, default=output["target_file_mb"].default,
+                       help="the size compaction aims each data file at")  # fmt: skip
     label.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50, mobilenet_v2")
     label.add_argument("--weights", default="DEFAULT", help="weights name (IMAGENET1K_V1), file path/URI, or 'none'")
     label.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
@@ -173,7 +195,12 @@ def _label_spec(args: argparse.Namespace) -> LabelJobSpec:
             "image_field": args.image_field,
         },
         "decoder": args.decoder,
-        "output": args.output,
+        "output": {
+            "uri": args.output,
+            "format": args.output_format,
+            "compact": args.compact,
+            "target_file_mb": args.target_file_mb,
+        },
         "model": {
             "name": args.model,
             "weights": None if args.weights.lower() == "none" else args.weights,
@@ -269,6 +296,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     data = write_report(args.output, args.out, StorageOptions(endpoint_url=args.endpoint_url))
     print(f"report of {data.rows} images ({data.errors} errors, {data.shards} shards) written to {args.out}")
+    return 0
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from jobs.output.compact import compact_output
+
+    done = compact_output(args.output, args.target_mb << 20, StorageOptions(endpoint_url=args.endpoint_url))
+    print(f"{args.output}: {done.files_before} data files -> {done.files_after} (generation {done.generation}; "
+          f"{done.files_merged} merged, {done.rows_merged} rows, {done.bytes_before >> 20} MB -> "
+          f"{done.bytes_after >> 20} MB) in {done.seconds:.1f} s")  # fmt: skip
     return 0
 
 

@@ -13,6 +13,8 @@ Layout version 2 (this bulklabel writes it):
     _job.json               the job manifest, written last, after every shard (rewritten by a compaction: the pointer
                             readers and resume go through)
     _failed.json            the record of a failed run (its reason), removed when a later run completes
+    table/                  format: delta only: a Delta Lake table holding the same rows, each shard committed
+                            once (jobs.output.table)
 Layout version 1 (bulklabel before `data/`): data files `part-<shard>.parquet` at the top of the prefix, beside the
 markers. Outputs in it are still read (the reader follows the manifest's or markers' file names); a run is refused.
 
@@ -33,6 +35,7 @@ FAILED_NAME = "_failed.json"
 DONE_DIR = "_done"
 TMP_DIR = "_tmp"
 DATA_DIR = "data"
+TABLE_DIR = "table"  # format: delta: the Delta Lake table (its _delta_log and data files)
 
 SHARD = r"[A-Za-z0-9._=-]+"
 MARKER = re.compile(rf"{DONE_DIR}/({SHARD})\.json")
@@ -48,7 +51,7 @@ PROBE = re.compile(r"_probe-[0-9a-f]{8}")
 # Every name a label job writes under its output prefix, relative to it.
 OWN_NAMES = re.compile(
     rf"(?:{OWNER_NAME}|{MANIFEST_NAME}|{FAILED_NAME}|{_DATA_FILE}|{DONE_DIR}/{SHARD}\.json|{PARTIAL.pattern}"
-    rf"|{PROBE.pattern})"
+    rf"|{PROBE.pattern}|{TABLE_DIR}/.+)"
 )
 # What file browsers drop into any folder they show (Finder, Explorer): never parsed, never deleted, and no reason
 # to refuse an output, since opening the output folder to look at it is enough to create one.
@@ -70,6 +73,10 @@ def compacted_uri(output: str, generation: int, index: int) -> str:
 
 def compaction_temp_uri(output: str, generation: int, index: int) -> str:
     return join(output, TMP_DIR, f"compact-{generation}", f"{index:05d}.parquet")
+
+
+def table_uri(output: str) -> str:
+    return join(output, TABLE_DIR)
 
 
 def marker_uri(output: str, shard_id: str) -> str:

@@ -3,7 +3,8 @@
     check()                 before any write: the output is ours or free, what earlier runs committed holds
     start()                 the ownership claim, a write probe, stale partial uploads and the leftovers of a crashed
                             compaction removed
-    shard_committed(result) a worker committed a shard (data file, then done-marker)
+    shard_committed(result) a worker committed a shard (data file, then done-marker); format delta: its rows
+                            appended to the table, exactly once (jobs.output.table)
     complete(...)           every shard is done: the manifest, written last; then many small files compacted
     failed(reason, ...)     the run stops: `_failed.json` says why (a failed run used to leave no record)
 
@@ -27,6 +28,7 @@ from jobs.label.commit import (
     write_manifest,
 )
 from jobs.output.compact import auto_compact, remove_superseded
+from jobs.output.table import DeltaSink
 from schemas.output import JobFailure, ManifestFailedShard
 from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
@@ -45,6 +47,7 @@ class OutputSession:
         self.storage = storage or open_storage(spec.output, spec.storage)
         self.started_at = datetime.now(UTC)
         self.committed = CommittedShards()
+        self.table = DeltaSink(self.uri, job_id, spec.storage) if spec.output_options.format == "delta" else None
 
     def check(self) -> CommittedShards:
         """Refuse an output another job owns or that holds foreign files; read and verify earlier done-markers.
@@ -65,11 +68,16 @@ class OutputSession:
         remove_partials(self.storage, self.uri)
         manifest = read_manifest(self.storage, self.uri)
         remove_superseded(self.storage, self.uri, manifest)
+        if self.table is not None:  # shards an earlier run committed whose table commit it did not live to make
+            added = self.table.commit_shards(self.committed.done.values(), self.committed.locations)
+            log.info("table %s: %d earlier shard(s) appended on start", self.table.uri, added)
         return manifest
 
     def shard_committed(self, result: ShardResult) -> None:
         """A worker committed `result`'s shard: its data file and done-marker are in place."""
         log.debug("shard %s committed: %d rows in %s", result.shard_id, result.rows, result.data_uri)
+        if self.table is not None:
+            self.table.commit_shard(result)
 
     def complete(self, worker: dict, results: dict[str, ShardResult], failures: dict[str, str]) -> dict:
         """Write the manifest last (every shard in `results` is committed), and drop an earlier run's failure record.
@@ -84,6 +92,8 @@ class OutputSession:
         options = self.spec.output_options
         if options.compact == "auto":
             auto_compact(self.uri, options.target_file_mb << 20, self.spec.storage)
+        if self.table is not None:
+            self.table.finish(options.target_file_mb << 20, compact=options.compact == "auto")
         return manifest
 
     def failed(self, reason: str, results: dict[str, ShardResult], failures: dict[str, str] | None = None) -> None:

@@ -39,10 +39,12 @@ CATEGORIES = ["cat", "dog", "owl"]
 JOB = "job-compact"
 
 
-def write_output(output: str, tmp: Path, shards: int = SHARDS, storage=None, compact: str = "never") -> LabelJobSpec:
+def write_output(
+    output: str, tmp: Path, shards: int = SHARDS, storage=None, compact: str = "never", fmt: str = "parquet"
+) -> LabelJobSpec:
     """A finished output of `shards` shards of ROWS rows (one error row each), as a label job leaves it."""
     extra = {"storage": storage} if storage else {}
-    spec = LabelJobSpec(input={"uri": str(tmp / "in")}, output={"uri": output, "compact": compact},
+    spec = LabelJobSpec(input={"uri": str(tmp / "in")}, output={"uri": output, "compact": compact, "format": fmt},
                         model={"name": "mobilenet_v2"}, job_id=JOB, **extra)  # fmt: skip
     session = OutputSession(spec, JOB)
     session.check()

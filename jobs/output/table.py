@@ -1,0 +1,151 @@
+"""`format: delta`: every committed shard's rows also appended to a Delta Lake table at `<output>/table`, exactly once.
+
+Why Delta (deltalake, delta-rs) rather than Iceberg (pyiceberg): the table needs no catalog service (its log is
+files beside the data, on a local disk or S3), its application transactions are the exactly-once mechanism the
+issue asks for, and DuckDB, Polars, Spark, Trino and Athena read it. See docs/outputs.md.
+
+Exactly once: the folder's done-markers stay the record of what the job labelled (resume works as for Parquet
+outputs); the table is fed from them. Each append carries a Delta application transaction
+`Transaction(app_id="bulklabel:<job>:<shard>", version=1)` in the same atomic commit as its rows, and a shard whose
+transaction is already in the table is skipped. So:
+- the driver dies between a shard's marker and its table commit: the next run's `start` finds the marker without
+  the transaction and appends that shard (nothing lost);
+- the driver dies after the commit, or a shard is retried, or the job is run again: the transaction is there, the
+  shard is skipped (nothing twice).
+One writer per table: the output's ownership claim makes this job's driver the only one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.output.faultpoints import crash_point
+from jobs.output.layout import table_uri
+from jobs.output.reader import fs_path, pyarrow_filesystem
+from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION
+from schemas.shards import ShardResult
+from schemas.specs import StorageOptions
+
+log = logging.getLogger(__name__)
+
+APP_ID_PREFIX = "bulklabel"
+TABLE_NAME = "labels"
+
+
+def app_id(job_id: str, shard_id: str) -> str:
+    """The Delta application id a shard's append carries."""
+    return f"{APP_ID_PREFIX}:{job_id}:{shard_id}"
+
+
+def delta_storage_options(uri: str, options: StorageOptions | None) -> dict[str, str] | None:
+    """delta-rs' object-store options for an s3:// table (endpoint, keys, region); None for a local one.
+
+    Conditional puts (`If-None-Match`, which S3 and SeaweedFS support) make the log's commits atomic without a lock
+    table."""
+    if not uri.startswith("s3://"):
+        return None
+    options = options or StorageOptions()
+    found = {"conditional_put": "etag"}
+    if options.endpoint_url:
+        found |= {"AWS_ENDPOINT_URL": options.endpoint_url, "AWS_ALLOW_HTTP": "true"}
+    if options.region:
+        found["AWS_REGION"] = options.region
+    if options.access_key_id is not None:
+        found["AWS_ACCESS_KEY_ID"] = options.access_key_id.get_secret_value()
+        found["AWS_SECRET_ACCESS_KEY"] = options.secret_access_key.get_secret_value()
+    return found
+
+
+class DeltaSink:
+    """The Delta table of one label output. Args: the output URI, the job id, the job's storage options."""
+
+    def __init__(self, output: str, job_id: str, storage_options: StorageOptions | None = None):
+        self.uri = table_uri(output)
+        self.job_id = job_id
+        self.storage_options = storage_options
+        self._delta_options = delta_storage_options(self.uri, storage_options)
+        self._filesystem = pyarrow_filesystem(output, storage_options)
+        self._loaded = None  # the DeltaTable, loaded once and brought up to date after each commit
+
+    def commit_shards(self, results: Iterable[ShardResult], locations: dict[str, str] | None = None) -> int:
+        """Append each shard's rows that the table does not hold yet, one atomic commit per shard.
+
+        `locations` names the file holding a shard's rows where a compaction moved them. Returns shards appended.
+        """
+        appended = 0
+        for result in results:
+            appended += self.commit_shard(result, (locations or {}).get(result.shard_id))
+        return appended
+
+    def commit_shard(self, result: ShardResult, location: str | None = None) -> bool:
+        """Append one shard's rows with its application transaction, unless the table has them. True if appended."""
+        from deltalake import CommitProperties, Transaction, write_deltalake
+
+        table = self._table()
+        if table is not None and table.transaction_version(app_id(self.job_id, result.shard_id)) is not None:
+            log.debug("shard %s is in table %s already", result.shard_id, self.uri)
+            return False
+        rows = self._rows(result, location)
+        if table is None or "bulklabel.job_id" not in table.metadata().configuration:
+            self._create(rows)  # also mends a crash between creating the table and recording its properties
+        crash_point("table:commit")
+        commit = CommitProperties(
+            app_transactions=[Transaction(app_id(self.job_id, result.shard_id), 1)],  # in the same atomic commit
+            custom_metadata={"bulklabel.job_id": self.job_id, "bulklabel.shard": result.shard_id},
+        )
+        write_deltalake(self.uri, rows, mode="append", storage_options=self._delta_options, commit_properties=commit)
+        crash_point("table:committed")
+        self._table().update_incremental()
+        return True
+
+    def finish(self, target_bytes: int, compact: bool) -> None:
+        """At the end of a job: small files merged (Delta's optimize, a commit of its own) and a log checkpoint, so
+        readers do not replay one log entry per shard."""
+        table = self._table()
+        if table is None:
+            return
+        if compact:
+            metrics = table.optimize.compact(target_size=target_bytes)
+            log.info("table %s optimized: %s", self.uri, metrics)
+        table.create_checkpoint()
+
+    def _rows(self, result: ShardResult, location: str | None) -> pa.Table:
+        path = fs_path(location or result.data_uri)
+        rows = pq.read_table(path, filesystem=self._filesystem).select(LABEL_SCHEMA.names)
+        if location is not None:  # a compacted file holds several shards
+            rows = rows.filter(pc.equal(rows["shard"], result.shard_id))
+        return rows.cast(LABEL_SCHEMA)
+
+    def _table(self):
+        from deltalake import DeltaTable
+
+        if self._loaded is None and DeltaTable.is_deltatable(self.uri, storage_options=self._delta_options):
+            self._loaded = DeltaTable(self.uri, storage_options=self._delta_options)
+        return self._loaded
+
+    def _create(self, first: pa.Table) -> None:
+        """Create the empty table (if absent), then record what its rows are as table properties."""
+        from deltalake import DeltaTable
+
+        DeltaTable.create(self.uri, schema=LABEL_SCHEMA, mode="ignore", name=TABLE_NAME,
+                          description="bulklabel label output", storage_options=self._delta_options)  # fmt: skip
+        self.set_properties(first)
+
+    def set_properties(self, rows: pa.Table) -> None:
+        """Table properties: the model, the job, the label schema version and the embedding width."""
+        from deltalake import DeltaTable
+
+        embedding = next((e for e in rows["embedding"].to_pylist() if e is not None), None)
+        properties = {
+            "bulklabel.model": rows["model"][0].as_py() if rows.num_rows else "",
+            "bulklabel.job_id": self.job_id,
+            "bulklabel.schema_version": str(LABEL_SCHEMA_VERSION),
+            "bulklabel.embedding_dim": str(len(embedding)) if embedding is not None else "none",
+        }
+        self._loaded = DeltaTable(self.uri, storage_options=self._delta_options)
+        self._loaded.alter.set_table_properties(properties, raise_if_not_exists=False)

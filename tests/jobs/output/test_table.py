@@ -1,0 +1,137 @@
+"""jobs.output.table: `format: delta` outputs, each shard's rows in the Delta table exactly once (application
+transactions), read by DuckDB and Polars; a real job's driver SIGKILLed between a shard's marker and its table commit
+and run again leaves one row per image."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+from deltalake import DeltaTable
+
+from jobs.output.compact import compact_output
+from jobs.output.reader import open_output
+from jobs.output.session import OutputSession
+from jobs.output.table import app_id
+from schemas.specs import LabelJobSpec
+from tests.jobs.output.test_compact import DIM, JOB, ROWS, write_output
+from tests.jobs.test_interruptions import _finish, _kill_tree_leftovers, _start
+from tests.support import IMAGENET_SAMPLE, imagenet_labels
+
+SHARDS = 12
+
+
+def _table_keys(table: Path) -> list[str]:
+    return sorted(DeltaTable(str(table)).to_pyarrow_table(columns=["key"])["key"].to_pylist())
+
+
+def _folder_keys(output: Path) -> list[str]:
+    return sorted(open_output(str(output)).to_table(columns=["key"])["key"].to_pylist())
+
+
+def test_a_delta_output_holds_each_shard_once_with_its_properties(tmp_path):
+    out = tmp_path / "out"
+    write_output(str(out), tmp_path, shards=SHARDS, fmt="delta")
+    table = DeltaTable(str(out / "table"))
+    assert _table_keys(out / "table") == _folder_keys(out) and len(_folder_keys(out)) == SHARDS * ROWS
+    config = table.metadata().configuration
+    assert config["bulklabel.job_id"] == JOB and config["bulklabel.model"] == "m:x"
+    assert (config["bulklabel.schema_version"], config["bulklabel.embedding_dim"]) == ("1", str(DIM))
+    assert table.transaction_version(app_id(JOB, "files-000")) == 1
+    assert table.transaction_version(app_id(JOB, "files-999")) is None
+
+    # Readers: DuckDB over deltalake's dataset (DuckDB's delta extension cannot be installed offline), Polars.
+    con = duckdb.connect()
+    con.register("labels", table.to_pyarrow_dataset())
+    count, keys, width = con.sql("SELECT count(*), count(DISTINCT key), max(len(embedding)) FROM labels").fetchall()[0]
+    assert (count, keys, width) == (SHARDS * ROWS, SHARDS * ROWS, DIM)
+    frame = pl.read_delta(str(out / "table"))
+    assert frame.height == SHARDS * ROWS and frame["error"].null_count() == SHARDS * (ROWS - 1)
+    assert Counter(pl.scan_delta(str(out / "table")).collect()["shard"].to_list()) == {
+        f"files-{i:03d}": ROWS for i in range(SHARDS)
+    }
+
+    # The same job run again (start: every marker's shard is in the table already) adds nothing.
+    version = table.version()
+    spec = LabelJobSpec.model_validate({**json.loads((out / "_job.json").read_text())["spec"], "job_id": JOB})
+    again = OutputSession(spec, JOB)
+    again.check()
+    again.start()
+    assert DeltaTable(str(out / "table")).version() == version
+
+
+def test_shards_committed_without_their_table_commit_are_appended_on_start_even_compacted(tmp_path):
+    """The driver died after the markers and before the table commits (here: no table at all), and the folder was
+    compacted since: the next start reads each shard's rows from the compacted file the manifest names."""
+    out = tmp_path / "out"
+    spec = write_output(str(out), tmp_path, shards=SHARDS, fmt="parquet")
+    compact_output(str(out), target_bytes=1 << 30)
+    delta = spec.model_copy(update={"output_options": spec.output_options.model_copy(update={"format": "delta"})})
+    session = OutputSession(delta, JOB)
+    session.check()
+    session.start()
+    assert _table_keys(out / "table") == _folder_keys(out) and len(_folder_keys(out)) == SHARDS * ROWS
+    writes = [c for c in DeltaTable(str(out / "table")).history() if c["operation"] == "WRITE"]
+    assert len(writes) == SHARDS  # one atomic commit per shard
+
+
+def _label_script(photos: Path, out: Path) -> str:
+    model = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
+    spec = {"input": {"uri": str(photos), "files_per_shard": 2}, "output": {"uri": str(out), "format": "delta"},
+            "model": model, "num_workers": 1, "batch_size": 2}  # fmt: skip
+    return (f"from jobs.label.runner import run_label_job; from schemas.specs import LabelJobSpec; "
+            f"print(run_label_job(LabelJobSpec.model_validate({spec!r}), show_progress=False).status)")  # fmt: skip
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.mark.fault(
+    fault="a job into a Delta table output: the driver SIGKILLed after a shard's done-marker, before that shard's "
+    "table commit; then the job run again",
+    injected="SIGKILL of the driver at its 3rd table commit (jobs/output/faultpoints.py `table:commit`), 12 photos "
+    "in 6 shards",
+    expected="the re-run appends the shards whose markers have no transaction in the table and skips the others: "
+    "the table holds exactly one row per image, as the folder does",
+)
+def test_a_job_into_a_table_killed_between_marker_and_table_commit_then_rerun(tmp_path, record_property):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for row in imagenet_labels()[:12]:
+        shutil.copy(IMAGENET_SAMPLE / row["file"], photos / row["file"])
+    command = [sys.executable, "-c", _label_script(photos, out)]
+    faults = {"BULKLABEL_FAULTS": json.dumps([{"shard": "table:commit", "attempt": 3, "action": "exit"}]),
+              "BULKLABEL_FAULTS_ACKNOWLEDGE": "I-AM-TESTING"}  # fmt: skip
+    ray_tmp, rerun_tmp = (tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("blt-", "blu-"))
+    saved = {k: os.environ.get(k) for k in faults}
+    try:
+        os.environ.update(faults)
+        driver = _start(command, ray_tmp)
+        driver.communicate(timeout=300)
+        _restore(saved)  # the re-run is a plain run
+        assert driver.returncode == -9  # SIGKILL
+        markers = len(list((out / "_done").glob("*.json")))
+        in_table = len(set(_table_keys(out / "table")))
+        assert in_table == 2 * 2 and markers >= 3 and not (out / "_job.json").exists()
+        assert "succeeded" in _finish(command, rerun_tmp)
+    finally:
+        _restore(saved)
+        _kill_tree_leftovers(ray_tmp)
+        _kill_tree_leftovers(rerun_tmp)
+    keys = _table_keys(out / "table")
+    assert keys == sorted(p.name for p in photos.iterdir()) == _folder_keys(out)  # each image once, none lost
+    record_property("measured", f"killed with {markers} shard markers and {in_table} rows in the table; re-run: "
+                    f"{len(keys)}/12 rows in the table, each once")  # fmt: skip
