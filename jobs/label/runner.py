@@ -16,9 +16,10 @@ import ray
 from jobs.cluster import ensure_ray
 from jobs.label.actors import start_label_worker
 from jobs.label.commit import CommittedShards, error_summary
+from jobs.label.dispatch import PrivateWorkers, ShardDispatcher, WorkerSource
+from jobs.label.ledger import LedgerLimits
 from jobs.label.placement import Placement, check_locations_reachable, place_workers
 from jobs.label.plan import PlanError, PlanStats, plan_shards
-from jobs.label.scheduler import PrivateWorkers, SchedulerLimits, ShardScheduler, WorkerSource
 from jobs.locations import absolute_locations
 from jobs.output.session import OutputSession
 from jobs.progress import JobSummary, Progress, ProgressListener, Skipped
@@ -85,7 +86,7 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun 
         progress.done(result)
 
     workers = run.workers or PrivateWorkers(_actor_factory(spec, job_id, placement))
-    scheduler = ShardScheduler(workers, placement.workers, _limits(spec, placement), ShardJob.of(spec, job_id))
+    scheduler = ShardDispatcher(workers, placement.workers, _limits(spec, placement), ShardJob.of(spec, job_id))
     failures: dict[str, str] = {}
     try:
         worker = scheduler.first_ready(run.cancelled)
@@ -237,8 +238,8 @@ def _actor_factory(spec: LabelJobSpec, job_id: str, placement: Placement) -> Cal
     return lambda index: start_label_worker(worker, placement, name=f"bulklabel-{job_id}-{index}")
 
 
-def _limits(spec: LabelJobSpec, placement: Placement) -> SchedulerLimits:
-    return SchedulerLimits(
+def _limits(spec: LabelJobSpec, placement: Placement) -> LedgerLimits:
+    return LedgerLimits(
         max_attempts=spec.max_attempts,
         shard_timeout_s=spec.shard_timeout_s,
         max_actor_restarts=placement.workers * spec.max_attempts + spec.max_failed_shards * spec.max_attempts,

@@ -1,5 +1,5 @@
 """Warm model pools: label workers that keep one model resident and serve every job on it, one after another or
-side by side. A job leases workers from its model's pool (a `WorkerSource` for its shard scheduler); the pool
+side by side. A job leases workers from its model's pool (a `WorkerSource` for its shard dispatcher); the pool
 outlives the job, so the next job on that model starts without loading anything, and is released once it has
 been idle for a while (admission also releases idle pools early when a waiting job needs their resources).
 """
@@ -107,7 +107,7 @@ class WorkerPool:
 
 
 class PoolLease:
-    """One job's workers from a pool (jobs.label.scheduler.WorkerSource): released back to the pool, not killed."""
+    """One job's workers from a pool (jobs.label.dispatch.WorkerSource): released back to the pool, not killed."""
 
     def __init__(self, pool: WorkerPool, job_id: str):
         self.pool, self.job_id = pool, job_id
@@ -117,6 +117,11 @@ class PoolLease:
 
     def replace(self, dead: ray.actor.ActorHandle) -> ray.actor.ActorHandle:
         return self.pool._replace(self.job_id, dead)
+
+    def grow(self) -> list[ray.actor.ActorHandle]:
+        """Workers of the pool that became free for this job since it last asked; none yet (asked every
+        dispatch round, so it must stay cheap and never block)."""
+        return []
 
     def release(self, actors: list[ray.actor.ActorHandle]) -> None:
         self.pool._release(self.job_id)
