@@ -10,6 +10,7 @@ import pytest
 
 from jobs.label.commit import OutputConflict, read_failure
 from jobs.output.layout import FAILED_NAME, MANIFEST_NAME, OWNER_NAME, temp_uri
+from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
 from schemas.specs import LabelJobSpec
 from workers.storage import join
@@ -72,3 +73,5 @@ def test_a_real_job_that_fails_leaves_a_record_saying_why(tmp_path, ray_cluster)
     assert record["status"] == "failed" and record["job_id"] == spec.resolved_job_id()
     assert "above max_error_fraction" in record["reason"] and "'missing'" in record["reason"]
     assert record["shards_committed"] == 1
+    unfinished = open_output(str(out))  # the reader says so too, beside the rows that were committed
+    assert not unfinished.complete and unfinished.failure.reason == record["reason"]

@@ -20,7 +20,7 @@ from deltalake import DeltaTable
 from jobs.output.compact import compact_output
 from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
-from jobs.output.table import app_id
+from jobs.output.table import app_id, delta_storage_options
 from schemas.specs import LabelJobSpec
 from tests.jobs.output.test_compact import DIM, JOB, ROWS, write_output
 from tests.jobs.test_interruptions import _finish, _kill_tree_leftovers, _start
@@ -135,3 +135,12 @@ def test_a_job_into_a_table_killed_between_marker_and_table_commit_then_rerun(tm
     assert keys == sorted(p.name for p in photos.iterdir()) == _folder_keys(out)  # each image once, none lost
     record_property("measured", f"killed with {markers} shard markers and {in_table} rows in the table; re-run: "
                     f"{len(keys)}/12 rows in the table, each once")  # fmt: skip
+
+
+def test_a_delta_output_on_s3(s3_prefix, s3_server, tmp_path):
+    options = s3_server.options()
+    write_output(s3_prefix, tmp_path, shards=4, storage=options, fmt="delta")
+    table = DeltaTable(f"{s3_prefix}/table", storage_options=delta_storage_options(s3_prefix, options))
+    keys = sorted(table.to_pyarrow_table(columns=["key"])["key"].to_pylist())
+    assert keys == sorted(open_output(s3_prefix, options).to_table(columns=["key"])["key"].to_pylist())
+    assert len(keys) == 4 * ROWS and table.transaction_version(app_id(JOB, "files-003")) == 1
