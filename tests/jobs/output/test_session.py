@@ -75,3 +75,25 @@ def test_a_real_job_that_fails_leaves_a_record_saying_why(tmp_path, ray_cluster)
     assert record["shards_committed"] == 1
     unfinished = open_output(str(out))  # the reader says so too, beside the rows that were committed
     assert not unfinished.complete and unfinished.failure.reason == record["reason"]
+
+
+def test_output_as_a_string_or_a_mapping_and_the_json_schema_says_both():
+    import jsonschema
+
+    from schemas.specs import job_spec_json_schema
+
+    base = {"kind": "label", "input": {"uri": "/in"}, "model": {"name": "mobilenet_v2"}}
+    plain = LabelJobSpec.model_validate({**base, "output": "/out"})
+    table = LabelJobSpec.model_validate({**base, "output": {"uri": "/out", "format": "delta", "target_file_mb": 64}})
+    assert plain.output == table.output == "/out" and plain.resolved_job_id() == table.resolved_job_id()
+    assert (plain.output_options.format, table.output_options.format) == ("parquet", "delta")
+    assert table.output_options.target_file_mb == 64 and table.output_options.compact == "auto"
+    with pytest.raises(ValueError, match="a mapping needs uri"):
+        LabelJobSpec.model_validate({**base, "output": {"format": "delta"}})
+    with pytest.raises(ValueError, match="format"):
+        LabelJobSpec.model_validate({**base, "output": {"uri": "/out", "format": "iceberg"}})
+    schema = job_spec_json_schema()
+    jsonschema.validate({**base, "output": "/out"}, schema)
+    jsonschema.validate({**base, "output": {"uri": "/out", "format": "delta"}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**base, "output": {"uri": "/out", "format": "iceberg"}}, schema)
