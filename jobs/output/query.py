@@ -36,9 +36,10 @@ VIEW = "labels"
 _FILES_VIEW = "labels_lists"  # the rows as stored (embedding a variable-size list); `labels` is built on it
 _BATCH_ROWS = 10_000
 INDEX_CHOICES = ("auto", "always", "never")
-# From `python -m bench.similar` (bench/RESULTS.md): from here on a query through the cached index beats the exact
-# scan even counting the index's one-off build over a few queries.
-INDEX_MIN_ROWS = 200_000
+# From `python -m bench.similar` (bench/RESULTS.md): at 100,000 rows of width 1280 the exact scan takes 3-9 s a query
+# (on a busy 2-core box), the index's one-off build 5-24 s, paid back by the second or third query, each then
+# 15-30 ms; below it the exact scan stays near 1-2 s and nothing needs caching.
+INDEX_MIN_ROWS = 100_000
 
 
 class QueryError(BadInput):
@@ -216,15 +217,18 @@ def _similar_indexed(output: LabelOutput, key: str, k: int, cache_dir: Path | No
 
 
 def _query_row(con: duckdb.DuckDBPyConnection, key: str, output: LabelOutput) -> str:
-    """The column that names `key` (key, source or image_id), after checking the output and the row have an
-    embedding; raises NoEmbeddings or KeyNotInOutput."""
-    if con.execute(f"SELECT count(embedding) FROM {VIEW}").fetchone()[0] == 0:
-        raise NoEmbeddings(f"output {output.uri} has no embeddings ({len(output.files)} committed file(s))")
+    """The column that names `key` (key, source or image_id), after checking the row has an embedding; raises
+    NoEmbeddings or KeyNotInOutput. Only the row's own embedding is read: a scan of every embedding (to ask whether
+    the output has any) is made only when the row has none."""
+    if not output.files:
+        raise NoEmbeddings(f"output {output.uri} has no embeddings (no committed files)")
     column = _key_column(con, key, output)
     found = con.execute(
         f"SELECT count(*), count(embedding), any_value(error) FROM {VIEW} WHERE {column} = ?", [key]
     ).fetchone()
     if found[1] == 0:
+        if con.execute(f"SELECT count(embedding) FROM {VIEW}").fetchone()[0] == 0:
+            raise NoEmbeddings(f"output {output.uri} has no embeddings ({len(output.files)} committed file(s))")
         raise NoEmbeddings(f"{key!r} has no embedding: it was not labelled ({found[2]})")
     if found[0] > 1:
         log.warning("%d rows have %s %r; searching from the first of them", found[0], column, key)

@@ -87,7 +87,7 @@ class ReportData:
     model: str
     rows: int
     errors: int
-    shards: int
+    shards: int  # committed shards (files may hold several once compacted)
     labels: tuple[tuple[str, int], ...]  # the commonest, most first
     other_labels: tuple[int, int]  # (distinct labels, rows) not listed
     score_bins: tuple[int, ...]  # SCORE_BINS counts over [0, 1]
@@ -109,7 +109,7 @@ def gather(output: LabelOutput, options: StorageOptions | None = None) -> Report
         wanted = _least_confident(con, [label for label, _ in labels[:THUMB_LABELS]])
     finally:
         con.close()
-    manifest = output.manifest
+    manifest, timings = output.manifest, _timings(output, options)
     return ReportData(
         uri=output.uri,
         job_id=output.job_id,
@@ -118,12 +118,12 @@ def gather(output: LabelOutput, options: StorageOptions | None = None) -> Report
         model=manifest.model.model_id if manifest else _first_model(output),
         rows=rows,
         errors=errors,
-        shards=len(output.files),
+        shards=manifest.totals.shards if manifest else len(timings),
         labels=labels,
         other_labels=other,
         score_bins=bins,
         error_kinds=kinds,
-        timings=_timings(output, options),
+        timings=timings,
         failed_shards=tuple((f.shard, f.error) for f in manifest.failed_shards) if manifest else (),
         thumbnails=_thumbnails(wanted, _source_options(output, options), _max_bytes(output)),
     )
