@@ -119,6 +119,8 @@ class LabelWorker:
             "models_loaded": MODELS_LOADED,  # in this process: 1 for a worker that never reloaded its model
             "jobs_served": len(self._jobs),
             "shards_labelled": self.shards_labelled,
+            # torch.compile's first-batch time (model.compile), None until compiled or when not asked for
+            "compile_seconds": next((p.compile_seconds for p in self._predictors.values() if p.compiled), None),
         }
 
     def _context(self, job: ShardJob) -> _JobContext:
@@ -128,7 +130,8 @@ class LabelWorker:
             stores = StorageByScheme(job.storage)
             key = (job.top_k, job.embeddings)
             if key not in self._predictors:  # shares the resident model; only top-k and embeddings differ
-                self._predictors[key] = Predictor(self.loaded, self.device, self.spec.model.precision, *key)
+                self._predictors[key] = Predictor(self.loaded, self.device, self.spec.model.precision, *key,
+                                                  compile=self.spec.model.compile)  # fmt: skip
             context = _JobContext(job, stores, stores(job.input.uri), open_storage(job.output, job.storage),
                                   self._predictors[key])  # fmt: skip
             self._jobs[job.job_id] = context

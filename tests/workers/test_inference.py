@@ -130,3 +130,50 @@ def test_a_real_cuda_allocation_failure_is_recognised_as_out_of_memory():
     with pytest.raises(RuntimeError) as info:
         torch.empty(1 << 60, dtype=torch.uint8, device="cuda")
     assert is_out_of_memory(info.value)
+
+
+# ------------------------------------------------------------------------------------------- compile: static shapes
+
+
+def test_compiled_predictor_runs_one_shape_padding_the_last_batch_and_matches_eager():
+    """compile: every backbone call has the first batch's size (the short last batch is padded, its padding dropped);
+    outputs equal the eager predictor's. Dynamo's `eager` backend here: inductor's C++ compile takes minutes."""
+    loaded = _tiny(num_classes=5)
+    eager = Predictor(loaded, torch.device("cpu"), "fp32", top_k=3, embeddings=True)
+    compiled = Predictor(_tiny(num_classes=5), torch.device("cpu"), "fp32", top_k=3, embeddings=True, compile=True,
+                         compile_backend="eager")  # fmt: skip
+    compiled.chunk = None  # as on a GPU: the static size is the first batch's
+    inner, shapes = compiled.backbone, []
+
+    def recording(x):
+        shapes.append(tuple(x.shape))
+        return inner(x)
+
+    compiled.backbone = recording
+    for n in (8, 8, 3):
+        pixels = _pixels(n)
+        got, want = compiled(pixels), eager(pixels)
+        np.testing.assert_array_equal(got.topk_indices, want.topk_indices)
+        np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-5)
+        assert len(got.embeddings) == n
+    assert set(shapes) == {(8, 3, PRE.crop_size, PRE.crop_size)}
+    assert compiled.compile_seconds is not None and compiled.compile_seconds >= 0
+
+
+def test_compiled_predictor_on_cpu_uses_fixed_chunks():
+    compiled = Predictor(_tiny(), torch.device("cpu"), "fp32", top_k=1, embeddings=True, compile=True,
+                         compile_backend="eager")  # fmt: skip
+    compiled.chunk = 4
+    out = compiled(_pixels(10))  # 4 + 4 + 2 padded to 4
+    assert out.embeddings.shape == (10, 8)
+    eager = Predictor(_tiny(), torch.device("cpu"), "fp32", top_k=1, embeddings=True)
+    np.testing.assert_allclose(out.embeddings, eager(_pixels(10)).embeddings, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: pinned, non-blocking copies need a GPU")
+def test_gpu_predictor_copies_through_a_pinned_buffer():
+    predictor = Predictor(_tiny(), torch.device("cuda"), "auto", top_k=1, embeddings=True)
+    first = predictor(_pixels(4))
+    assert predictor._pinned.buffer.is_pinned()
+    np.testing.assert_allclose(predictor(_pixels(4)).embeddings, first.embeddings, atol=1e-2)  # bf16
