@@ -16,6 +16,7 @@ hostile image is one error row, never a failed batch. A decoder works in two ste
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -212,10 +213,15 @@ def resolve_choice(choice: DecoderChoice, device_type: str, gpu_decode_available
     if choice == "auto":
         return "nvjpeg" if on_gpu else "torchvision"
     if choice == "nvjpeg" and not on_gpu:
-        log.warning("decoder nvjpeg asked for on a worker without a CUDA JPEG decoder (%s): using torchvision",
-                    device_type)  # fmt: skip
+        _warn_no_gpu_decoder(device_type)
         return "torchvision"
     return choice
+
+
+@functools.cache
+def _warn_no_gpu_decoder(device_type: str) -> None:
+    """Once per process: the choice is resolved for every shard."""
+    log.warning("decoder nvjpeg asked for on a worker without a CUDA JPEG decoder (%s): using torchvision", device_type)
 
 
 def gpu_decode_available() -> bool:
