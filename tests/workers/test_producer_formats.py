@@ -173,3 +173,29 @@ def test_sidecar_json_is_what_img2dataset_writes(tmp_path):
     meta = json.loads((tmp_path / "in" / "00000" / "000000000.json").read_text())
     assert meta["url"].startswith("https://") and meta["key"] == "000000000" and meta["status"] == "success"
     assert (tmp_path / "in" / "00000_stats.json").is_file() and (tmp_path / "in" / "00000.parquet").is_file()
+
+
+def test_patterns_single_gzip_shards_and_parquet_on_both_backends(storage_root, tmp_path):
+    """The same plans and reads from S3 (SeaweedFS) as from a folder: a brace pattern, one .tar.gz shard as the
+    input, a parquet shard (copied to scratch before reading)."""
+    local = write_webdataset_shards(str(tmp_path / "made" / "shard-%04d.tar.gz"), _samples(6), per_shard=2)
+    write_img2dataset(tmp_path / "made-pq", [PHOTOS[0].read_bytes()], "parquet", per_shard=3)
+    root, storage = storage_root.uri, storage_root.storage
+    for path in local:
+        storage.write_bytes(f"{root}/in/{path.name}", path.read_bytes())
+    storage.write_bytes(f"{root}/pq/00000.parquet", (tmp_path / "made-pq" / "00000.parquet").read_bytes())
+
+    def read(**fields) -> list[str]:
+        spec = InputSpec(**fields)
+        keys = []
+        with ThreadPoolExecutor(2) as pool:
+            for task in plan_shards(spec, storage):
+                records = read_shard(storage, task, spec.extensions, pool, layout=spec, scratch=str(tmp_path))
+                keys += [record.key for record in records]
+        return keys
+
+    assert read(uri=f"{root}/in/shard-{{0001..0002}}.tar.gz") == [f"sample{i:04d}" for i in range(2, 6)]
+    assert read(uri=f"{root}/in/shard-0002.tar.gz") == ["sample0004", "sample0005"]
+    assert read(uri=f"{root}/pq", format="parquet") == ["000000000"]
+    with pytest.raises(PlanError, match="do not exist"):
+        read(uri=f"{root}/in/shard-{{0002..0003}}.tar.gz")
