@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
 from jobs.service.commands import add_service_commands, normalise_argv
-from schemas.finetune import FinetuneJobSpec
+from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
 from schemas.specs import (
     LabelJobSpec,
     OutputOptions,
@@ -162,8 +162,17 @@ def _finetune_arguments(tune: argparse.ArgumentParser) -> None:
     tune.add_argument("--weights", default="DEFAULT", help="weights to start from (IMAGENET1K_V1), a file, or 'none'")
     tune.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
     tune.add_argument("--output", required=True, help="folder or s3://bucket/prefix; each run adds v1, v2, ...")
-    tune.add_argument("--method", default="full", choices=["full", "linear-probe"])
-    tune.add_argument("--epochs", type=int, default=5)
+    training, data = FinetuneJobSpec.model_fields["training"].default, FinetuneDataSpec.model_fields
+    tune.add_argument("--method", default=training.method, choices=["lp-ft", "full", "linear-probe"],
+                      help="lp-ft: fit the head on frozen features, then train every layer from it; full: "
+                      "every layer from a random head; linear-probe: a convex fit on embeddings")  # fmt: skip
+    tune.add_argument("--epochs", type=int, default=training.epochs)
+    tune.add_argument("--min-steps", type=int, default=training.min_steps,
+                      help="optimizer steps at least: small sets repeat within an epoch")  # fmt: skip
+    tune.add_argument("--no-group-duplicates", action="store_true",
+                      help="split without keeping near-duplicate images on one side")  # fmt: skip
+    tune.add_argument("--duplicate-cosine", type=float, default=data["duplicate_cosine"].default,
+                      help="embedding cosine from which two images of a class are near-duplicates")  # fmt: skip
     tune.add_argument("--batch-size", type=int, default=32)
     tune.add_argument("--lr", type=float, default=1e-3, help="the new head's peak learning rate")
     tune.add_argument("--image-size", type=int, help="training crop side (default: the weights' eval crop)")
@@ -233,6 +242,8 @@ def _finetune_spec(args: argparse.Namespace) -> FinetuneJobSpec:
             "val_fraction": args.val_fraction,
             "key_column": args.key_column,
             "label_column": args.label_column,
+            "group_duplicates": not args.no_group_duplicates,
+            "duplicate_cosine": args.duplicate_cosine,
         },
         "base": {
             "name": args.base,
@@ -243,6 +254,7 @@ def _finetune_spec(args: argparse.Namespace) -> FinetuneJobSpec:
         "training": {
             "method": args.method,
             "epochs": args.epochs,
+            "min_steps": args.min_steps,
             "batch_size": args.batch_size,
             "learning_rate": args.lr,
             "image_size": args.image_size,

@@ -1,9 +1,14 @@
-"""Run a fine-tune job: check → plan the data → train on Ray (TorchTrainer, DDP) → publish the artifact.
+"""Run a fine-tune job: check → list → embed → split → (fit the head) → train on Ray (TorchTrainer, DDP) → publish.
 
 Everything that can be checked is checked before a worker starts: the spec, the base model and weights names,
-the output location and the whole labelled data set (classes, split, missing keys). Ray Train checkpoints every
-epoch under `<output>/_checkpoints/<job id>`; starting the same job again (after a kill, a crash, a lost node)
-continues from the last checkpoint, and a job that already published its artifact returns it.
+the output location and the whole labelled data set (classes, missing keys). Then one actor runs the frozen base
+model over every image once (workers.training.embed): its content hashes and embeddings group near-duplicates,
+which the split keeps on one side; its embeddings give the linear probe by a convex fit, which is the whole
+`linear-probe` method and lp-ft's first stage. Ray Train checkpoints every epoch under
+`<output>/_checkpoints/<job id>`; starting the same job again (after a kill, a crash, a lost node) continues from
+the last checkpoint, and a job that already published its artifact returns it.
+
+No torch here (the job service imports this module): the workers import it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,18 +27,25 @@ from ray.train import TrainingFailedError
 
 from jobs.cluster import ClusterResources, ensure_ray
 from jobs.locations import absolute_locations
-from schemas.finetune import FinetuneJobSpec, ModelCard
-from workers.models import check_model_name, weights_entry
-from workers.storage import Storage, check_writable, join, open_storage, split_s3
+from schemas.catalog import check_model
+from schemas.finetune import EpochMetrics, FinetuneJobSpec, ModelCard, Recipe, TrainingState
+from workers.storage import Storage, check_writable, join, local_scratch_dir, open_storage, split_s3
 from workers.training.artifacts import (
+    ROUGH_BELOW,
     VersionClaimFailed,
     checkpoints_uri,
     find_job_artifact,
     publish,
     remove_checkpoints,
 )
-from workers.training.data import DataPlan, plan_data
-from workers.training.loop import BEST_FILE, read_state, train_loop
+from workers.training.dataplan import DataPlan, Listing, list_data, split_data
+from workers.training.recipe import PROBE_MAX_ITERATIONS, plan_recipe
+from workers.training.results import Embedded, ProbeFit
+
+# workers.training.loop's checkpoint file names, named here so that the driver need not import torch
+BEST_FILE = "best.safetensors"
+STATE_FILE = "state.json"
+MAX_SKIPPED_KEPT = 20
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +71,25 @@ class FinetuneSummary:
     seconds: float
 
     def lines(self) -> list[str]:
-        card, m = self.card, self.card.metrics
+        card, m, data = self.card, self.card.metrics, self.card.dataset
+        low, high = m.val_accuracy_ci95
+        rough = f"; rough: only {m.val_images} validation images" if m.val_images < ROUGH_BELOW else ""
+        groups = (f", split keeping {data.duplicate_groups} near-duplicate group(s) ({data.grouped_images} images) "
+                  "whole" if data.groups is not None else "")  # fmt: skip
         out = [
             f"job {self.job_id}: {self.status}",
             f"  model:    {card.artifact_id} ({card.architecture} from {card.base_weights or 'random init'}, "
             f"{card.training.method}, {len(card.class_names)} classes)",
-            f"  val:      accuracy {m.val_accuracy:.4f}, macro F1 {m.macro_f1:.4f}, loss {m.val_loss:.4f} "
+            f"  val:      accuracy {m.val_accuracy:.4f} (95% CI {low:.3f}-{high:.3f}{rough}), macro F1 "
+            f"{m.macro_f1:.4f}, loss {m.val_loss:.4f} "
             f"(epoch {m.best_epoch} of {card.epochs_run}{', stopped early' if card.stopped_early else ''})",
-            f"  data:     {card.dataset.train_images} training + {card.dataset.val_images} validation images"
-            + (f", {card.dataset.skipped_images} unreadable skipped" if card.dataset.skipped_images else ""),
+            f"  data:     {data.train_images} training + {data.val_images} validation images{groups}"
+            + (f", {data.skipped_images} unreadable skipped" if data.skipped_images else ""),
             f"  time:     {self.seconds:.1f}s this run, {card.train_seconds:.1f}s training in all",
             f"  artifact: {self.artifact}",
         ]
+        if card.recipe is not None:
+            out.insert(3, f"  recipe:   {card.recipe.notes}; label smoothing {card.recipe.label_smoothing:g}")
         if card.resumed_after_epochs:
             out.append(f"  resumed after epoch(s) {card.resumed_after_epochs}")
         return out
@@ -87,19 +108,44 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
     out = open_storage(spec.output, spec.storage)
 
     # Check: nothing starts unless the model, the output and the data are usable.
-    check_model_name(spec.base.name)
-    weights_entry(spec.base)
+    check_model(spec.base)
     published = find_job_artifact(out, spec.output, job_id)
     if published:
         log.info("job %s already published %s; nothing to do", job_id, published[1].artifact_id)
         return FinetuneSummary(job_id, "already-complete", published[0], published[1], 0.0)
     check_writable(out, spec.output)
-    plan = _plan(spec)
+    listing = _list(spec)
+    cluster = ensure_ray()
+
+    # Embed once: the split's near-duplicate groups, and the linear probe (the whole of `linear-probe`).
+    probe = None
+    if not _needs_embeddings(spec):
+        plan = split_data(listing, spec.data, spec.training.seed)
+        recipe = plan_recipe(spec.training, len(plan.train), spec.num_workers, PROBE_MAX_ITERATIONS)
+    else:
+        with embedding_pass(spec, cluster) as embedder:
+            plan, embedded = _plan(spec, listing, embedder)
+            recipe = plan_recipe(spec.training, len(plan.train), spec.num_workers, PROBE_MAX_ITERATIONS)
+            probe = _fit_probe(embedder, listing, plan, recipe) if spec.training.method != "full" else None
+            recipe = _with_probe_steps(recipe, probe)
+            if spec.training.method == "linear-probe":
+                location, card = _publish_probe(out, spec, job_id, plan, recipe, embedder, probe, embedded)
+                return FinetuneSummary(job_id, "succeeded", location, card, time.perf_counter() - clock)
     _claim_checkpoints(out, spec, job_id, plan)
     planned = time.perf_counter()
 
-    # Train.
-    trainer = _trainer(spec, job_id, plan, ensure_ray(), show_progress)
+    # Train, then publish into a version claimed for this job alone (or the one it claimed before dying mid-publish).
+    location, card = _train_and_publish(out, spec, job_id, plan, recipe, probe, cluster, show_progress)
+    done = time.perf_counter()
+    log.info("job %s: checked, embedded and planned in %.1fs, trained and published in %.1fs", job_id,
+             planned - clock, done - planned)  # fmt: skip
+    return FinetuneSummary(job_id, "succeeded", location, card, done - clock)
+
+
+def _train_and_publish(out: Storage, spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe,
+                       probe: ProbeFit | None, cluster: ClusterResources, show_progress: bool
+                       ) -> tuple[str, ModelCard]:  # fmt: skip
+    trainer = _trainer(spec, job_id, plan, recipe, probe, cluster, show_progress)
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:  # raised once max_failures restarts are spent
@@ -109,34 +155,120 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
         ) from exc
     if result.checkpoint is None:
         raise FinetuneFailed(f"job {job_id}: training finished without a checkpoint to publish")
-
-    trained = time.perf_counter()
-
-    # Publish: into a version claimed for this job alone (or the one it claimed before dying mid-publish).
     with result.checkpoint.as_directory() as folder:
-        state = read_state(Path(folder))
+        state = TrainingState.model_validate_json((Path(folder) / STATE_FILE).read_text())
         try:
-            location, card = publish(out, spec, job_id, plan, Path(folder) / BEST_FILE, state)
+            location, card = publish(out, spec, job_id, plan, Path(folder) / BEST_FILE, state, recipe)
         except VersionClaimFailed as exc:
             raise FinetuneFailed(str(exc)) from exc
     remove_checkpoints(out, spec.output, job_id)
-    done = time.perf_counter()
-    log.info("job %s: checked and planned in %.1fs, trained in %.1fs (Ray Train start included), published in "
-             "%.1fs", job_id, planned - clock, trained - planned, done - trained)  # fmt: skip
-    return FinetuneSummary(job_id, "succeeded", location, card, done - clock)
+    return location, card
 
 
-def _plan(spec: FinetuneJobSpec) -> DataPlan:
+def _needs_embeddings(spec: FinetuneJobSpec) -> bool:
+    """Whether the job needs the embedding pass: a grouped split, or a fitted head (lp-ft, linear-probe)."""
+    grouped = spec.data.group_duplicates and spec.data.validation_uri is None
+    return grouped or spec.training.method != "full"
+
+
+def _list(spec: FinetuneJobSpec) -> Listing:
     data = spec.data
     val_storage = open_storage(data.validation_uri, spec.storage) if data.validation_uri else None
-    plan = plan_data(data, open_storage(data.uri, spec.storage), spec.training.seed, val_storage)
+    return list_data(data, open_storage(data.uri, spec.storage), val_storage)
+
+
+class _EmbeddingActor:
+    """The Ray actor around workers.training.embed.EmbeddingPass, imported inside it: the driver loads no torch."""
+
+    def __init__(self, spec: FinetuneJobSpec, threads: int, log_level: int):
+        from workers.training.embed import EmbeddingPass
+        from workers.training.loop import _configure_logging
+
+        _configure_logging(log_level)
+        self.impl = EmbeddingPass(spec, threads)
+
+    def call(self, method: str, *args):
+        return getattr(self.impl, method)(*args)
+
+
+@contextmanager
+def embedding_pass(spec: FinetuneJobSpec, cluster: ClusterResources):
+    """An actor holding the frozen base model (and, once it has embedded, the embeddings), killed on exit so that
+    its CPUs and GPU go back before Ray Train asks for them."""
+    import ray
+
+    cpus = _cpus_per_worker(spec, cluster)
+    actor_class = ray.remote(_EmbeddingActor).options(num_cpus=cpus, num_gpus=1 if spec.gpus_per_worker else 0)
+    actor = actor_class.remote(spec, max(1, math.floor(cpus)), logging.getLogger("workers").getEffectiveLevel())
+
+    def call(method: str, *args):
+        return ray.get(actor.call.remote(method, *args))
+
+    try:
+        yield call
+    finally:
+        try:
+            ray.get(actor.call.remote("close"))
+        finally:
+            ray.kill(actor)
+
+
+def _plan(spec: FinetuneJobSpec, listing: Listing, embedder) -> tuple[DataPlan, Embedded]:
+    data = spec.data
+    embedded: Embedded = embedder("embed", listing.items())
+    groups = None
+    if data.group_duplicates and data.validation_uri is None:
+        groups = embedder("groups", len(listing.examples), embedded.sha256s, data.duplicate_cosine)
+    plan = split_data(listing, data, spec.training.seed, groups)
     log.info(
         "data: %d classes, %d training + %d validation images (%s), fingerprint %s",
         len(plan.class_names), len(plan.train), len(plan.val),
-        "given validation set" if data.validation_uri else f"stratified {data.val_fraction:.0%} split",
+        "given validation set" if data.validation_uri else f"stratified {data.val_fraction:.0%} split"
+        + (f", {plan.duplicate_groups} near-duplicate groups of {plan.grouped_images} images kept whole"
+           if groups else ", ungrouped"),
         plan.fingerprint[:12],
     )  # fmt: skip
-    return plan
+    return plan, embedded
+
+
+def _fit_probe(embedder, listing: Listing, plan: DataPlan, recipe: Recipe) -> ProbeFit:
+    """The head fitted on the training rows' embeddings, scored on the validation rows'."""
+    row = {}
+    for i, (uri, _) in enumerate(listing.items()):
+        row.setdefault(uri, i)
+    train, val = [row[uri] for uri, _ in plan.train], [row[uri] for uri, _ in plan.val]
+    return embedder("fit", train, val, len(plan.class_names), recipe.label_smoothing)
+
+
+def _with_probe_steps(recipe: Recipe, probe: ProbeFit | None) -> Recipe:
+    """The recipe with the head stage's L-BFGS iterations as the fit took them (the plan has the cap)."""
+    if probe is None:
+        return recipe
+    stages = tuple(s.model_copy(update={"steps": probe.head.iterations}) if s.name == "head" else s
+                   for s in recipe.stages)  # fmt: skip
+    return recipe.model_copy(update={"stages": stages})
+
+
+def _publish_probe(out: Storage, spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe, embedder,
+                   probe: ProbeFit, embedded: Embedded) -> tuple[str, ModelCard]:  # fmt: skip
+    """`linear-probe`: the base model with the fitted head, published as any trained run is."""
+    metrics = EpochMetrics(epoch=0, train_loss=probe.train_loss, train_accuracy=probe.train_accuracy,
+                           val_loss=probe.val_loss, val_accuracy=probe.val_accuracy, learning_rate=0.0,
+                           seconds=round(embedded.seconds + probe.seconds, 2))  # fmt: skip
+    state = TrainingState(history=(metrics,), best_epoch=0, best_val_loss=probe.val_loss,
+                          best_confusion=probe.confusion, train_seconds=metrics.seconds,
+                          skipped_images=len(embedded.skipped), skipped_examples=embedded.skipped[:MAX_SKIPPED_KEPT],
+                          preprocess=embedded.preprocess)  # fmt: skip
+    scratch = Path(local_scratch_dir())
+    try:
+        weights = scratch / BEST_FILE
+        weights.write_bytes(embedder("artifact_weights", probe.head))
+        try:
+            return publish(out, spec, job_id, plan, weights, state, recipe)
+        except VersionClaimFailed as exc:
+            raise FinetuneFailed(str(exc)) from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _claim_checkpoints(storage: Storage, spec: FinetuneJobSpec, job_id: str, plan: DataPlan) -> None:
@@ -160,9 +292,12 @@ def _claim_checkpoints(storage: Storage, spec: FinetuneJobSpec, job_id: str, pla
         storage.write_bytes(uri, json.dumps(identity).encode())
 
 
-def _trainer(spec: FinetuneJobSpec, job_id: str, plan: DataPlan, cluster: ClusterResources, show_progress: bool):
+def _trainer(spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe, probe: ProbeFit | None,
+             cluster: ClusterResources, show_progress: bool):  # fmt: skip
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from workers.training.loop import train_loop
 
     cpus = _cpus_per_worker(spec, cluster)
     resources = {"CPU": cpus, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
@@ -171,6 +306,8 @@ def _trainer(spec: FinetuneJobSpec, job_id: str, plan: DataPlan, cluster: Cluste
     config = {
         "spec": spec,  # the pydantic object, pickled: a JSON dump would mask the storage secrets
         "plan": plan,
+        "recipe": recipe,
+        "probe": probe if spec.training.method == "lp-ft" else None,
         "torch_threads": max(1, math.floor(cpus)),
         "show_progress": show_progress,
         "log_level": log_level,

@@ -64,27 +64,62 @@ def _validation_manifest(artifact: Path, folder: Path) -> tuple[Path, dict[str, 
     return manifest, truth
 
 
+def _with_copies(leaves: Path, folder: Path, copies: int) -> tuple[Path, dict[str, str]]:
+    """The leaves plus byte-identical copies of the first `copies` photos of each class; {copy: original}."""
+    data = folder / "leaves"
+    shutil.copytree(leaves, data)
+    originals = {}
+    for name in CLASSES:
+        for photo in sorted((data / name).iterdir())[:copies]:
+            copy = photo.with_name(f"copy-{photo.name}")
+            shutil.copy(photo, copy)
+            originals[str(copy)] = str(photo)
+    return data, originals
+
+
 @pytest.mark.usefixtures("ray_cluster")
-def test_fine_tuned_artifact_labels_its_validation_images_with_the_card_accuracy(leaves, tmp_path):
-    spec = _spec(str(leaves), str(tmp_path / "models" / "leaves"))
+def test_default_recipe_fits_the_head_first_keeps_copies_on_one_side_and_labels_with_the_card_accuracy(
+    leaves, tmp_path
+):
+    """The default (lp-ft): head fitted on frozen features (epoch 0), then every layer for at least min_steps; the
+    split keeps byte-identical copies with their originals; the artifact labels its validation images with the
+    card's accuracy."""
+    data, originals = _with_copies(leaves, tmp_path, copies=3)
+    spec = _spec(str(data), str(tmp_path / "models" / "leaves"), training={"method": "lp-ft", "min_steps": 6})
+    assert FinetuneJobSpec.model_fields["training"].default.method == "lp-ft"  # the default recipe
 
     summary = run_finetune_job(spec, show_progress=False)
 
     card, artifact = summary.card, Path(summary.artifact)
     assert (summary.status, artifact, card.artifact_id) == ("succeeded", tmp_path / "models" / "leaves" / "v1",
                                                             "leaves:v1")  # fmt: skip
-    assert card.class_names == list(CLASSES) and card.epochs_run == 2 and len(card.metrics.history) == 2
-    assert (card.dataset.train_images, card.dataset.val_images) == (16, 4)
+    assert card.class_names == list(CLASSES) and card.epochs_run == 2
+    assert [m.epoch for m in card.metrics.history] == [0, 1, 2]  # epoch 0: the fitted head, before any training
+    recipe = card.recipe
+    assert [s.name for s in recipe.stages] == ["head", "full"] and recipe.stages[0].steps > 0
+    # 20 training images at batch 8 are 3 steps a pass; min_steps 6 over 2 epochs asks for no more.
+    assert (recipe.steps_per_epoch, recipe.stages[1].steps, recipe.label_smoothing) == (3, 6, 0.0)
+    assert recipe.stages[1].head_lr == recipe.stages[1].backbone_lr == pytest.approx(1e-4)
+    assert (card.dataset.train_images, card.dataset.val_images) == (20, 6)
+    assert (card.dataset.duplicate_groups, card.dataset.grouped_images) == (6, 12)
+    assert card.dataset.groups == 20
+    with open(artifact / SPLIT_NAME, newline="") as fh:
+        side = {row["key"]: row["split"] for row in csv.DictReader(fh)}
+    assert all(side[copy] == side[original] for copy, original in originals.items())
     assert (card.preprocess.resize_size, card.preprocess.crop_size) == (110, 96)  # the preset's 256/224 ratio
-    assert sum(map(sum, card.metrics.confusion_matrix)) == 4
+    m = card.metrics
+    assert sum(map(sum, m.confusion_matrix)) == m.val_images == 6
+    assert m.val_accuracy_ci95[0] <= m.val_accuracy <= m.val_accuracy_ci95[1]
+    text = "\n".join(summary.lines())
+    assert "rough: only 6 validation images" in text and "6 near-duplicate group(s) (12 images)" in text
     assert not (tmp_path / "models" / "leaves" / "_checkpoints").exists()  # removed once published
 
     manifest, truth = _validation_manifest(artifact, tmp_path)
     # split.csv's keys are the training data's own locations, outside the manifest's folder: allowed by name.
-    label_spec = LabelJobSpec(input={"uri": str(manifest), "format": "manifest", "allowed_roots": [str(leaves)]},
+    label_spec = LabelJobSpec(input={"uri": str(manifest), "format": "manifest", "allowed_roots": [str(data)]},
                               output=str(tmp_path / "labels"), model={"name": str(artifact)}, top_k=2,
                               num_workers=1)  # fmt: skip
-    assert run_label_job(label_spec, show_progress=False).images == 4
+    assert run_label_job(label_spec, show_progress=False).images == 6
     rows = ds.dataset(tmp_path / "labels", format="parquet").to_table().to_pylist()
     assert {r["model"] for r in rows} == {"leaves:v1"} and {r["label"] for r in rows} <= set(CLASSES)
     accuracy = sum(truth[r["key"]] == r["label"] for r in rows) / len(rows)
@@ -93,6 +128,36 @@ def test_fine_tuned_artifact_labels_its_validation_images_with_the_card_accuracy
     again = run_finetune_job(spec, show_progress=False)
     assert (again.status, again.artifact) == ("already-complete", summary.artifact)
     assert set(versions(_local(), spec.output)) == {1}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_linear_probe_is_a_convex_fit_on_one_pass_of_embeddings_and_labels_like_its_card(leaves, tmp_path):
+    """linear-probe: one forward pass, an L-BFGS fit of the head in well under a second; the artifact is the base
+    model's own backbone with that head, in the usual format, and a label job reproduces the card's accuracy."""
+    spec = _spec(str(leaves), str(tmp_path / "models" / "probe"), training={"method": "linear-probe"})
+
+    summary = run_finetune_job(spec, show_progress=False)
+
+    card, artifact = summary.card, Path(summary.artifact)
+    assert [(s.name, s.optimizer.split()[0]) for s in card.recipe.stages] == [("head", "L-BFGS")]
+    assert 0 < card.recipe.stages[0].steps <= 500 and card.epochs_run == 0
+    assert [m.epoch for m in card.metrics.history] == [0] and card.metrics.best_epoch == 0
+    assert card.train_seconds < 30  # the embedding pass and the fit; epochs through the backbone took minutes
+    from safetensors.torch import load_file
+
+    weights = load_file(str(artifact / card.weights_file))
+    imagenet = torch.load(Path(torch.hub.get_dir(), "checkpoints", "mobilenet_v2-b0353104.pth"), weights_only=True)
+    assert torch.equal(weights["backbone.features.0.0.weight"], imagenet["features.0.0.weight"])  # frozen
+    assert weights["head.weight"].shape == (2, 1280)
+
+    manifest, truth = _validation_manifest(artifact, tmp_path)
+    label_spec = LabelJobSpec(input={"uri": str(manifest), "format": "manifest", "allowed_roots": [str(leaves)]},
+                              output=str(tmp_path / "labels"), model={"name": str(artifact)}, top_k=2,
+                              num_workers=1)  # fmt: skip
+    assert run_label_job(label_spec, show_progress=False).images == card.metrics.val_images == 4
+    rows = ds.dataset(tmp_path / "labels", format="parquet").to_table().to_pylist()
+    accuracy = sum(truth[r["key"]] == r["label"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(card.metrics.val_accuracy)
 
 
 def _local():
@@ -325,3 +390,11 @@ def _publish_in_process(spec: FinetuneJobSpec, plan, weights: Path, state, start
     storage = _ListTogether(open_storage(spec.output, spec.storage), listed)
     start.wait(timeout=120)
     publish(storage, spec, spec.resolved_job_id(), plan, weights, state)
+
+
+def test_the_fine_tune_driver_imports_no_torch():
+    """The job service imports jobs.finetune: torch and torchvision stay in the workers."""
+    code = "import sys, jobs.finetune, jobs.cli; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert result.stdout.strip() == "[]"

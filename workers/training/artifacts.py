@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -37,11 +38,12 @@ from schemas.finetune import (
     FinetuneJobSpec,
     Metrics,
     ModelCard,
+    Recipe,
     TrainingState,
 )
 from schemas.specs import StorageOptions
 from workers.storage import Storage, join, local_scratch_dir, normalise_uri, open_storage, relative_key
-from workers.training.data import DataPlan
+from workers.training.dataplan import DataPlan
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,19 @@ def find_job_artifact(storage: Storage, output: str, job_id: str) -> tuple[str, 
 
 # ------------------------------------------------------------------------------------------------- metrics
 
+ROUGH_BELOW = 50  # validation images under which the summary calls the accuracy rough
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95 % at z = 1.96) of a proportion correct / total: unlike the normal
+    approximation it stays inside [0, 1] and is honest at 10/10 or 0/10, which small validation sets give."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
 
 def metrics_of(confusion: list[list[int]], class_names: list[str], history: list[EpochMetrics], best_epoch: int
                ) -> Metrics:  # fmt: skip
@@ -154,8 +169,11 @@ def metrics_of(confusion: list[list[int]], class_names: list[str], history: list
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class.append(ClassMetrics(name=name, precision=precision, recall=recall, f1=f1, support=actual))
     best = next(m for m in history if m.epoch == best_epoch)
+    correct = sum(confusion[i][i] for i in range(n))
     return Metrics(
-        val_accuracy=sum(confusion[i][i] for i in range(n)) / total if total else 0.0,
+        val_accuracy=correct / total if total else 0.0,
+        val_accuracy_ci95=wilson_interval(correct, total),
+        val_images=total,
         val_loss=best.val_loss,
         macro_f1=sum(c.f1 for c in per_class) / n,
         class_names=class_names,
@@ -227,7 +245,13 @@ def sha256_of(path: Path) -> str:
 
 
 def publish(
-    storage: Storage, job: FinetuneJobSpec, job_id: str, plan: DataPlan, best_weights: Path, state: TrainingState
+    storage: Storage,
+    job: FinetuneJobSpec,
+    job_id: str,
+    plan: DataPlan,
+    best_weights: Path,
+    state: TrainingState,
+    recipe: Recipe | None = None,
 ) -> tuple[str, ModelCard]:
     """Write a run's best weights (a safetensors file), metrics, plots and split as a new version under the job's
     output: the version is claimed first (`claim_version`), the model card goes last, so a version is complete
@@ -244,6 +268,7 @@ def publish(
         version = claim_version(storage, job.output, job_id)
         location = join(job.output, f"v{version}")
         card = _card(job, job_id, plan, state, version, metrics, sha256_of(weights))
+        card = card.model_copy(update={"recipe": recipe})
         storage.upload_file(str(weights), join(location, WEIGHTS_NAME))
         storage.write_bytes(join(location, METRICS_NAME), metrics.model_dump_json(indent=1).encode())
         storage.upload_file(str(scratch / CURVES_NAME), join(location, CURVES_NAME))
@@ -292,6 +317,9 @@ def _dataset_info(job: FinetuneJobSpec, plan: DataPlan, state: TrainingState) ->
         skipped_images=state.skipped_images,
         skipped_examples=state.skipped_examples,
         split_file=SPLIT_NAME,
+        groups=plan.groups,
+        duplicate_groups=plan.duplicate_groups,
+        grouped_images=plan.grouped_images,
     )
 
 

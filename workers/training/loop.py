@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from schemas.finetune import EpochMetrics, FinetuneJobSpec, TrainingSpec, TrainingState
+from schemas.finetune import EpochMetrics, FinetuneJobSpec, Recipe, TrainingSpec, TrainingState
 from schemas.specs import PreprocessSpec
 from workers.inference import autocast_dtype
 from workers.models import build_model
@@ -76,13 +76,14 @@ def build_classifier(job: FinetuneJobSpec, num_classes: int, cache_dir: Path) ->
     return model, loaded.preprocess
 
 
-def param_groups(model: Classifier, job: FinetuneJobSpec) -> list[dict]:
-    """The head at the full learning rate; for `full`, the backbone at a fraction of it, so the pre-trained
-    features adapt without being overwritten by gradients from a head that starts random."""
-    t = job.training
-    groups = [{"params": list(model.head.parameters()), "base_lr": t.learning_rate}]
-    if t.method == "full":
-        groups.append({"params": list(model.backbone.parameters()), "base_lr": t.learning_rate * t.backbone_lr_scale})
+def param_groups(model: Classifier, recipe: Recipe) -> list[dict]:
+    """The head and the backbone at the recipe's learning rates (workers.training.recipe: for `full` the backbone
+    at a fraction of the random head's, so the pre-trained features adapt without being overwritten by its
+    gradients; for lp-ft both slow, the head being fitted already)."""
+    stage = recipe.stages[-1]
+    groups = [{"params": list(model.head.parameters()), "base_lr": stage.head_lr}]
+    if stage.backbone_lr is not None:
+        groups.append({"params": list(model.backbone.parameters()), "base_lr": stage.backbone_lr})
     for group in groups:
         group["lr"] = group["base_lr"]
     return groups
@@ -216,8 +217,9 @@ def read_state(folder: Path) -> TrainingState:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's `train_loop_per_worker`: config holds the job spec and data plan (small, picklable) and the
-    worker settings (torch threads, progress bar, log level)."""
+    """Ray Train's `train_loop_per_worker`: config holds the job spec, data plan and recipe (small, picklable),
+    lp-ft's fitted head (`probe`, a workers.training.embed.ProbeFit) and the worker settings (torch threads,
+    progress bar, log level)."""
     import ray.train
 
     job: FinetuneJobSpec = config["spec"]
@@ -251,28 +253,32 @@ class FinetuneWorker:
         import ray.train.torch
 
         self.job, self.plan, self.rank, self.world_size = job, plan, rank, world_size
+        self.recipe: Recipe = config["recipe"]
+        self.probe = config.get("probe")  # lp-ft: the head fitted on frozen features, where training starts
         self.show_progress = bool(config.get("show_progress", False)) and rank == 0
         self.scratch = local_scratch_dir()
         self.device = ray.train.torch.get_device()
         self.amp_dtype = autocast_dtype(self.device, job.base.precision)
         model, preset = build_classifier(job, len(plan.class_names), Path(self.scratch, "weights"))
+        if self.probe is not None:
+            with torch.no_grad():
+                model.head.weight.copy_(torch.tensor(self.probe.head.weight))  # a copy: Ray's arrays are read-only
+                model.head.bias.copy_(torch.tensor(self.probe.head.bias))
         self.crop = job.training.image_size or preset.crop_size
         self.preprocess = scaled_preprocess(preset, self.crop)  # evaluation's, the card's and label jobs'
         self.train_images, self.val_images = self._load_data()
         self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
-        self.optimizer = torch.optim.AdamW(param_groups(self.plain_model, job), weight_decay=job.training.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(self.plain_model, self.recipe),
+                                           weight_decay=job.training.weight_decay)  # fmt: skip
         weights = class_weights(plan, job.training.class_weights)
         self.loss_fn = nn.CrossEntropyLoss(
             weight=weights.to(self.device) if weights is not None else None,
-            label_smoothing=job.training.label_smoothing,
+            label_smoothing=self.recipe.label_smoothing,
         )
         self.normalise = Normalise(self.preprocess, self.device)
-        # Every rank takes the same number of steps (DDP all-reduces each one): the longest shard's length.
-        per_rank = math.ceil(len(plan.train) / world_size)
-        if per_rank % job.training.batch_size == 1 and per_rank > 1:
-            per_rank -= 1  # a last batch of one image breaks batch norm in training mode
-        self.samples_per_epoch = per_rank
-        self.steps_per_epoch = math.ceil(per_rank / job.training.batch_size)
+        # The same steps on every rank (DDP all-reduces each one); a small set repeats within an epoch.
+        self.samples_per_epoch = self.recipe.samples_per_epoch
+        self.steps_per_epoch = self.recipe.steps_per_epoch
 
     @property
     def plain_model(self) -> Classifier:
@@ -307,6 +313,8 @@ class FinetuneWorker:
             log.info("resuming from the checkpoint after epoch %d", state.epochs_done)
         skipped = self._all_skipped()
         state = updated(state, skipped_images=len(skipped), skipped_examples=skipped[:MAX_SKIPPED_KEPT])
+        if self.probe is not None and not state.history:
+            state, best = self._evaluate_fitted_head(state)
         while not state.finished(self.job.training.epochs):
             epoch = state.epochs_done + 1
             started = time.perf_counter()
@@ -330,6 +338,19 @@ class FinetuneWorker:
             ray.train.report(metrics.model_dump(), checkpoint=checkpoint)
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)  # report() has copied it to the run's storage
+
+    def _evaluate_fitted_head(self, state: TrainingState) -> tuple[TrainingState, dict]:
+        """Epoch 0 of lp-ft: the fitted head on the untouched backbone, scored like every epoch after it, so the
+        run publishes it when no fine-tuned epoch reaches a lower validation loss."""
+        started = time.perf_counter()
+        val, confusion = self._evaluate()
+        metrics = EpochMetrics(epoch=0, train_loss=self.probe.train_loss, train_accuracy=self.probe.train_accuracy,
+                               val_loss=val.loss, val_accuracy=val.accuracy, learning_rate=0.0,
+                               seconds=round(self.probe.seconds + time.perf_counter() - started, 2))  # fmt: skip
+        best = {k: v.detach().cpu().clone() for k, v in self.plain_model.state_dict().items()}
+        state = next_state(state, metrics, confusion, self.job.training)
+        self._report(state)
+        return state, best
 
     def _report(self, state: TrainingState) -> None:
         if self.rank != 0:
@@ -360,8 +381,8 @@ class FinetuneWorker:
         dataset = AugmentedImages(self.train_images, self.crop, t.min_crop_scale)
         loader = DataLoader(dataset, batch_size=t.batch_size, sampler=order, num_workers=0)
         self._set_mode(training=True)
-        total_steps = t.epochs * self.steps_per_epoch
-        warmup_steps = round(t.warmup_epochs * self.steps_per_epoch)
+        total_steps = self.recipe.total_steps
+        warmup_steps = self.recipe.warmup_steps
         totals = EpochTotals()
         bar = self._progress_bar(epoch, len(loader))
         for step, (pixels, labels) in enumerate(loader):

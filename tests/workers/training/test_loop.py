@@ -27,6 +27,7 @@ from workers.training.loop import (
     seed_for,
     write_checkpoint,
 )
+from workers.training.recipe import plan_recipe
 
 REAL_WEIGHTS = Path(torch.hub.get_dir(), "checkpoints", "mobilenet_v2-b0353104.pth")
 
@@ -69,14 +70,16 @@ def test_head_initialisation_is_seeded(tmp_path):
 def test_full_trains_the_backbone_slower_and_linear_probe_freezes_it(tmp_path):
     full = job("full", weights=None, learning_rate=1e-3, backbone_lr_scale=0.1)
     model, _ = build_classifier(full, 2, tmp_path)
-    groups = param_groups(model, full)
+    groups = param_groups(model, plan_recipe(full.training, 100, 1, 500))
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-4])
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    lp_ft = job("lp-ft", weights=None, learning_rate=1e-3, backbone_lr_scale=0.1)
+    groups = param_groups(model, plan_recipe(lp_ft.training, 100, 1, 500))
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-4])  # the fitted head moves as slowly
 
     probe = job("linear-probe", weights=None)
     model, _ = build_classifier(probe, 2, tmp_path)
-    (head_group,) = param_groups(model, probe)
-    assert [p.shape for p in head_group["params"]] == [(2, 1280), (2,)]
+    assert [p.shape for p in model.parameters() if p.requires_grad] == [(2, 1280), (2,)]
     assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
@@ -123,7 +126,7 @@ def test_best_epoch_is_the_lowest_validation_loss_and_patience_stops_early():
 def test_checkpoint_restores_model_optimiser_and_state(tmp_path):
     spec = job(weights=None)
     model, _ = build_classifier(spec, 2, tmp_path / "cache")
-    optimizer = torch.optim.AdamW(param_groups(model, spec))
+    optimizer = torch.optim.AdamW(param_groups(model, plan_recipe(spec.training, 10, 1, 500)))
     model(torch.rand(2, 3, 32, 32)).sum().backward()
     optimizer.step()
     best = {k: v.clone() + 1 for k, v in model.state_dict().items()}
@@ -133,7 +136,7 @@ def test_checkpoint_restores_model_optimiser_and_state(tmp_path):
     write_checkpoint(folder, model, best, optimizer, state)
 
     fresh, _ = build_classifier(job(weights=None, seed=9), 2, tmp_path / "cache")
-    fresh_optimizer = torch.optim.AdamW(param_groups(fresh, spec))
+    fresh_optimizer = torch.optim.AdamW(param_groups(fresh, plan_recipe(spec.training, 10, 1, 500)))
     restored, restored_best = read_checkpoint(folder, fresh, fresh_optimizer)
 
     assert restored == state
