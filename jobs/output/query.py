@@ -36,9 +36,9 @@ VIEW = "labels"
 _FILES_VIEW = "labels_lists"  # the rows as stored (embedding a variable-size list); `labels` is built on it
 _BATCH_ROWS = 10_000
 INDEX_CHOICES = ("auto", "always", "never")
-# From `python -m bench.similar` (bench/RESULTS.md): at 100,000 rows of width 1280 the exact scan takes 3-9 s a query
-# (on a busy 2-core box), the index's one-off build 5-24 s, paid back by the second or third query, each then
-# 15-30 ms; below it the exact scan stays near 1-2 s and nothing needs caching.
+# From `python -m bench.similar` (bench/RESULTS.md): at 100,000 rows of width 1280 the exact scan takes 1.6-3 s a query
+# on 2 cores (more under load), the index's one-off build 2.5 times that, paid back by the third query, each then
+# 15-60 ms; at 300,000 rows exact is 3.5-9 s. Below the threshold nothing is worth caching.
 INDEX_MIN_ROWS = 100_000
 
 
