@@ -231,6 +231,7 @@ def open_output_input(output: Path) -> str:
 
 
 def test_report_module_imports_no_torch_or_ray():
-    script = "import sys, jobs.output.report_page; sys.exit('torch' in sys.modules or 'ray' in sys.modules)"
+    modules = "jobs.output.report_page, jobs.output.index"
+    script = f"import sys, {modules}; sys.exit('torch' in sys.modules or 'ray' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     assert subprocess.run([sys.executable, "-c", script], timeout=60, env=env).returncode == 0
