@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _CALL_TRIES = 20  # a service that is being restarted by Ray answers again within seconds
 _CALL_RETRY_S = 1.0
+_started_here = False  # this process started the local cluster: nodes join it only by hand, so no autoscaler
 
 
 class ServiceNotRunning(InfrastructureError):
@@ -53,10 +54,12 @@ def _start_local_cluster() -> None:
     ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
     if ray_cli is None:
         raise InfrastructureError("no `ray` command next to this Python; cannot start a local cluster")
+    global _started_here
     log.info("starting a local Ray cluster for the job service (`ray stop` ends it)")
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     subprocess.run([ray_cli, "start", "--head", "--disable-usage-stats"], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    _started_here = True
 
 
 def service(start: bool = True, config: ServiceConfig | None = None) -> ray.actor.ActorHandle:
@@ -69,7 +72,8 @@ def service(start: bool = True, config: ServiceConfig | None = None) -> ray.acto
             raise ServiceNotRunning("no bulklabel job service on this cluster (`bulklabel service start`)") from None
     from jobs.service.actor import JobServiceActor
 
-    config = config or ServiceConfig()
+    # On the local cluster this process just started no node will join: a job it can never hold fails at once.
+    config = config or ServiceConfig(autoscaler=not _started_here)
     log.info("starting the job service (state: %s)", config.state_uri)
     return JobServiceActor.options(
         name=SERVICE_NAME, namespace=SERVICE_NAMESPACE, lifetime="detached", get_if_exists=True

@@ -21,7 +21,7 @@ import ray
 
 from jobs.cluster import ClusterResources
 from jobs.service import metrics
-from jobs.service.admission import ClusterView, QueuedJob, Resources, admit, idle_expired
+from jobs.service.admission import ClusterView, Needs, QueuedJob, Resources, admit, idle_expired
 from jobs.service.config import ServiceConfig
 from jobs.service.kinds import (
     RUNNERS,
@@ -66,6 +66,7 @@ class JobService:
         self._running: dict[str, RunningJob] = {}
         self._pools: dict[str, WorkerPool] = {}
         self._job_pool: dict[str, str] = {}
+        self._needs: dict[str, Needs] = {}  # fine-tunes: what each holds (pools count their own workers)
         self._written_at: dict[str, float] = {}
         self._stopping = threading.Event()
         logging.getLogger().addHandler(StoreLogHandler(self.store))
@@ -184,8 +185,8 @@ class JobService:
             text = "\n".join(outcome.summary) + ("\n" if outcome.summary else "")
             self.store.append_log(job_id, text + f"{_now().isoformat()} {outcome.state.value}\n")
             metrics.job_ended(record.kind.value, outcome.state.value)
-            if (key := self._job_pool.pop(job_id, None)) and key in self._pools:
-                pass  # the lease was released by the runner's scheduler; the pool stays warm
+            self._job_pool.pop(job_id, None)  # its lease is released; the pool stays warm for the next job
+            self._needs.pop(job_id, None)
 
     def _admit(self) -> None:
         queued = self.store.list([JobState.QUEUED])
@@ -201,12 +202,10 @@ class JobService:
             if record.kind is JobKind.LABEL:
                 needs, placements[record.job_id] = label_needs(spec, cluster, record.max_workers)
             else:
-                needs = finetune_needs(spec, cluster)
+                needs = self._needs[record.job_id] = finetune_needs(spec, cluster)
             jobs.append(QueuedJob(record.job_id, record.priority, record.seq, needs, record.kind, record.model_key))
-        view = ClusterView(
-            free=Resources(*_free()), nodes=tuple(Resources(c, g) for c, g in cluster.node_resources),
-            autoscaler=self.config.autoscaler, nodes_free=tuple(Resources(c, g) for c, g in _free_per_node()),
-        )  # fmt: skip
+        view = ClusterView(free=self._free(cluster), nodes=tuple(Resources(c, g) for c, g in cluster.node_resources),
+                           autoscaler=self.config.autoscaler)  # fmt: skip
         decision = admit(jobs, view, [pool.view() for pool in self._pools.values()])
         for key in decision.evict:
             self._pools.pop(key).close()
@@ -219,6 +218,17 @@ class JobService:
             elif record.waiting_reason != waiting.reason:
                 self._put(with_waiting(record, waiting.reason, _now()))
         _request_resources([job for job in jobs if job.job_id in decision.waiting])
+
+    def _free(self, cluster: ClusterResources) -> Resources:
+        """What is free for new jobs: what Ray reports free, but never more than the cluster less what the service
+        has handed out. A job just started has not taken its resources yet (its workers are still being placed):
+        counting by Ray alone, the next round would give them away again, and a fine-tune's trainer could wait
+        behind a warm pool for ever."""
+        held = sum((p.view().per_worker.times(p.view().workers) for p in self._pools.values()), Resources())
+        held += sum((self._needs[job].minimum for job in self._running if job in self._needs), Resources())
+        left = Resources(cluster.cpus, cluster.gpus) - held
+        ray_free = Resources(*_free())
+        return Resources(min(ray_free.cpus, left.cpus), min(ray_free.gpus, left.gpus)).clipped()
 
     def _start(self, record: JobRecord, placement) -> None:
         spec = self._specs[record.job_id]
@@ -302,12 +312,6 @@ def _cluster() -> ClusterResources:
 def _free() -> tuple[float, float]:
     free = ray.available_resources()
     return float(free.get("CPU", 0)), float(free.get("GPU", 0))
-
-
-def _free_per_node() -> list[tuple[float, float]]:
-    from ray._private.state import available_resources_per_node  # no public per-node view in Ray 2.60
-
-    return [(float(r.get("CPU", 0)), float(r.get("GPU", 0))) for r in available_resources_per_node().values()]
 
 
 def _request_resources(waiting: list[QueuedJob]) -> None:

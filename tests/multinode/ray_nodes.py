@@ -47,6 +47,7 @@ class MultiNodeCluster:
     address: str = ""
     dashboard: str = ""
     start_seconds: dict[str, float] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # node name → its Prometheus metrics endpoint's port
 
     def node_env(self) -> dict[str, str]:
         """Every node's environment: project importable (workers are spawned by their raylet, not by the driver),
@@ -73,9 +74,11 @@ class MultiNodeCluster:
         self._ray_start(name, ["--address", self.address, "--num-cpus", str(cpus), "--num-gpus", "0"])
 
     def _ray_start(self, name: str, args: list[str]) -> None:
-        command = [RAY, "start", *args, "--temp-dir", self.temp_dir, "--object-store-memory",
-                   str(OBJECT_STORE_BYTES), "--dashboard-agent-listen-port", str(_free_port()),
-                   "--disable-usage-stats", "--log-style", "record"]  # fmt: skip
+        self.metrics_ports[name] = _free_port()
+        command = [RAY, "start", *args, "--temp-dir", self.temp_dir, "--object-store-memory", str(OBJECT_STORE_BYTES),
+                   "--metrics-export-port", str(self.metrics_ports[name]),
+                   "--dashboard-agent-listen-port", str(_free_port()), "--disable-usage-stats",
+                   "--log-style", "record"]  # fmt: skip
         started = time.monotonic()
         done = subprocess.run(command, env=self.node_env(), capture_output=True, text=True, timeout=START_TIMEOUT_S)
         if done.returncode != 0:

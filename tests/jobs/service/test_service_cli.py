@@ -122,8 +122,8 @@ def test_jobs_queue_share_a_warm_pool_and_start_by_priority(service, tmp_path):
                                  str(photos), "--output", str(tmp_path / "out-c"), "--files-per-shard", "4",
                                  "--shared-storage", "--quiet")  # fmt: skip
     tune = service.submit("finetune", "--data", str(_small_plants(tmp_path / "plants")), "--base", "mobilenet_v2",
-                          "--weights", "IMAGENET1K_V1", "--output", str(tmp_path / "model"), "--epochs", "1",
-                          "--image-size", "64", "--quiet", "--priority", "5")  # fmt: skip
+                          "--weights", "IMAGENET1K_V1", "--output", str(tmp_path / "model"), "--method",
+                          "linear-probe", "--image-size", "64", "--quiet", "--priority", "5")  # fmt: skip
     jobs = (first, same_model, other_model, tune)
     seen: dict[str, set[str]] = {job: set() for job in jobs}
     waiting_reasons: set[str] = set()
@@ -262,3 +262,52 @@ def test_a_job_waits_for_a_node_then_runs_on_it(tmp_path, record_property):
     assert record["state"] == "succeeded", record
     rows = assert_exactly_once(tmp_path / "out", photos)
     record_property("measured", f"queued: {waiting['waiting_reason']!r}; ran once the node joined; {rows}/4 rows")
+
+
+def test_token_auth_cluster_metrics_and_no_credentials_in_records(tmp_path):
+    """On a cluster with Ray token authentication: the CLI with the token works, without it is refused; the
+    service's metrics reach the nodes' Prometheus endpoints; job records, logs and status hold no credentials."""
+    token, secret = "bl-test-" + os.urandom(16).hex(), "SECRET-" + os.urandom(8).hex()
+    cluster = MultiNodeCluster(env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    try:
+        cluster.start(worker_nodes=1, cpus_per_node=2)
+        svc = Service(cluster, tmp_path / "state")
+        photos = _photos(tmp_path / "photos", 4)
+        spec = tmp_path / "job.yaml"
+        spec.write_text(json.dumps({"kind": "label", "input": {"uri": str(photos)}, "output": str(tmp_path / "out"),
+                                    "model": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
+                                    "shared_storage": True, "storage": {"access_key_id": "AKIA" + secret[:8],
+                                                                        "secret_access_key": secret}}))  # fmt: skip
+        job = svc.submit("file", str(spec))
+        record = svc.wait_ended(job)
+        without = {k: v for k, v in svc.env().items() if k != "RAY_AUTH_TOKEN"}
+        refused = subprocess.run([CLI, "list"], env=without, capture_output=True, text=True, timeout=120)
+        texts = [svc.cli("status", job, "--json").stdout, svc.cli("logs", job).stdout,
+                 *(p.read_text() for p in (tmp_path / "state").rglob("*") if p.is_file())]  # fmt: skip
+        metrics = _scrape(cluster, "bulklabel_images_labelled")
+        svc.stop()
+    finally:
+        cluster.stop()
+    assert record["state"] == "succeeded", record
+    assert refused.returncode != 0
+    assert not any(secret in text or token in text for text in texts)
+    assert any(f'job="{job}"' in line and line.rstrip().endswith(" 4.0") for line in metrics), metrics
+
+
+def _scrape(cluster: MultiNodeCluster, name: str, timeout: float = 60) -> list[str]:
+    """The lines of metric `name` from every node's Prometheus endpoint (Ray exports every few seconds)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = []
+        for port in cluster.metrics_ports.values():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                    text = response.read().decode()
+                lines += [ln for ln in text.splitlines() if name in ln and not ln.startswith("#")]
+            except OSError:
+                continue
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(2)
