@@ -73,10 +73,15 @@ class ScriptedWorkers(PrivateWorkers):
         remote = ray.remote(num_cpus=0)(ScriptedWorker)
         super().__init__(lambda index: remote.remote(index, script or {}, work_s, start_s))
         self.grow_on, self.grow_calls, self.replaced = set(grow_on), 0, 0
+        self.released: list = []
 
     def replace(self, dead):
         self.replaced += 1
         return super().replace(dead)
+
+    def release(self, actors):
+        self.released += actors
+        super().release(actors)
 
     def grow(self):
         self.grow_calls += 1
@@ -102,25 +107,25 @@ def run(dispatcher: ShardDispatcher, n: int, cancelled=lambda: False) -> tuple[d
 
 
 def test_every_shard_is_committed_once_with_two_in_flight_per_worker(ray_cluster):
-    dispatcher = ShardDispatcher(ScriptedWorkers(), 1, FAST, JOB)
+    source = ScriptedWorkers()
+    dispatcher = ShardDispatcher(source, 1, FAST, JOB)
     assert dispatcher.first_ready()["index"] == 0
-    worker = dispatcher.actors[0]
     done, failures = run(dispatcher, 5)
     assert sorted(done) == [f"s{i}" for i in range(5)] and failures == {} and dispatcher.restarts == 0
     counts = dispatcher.counts()
     assert (counts.planned, counts.done, counts.images, counts.running) == (5, 5, 10, 0)
-    with pytest.raises(ray.exceptions.RayActorError):  # shutdown released (killed) the job's own workers
-        ray.get(worker.describe.remote(), timeout=30)
+    assert source.released == dispatcher.actors  # shutdown gave the workers back to their source
 
 
-def test_at_most_two_shards_wait_in_a_worker_and_the_second_is_ahead(ray_cluster):
-    source = ScriptedWorkers(work_s=0.3)
+def test_a_worker_holds_two_shards_at_once_and_never_more(ray_cluster):
+    source = ScriptedWorkers(work_s=0.5)
     dispatcher = ShardDispatcher(source, 1, FAST, JOB)
     done: list[str] = []
     dispatcher.run(tasks(4), lambda r: done.append(r.shard_id))
     seen = ray.get(dispatcher.actors[0].describe.remote())
     dispatcher.shutdown()
-    assert seen["most_active"] == 2 and [shard for shard, _ in seen["seen"]] == ["s0", "s1", "s2", "s3"]
+    # An async actor may start its queued calls in any order (nothing depends on it); each shard came once.
+    assert seen["most_active"] == 2 and sorted(seen["seen"]) == [(f"s{i}", 1) for i in range(4)]
 
 
 def test_a_raising_shard_is_retried_after_its_backoff_then_fails_for_good(ray_cluster):
@@ -157,9 +162,9 @@ def test_workers_dying_past_max_actor_restarts_stop_the_job(ray_cluster):
 
 
 def test_a_hung_shard_is_replaced_after_its_timeout_but_a_loading_worker_is_not(ray_cluster):
-    # Each worker takes 1.5 s to start, past the 1 s timeout: only time at the head of a worker that is up counts.
-    limits = LedgerLimits(max_attempts=2, shard_timeout_s=1.0, max_actor_restarts=3, backoff_s=0.1)
-    source = ScriptedWorkers({("s1", 1): "hang"}, work_s=0.1, start_s=1.5)
+    # Each worker takes 2.5 s to start, past the 2 s timeout: only time at the head of a worker that is up counts.
+    limits = LedgerLimits(max_attempts=2, shard_timeout_s=2.0, max_actor_restarts=3, backoff_s=0.1)
+    source = ScriptedWorkers({("s1", 1): "hang"}, work_s=0.1, start_s=2.5)
     dispatcher = ShardDispatcher(source, 1, limits, JOB)
     done, failures = run(dispatcher, 3)
     assert sorted(done) == ["s0", "s1", "s2"] and failures == {}
@@ -175,7 +180,7 @@ def test_after_cancel_nothing_new_starts_not_even_a_retry_and_running_shards_fin
     seen_before_shutdown = ray.get(dispatcher.actors[0].describe.remote())["seen"]
     dispatcher.shutdown()
     # s0 committed, then the cancel: s1 (already in the worker) ran and raised; it is neither retried nor failed.
-    assert sorted(done) == ["s0"] and failures == {} and seen_before_shutdown == [("s0", 1), ("s1", 1)]
+    assert sorted(done) == ["s0"] and failures == {} and sorted(seen_before_shutdown) == [("s0", 1), ("s1", 1)]
     assert dispatcher.counts().running == 0
 
 
