@@ -34,11 +34,18 @@ class WorkerPool:
         self._started = 0
         self.idle_since: float | None = clock()
 
-    def lease(self, job_id: str) -> PoolLease:
+    def lease(self, job_id: str, cap: int | None = None) -> PoolLease:
+        """A job's access to the pool, for at most `cap` workers (None: all the pool has)."""
         with self._lock:
             self._leases.setdefault(job_id, [])
             self.idle_since = None
-        return PoolLease(self, job_id)
+        return PoolLease(self, job_id, cap)
+
+    def grow_to(self, workers: int) -> None:
+        """Start workers until the pool has `workers` (Ray places them as resources allow)."""
+        with self._lock:
+            while len(self._actors) < workers:
+                self._start()
 
     @property
     def jobs(self) -> list[str]:
@@ -81,6 +88,15 @@ class WorkerPool:
             self._leases[job_id].append(actor)
             return actor
 
+    def _offer(self, job_id: str, cap: int | None) -> list[ray.actor.ActorHandle]:
+        """Pool workers this job does not hold yet, up to its cap (they joined the pool since it last asked)."""
+        with self._lock:
+            held = {a._actor_id for a in self._leases.get(job_id, [])}
+            room = len(self._actors) if cap is None else cap - len(held)
+            offered = [a for a in self._actors if a._actor_id not in held][: max(room, 0)]
+            self._leases.setdefault(job_id, []).extend(offered)
+            return offered
+
     def _replace(self, job_id: str, dead: ray.actor.ActorHandle) -> ray.actor.ActorHandle:
         """The replacement of a dead or hung worker; jobs sharing it get the same one."""
         with self._lock:
@@ -109,8 +125,8 @@ class WorkerPool:
 class PoolLease:
     """One job's workers from a pool (jobs.label.dispatch.WorkerSource): released back to the pool, not killed."""
 
-    def __init__(self, pool: WorkerPool, job_id: str):
-        self.pool, self.job_id = pool, job_id
+    def __init__(self, pool: WorkerPool, job_id: str, cap: int | None = None):
+        self.pool, self.job_id, self.cap = pool, job_id, cap
 
     def acquire(self) -> ray.actor.ActorHandle:
         return self.pool._acquire(self.job_id)
@@ -119,9 +135,9 @@ class PoolLease:
         return self.pool._replace(self.job_id, dead)
 
     def grow(self) -> list[ray.actor.ActorHandle]:
-        """Workers of the pool that became free for this job since it last asked; none yet (asked every
-        dispatch round, so it must stay cheap and never block)."""
-        return []
+        """Workers that joined the pool since this job last asked (the service grows pools when nodes join or
+        resources free up), up to the job's cap; asked every dispatch round, so it is cheap and never blocks."""
+        return self.pool._offer(self.job_id, self.cap)
 
     def release(self, actors: list[ray.actor.ActorHandle]) -> None:
         self.pool._release(self.job_id)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import ray
 
 from jobs.cluster import ClusterResources
 from jobs.service import metrics
-from jobs.service.admission import ClusterView, Needs, QueuedJob, Resources, admit, idle_expired
+from jobs.service.admission import ClusterView, Needs, QueuedJob, Resources, admit, idle_expired, pool_target
 from jobs.service.config import ServiceConfig
 from jobs.service.kinds import (
     RUNNERS,
@@ -67,6 +68,7 @@ class JobService:
         self._pools: dict[str, WorkerPool] = {}
         self._job_pool: dict[str, str] = {}
         self._needs: dict[str, Needs] = {}  # fine-tunes: what each holds (pools count their own workers)
+        self._label_needs: dict[str, Needs] = {}  # label jobs: the workers each may use, for growing its pool
         self._written_at: dict[str, float] = {}
         self._stopping = threading.Event()
         logging.getLogger().addHandler(StoreLogHandler(self.store))
@@ -161,6 +163,7 @@ class JobService:
                 with self._lock:
                     self._settle_running()
                     self._admit()
+                    self._grow_pools()
                     self._expire_pools()
                 self.store.flush_logs()
             except Exception:  # noqa: BLE001 - one bad round (a store hiccup) must not stop the service
@@ -187,6 +190,7 @@ class JobService:
             metrics.job_ended(record.kind.value, outcome.state.value)
             self._job_pool.pop(job_id, None)  # its lease is released; the pool stays warm for the next job
             self._needs.pop(job_id, None)
+            self._label_needs.pop(job_id, None)
 
     def _admit(self) -> None:
         queued = self.store.list([JobState.QUEUED])
@@ -201,6 +205,7 @@ class JobService:
                 continue
             if record.kind is JobKind.LABEL:
                 needs, placements[record.job_id] = label_needs(spec, cluster, record.max_workers)
+                self._label_needs[record.job_id] = needs
             else:
                 needs = self._needs[record.job_id] = finetune_needs(spec, cluster)
             jobs.append(QueuedJob(record.job_id, record.priority, record.seq, needs, record.kind, record.model_key))
@@ -238,7 +243,10 @@ class JobService:
                 pool = self._pool_for(spec, placement)
                 self._job_pool[record.job_id] = pool.key
                 progress = LabelProgress(on_shard=lambda r, m=spec.model.name: metrics.shard_done(r, m))
-                run = LabelJobRun(spec, pool.lease(record.job_id), pool.placement, progress, record.job_id)
+                cap = self._label_needs[record.job_id].max_workers
+                # It starts on one worker; the rest come as the pool grows (_grow_pools) and it takes them.
+                run = LabelJobRun(spec, pool.lease(record.job_id, cap), replace(pool.placement, workers=1), progress,
+                                  record.job_id)  # fmt: skip
             else:
                 run = FinetuneJobRun(spec, record.job_id, self.config.state_uri)
             self._running[record.job_id] = run
@@ -253,6 +261,22 @@ class JobService:
         if pool is None:
             pool = self._pools[worker.pool_key()] = WorkerPool(worker, placement)
         return pool
+
+    def _grow_pools(self) -> None:
+        """Pools of running jobs grow to what their jobs may use, as far as free resources allow: nodes that join
+        get workers, and jobs take them (PoolLease.grow)."""
+        if not self._pools:
+            return
+        spare = self._free(_cluster())
+        for key, pool in self._pools.items():
+            jobs = [QueuedJob(job, 0, 0, self._label_needs[job]) for job, k in self._job_pool.items()
+                    if k == key and job in self._label_needs]  # fmt: skip
+            view = pool.view()
+            target = pool_target(view, jobs, spare)
+            if jobs and target > view.workers:
+                log.info("growing the %s pool from %d to %d workers", key, view.workers, target)
+                pool.grow_to(target)
+                spare = (spare - view.per_worker.times(target - view.workers)).clipped()
 
     def _expire_pools(self) -> None:
         now = time.monotonic()

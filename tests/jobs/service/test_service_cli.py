@@ -241,27 +241,33 @@ def test_cluster_lost_mid_job_is_interrupted_then_resumed(tmp_path, record_prope
 
 @pytest.mark.fault(
     fault="a job submitted to a cluster with no CPUs (head started with --num-cpus 0, no worker node)",
-    injected="`bulklabel submit` to the bare head; a worker node started (`ray start --address`) 5 s later",
-    expected="the job waits as queued with its reason (not an error); the new node picks it up and it finishes",
+    injected="`bulklabel submit --workers 2` to the bare head; a 2-CPU node started (`ray start --address`) 5 s later",
+    expected="the job waits as queued with its reason (not an error); the new node picks it up, its pool grows to 2 "
+    "workers there, and it finishes",
 )
 def test_a_job_waits_for_a_node_then_runs_on_it(tmp_path, record_property):
-    photos = _photos(tmp_path / "photos", 4)
-    cluster = MultiNodeCluster().start(worker_nodes=0)
+    photos = _photos(tmp_path / "photos", 12)
+    cluster = MultiNodeCluster(env=SLOW)
     try:
+        cluster.start(worker_nodes=0)
         svc = Service(cluster, tmp_path / "state")
-        job = svc.submit(*_label_args(photos, tmp_path / "out"))
+        job = svc.submit(*_label_args(photos, tmp_path / "out", "--workers", "2"))
         waiting = svc.wait_for(job, lambda r: r["waiting_reason"], timeout=60, what="a waiting reason")
         assert waiting["state"] == "queued" and "node" in waiting["waiting_reason"], waiting
         time.sleep(5)
         assert svc.status(job)["state"] == "queued"
         cluster.add_worker_node("late", cpus=2)
         record = svc.wait_ended(job)
+        pools = json.loads(svc.cli("service", "status").stdout)["pools"]
         svc.stop()
     finally:
         cluster.stop()
     assert record["state"] == "succeeded", record
+    labelled = [worker["shards_labelled"] for worker in pools[0]["worker_details"]]
+    assert len(labelled) == 2 and min(labelled) >= 1 and sum(labelled) == 6, pools
     rows = assert_exactly_once(tmp_path / "out", photos)
-    record_property("measured", f"queued: {waiting['waiting_reason']!r}; ran once the node joined; {rows}/4 rows")
+    record_property("measured", f"queued: {waiting['waiting_reason']!r}; ran once the node joined, on 2 workers "
+                                f"(shards {labelled}); {rows}/12 rows")  # fmt: skip
 
 
 def test_token_auth_cluster_metrics_and_no_credentials_in_records(tmp_path):
