@@ -120,6 +120,7 @@ class ShardDispatcher:
                 continue
             started, _ = ray.wait(starting, num_returns=1, timeout=WAIT_SLICE_S)
             if started:
+                self._poll_ready()  # the worker that answered is up: the first fill gives it shards at once
                 return ray.get(started[0])
         return None
 
@@ -141,11 +142,11 @@ class ShardDispatcher:
                 log.info("job cancelled: dispatching nothing more; %d shard(s) running", len(self._ledger.running()))
                 self._ledger.cancel()
             self._grow()
+            self._poll_ready()
             self._fill()
             if self._ledger.done():
                 return self.failures
             self._settle_next(on_done)
-            self._poll_ready()
             self._enforce_timeouts()
 
     def add_workers(self, count: int) -> None:
@@ -181,9 +182,13 @@ class ShardDispatcher:
     def _settle_next(self, on_done: Callable[[ShardResult], None]) -> None:
         """Wait (one slice at most) for a shard to finish, and settle it; with none in flight, wait for a retry."""
         owners = {entry.ref: slot for slot in self._slots for entry in slot.held}
-        if not owners:  # only retries left, all backing off (or no worker to run them yet)
+        if not owners:  # only retries left, all backing off, or no worker up to run them yet
             due = self._ledger.next_due_in()
-            time.sleep(WAIT_SLICE_S if due is None else min(due, WAIT_SLICE_S))
+            wait_s = WAIT_SLICE_S if due is None else min(due, WAIT_SLICE_S)
+            if starting := [slot.ready for slot in self._slots if slot.ready is not None]:
+                ray.wait(starting, num_returns=1, timeout=wait_s)  # back as soon as a worker is up
+            else:
+                time.sleep(wait_s)
             return
         finished, _ = ray.wait(list(owners), num_returns=1, timeout=WAIT_SLICE_S)
         for ref in finished:
