@@ -148,6 +148,8 @@ def _label_arguments(label: argparse.ArgumentParser) -> None:
     label.add_argument("--workers", type=int, default=0, help="model replicas (0: one per GPU, or 1 on CPU)")
     label.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     label.add_argument("--no-embeddings", action="store_true", help="do not store penultimate-layer features")
+    label.add_argument("--probabilities", action="store_true",
+                       help=LabelJobSpec.model_fields["probabilities"].description)  # fmt: skip
     label.add_argument("--shared-storage", action="store_true",
                        help="local paths are on storage every Ray node mounts at the same path (NFS)")  # fmt: skip
     label.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
@@ -219,6 +221,7 @@ def _label_spec(args: argparse.Namespace) -> LabelJobSpec:
         "batch_size": args.batch_size,
         "num_workers": args.workers,
         "embeddings": not args.no_embeddings,
+        "probabilities": args.probabilities,
         "shared_storage": args.shared_storage,
         "storage": {"endpoint_url": args.endpoint_url},
     }

@@ -6,13 +6,15 @@ Arrow-only metadata that several engines mishandle.
 """
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-# Bump when a column is added, removed or changes meaning; readers check it in the job manifest.
-LABEL_SCHEMA_VERSION = 1
+# Bump when a column is added, removed or changes meaning; readers check it in the job manifest. Version 2 added
+# image_id, error_kind, given_label, sidecar and probabilities (version 1 files read with those columns null).
+LABEL_SCHEMA_VERSION = 2
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -29,11 +31,56 @@ LABEL_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),  # of the decoded image, after EXIF rotation
         pa.field("height", pa.int32()),
         pa.field("error", pa.string()),  # null when the image was labelled
+        pa.field("error_kind", pa.string(), nullable=False),  # an ErrorKind: "" when labelled
+        pa.field("image_id", pa.string()),  # sha256 hex of the image bytes; null when they could not be read
+        pa.field("given_label", pa.string()),  # the input's own label (class folder, .cls, .json label/cls field)
+        pa.field("sidecar", pa.string()),  # the WebDataset sample's .json member as JSON text (img2dataset's)
+        pa.field("probabilities", pa.list_(pa.float32())),  # the full softmax; null unless `probabilities: true`
         pa.field("model", pa.string(), nullable=False),
         pa.field("job_id", pa.string(), nullable=False),
     ],
     metadata={"bulklabel.schema_version": str(LABEL_SCHEMA_VERSION)},
 )
+
+
+class ErrorKind(StrEnum):
+    """What went wrong with an error row, for filters and counts (`error` keeps the message for people)."""
+
+    NONE = ""  # labelled
+    NOT_AN_IMAGE = "not_an_image"  # bytes of no image format (an HTML error page, text, an empty object)
+    UNSUPPORTED = "unsupported"  # an image we do not take: a format or member type we refuse, no image in a sample
+    TOO_LARGE = "too_large"  # above max_object_bytes or the pixel limit
+    CORRUPT = "corrupt"  # an image format whose data does not decode (truncated, damaged)
+    READ_FAILED = "read_failed"  # missing, unreadable or malformed key: the bytes never arrived
+    DUPLICATE = "duplicate"  # a second image under one WebDataset key
+
+
+# Today's error messages (workers/readers.py, workers/decode.py, workers/decoders.py) by their start, checked in
+# order; anything else an image's decode raised is CORRUPT. The one place messages become kinds.
+_ERROR_PREFIXES: tuple[tuple[str, ErrorKind], ...] = (
+    ("refused:", ErrorKind.TOO_LARGE),
+    ("not an image", ErrorKind.NOT_AN_IMAGE),
+    ("empty object", ErrorKind.NOT_AN_IMAGE),
+    ("empty:", ErrorKind.READ_FAILED),
+    ("missing:", ErrorKind.READ_FAILED),
+    ("cannot read", ErrorKind.READ_FAILED),
+    ("duplicate key", ErrorKind.DUPLICATE),
+    ("member ", ErrorKind.UNSUPPORTED),  # "member 'x' is not a regular file (link or device)"
+    ("sample ", ErrorKind.UNSUPPORTED),  # "sample 'k' has no member jpg;png"
+    ("unsupported", ErrorKind.UNSUPPORTED),
+)
+
+
+def error_kind_of(error: str | None) -> ErrorKind:
+    """The kind of an error message (`ErrorKind.NONE` for a labelled row)."""
+    if error is None:
+        return ErrorKind.NONE
+    if "(content looks like HTML/text" in error:
+        return ErrorKind.NOT_AN_IMAGE
+    for prefix, kind in _ERROR_PREFIXES:
+        if error.startswith(prefix):
+            return kind
+    return ErrorKind.CORRUPT
 
 
 # ----------------------------------------------------------------------------------------------- the job manifest

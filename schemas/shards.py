@@ -66,6 +66,7 @@ class ShardJob(Spec):
     storage: StorageOptions = StorageOptions()
     top_k: int = Field(gt=0)
     embeddings: bool = True
+    probabilities: bool = False
     batch_size: int = Field(gt=0)
     decoder: Literal["auto", "pillow", "torchvision", "nvjpeg"] = "auto"
 
@@ -78,6 +79,7 @@ class ShardJob(Spec):
             storage=spec.storage,
             top_k=spec.top_k,
             embeddings=spec.embeddings,
+            probabilities=spec.probabilities,
             batch_size=spec.batch_size,
             decoder=spec.decoder,
         )

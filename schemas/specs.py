@@ -207,6 +207,11 @@ class LabelJobSpec(Spec):
     storage: StorageOptions = StorageOptions()
     top_k: int = Field(default=5, gt=0, description="Classes kept per image; checked against the model's classes.")
     embeddings: bool = Field(default=True, description="Store penultimate-layer features per image.")
+    probabilities: bool = Field(
+        default=False,
+        description="Store the full softmax vector per image (float32 list, one per class; null otherwise), for "
+        "label-error detection. About 4 bytes per class per image before compression.",
+    )
     batch_size: int = Field(default=32, gt=0, le=4096)
     num_workers: int = Field(default=0, ge=0, description="Model replicas (Ray actors); 0 = one per GPU, or 1 on CPU.")
     cpus_per_worker: float = Field(default=0, ge=0, description="0 = the cluster's CPUs split between the workers.")

@@ -53,6 +53,7 @@ class Predictions:
     topk_indices: np.ndarray  # (n, k) int32
     topk_scores: np.ndarray  # (n, k) float32
     embeddings: np.ndarray | None  # (n, d) float32
+    probabilities: np.ndarray | None = None  # (n, classes) float32, the full softmax, when asked for
 
 
 def pick_device(requested: str) -> torch.device:
@@ -129,10 +130,12 @@ class Predictor:
         embeddings: bool,
         compile: bool = False,
         compile_backend: str = "inductor",
+        probabilities: bool = False,
     ):
         self.device = device
         self.top_k = min(top_k, len(loaded.categories))
         self.keep_embeddings = embeddings
+        self.keep_probabilities = probabilities
         self.amp_dtype = autocast_dtype(device, precision)
         self.backbone = loaded.backbone.to(device, memory_format=torch.channels_last).eval()
         self.head = loaded.head.to(device).eval()
@@ -179,6 +182,7 @@ class Predictor:
             topk_indices=indices.to(torch.int32).cpu().numpy(),
             topk_scores=scores.cpu().numpy(),
             embeddings=features.float().cpu().numpy() if self.keep_embeddings else None,
+            probabilities=probs.cpu().numpy() if self.keep_probabilities else None,
         )
 
     def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ class LabelWorker:
         self.lanes, threads = inference_lanes(self.device, torch_threads)
         if threads > 0:
             torch.set_num_threads(threads)
-        self._predictors: dict[tuple[int, bool], Predictor] = {}
+        self._predictors: dict[tuple[int, bool, bool], Predictor] = {}
         self.decode_pool = ThreadPoolExecutor(spec.decode_threads, thread_name_prefix="decode")
         self.fetch_pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="fetch")
         self.lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="lane")
@@ -128,10 +128,11 @@ class LabelWorker:
         context = self._jobs.get(job.job_id)
         if context is None or context.job != job:
             stores = StorageByScheme(job.storage)
-            key = (job.top_k, job.embeddings)
-            if key not in self._predictors:  # shares the resident model; only top-k and embeddings differ
-                self._predictors[key] = Predictor(self.loaded, self.device, self.spec.model.precision, *key,
-                                                  compile=self.spec.model.compile)  # fmt: skip
+            key = (job.top_k, job.embeddings, job.probabilities)
+            if key not in self._predictors:  # shares the resident model; only what each job keeps differs
+                self._predictors[key] = Predictor(self.loaded, self.device, self.spec.model.precision, *key[:2],
+                                                  compile=self.spec.model.compile,
+                                                  probabilities=job.probabilities)  # fmt: skip
             context = _JobContext(job, stores, stores(job.input.uri), open_storage(job.output, job.storage),
                                   self._predictors[key])  # fmt: skip
             self._jobs[job.job_id] = context
@@ -175,6 +176,7 @@ class LabelWorker:
                             preds.topk_indices if preds else None,
                             preds.topk_scores if preds else None,
                             preds.embeddings if preds else None,
+                            preds.probabilities if preds else None,
                         )
                     bytes_read += batch.bytes_read
             stats = {"bytes_read": bytes_read, "seconds": round(time.perf_counter() - started, 3),
@@ -236,6 +238,9 @@ class LabelWorker:
                 topk_indices=np.concatenate([first.topk_indices, second.topk_indices]),
                 topk_scores=np.concatenate([first.topk_scores, second.topk_scores]),
                 embeddings=None if first.embeddings is None else np.concatenate([first.embeddings, second.embeddings]),
+                probabilities=None
+                if first.probabilities is None
+                else np.concatenate([first.probabilities, second.probabilities]),
             )
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
@@ -15,8 +16,8 @@ from schemas.shards import StageSeconds
 from workers.decode import Decoded
 from workers.decoders import Decoder
 from workers.readers import Record, bounded_map
+from workers.writer import RowMeta
 
-RowMeta = tuple[str, str, "int | None", "int | None", "str | None"]  # key, source, width, height, error
 STAGES = tuple(StageSeconds.model_fields)  # read, decode, infer, write, wait
 R = TypeVar("R")
 
@@ -89,19 +90,23 @@ def decoded_batches(
     """Decode records in `pool` (bounded in flight) and group them into batches; `clock` gets read and decode."""
     clock = clock or StageClock()
 
-    def work(record: Record) -> tuple[Record, Decoded]:
+    def work(record: Record) -> tuple[Record, Decoded, str | None]:
         if record.error is not None:
-            return record, Decoded(None, error=record.error)
+            return record, Decoded(None, error=record.error), None
         with clock.stage("decode"):
-            return record, decoder.decode(record.data)
+            # The content id here, in the decode threads (hashlib releases the GIL), not on the model's thread.
+            return record, decoder.decode(record.data), hashlib.sha256(record.data).hexdigest()
 
-    def batch(items: list[tuple[Record, Decoded]]) -> Batch:
+    def batch(items: list[tuple[Record, Decoded, str | None]]) -> Batch:
         with clock.stage("decode"):
-            rows, pixels = decoder.batch([decoded for _, decoded in items])
-        meta = [(r.key, r.source, d.width, d.height, d.error) for (r, _), d in zip(items, rows, strict=True)]
-        return Batch(meta, pixels, sum(len(r.data or b"") for r, _ in items))
+            rows, pixels = decoder.batch([decoded for _, decoded, _ in items])
+        meta = [
+            RowMeta(r.key, r.source, d.width, d.height, d.error, image_id, r.given_label, r.sidecar)
+            for (r, _, image_id), d in zip(items, rows, strict=True)
+        ]
+        return Batch(meta, pixels, sum(len(r.data or b"") for r, _, _ in items))
 
-    items: list[tuple[Record, Decoded]] = []
+    items: list[tuple[Record, Decoded, str | None]] = []
     for item in bounded_map(pool, work, clock.timed("read", records), window=2 * batch_size):
         items.append(item)
         if len(items) == batch_size:

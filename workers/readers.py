@@ -12,7 +12,9 @@ driver retries the shard later or stops the job: an outage must never be committ
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import shutil
 import tarfile
@@ -56,6 +58,8 @@ class Record:
     source: str
     data: bytes | None
     error: str | None = None
+    given_label: str | None = None  # the input's own label: class folder, .cls member, .json label/cls field
+    sidecar: str | None = None  # the WebDataset sample's .json member, as JSON text
 
 
 def webdataset_key(member_name: str) -> tuple[str, str]:
@@ -104,20 +108,54 @@ def read_tar(
             yield from _sample_rows(tar, source, tuple(image_field.lower().split(";")), max_bytes)
 
 
+SIDECAR_BYTES = 1 << 20  # a .json or .cls member above this is not metadata: left unread
+
+
 def _member_rows(tar: tarfile.TarFile, source: str, extensions: tuple[str, ...], max_bytes: int | None):
+    """Every image member a row, with its sample's .cls/.json (consecutive members of one key, either side of it)."""
     seen: set[str] = set()
+    key: str | None = None
+    rows: list[Record] = []
+    meta: dict[str, bytes] = {}
     for member in tar:
         if member.isdir():
             continue
-        key, ext = webdataset_key(member.name)
+        member_key, ext = webdataset_key(member.name)
+        if member_key != key:
+            yield from _with_sidecars(rows, meta)
+            key, rows, meta = member_key, [], {}
+        if ext in ("cls", "json") and member.isfile() and member.size <= SIDECAR_BYTES:
+            fh = tar.extractfile(member)
+            meta.setdefault(ext, fh.read() if fh else b"")
         if not _image_extension(ext, extensions):
             continue  # sidecars (.json, .txt, .cls) carry metadata, not pixels
-        if key in seen:
-            yield Record(key, source, None, f"duplicate key {key!r} in shard (member {member.name!r}): a sample "
-                                            "with several images needs image_field (e.g. 'jpg;png')")  # fmt: skip
+        if member_key in seen:
+            rows.append(Record(member_key, source, None, f"duplicate key {member_key!r} in shard (member "
+                               f"{member.name!r}): a sample with several images needs image_field (e.g. "
+                               "'jpg;png')"))  # fmt: skip
             continue
-        seen.add(key)
-        yield _member_record(tar, member, key, source, max_bytes)
+        seen.add(member_key)
+        rows.append(_member_record(tar, member, member_key, source, max_bytes))
+    yield from _with_sidecars(rows, meta)
+
+
+def _with_sidecars(rows: list[Record], meta: dict[str, bytes]) -> list[Record]:
+    """The sample's rows with its given label and sidecar JSON (when the .json is a JSON object)."""
+    if not meta:
+        return rows
+    sidecar, fields = None, {}
+    if "json" in meta:
+        try:
+            fields = json.loads(meta["json"])
+            sidecar = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        except (ValueError, UnicodeDecodeError):
+            fields = {}
+        fields = fields if isinstance(fields, dict) else {}
+    label = meta["cls"].decode("utf-8", "replace").strip() if "cls" in meta else None
+    if not label:
+        found = next((fields[f] for f in ("label", "cls") if fields.get(f) not in (None, "")), None)
+        label = None if found is None or isinstance(found, dict | list) else str(found)
+    return [dataclasses.replace(row, given_label=label or None, sidecar=sidecar) for row in rows]
 
 
 def _member_record(tar: tarfile.TarFile, member: tarfile.TarInfo, key: str, source: str, max_bytes: int | None):
@@ -136,20 +174,24 @@ def _sample_rows(tar: tarfile.TarFile, source: str, fields: tuple[str, ...], max
     key: str | None = None
     found: dict[str, Record] = {}
     others: list[str] = []
+    meta: dict[str, bytes] = {}
     for member in tar:
         if member.isdir():
             continue
         member_key, ext = webdataset_key(member.name)
         if member_key != key:
             if key is not None:
-                yield _pick(key, source, fields, found, others)
-            key, found, others = member_key, {}, []
+                yield from _with_sidecars([_pick(key, source, fields, found, others)], meta)
+            key, found, others, meta = member_key, {}, [], {}
         if ext in fields and ext not in found:
             found[ext] = _member_record(tar, member, member_key, source, max_bytes)
-        else:
-            others.append(ext)
+            continue
+        others.append(ext)
+        if ext in ("cls", "json") and member.isfile() and member.size <= SIDECAR_BYTES:
+            fh = tar.extractfile(member)
+            meta.setdefault(ext, fh.read() if fh else b"")
     if key is not None:
-        yield _pick(key, source, fields, found, others)
+        yield from _with_sidecars([_pick(key, source, fields, found, others)], meta)
 
 
 def _pick(key: str, source: str, fields: tuple[str, ...], found: dict[str, Record], others: list[str]) -> Record:
@@ -344,7 +386,17 @@ def read_shard(
     if task.kind == "parquet":
         return read_parquet(storage, task, scratch, layout.image_column, max_bytes)
     records = read_files(storage, task, pool, stores=stores, max_bytes=max_bytes)
-    return records if layout.row_key == "path" else (_named(record) for record in records)
+    if layout.row_key == "name":  # img2dataset's files layout: its folders are shard numbers, not classes
+        return (_named(record) for record in records)
+    return (dataclasses.replace(record, given_label=class_folder(record.key)) for record in records)
+
+
+def class_folder(key: str) -> str | None:
+    """The class of a loose file under class folders (`cat/001.jpg` → 'cat'), as torchvision's ImageFolder names
+    it: the key's first folder; None for a file at the top or a key given as an absolute URI or path (manifests)."""
+    if key.startswith("/") or "://" in key or "/" not in key:
+        return None
+    return key.split("/", 1)[0] or None
 
 
 def _named(record: Record) -> Record:

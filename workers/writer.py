@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -24,14 +25,29 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.output.layout import data_uri, marker_uri, temp_uri
-from schemas.output import LABEL_SCHEMA
+from schemas.output import LABEL_SCHEMA, error_kind_of
 from schemas.shards import MARKER_FORMAT, ShardResult, ShardTask
 from workers.storage import Storage
 
 log = logging.getLogger(__name__)
 
 PARQUET_COMPRESSION = "zstd"
-DICTIONARY_COLUMNS = ["shard", "model", "job_id", "label"]  # few distinct values each: dictionary pages pay
+# Few distinct values each: dictionary pages pay.
+DICTIONARY_COLUMNS = ["shard", "model", "job_id", "label", "error_kind", "given_label"]
+
+
+class RowMeta(NamedTuple):
+    """What a row knows before the model: from the reader (key, source, given label, sidecar) and the decode
+    threads (size, error, image id). The first five fields are positional, as older callers build them."""
+
+    key: str
+    source: str
+    width: int | None
+    height: int | None
+    error: str | None
+    image_id: str | None = None  # sha256 hex of the image bytes
+    given_label: str | None = None
+    sidecar: str | None = None  # JSON text
 
 
 class ShardWriter:
@@ -42,27 +58,30 @@ class ShardWriter:
         self.categories = np.asarray(categories, dtype=object)
         self.model_id = model_id
         self.job_id = job_id
-        self._columns: dict[str, list] = {name: [] for name in ("key", "source", "width", "height", "error")}
+        self._columns: dict[str, list] = {name: [] for name in RowMeta._fields}
         self._indices: list[np.ndarray] = []  # (n, k) per batch; -1 rows for errors
         self._scores: list[np.ndarray] = []
         self._embeddings: list[np.ndarray | None] = []
+        self._probabilities: list[np.ndarray | None] = []
         self._ok: list[np.ndarray] = []
 
     @property
     def rows(self) -> int:
         return len(self._columns["key"])
 
-    def add(self, meta: list[tuple[str, str, int | None, int | None, str | None]], indices, scores, embeddings) -> None:
-        """Append a batch. `meta` is (key, source, width, height, error) per row; arrays cover the rows
-        without error, in order (None when the whole batch failed)."""
-        ok = np.array([error is None for *_, error in meta], dtype=bool)
-        for row in meta:
-            for name, value in zip(self._columns, row, strict=True):
+    def add(self, meta: list[tuple], indices, scores, embeddings, probabilities=None) -> None:
+        """Append a batch. `meta` is a RowMeta (or its first five fields as a tuple) per row; arrays cover the
+        rows without error, in order (None when the whole batch failed, or the column is not kept)."""
+        rows = [row if isinstance(row, RowMeta) else RowMeta(*row) for row in meta]
+        ok = np.array([row.error is None for row in rows], dtype=bool)
+        for row in rows:
+            for name, value in zip(RowMeta._fields, row, strict=True):
                 self._columns[name].append(value)
         self._ok.append(ok)
         self._indices.append(indices)
         self._scores.append(scores)
         self._embeddings.append(embeddings)
+        self._probabilities.append(probabilities)
 
     def to_table(self) -> pa.Table:
         ok = np.concatenate(self._ok) if self._ok else np.zeros(0, dtype=bool)
@@ -71,6 +90,8 @@ class ShardWriter:
         scores = _stack([a for a in self._scores if a is not None], np.float32)
         embeds = [e for e in self._embeddings if e is not None]
         embeddings = np.concatenate(embeds) if embeds else None
+        probs = [p for p in self._probabilities if p is not None]
+        probabilities = np.concatenate(probs).astype(np.float32, copy=False) if probs else None
         top1 = indices[:, 0] if indices.size else np.zeros(0, np.int32)
         label_index = _scatter(top1, ok, pa.int32())
         columns = {
@@ -92,6 +113,15 @@ class ShardWriter:
             "width": pa.array(self._columns["width"], pa.int32()),
             "height": pa.array(self._columns["height"], pa.int32()),
             "error": pa.array(self._columns["error"], pa.string()),
+            "error_kind": pa.array([error_kind_of(e).value for e in self._columns["error"]], pa.string()),
+            "image_id": pa.array(self._columns["image_id"], pa.string()),
+            "given_label": pa.array(self._columns["given_label"], pa.string()),
+            "sidecar": pa.array(self._columns["sidecar"], pa.string()),
+            "probabilities": (
+                _scatter_lists(probabilities, ok, pa.float32())
+                if probabilities is not None
+                else pa.nulls(n, pa.list_(pa.float32()))
+            ),
             "model": pa.array([self.model_id] * n, pa.string()),
             "job_id": pa.array([self.job_id] * n, pa.string()),
         }

@@ -94,7 +94,7 @@ def test_decoded_batches_all_error_batch_has_no_pixels():
     assert [row[0] for row in first.meta] == ["a", "b"]
     assert first.meta[0][4] == "gone" and first.meta[1][4]
     assert first.bytes_read == len(b"garbage bytes")
-    assert second.meta == [("c", "src", 9, 9, None)]
+    assert [row[:5] for row in second.meta] == [("c", "src", 9, 9, None)]
     assert second.pixels.shape == (1, 224, 224, 3) and (second.pixels == RED).all()
 
 

@@ -17,7 +17,16 @@ import pytest
 
 from schemas.shards import ShardTask
 from schemas.specs import IMAGE_EXTENSIONS, StorageOptions
-from workers.readers import Record, StorageByScheme, bounded_map, read_files, read_shard, read_tar, webdataset_key
+from workers.readers import (
+    Record,
+    StorageByScheme,
+    bounded_map,
+    class_folder,
+    read_files,
+    read_shard,
+    read_tar,
+    webdataset_key,
+)
 from workers.storage import AccessDenied, LocalStorage, S3Storage, StoreUnavailable, join, open_storage
 
 
@@ -110,9 +119,9 @@ def test_read_tar_yields_images_in_order_on_both_backends(storage_root):
 
     source = join(storage_root.uri, "shards/00000.tar")
     assert records == [
-        Record("000", source, payload("000.jpg")),
+        Record("000", source, payload("000.jpg"), sidecar='{"caption":"not an image"}'),
         Record("sub/dir/img", source, payload("sub/dir/img.jpg")),
-        Record("001", source, payload("001.PNG")),
+        Record("001", source, payload("001.PNG"), given_label="7"),
         Record("002", source, payload("002.webp")),
         Record("album.jpg/inner", source, payload("album.jpg/inner.png")),
     ]
@@ -285,7 +294,7 @@ def test_read_files_in_task_key_order_on_both_backends(storage_root):
     with ThreadPoolExecutor(4) as pool:
         records = list(read_shard(storage_root.storage, task, IMAGE_EXTENSIONS, pool))
 
-    assert records == [Record(key, join(base, key), payload(key)) for key in keys]
+    assert records == [Record(key, join(base, key), payload(key), given_label=class_folder(key)) for key in keys]
 
 
 def test_read_files_missing_object_is_an_error_record_on_both_backends(storage_root):

@@ -26,6 +26,7 @@ from jobs.output.compact import compact_output, small_files
 from jobs.output.layout import PART_FILE
 from jobs.output.reader import OutputError, open_output
 from jobs.output.session import OutputSession
+from schemas.output import LABEL_SCHEMA_VERSION
 from schemas.shards import ShardTask
 from schemas.specs import LabelJobSpec
 from tests.conftest import PROJECT_ROOT
@@ -129,7 +130,7 @@ def test_compaction_keeps_every_row_in_files_of_the_target_size(output):
     meta = pq.ParquetFile(files[0]).metadata
     assert 1 <= meta.num_row_groups <= 5 and meta.row_group(0).num_rows > ROWS  # shards together in row groups
     assert meta.row_group(0).column(0).compression == "ZSTD"
-    assert pq.read_schema(files[0]).metadata[b"bulklabel.schema_version"] == b"1"
+    assert pq.read_schema(files[0]).metadata[b"bulklabel.schema_version"] == str(LABEL_SCHEMA_VERSION).encode()
     manifest = json.loads((output / "_job.json").read_text())
     assert manifest["generation"] == 1 and {Path(s["data"]).name for s in manifest["shards"]} == {p.name for p in files}
     # The folder as it is, for engines that read it without bulklabel:

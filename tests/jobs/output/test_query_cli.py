@@ -137,7 +137,8 @@ def test_similar_puts_the_image_first_then_descending_as_numpy_ranks(labelled, r
 
     assert main(["similar", str(labelled), "no-such-photo.jpg"]) == 2
     err = capsys.readouterr().err
-    assert "'no-such-photo.jpg' is not a key (or image file) of output" in err and f"{PHOTOS} committed rows" in err
+    assert "'no-such-photo.jpg' is not a key (or image file, image id) of output" in err
+    assert f"{PHOTOS} committed rows" in err
 
 
 def test_similar_on_an_output_without_embeddings_says_so(labelled, tmp_path):

@@ -21,6 +21,7 @@ from jobs.output.compact import compact_output
 from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
 from jobs.output.table import app_id, delta_storage_options
+from schemas.output import LABEL_SCHEMA_VERSION
 from schemas.specs import LabelJobSpec
 from tests.jobs.output.test_compact import DIM, JOB, ROWS, write_output
 from tests.jobs.test_interruptions import _finish, _kill_tree_leftovers, _start
@@ -44,7 +45,8 @@ def test_a_delta_output_holds_each_shard_once_with_its_properties(tmp_path):
     assert _table_keys(out / "table") == _folder_keys(out) and len(_folder_keys(out)) == SHARDS * ROWS
     config = table.metadata().configuration
     assert config["bulklabel.job_id"] == JOB and config["bulklabel.model"] == "m:x"
-    assert (config["bulklabel.schema_version"], config["bulklabel.embedding_dim"]) == ("1", str(DIM))
+    version = str(LABEL_SCHEMA_VERSION)
+    assert (config["bulklabel.schema_version"], config["bulklabel.embedding_dim"]) == (version, str(DIM))
     assert table.transaction_version(app_id(JOB, "files-000")) == 1
     assert table.transaction_version(app_id(JOB, "files-999")) is None
 
