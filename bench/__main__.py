@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--repeat N]` compares; `python -m bench scale` checks that cost grows linearly."""
+"""`python -m bench [--quick] [--repeat N] [--warm]` compares (`--warm`: also through the job service on a warm
+pool); `python -m bench scale` checks that cost grows linearly."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--raydata-torch-threads", type=int, default=2)
     parser.add_argument("--raydata-reuse-freed-memory", action="store_true",
                         help="give the Ray Data actors bulklabel's allocator setting too")  # fmt: skip
+    parser.add_argument("--warm", action="store_true",
+                        help="also each job through the job service, on a warm pool")  # fmt: skip
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -55,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
             torch_threads=args.raydata_torch_threads,
             reuse_freed_memory=args.raydata_reuse_freed_memory,
         ),
+        warm=args.warm,
     )
     results = run_suite(config)
     print("\n".join(r.memory_line() for r in results), flush=True)
+    if args.warm:
+        print("\n".join(r.warm_line() for r in results), flush=True)
     print("\n".join(r.line() for r in results), flush=True)
     return 0
 

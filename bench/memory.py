@@ -37,14 +37,15 @@ def _is_ray_worker(pid: int) -> bool:
         return False
 
 
-def driver_and_workers_rss() -> tuple[int, int]:
-    """(RSS of this process, RSS of every `ray::` worker descended from it: actors and tasks; not Ray's daemons,
-    not other users' Ray clusters, not weed). Shared library pages count once per process, as RSS does."""
+def driver_and_workers_rss(roots: tuple[int, ...] = ()) -> tuple[int, int]:
+    """(RSS of this process, RSS of every `ray::` worker descended from it or from `roots` (the raylet of a `ray
+    start` cluster): actors and tasks; not Ray's daemons, not other users' Ray clusters, not weed). Shared library
+    pages count once per process, as RSS does."""
     me = os.getpid()
     children: dict[int, list[int]] = {}
     for pid, parent in _parents().items():
         children.setdefault(parent, []).append(pid)
-    workers, stack = 0, list(children.get(me, []))
+    workers, stack = 0, [pid for root in (me, *roots) for pid in children.get(root, [])]
     while stack:
         pid = stack.pop()
         if _is_ray_worker(pid):
@@ -57,7 +58,8 @@ class PeakMemory:
     """`with PeakMemory() as peak: ...` then `peak.mib`: the highest driver + workers RSS seen meanwhile
     (`driver_mib`: the driver's own peak)."""
 
-    def __init__(self) -> None:
+    def __init__(self, roots: tuple[int, ...] = ()) -> None:
+        self.roots = roots
         self.peak = 0
         self.driver_peak = 0
         self._stop = threading.Event()
@@ -81,7 +83,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while True:
-            driver, workers = driver_and_workers_rss()
+            driver, workers = driver_and_workers_rss(self.roots)
             self.peak = max(self.peak, driver + workers)
             self.driver_peak = max(self.driver_peak, driver)
             if self._stop.wait(SAMPLE_EVERY_S):
