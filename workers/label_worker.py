@@ -5,7 +5,7 @@ so tests can run it in-process (`label_shard_blocking`). It receives only the sm
 builds its model and storage clients itself, so nothing heavy is pickled.
 
 Where the time goes, and why it is arranged this way (bench/RESULTS.md has the measurements):
-- `label_shard` is async, so Ray lets the scheduler's second shard start while the first runs: it
+- `label_shard` is async, so Ray lets the dispatcher's second shard start while the first runs: it
   reads and decodes ahead, then waits for its turn, which comes as soon as the first has handed its last batch
   to the model; the model never waits for a shard to open or to commit.
 - on CPU, batches run in lanes of one torch thread each (`inference_lanes`), with decode threads
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 FETCH_THREADS = 16  # concurrent GETs for loose-file shards; object stores reward parallel requests
 PREFETCH_BATCHES = 2
-# The scheduler keeps 2 shards in each worker: the running one and the next, which reads and decodes ahead.
+# The dispatcher keeps 2 shards in each worker: the running one and the next, which reads and decodes ahead.
 SHARD_THREADS = 4
 # On CPU, batches run in parallel lanes (threads), each with torch_threads // lanes torch threads: one-thread lanes
 # need no barrier between torch's threads per operator, so a core that decode or a neighbour takes for a moment
@@ -141,7 +141,7 @@ class LabelWorker:
     async def label_shard(self, task: ShardTask, attempt: int, job: ShardJob) -> ShardResult:
         """Read, decode, predict and commit one shard; returns its done-marker.
 
-        Async so that Ray runs this worker as an asyncio actor, whose calls may overlap: the shard the scheduler
+        Async so that Ray runs this worker as an asyncio actor, whose calls may overlap: the shard the dispatcher
         queues behind the running one starts reading and decoding at once, so the model does not wait for it.
         Shards hand their batches to the model in arrival order (see `Turns`): the next one's batches queue behind
         this one's last, so its commit overlaps the next shard's predictions. The work runs on threads.
