@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -97,6 +98,9 @@ class LabelWorker:
         if threads > 0:
             torch.set_num_threads(threads)
         self._predictors: dict[tuple[int, bool, bool], Predictor] = {}
+        # Two shards in flight arrive at once: building two Predictors concurrently moves the one shared model
+        # (`.to(channels_last)`) from two threads, which segfaulted in torch's Module._apply (ResNet-50, bench).
+        self._context_lock = threading.Lock()
         self.decode_pool = ThreadPoolExecutor(spec.decode_threads, thread_name_prefix="decode")
         self.fetch_pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="fetch")
         self.lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="lane")
@@ -125,6 +129,10 @@ class LabelWorker:
 
     def _context(self, job: ShardJob) -> _JobContext:
         """The job's storage clients and predictor, built on its first shard here and kept for the next ones."""
+        with self._context_lock:
+            return self._context_locked(job)
+
+    def _context_locked(self, job: ShardJob) -> _JobContext:
         context = self._jobs.get(job.job_id)
         if context is None or context.job != job:
             stores = StorageByScheme(job.storage)
