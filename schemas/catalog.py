@@ -3,8 +3,8 @@
 The driver (CLI, job service, planning) checks a model and weights name and an explicit top_k before any work starts,
 and must not load torch to do it (~900 MB and seconds of imports in a process that only schedules). The catalog,
 `model_catalog.json` beside this module, lists the registry's classification models, their weights names and default,
-and each weights entry's categories; `workers.models.registry_catalog()` regenerates it and a test checks that it
-matches the installed torchvision, so it cannot silently go stale.
+and each weights entry's categories and GFLOPs per image; `workers.models.registry_catalog()` regenerates it and a
+test checks that it matches the installed torchvision, so it cannot silently go stale.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class UnknownModel(BadInput):
 
 @functools.cache
 def catalog() -> dict:
-    """{"categories": {set name: [class names]}, "models": {name: {"default": weights, "weights": {name: set|None}}}}"""
+    """{"categories": {set name: [class names]},
+    "models": {name: {"default": weights, "weights": {name: set|None}, "gflops": {name: GFLOPs per image|None}}}}"""
     return json.loads((resources.files("schemas") / CATALOG_FILE).read_text())
 
 
@@ -76,6 +77,19 @@ def class_names(spec: ModelSpec, storage: StorageOptions | None = None) -> list[
     if categories is None:
         raise UnknownModel(f"weights {spec.weights!r} of {spec.name!r} have no classification head (features only)")
     return list(catalog()["categories"][categories])
+
+
+def model_gflops(spec: ModelSpec, storage: StorageOptions | None = None) -> float | None:
+    """GFLOPs per image of the model's forward pass, as torchvision's weights metadata gives it (`_ops`): the named
+    weights' figure, else the default weights' (random init and weights files run the same architecture); for a
+    fine-tuned artifact, its architecture's (at the base weights' crop: a smaller `image_size` costs less). None
+    when the registry has no figure."""
+    if is_artifact_location(spec.name):
+        card = _read_card(spec.name, storage)
+        spec = ModelSpec(name=card.architecture, weights=card.base_weights)
+    check_model(spec)
+    entry = catalog()["models"][spec.name]
+    return entry["gflops"].get(_weights_name(spec) or entry["default"])
 
 
 def _read_card(location: str, storage: StorageOptions | None) -> ModelCard:

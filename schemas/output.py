@@ -114,6 +114,8 @@ class ManifestModel(_ManifestPart):
     embedding_dim: int | None = Field(default=None, gt=0)
     num_classes: int | None = Field(default=None, gt=0)
     device: str | None = None
+    compiled: bool | None = None  # whether the workers ran torch.compile'd (None in manifests from before)
+    compile_decision: str | None = None  # `compile: auto → compiled (...)`: what the driver decided and why
 
 
 class ManifestTotals(_ManifestPart):

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from schemas.specs import InputSpec, LabelJobSpec, ModelSpec, Spec, StorageOptions
 
@@ -46,9 +46,21 @@ class WorkerSpec(Spec):
     storage: StorageOptions = StorageOptions()  # to fetch the weights file or the fine-tuned artifact
     decode_threads: int = Field(default=2, gt=0, le=64)
 
+    @field_validator("model")
     @classmethod
-    def of(cls, spec: LabelJobSpec) -> WorkerSpec:
-        return cls(model=spec.model, storage=spec.storage, decode_threads=spec.decode_threads)
+    def _compile_decided(cls, model: ModelSpec) -> ModelSpec:
+        # `compile: auto` is the driver's to decide (jobs.label.placement.resolve_compile) before the pool key is
+        # made: a worker compiled or not, never "maybe", so compiled and eager workers never share a pool.
+        if not isinstance(model.compile, bool):
+            raise ValueError("model.compile: auto must be decided on the driver before a worker spec is made")
+        return model
+
+    @classmethod
+    def of(cls, spec: LabelJobSpec, compile: bool | None = None) -> WorkerSpec:
+        """The worker spec of a job; `compile` is the driver's decision for `compile: auto` (None: the spec's own
+        true or false)."""
+        model = spec.model if compile is None else spec.model.model_copy(update={"compile": compile})
+        return cls(model=model, storage=spec.storage, decode_threads=spec.decode_threads)
 
     def pool_key(self) -> str:
         """Jobs whose worker specs share this key share workers. Credentials are left out of the key (they are

@@ -149,11 +149,13 @@ def registry_catalog() -> dict:
     models = {}
     for name in classification_models():
         enum = get_model_weights(name)
-        weights = {}
+        weights, gflops = {}, {}
         for entry in enum:
             categories = entry.meta.get("categories")
             if categories is not None:
                 categories = sets.setdefault(tuple(categories), f"set{len(sets)}")
             weights[entry.name] = categories
-        models[name] = {"default": enum.DEFAULT.name, "weights": weights}
+            # torchvision's GFLOPs per image at the weights' own crop (`_ops`), for `compile: auto`'s cost estimate
+            gflops[entry.name] = entry.meta.get("_ops")
+        models[name] = {"default": enum.DEFAULT.name, "weights": weights, "gflops": gflops}
     return {"categories": {key: list(names) for names, key in sets.items()}, "models": models}

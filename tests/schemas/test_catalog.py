@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from schemas.catalog import UnknownModel, catalog, check_model, class_names
+from schemas.catalog import UnknownModel, catalog, check_model, class_names, model_gflops
 from schemas.finetune import MODEL_CARD_NAME
 from schemas.specs import ModelSpec
 from workers.models import model_categories, registry_catalog
@@ -54,10 +54,27 @@ def test_an_artifact_reads_its_classes_from_the_model_card(tmp_path):
         class_names(ModelSpec(name=str(tmp_path / "nothing-here")))
 
 
+@pytest.mark.parametrize(
+    ("spec", "weights"),
+    [
+        (ModelSpec(name="resnet50", weights="IMAGENET1K_V1"), "IMAGENET1K_V1"),
+        (ModelSpec(name="resnet50"), "IMAGENET1K_V2"),  # DEFAULT
+        (ModelSpec(name="vit_b_16", weights="IMAGENET1K_SWAG_E2E_V1"), "IMAGENET1K_SWAG_E2E_V1"),  # its own 384 px
+        (ModelSpec(name="mobilenet_v2", weights=None), "IMAGENET1K_V1"),  # random init: the default's figure
+        (ModelSpec(name="efficientnet_b0", weights="/weights/custom.pth"), "IMAGENET1K_V1"),
+    ],
+)
+def test_gflops_per_image_are_torchvisions_for_the_weights_run(spec, weights):
+    from torchvision.models import get_model_weights
+
+    assert model_gflops(spec) == get_model_weights(spec.name)[weights].meta["_ops"] > 0
+
+
 def test_checks_leave_torch_unloaded():
     code = (
         "import sys; from schemas.catalog import class_names, check_model; from schemas.specs import ModelSpec;"
         "check_model(ModelSpec(name='resnet50')); class_names(ModelSpec(name='mobilenet_v2'));"
+        "from schemas.catalog import model_gflops; model_gflops(ModelSpec(name='resnet50'));"
         "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
