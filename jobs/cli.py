@@ -17,6 +17,7 @@ from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
 from schemas.specs import (
     LabelJobSpec,
+    ModelSpec,
     OutputOptions,
     StorageOptions,
     job_spec_json_schema,
@@ -147,6 +148,9 @@ def _label_arguments(label: argparse.ArgumentParser) -> None:
     label.add_argument("--batch-size", type=int, default=32)
     label.add_argument("--workers", type=int, default=0, help="model replicas (0: one per GPU, or 1 on CPU)")
     label.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    label.add_argument("--compile", default=str(ModelSpec.model_fields["compile"].default).lower(),
+                       choices=["false", "true", "auto"],
+                       help="torch.compile the model (auto: when the job is large enough to repay it)")  # fmt: skip
     label.add_argument("--no-embeddings", action="store_true", help="do not store penultimate-layer features")
     label.add_argument("--probabilities", action="store_true",
                        help=LabelJobSpec.model_fields["probabilities"].description)  # fmt: skip
@@ -217,6 +221,7 @@ def _label_spec(args: argparse.Namespace) -> LabelJobSpec:
             "weights": None if args.weights.lower() == "none" else args.weights,
             "weights_dir": args.weights_dir,
             "device": args.device,
+            "compile": {"true": True, "false": False}.get(args.compile, args.compile),
         },
         "batch_size": args.batch_size,
         "num_workers": args.workers,

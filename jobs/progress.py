@@ -47,6 +47,7 @@ class JobSummary:
     skipped: Skipped = Skipped()
     failure_reason: str | None = None  # why a job whose shards all committed still failed (error rows)
     stages: StageSeconds | None = None  # where the shards' time went, summed over shards (see StageSeconds)
+    compile: str | None = None  # what `compile: auto` decided and why (jobs.label.compile_policy)
 
     @property
     def images_per_second(self) -> float:
@@ -62,6 +63,8 @@ class JobSummary:
         ]
         if self.stages is not None:
             out.append(f"  stages:   {self.stages.line()} (summed over shards and threads)")
+        if self.compile:
+            out.append(f"  {self.compile}")
         if self.shards_new:
             out.append(f"  new:      {self.shards_new} shards added to the input since the last run, labelled now")
         for shard, why in sorted(self.shards_redone.items()):

@@ -1,14 +1,23 @@
-"""How many label workers to start and what each asks Ray for."""
+"""How many label workers to start, what each asks Ray for, and whether they compile (`compile: auto`)."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from jobs.cluster import ClusterResources, ensure_ray, joins_existing_cluster
 from jobs.errors import BadInput
+from jobs.label.commit import committed_shard_ids
+from jobs.label.compile_policy import CompileDecision, ImageCount, count_images, decide_compile, explicit, images_needed
+from jobs.label.plan import plan_shards
 from jobs.locations import is_weights_file
+from schemas.catalog import UnknownModel, model_gflops
 from schemas.specs import LabelJobSpec
+from workers.storage import open_storage
+
+log = logging.getLogger(__name__)
 
 # The least share of the cluster's CPUs a CPU worker is given when the spec leaves cpus_per_worker to us: below it a
 # replica decodes and runs its model on a sliver of a core (64 workers on 2 CPUs got 0.03 each) and the job crawls.
@@ -147,3 +156,32 @@ def check_locations_reachable(spec: LabelJobSpec) -> None:
     if spec.shared_storage or not local_locations(spec) or not joins_existing_cluster():
         return
     refuse_unshared_local_paths(spec, ensure_ray())
+
+
+def resolve_compile(
+    spec: LabelJobSpec, placement: Placement, done: Collection[str] | None = None, warm_compiled: bool = False
+) -> CompileDecision:
+    """The job's compile setting: the spec's own true or false, or for `compile: auto` the policy's decision
+    (jobs.label.compile_policy) for this placement's workers, from the model's GFLOPs and the images left to label.
+
+    Args: `done`, the shard ids earlier runs committed (not labelled again; None: the output's done-marker names,
+    listed); `warm_compiled`, whether a warm compiled pool of the model is running (the job service's).
+    Returns the decision, also logged. The plan is counted only as far as the decision needs (compile_policy).
+    """
+    if spec.model.compile != "auto":
+        return explicit(spec.model.compile)
+    try:
+        gflops = model_gflops(spec.model, spec.storage)
+    except UnknownModel:  # an artifact whose card names weights the registry lacks: no figure, eager
+        gflops = None
+    device = "gpu" if placement.gpus_per_worker else "cpu"
+    facts = {"gflops": gflops, "device": device, "workers": placement.workers, "cores": placement.torch_threads}
+    needed = images_needed(gflops, device, placement.workers, placement.torch_threads)
+    images = ImageCount(0)
+    if needed is not None and not warm_compiled:
+        done = committed_shard_ids(spec.output, spec.storage) if done is None else done
+        tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage))
+        images = count_images((task for task in tasks if task.shard_id not in done), enough=needed)
+    decision = decide_compile(**facts, images=images, warm_compiled=warm_compiled)
+    log.info("%s", decision.line())
+    return decision

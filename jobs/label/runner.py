@@ -16,9 +16,10 @@ import ray
 from jobs.cluster import ensure_ray
 from jobs.label.actors import start_label_worker
 from jobs.label.commit import CommittedShards, error_summary
+from jobs.label.compile_policy import CompileDecision
 from jobs.label.dispatch import PrivateWorkers, ShardDispatcher, WorkerSource
 from jobs.label.ledger import LedgerLimits
-from jobs.label.placement import Placement, check_locations_reachable, place_workers
+from jobs.label.placement import Placement, check_locations_reachable, place_workers, resolve_compile
 from jobs.label.plan import PlanError, PlanStats, plan_shards
 from jobs.locations import absolute_locations
 from jobs.output.session import OutputSession
@@ -49,6 +50,9 @@ class LabelRun:
     placement: Placement | None = None  # None: placed on the cluster as it is now (place_workers)
     listener: ProgressListener | None = None
     cancelled: Callable[[], bool] = lambda: False  # checked between shards: once true, nothing new is dispatched
+    # How the workers compile (`compile: auto` decided): the service's, made when it chose the pool; None: decided
+    # here from the placement and the plan (jobs.label.placement.resolve_compile).
+    compile: CompileDecision | None = None
 
 
 def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun | None = None) -> JobSummary:
@@ -77,6 +81,7 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun 
     stats = PlanStats()
     tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage), stats, committed.done.values())
     placement = run.placement or place_workers(spec, ensure_ray())
+    compiling = run.compile or resolve_compile(spec, placement, committed.done)  # before the workers' spec
     progress = Progress(enabled=run.show_progress, listener=run.listener)
     results: dict[str, ShardResult] = {}
 
@@ -85,7 +90,7 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun 
         session.shard_committed(result)
         progress.done(result)
 
-    workers = run.workers or PrivateWorkers(_actor_factory(spec, job_id, placement))
+    workers = run.workers or PrivateWorkers(_actor_factory(spec, job_id, placement, compiling))
     scheduler = ShardDispatcher(workers, placement.workers, _limits(spec, placement), ShardJob.of(spec, job_id))
     failures: dict[str, str] = {}
     try:
@@ -101,16 +106,22 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun 
         progress.close()
 
     # Commit.
+    run_facts = {"worker_restarts": scheduler.restarts, "compile": _compile_line(compiling)}
     if run.cancelled():  # what committed stays committed; the manifest is written by the run that finishes
         return replace(_summarise(spec, job_id, results, {}, plan, stats, time.perf_counter() - clock, progress),
-                       status="cancelled", worker_restarts=scheduler.restarts)  # fmt: skip
+                       status="cancelled", **run_facts)  # fmt: skip
     summary = _summarise(spec, job_id, results, failures, plan, stats, time.perf_counter() - clock, progress)
-    summary = replace(summary, worker_restarts=scheduler.restarts)
+    summary = replace(summary, **run_facts)
     if summary.status == "failed":
         session.failed(summary.failure_reason or f"{len(failures)} shard(s) failed", results, failures)
         raise JobFailed(summary)
-    session.complete(worker, results, failures)
+    session.complete(worker | {"compiled": compiling.compile, "compile_decision": compiling.line()}, results, failures)
     return summary
+
+
+def _compile_line(decision: CompileDecision) -> str | None:
+    """The summary's compile line: only where `auto` decided (an explicit true or false is in the spec)."""
+    return decision.line() if decision.asked == "auto" else None
 
 
 @dataclass(frozen=True)
@@ -233,8 +244,10 @@ def _not_yet_done(
             progress.done(previous, earlier=True)
 
 
-def _actor_factory(spec: LabelJobSpec, job_id: str, placement: Placement) -> Callable[[int], ray.actor.ActorHandle]:
-    worker = WorkerSpec.of(spec)
+def _actor_factory(
+    spec: LabelJobSpec, job_id: str, placement: Placement, compiling: CompileDecision
+) -> Callable[[int], ray.actor.ActorHandle]:
+    worker = WorkerSpec.of(spec, compile=compiling.compile)
     return lambda index: start_label_worker(worker, placement, name=f"bulklabel-{job_id}-{index}")
 
 

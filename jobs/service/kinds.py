@@ -13,21 +13,23 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import ray
 
 from jobs.cluster import ClusterResources
-from jobs.errors import exit_code_for
-from jobs.label.placement import Placement, PlacementError, place_workers
+from jobs.errors import BadInput, InfrastructureError, exit_code_for
+from jobs.label.compile_policy import CompileDecision
+from jobs.label.placement import Placement, PlacementError, place_workers, resolve_compile
 from jobs.service.admission import Needs, Resources
 from jobs.service.pools import PoolLease
 from jobs.service.records import JobKind, JobProgress, JobState
 from schemas.finetune import FinetuneJobSpec
 from schemas.shards import ShardResult, WorkerSpec
 from schemas.specs import LabelJobSpec
+from workers.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class LabelJobRun:
     """A label job running in a thread of the service on a warm pool."""
 
     def __init__(self, spec: LabelJobSpec, lease: PoolLease, placement: Placement, progress: LabelProgress,
-                 job_id: str):  # fmt: skip
+                 job_id: str, compiling: CompileDecision):  # fmt: skip
         from jobs.label.runner import LabelRun  # the runner pulls in planning and commit: only once a job runs
 
         self._cancel = threading.Event()
@@ -98,7 +100,7 @@ class LabelJobRun:
         self._outcome: Outcome | None = None
         self._planning_done = threading.Event()
         run = LabelRun(show_progress=False, workers=lease, placement=placement, listener=progress,
-                       cancelled=self._cancel.is_set)  # fmt: skip
+                       cancelled=self._cancel.is_set, compile=compiling)  # fmt: skip
         self._thread = threading.Thread(target=self._run, args=(spec, run, job_id), name=f"job-{job_id}", daemon=True)
         self._thread.start()
 
@@ -193,6 +195,26 @@ def label_needs(spec: LabelJobSpec, cluster: ClusterResources, max_workers: int 
     return Needs.elastic(per_worker, cap), placement
 
 
+def label_compile(
+    spec: LabelJobSpec, cluster: ClusterResources, max_workers: int | None, warm_pools: Collection[str]
+) -> CompileDecision:
+    """How a label job's workers compile, decided once when it is submitted (its pool's key depends on it): for
+    `compile: auto`, the policy's choice for the workers it may use, compiling being free when a warm compiled pool
+    of its model runs already. Input that cannot be counted now (missing, unreachable) leaves it eager: the job's
+    own checks report the problem when it runs."""
+    needs, placement = label_needs(spec, cluster, max_workers)
+    warm = WorkerSpec.of(spec, compile=True).pool_key() in warm_pools
+    try:
+        return resolve_compile(spec, replace(placement, workers=needs.max_workers), warm_compiled=warm)
+    except (BadInput, InfrastructureError, StorageError) as exc:
+        return CompileDecision(asked="auto", compile=False, reason=f"input not counted ({_one_line(exc)})")
+
+
+def label_worker_spec(spec: LabelJobSpec, compiling: CompileDecision | None) -> WorkerSpec:
+    """The worker spec of a label job with its compile decision (None: the spec's own true or false)."""
+    return WorkerSpec.of(spec, compile=None if compiling is None else compiling.compile)
+
+
 def finetune_needs(spec: FinetuneJobSpec, cluster: ClusterResources) -> Needs:
     """A fine-tune needs all its Ray Train workers at once, each sized as jobs.finetune sizes it (the spec's
     cpus_per_worker, else an even split of the cluster's CPUs, at least 1)."""
@@ -203,12 +225,12 @@ def finetune_needs(spec: FinetuneJobSpec, cluster: ClusterResources) -> Needs:
 @dataclass(frozen=True)
 class KindRunner:
     spec_class: type
-    model_key: Callable[[object], str | None]
+    model_key: Callable[[object, CompileDecision | None], str | None]  # (spec, compile decision) → its pool
 
 
 RUNNERS: dict[JobKind, KindRunner] = {
-    JobKind.LABEL: KindRunner(LabelJobSpec, lambda spec: WorkerSpec.of(spec).pool_key()),
-    JobKind.FINETUNE: KindRunner(FinetuneJobSpec, lambda spec: None),
+    JobKind.LABEL: KindRunner(LabelJobSpec, lambda spec, compiling: label_worker_spec(spec, compiling).pool_key()),
+    JobKind.FINETUNE: KindRunner(FinetuneJobSpec, lambda spec, compiling: None),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, Field, SecretStr, field_validator
 
+from jobs.label.compile_policy import CompileDecision
 from schemas.specs import Spec
 
 MASK = "***"
@@ -119,6 +120,9 @@ class JobRecord(Spec):
     output: str
     seq: int = Field(ge=0, description="Submission order: the FIFO tie-break within a priority.")
     model_key: str | None = None
+    compile: CompileDecision | None = Field(
+        default=None, description="Label jobs: whether its workers compile, decided at submit (`compile: auto`)."
+    )
 
     @field_validator("spec")
     @classmethod

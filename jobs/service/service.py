@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import ray
 
 from jobs.cluster import ClusterResources
+from jobs.label.compile_policy import CompileDecision
 from jobs.service import metrics
 from jobs.service.admission import ClusterView, Needs, QueuedJob, Resources, admit, idle_expired, pool_target
 from jobs.service.config import ServiceConfig
@@ -32,7 +33,9 @@ from jobs.service.kinds import (
     RunningJob,
     StoreLogHandler,
     finetune_needs,
+    label_compile,
     label_needs,
+    label_worker_spec,
     set_current_job,
 )
 from jobs.service.pools import WorkerPool
@@ -47,7 +50,6 @@ from jobs.service.records import (
     with_waiting,
 )
 from jobs.service.store import JobStore
-from schemas.shards import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +91,30 @@ class JobService:
         """
         kind = JobKind(spec.kind)
         job_id = spec.resolved_job_id()
+        # Outside the lock: `compile: auto` may list the input (as far as it takes to decide), and the loop waits
+        # for nothing while it does.
+        compiling = self._compile_for(spec, max_workers) if kind is JobKind.LABEL else None
+        pool = {"model_key": RUNNERS[kind].model_key(spec, compiling), "compile": compiling}
         with self._lock:
             now = _now()
             self._specs[job_id] = spec
             if self.store.exists(job_id) and self.store.get(job_id).state is not JobState.SUCCEEDED:
                 record = self.store.get(job_id)  # (a job that succeeded is submitted anew: new input gets labelled)
                 if not record.state.is_active():
-                    changes = {"priority": priority, "max_workers": max_workers, "last_error": None}
+                    changes = {"priority": priority, "max_workers": max_workers, "last_error": None, **pool}
                     self._put(advance(record, JobState.QUEUED, now, **changes))
                     self.store.append_log(job_id, f"{now.isoformat()} submitted again: queued\n")
                 return job_id
             record = new_record(job_id, kind, spec, output=spec.output, seq=self.store.next_seq(), now=now,
-                                priority=priority, max_workers=max_workers,
-                                model_key=RUNNERS[kind].model_key(spec))  # fmt: skip
+                                priority=priority, max_workers=max_workers, **pool)  # fmt: skip
             self._put(record)
-            self.store.append_log(job_id, f"{now.isoformat()} submitted ({kind.value}, priority {priority})\n")
+            line = f"; {compiling.line()}" if compiling is not None and compiling.asked == "auto" else ""
+            self.store.append_log(job_id, f"{now.isoformat()} submitted ({kind.value}, priority {priority}){line}\n")
         return job_id
+
+    def _compile_for(self, spec, max_workers: int | None) -> CompileDecision:
+        """The label job's compile decision, made once at submit (jobs.service.kinds.label_compile)."""
+        return label_compile(spec, _cluster(), max_workers, warm_pools=set(self._pools))
 
     def list(self) -> list[dict]:
         return [record.model_dump(mode="json") for record in self.store.list()]
@@ -240,13 +250,15 @@ class JobService:
         set_current_job(record.job_id)
         try:
             if record.kind is JobKind.LABEL:
-                pool = self._pool_for(spec, placement)
+                # Decided at submit; a record from before decisions were kept is decided now.
+                compiling = record.compile or self._compile_for(spec, record.max_workers)
+                pool = self._pool_for(spec, placement, compiling)
                 self._job_pool[record.job_id] = pool.key
                 progress = LabelProgress(on_shard=lambda r, m=spec.model.name: metrics.shard_done(r, m))
                 cap = self._label_needs[record.job_id].max_workers
                 # It starts on one worker; the rest come as the pool grows (_grow_pools) and it takes them.
                 run = LabelJobRun(spec, pool.lease(record.job_id, cap), replace(pool.placement, workers=1), progress,
-                                  record.job_id)  # fmt: skip
+                                  record.job_id, compiling)  # fmt: skip
             else:
                 run = FinetuneJobRun(spec, record.job_id, self.config.state_uri)
             self._running[record.job_id] = run
@@ -255,8 +267,8 @@ class JobService:
         finally:
             set_current_job(None)
 
-    def _pool_for(self, spec, placement) -> WorkerPool:
-        worker = WorkerSpec.of(spec)
+    def _pool_for(self, spec, placement, compiling: CompileDecision) -> WorkerPool:
+        worker = label_worker_spec(spec, compiling)
         pool = self._pools.get(worker.pool_key())
         if pool is None:
             pool = self._pools[worker.pool_key()] = WorkerPool(worker, placement)

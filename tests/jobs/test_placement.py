@@ -5,18 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from jobs.cluster import ClusterResources
 from jobs.errors import BadInput
+from jobs.label.compile_policy import BYTES_PER_IMAGE, images_needed
 from jobs.label.placement import (
+    Placement,
     PlacementError,
     UnreachableLocation,
     local_locations,
     place_workers,
     refuse_unshared_local_paths,
+    resolve_compile,
 )
+from jobs.label.plan import shard_id_for
+from jobs.output.layout import DONE_DIR
+from schemas.shards import WorkerSpec
 from schemas.specs import LabelJobSpec
 
 
@@ -179,3 +186,51 @@ assert joins_existing_cluster()
     done = subprocess.run([sys.executable, "-c", preamble + script], env=env, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- compile: auto
+
+
+def _tar_input(tmp_path, *sizes: int) -> None:
+    """Tar shards of the given sizes, sparse: only their listed sizes matter to the estimate."""
+    (tmp_path / "photos").mkdir(exist_ok=True)
+    for index, size in enumerate(sizes):
+        with open(tmp_path / "photos" / f"shard-{index:02d}.tar", "wb") as shard:
+            shard.truncate(size)
+
+
+CPU_WORKER = Placement(workers=1, cpus_per_worker=2.0, gpus_per_worker=0.0, torch_threads=2)
+
+
+def test_auto_counts_the_input_left_to_label_before_the_worker_spec_is_made(tmp_path):
+    needed = images_needed(4.089, "cpu", workers=1, cores=2)  # resnet50's GFLOPs in the catalog
+    _tar_input(tmp_path, needed * BYTES_PER_IMAGE, 10 * BYTES_PER_IMAGE)
+    spec = _local_spec(tmp_path, model={"name": "resnet50", "compile": "auto"}, input={"uri": str(tmp_path / "photos"),
+                       "format": "tar"})  # fmt: skip
+    decision = resolve_compile(spec, CPU_WORKER, done=())
+    # Counting stops at the first shard, which is enough: "at least".
+    assert decision.compile and decision.line().startswith(f"compile: auto → compiled (≥ {needed:,} images (from")
+    worker = WorkerSpec.of(spec, compile=decision.compile)
+    assert worker.model.compile is True and worker.pool_key() != WorkerSpec.of(spec, compile=False).pool_key()
+    # The big shard committed by an earlier run: what is left is too small (done: the runner's committed shards).
+    assert not resolve_compile(spec, CPU_WORKER, done={shard_id_for("shard-00.tar")}).compile
+    # Spread over 2 workers, each would compile for half the images: eager.
+    assert "job too small" in resolve_compile(spec, replace(CPU_WORKER, workers=2), done=()).reason
+
+
+def test_auto_reads_committed_shards_from_the_output_when_not_given(tmp_path):
+    _tar_input(tmp_path, 10**9)
+    spec = _local_spec(tmp_path, model={"name": "resnet50", "compile": "auto"}, input={"uri": str(tmp_path / "photos"),
+                       "format": "tar"})  # fmt: skip
+    assert resolve_compile(spec, CPU_WORKER).compile  # nothing committed yet
+    marker = tmp_path / "labels" / DONE_DIR / f"{shard_id_for('shard-00.tar')}.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")  # only the name counts here
+    assert resolve_compile(spec, CPU_WORKER).reason.startswith("job too small: 0 images")
+
+
+def test_explicit_compile_is_taken_as_it_is_without_listing_anything(tmp_path):
+    spec = _local_spec(tmp_path, model={"name": "resnet50", "compile": True})  # the input does not even exist
+    assert resolve_compile(spec, CPU_WORKER).line() == "compile: true"
+    with pytest.raises(ValueError, match="must be decided on the driver"):
+        WorkerSpec.of(_local_spec(tmp_path, model={"name": "resnet50", "compile": "auto"}))

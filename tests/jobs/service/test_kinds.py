@@ -1,0 +1,36 @@
+"""jobs.service.kinds: a label job's compile decision at submit, and the pool key it leads to (no Ray started)."""
+
+from __future__ import annotations
+
+from jobs.cluster import ClusterResources
+from jobs.label.compile_policy import explicit
+from jobs.service.kinds import RUNNERS, label_compile, label_worker_spec
+from jobs.service.records import JobKind
+from schemas.specs import LabelJobSpec
+
+TWO_CPUS = ClusterResources(cpus=2, gpus=0)
+
+
+def _spec(tmp_path, compile) -> LabelJobSpec:
+    return LabelJobSpec(input={"uri": str(tmp_path / "photos"), "format": "files"}, output=str(tmp_path / "labels"),
+                        model={"name": "resnet50", "compile": compile})  # fmt: skip
+
+
+def test_a_small_job_goes_to_the_eager_pool_unless_a_compiled_one_is_warm(tmp_path):
+    (tmp_path / "photos").mkdir()
+    for index in range(40):
+        (tmp_path / "photos" / f"{index}.jpg").write_bytes(b"x")
+    spec = _spec(tmp_path, "auto")
+    decision = label_compile(spec, TWO_CPUS, None, warm_pools=set())
+    assert not decision.compile and "job too small: 40 images on 1 CPU worker" in decision.reason
+    eager_key = RUNNERS[JobKind.LABEL].model_key(spec, decision)
+    assert eager_key == label_worker_spec(_spec(tmp_path, False), None).pool_key()  # the same pool as compile: false
+    compiled_key = label_worker_spec(_spec(tmp_path, True), None).pool_key()
+    joined = label_compile(spec, TWO_CPUS, None, warm_pools={compiled_key})
+    assert joined.compile and RUNNERS[JobKind.LABEL].model_key(spec, joined) == compiled_key
+
+
+def test_input_that_cannot_be_counted_leaves_the_job_eager_for_its_own_checks_to_report(tmp_path):
+    decision = label_compile(_spec(tmp_path, "auto"), TWO_CPUS, None, warm_pools=set())  # no photos folder
+    assert not decision.compile and decision.reason.startswith("input not counted (")
+    assert label_compile(_spec(tmp_path, True), TWO_CPUS, None, warm_pools=set()) == explicit(True)
