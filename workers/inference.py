@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from workers.compile_cache import CacheCounts, CacheOutcome, use_compile_cache
 from workers.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ class Predictor:
     overlaps the work queued before it; the model runs channels_last under bf16 autocast (`precision: auto`). With
     `compile`, the backbone is `torch.compile`d with static shapes: every call runs in pieces of one size (the CPU
     chunk, or the first batch's size on a GPU), the last padded with zeros and its padding dropped, so a job's short
-    last batch does not compile a second graph. The first call compiles; `compile_seconds` says how long it took.
+    last batch does not compile a second graph. The first call compiles; `compile_seconds` says how long it took,
+    `compile_cache` whether inductor's on-disk cache on this node (workers.compile_cache) supplied the kernels.
     """
 
     def __init__(
@@ -148,9 +150,12 @@ class Predictor:
         self.chunk = cpu_chunk_size(self.backbone, pre.crop_size) if device.type == "cpu" else None
         self.compiled = compile
         self.compile_seconds: float | None = None
+        self.compile_cache: CacheOutcome | None = None
         self._first_call = threading.Lock()  # the first (compiling) call runs alone; lanes wait for its graph
         self._pinned = threading.local()
         if compile:
+            if compile_backend == "inductor":
+                use_compile_cache()  # before the first compile: the node's kernels from an earlier worker
             self.backbone = torch.compile(self.backbone, dynamic=False, backend=compile_backend)
 
     @torch.inference_mode()
@@ -159,10 +164,12 @@ class Predictor:
         if self.compiled and self.compile_seconds is None:
             with self._first_call:
                 if self.compile_seconds is None:
-                    started = time.perf_counter()
+                    started, before = time.perf_counter(), CacheCounts.now()
                     result = self._predict(pixels)
                     self.compile_seconds = round(time.perf_counter() - started, 2)
-                    log.info("compiled the backbone in %.1f s (first batch included)", self.compile_seconds)
+                    self.compile_cache = CacheCounts.now().since(before)
+                    log.info("compiled the backbone in %.1f s (first batch included; on-disk cache: %s)",
+                             self.compile_seconds, self.compile_cache or "not used")  # fmt: skip
                     return result
         return self._predict(pixels)
 

@@ -112,6 +112,7 @@ class LabelWorker:
 
     def describe(self) -> dict:
         """What the driver records in the job manifest, and what the service shows of its pools."""
+        compiled = next((p for p in self._predictors.values() if p.compiled and p.compile_seconds is not None), None)
         return {
             "model_id": self.model_id,
             "device": str(self.device),
@@ -123,8 +124,10 @@ class LabelWorker:
             "models_loaded": MODELS_LOADED,  # in this process: 1 for a worker that never reloaded its model
             "jobs_served": len(self._jobs),
             "shards_labelled": self.shards_labelled,
-            # torch.compile's first-batch time (model.compile), None until compiled or when not asked for
-            "compile_seconds": next((p.compile_seconds for p in self._predictors.values() if p.compiled), None),
+            # torch.compile's first-batch time (model.compile), None until compiled or when not asked for, and
+            # whether inductor's on-disk cache on this node held the kernels (hit: a pool started in seconds)
+            "compile_seconds": compiled.compile_seconds if compiled else None,
+            "compile_cache": compiled.compile_cache if compiled else None,
         }
 
     def _context(self, job: ShardJob) -> _JobContext:

@@ -1,0 +1,71 @@
+"""workers.compile_cache: a second process compiling the same model through the Predictor, with the same cache
+folder, loads inductor's kernels from disk instead of building them (what lets a new pool on a node start fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from workers.compile_cache import CACHE_ENV, CacheCounts, cache_dir
+
+# The smallest registry model, random weights (nothing to download), 64 px crops, two images in one static chunk:
+# the test pays for compiling, not for running the model.
+_COMPILE_ONCE = textwrap.dedent(
+    """
+    import json, sys, tempfile
+    from pathlib import Path
+    import numpy as np, torch
+    from schemas.specs import ModelSpec, StorageOptions
+    from workers.inference import Predictor
+    from workers.models import build_model
+
+    loaded = build_model(ModelSpec(name="mobilenet_v3_small", weights=None), StorageOptions(), Path(tempfile.mkdtemp()))
+    predictor = Predictor(loaded, torch.device("cpu"), "fp32", top_k=1, embeddings=True, compile=True)
+    predictor.chunk = 2
+    out = predictor(np.zeros((2, 64, 64, 3), np.uint8))
+    assert out.embeddings.shape[0] == 2
+    print(json.dumps({"seconds": predictor.compile_seconds, "cache": predictor.compile_cache}))
+    """
+)
+
+
+def _compile_in_a_fresh_process(cache, scratch) -> dict:
+    """Compile in a new process; its own TMPDIR, so a cache hit can only come from `cache`."""
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    # One compile thread: on 2 cores a pool of compile subprocesses costs more to start than it saves.
+    env |= {CACHE_ENV: str(cache), "TMPDIR": str(scratch), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _COMPILE_ONCE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"wall": time.perf_counter() - started}
+
+
+def test_a_second_process_on_the_node_loads_the_compiled_kernels_from_the_cache(tmp_path):
+    cache = tmp_path / "inductor"
+    first = _compile_in_a_fresh_process(cache, tmp_path / "a")
+    second = _compile_in_a_fresh_process(cache, tmp_path / "b")
+    assert first["cache"] == "miss" and second["cache"] == "hit", (first, second)
+    assert (cache / "fxgraph").is_dir()  # inductor wrote where it was pointed, not to its /tmp default
+    assert second["seconds"] < first["seconds"] / 2, (first, second)
+
+
+def test_the_cache_folder_is_the_setting_or_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "here"))
+    assert cache_dir() == tmp_path / "here"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "bulklabel" / "inductor"
+
+
+def test_counts_tell_hit_miss_partial_and_nothing_looked_up():
+    before = CacheCounts(hits=1, misses=1, bypasses=0)
+    assert CacheCounts(3, 1, 0).since(before) == "hit"
+    assert CacheCounts(1, 2, 0).since(before) == "miss"
+    assert CacheCounts(2, 2, 0).since(before) == "partial"
+    assert CacheCounts(1, 1, 1).since(before) == "bypass"
+    assert before.since(before) is None
