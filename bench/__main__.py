@@ -1,5 +1,6 @@
-"""`python -m bench [--quick] [--repeat N] [--warm]` compares (`--warm`: also through the job service on a warm
-pool); `python -m bench scale` checks that cost grows linearly."""
+"""`python -m bench [--quick] [--repeat N] [--warm] [--compiled]` compares (`--warm`: also through the job service on
+a warm pool; `--compiled`: also on a warm pool of torch.compile'd workers); `python -m bench scale` checks that cost
+grows linearly."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="give the Ray Data actors bulklabel's allocator setting too")  # fmt: skip
     parser.add_argument("--warm", action="store_true",
                         help="also each job through the job service, on a warm pool")  # fmt: skip
+    parser.add_argument("--compiled", action="store_true",
+                        help="also (implies --warm) on a warm pool of torch.compile'd workers; an untimed warm-up "
+                        "job compiles, as a pool does once")  # fmt: skip
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -58,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             torch_threads=args.raydata_torch_threads,
             reuse_freed_memory=args.raydata_reuse_freed_memory,
         ),
-        warm=args.warm,
+        warm=args.warm or args.compiled,
+        compiled=args.compiled,
     )
     results = run_suite(config)
     print("\n".join(r.memory_line() for r in results), flush=True)
-    if args.warm:
+    if config.warm:
         print("\n".join(r.warm_line() for r in results), flush=True)
     print("\n".join(r.line() for r in results), flush=True)
     return 0

@@ -39,14 +39,15 @@ class CommitTimes:
 
 
 def label_spec(server: S3Server, input_uri: str, output_uri: str, model: BenchModel, batch_size: int,
-               num_workers: int = 0):  # fmt: skip
-    """The bench's label job: tar shards from S3, top-5 and embeddings back to S3 (cold and warm runs alike)."""
+               num_workers: int = 0, compile: bool = False):  # fmt: skip
+    """The bench's label job: tar shards from S3, top-5 and embeddings back to S3 (cold and warm runs alike);
+    `compile`: on torch.compile'd workers (model.compile)."""
     from schemas.specs import LabelJobSpec
 
     return LabelJobSpec(
         input={"uri": input_uri, "format": "tar"},
         output=output_uri,
-        model={"name": model.name, "weights": model.weights, "device": "cpu"},
+        model={"name": model.name, "weights": model.weights, "device": "cpu", "compile": compile},
         storage=server.options(),
         top_k=5,
         embeddings=True,

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 BUCKET = "bench"
 IDLE_TIMEOUT_S = 60
 TOOLS = ("ceiling", "raydata", "bulklabel")
+# After the rotating tools, in this order: the warm job on an eager pool, then on a compiled one (--compiled). The
+# compiled pool's ratio is against the same eager ceiling: compiling is how a job goes past it.
+WARM_TOOLS = ("warm", "compiled_warm")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class SuiteConfig:
     bulklabel_workers: int = 0  # 0 = bulklabel's own default placement
     raydata: RayDataTuning = RayDataTuning()
     warm: bool = False  # also the same job through the job service on a warm pool (bench/warm.py)
+    compiled: bool = False  # warm mode: also on a warm pool of torch.compile'd workers (`compiled_warm`)
 
 
 # The full run's ceiling passes as many images through the model as the job labels (2,016 and 800), so both are
@@ -83,10 +87,10 @@ class ModelResult:
             f"{self.name}: bulklabel={self.median_rate('bulklabel'):.1f} raydata={self.median_rate('raydata'):.1f} "
             f"ceiling={self.median_rate('ceiling'):.1f} vs_raydata={self.median_ratio('bulklabel', 'raydata'):.2f} "
             f"vs_ceiling={self.median_ratio('bulklabel', 'ceiling'):.2f}"
-        ) + (self._warm_fields() if "warm" in self.runs[0] else "")
+        ) + "".join(self._warm_fields(tool) for tool in WARM_TOOLS if tool in self.runs[0])
 
-    def _warm_fields(self) -> str:
-        return f" warm={self.median_rate('warm'):.1f} warm_vs_ceiling={self.median_ratio('warm', 'ceiling'):.2f}"
+    def _warm_fields(self, tool: str) -> str:
+        return f" {tool}={self.median_rate(tool):.1f} {tool}_vs_ceiling={self.median_ratio(tool, 'ceiling'):.2f}"
 
     def warm_line(self) -> str:
         """Warm against cold in the same runs: rates, time to the first committed shard, the service's memory."""
@@ -101,7 +105,7 @@ class ModelResult:
     def memory_line(self) -> str:
         return f"{self.name} peak RSS MiB (driver + workers): " + " ".join(
             f"{tool}={self.peak_mib(tool):.0f}"
-            for tool in ("bulklabel", "raydata", "ceiling", "warm")
+            for tool in ("bulklabel", "raydata", "ceiling", *WARM_TOOLS)
             if tool in self.runs[0]
         )
 
@@ -131,7 +135,7 @@ def run_suite(config: SuiteConfig) -> list[ModelResult]:
             _warm_driver_imports()
             results = [ModelResult(c.name) for c in config.cases]
             for r in range(config.repeat):
-                order = TOOLS[r % 3 :] + TOOLS[: r % 3] + (("warm",) if config.warm else ())
+                order = TOOLS[r % 3 :] + TOOLS[: r % 3] + _warm_tools(config)
                 for case, result in zip(config.cases, results, strict=True):
                     run = {}
                     for tool in order:
@@ -143,13 +147,17 @@ def run_suite(config: SuiteConfig) -> list[ModelResult]:
     return results
 
 
+def _warm_tools(config: SuiteConfig) -> tuple[str, ...]:
+    return WARM_TOOLS if config.compiled else ("warm",) if config.warm else ()
+
+
 def _prepare(case: ModelCase, config: SuiteConfig, server: S3Server, photos: list[bytes], weights_dir: Path) -> _Case:
     model = BenchModel(case.name, case.weights or random_weights_file(case.name, weights_dir))
     per_shard = config.images_per_shard
     data = upload_tar_shards(server, f"s3://{BUCKET}/input-{case.name}", photos, case.images, per_shard)
     # Two shards: the warm-up job runs long enough for its pool to grow to every worker the timed job will use.
     warmup = None
-    if config.warm:
+    if config.warm or config.compiled:
         warmup = upload_tar_shards(server, f"s3://{BUCKET}/warmup-{case.name}", photos, 2 * per_shard, per_shard)
     return _Case(model, data, warmup)
 
@@ -157,7 +165,7 @@ def _prepare(case: ModelCase, config: SuiteConfig, server: S3Server, photos: lis
 @contextmanager
 def _cluster(config: SuiteConfig) -> Iterator[_Cluster]:
     """A private `ray.init` cluster; in warm mode a `ray start` one, since the job service lives on such a cluster."""
-    if not config.warm:
+    if not (config.warm or config.compiled):
         with local_ray(config.cpus):
             yield _Cluster()
         return
@@ -179,11 +187,11 @@ def _measure(tool: str, config: SuiteConfig, case: ModelCase, inputs: _Case, ser
         elif tool == "raydata":
             seconds = run_reference(data.uri, output, server.pyarrow_fs(), model, config.batch_size, config.raydata)
             rate = data.images / seconds
-        elif tool == "warm":
+        elif tool in WARM_TOOLS:
             with job_service(cluster.state_uri):
                 warm = run_warm(server, inputs.warmup.uri, data.uri, output, model, config.batch_size,
-                                config.bulklabel_workers)  # fmt: skip
-            log.info("%s", describe(case.name, warm))
+                                config.bulklabel_workers, compile=tool == "compiled_warm")  # fmt: skip
+            log.info("%s", describe(case.name if tool == "warm" else f"{case.name} (compiled)", warm))
             rate = warm.images / warm.seconds
             extra = {"first_commit_s": warm.first_commit_seconds,
                      "service_mib": warm.service_mib + sum(warm.workers_mib)}  # fmt: skip

@@ -55,6 +55,8 @@ class WarmTiming:
     service_peak_mib: float  # what the service reports (its ru_maxrss: the peak)
     workers_mib: tuple[float, ...]  # each pool worker's RSS after the job
     models_loaded: int  # models the pool's workers loaded during the timed job (0: it was warm)
+    compile_seconds: tuple[float | None, ...] = ()  # compiled pools: each worker's compile (in the warm-up job)
+    compile_cache: tuple[str | None, ...] = ()  # and whether inductor's on-disk cache held its kernels
 
 
 @contextmanager
@@ -118,14 +120,15 @@ def job_service(state_uri: str) -> Iterator[None]:
 
 
 def run_warm(server: S3Server, warmup_uri: str, input_uri: str, output_uri: str, model: BenchModel,
-             batch_size: int, num_workers: int = 0) -> WarmTiming:  # fmt: skip
-    """One warm-up job (untimed) then the timed one on the same pool, the service already running."""
+             batch_size: int, num_workers: int = 0, compile: bool = False) -> WarmTiming:  # fmt: skip
+    """One warm-up job (untimed) then the timed one on the same pool, the service already running. `compile`: the
+    pool's workers are torch.compile'd, and the warm-up job compiles, as a pool does once for all its jobs."""
     from jobs.service.client import submit, wait
 
-    warmup = label_spec(server, warmup_uri, output_uri + "-warmup", model, batch_size, num_workers)
+    warmup = label_spec(server, warmup_uri, output_uri + "-warmup", model, batch_size, num_workers, compile)
     _expect_success(wait(submit(warmup), poll_s=POLL_S), "warm-up")
     loaded_before = _models_loaded(_pool_ready(model.name))
-    spec = label_spec(server, input_uri, output_uri, model, batch_size, num_workers)
+    spec = label_spec(server, input_uri, output_uri, model, batch_size, num_workers, compile)
     submitted, started = time.time(), time.perf_counter()
     job_id = submit(spec)
     submit_seconds = time.perf_counter() - started
@@ -144,6 +147,8 @@ def run_warm(server: S3Server, warmup_uri: str, input_uri: str, output_uri: str,
         service_peak_mib=service_peak,
         workers_mib=tuple(_rss_mib(d["pid"]) for d in pool["worker_details"]),
         models_loaded=_models_loaded(pool) - loaded_before,
+        compile_seconds=tuple(d.get("compile_seconds") for d in pool["worker_details"]) if compile else (),
+        compile_cache=tuple(d.get("compile_cache") for d in pool["worker_details"]) if compile else (),
     )
 
 
@@ -200,7 +205,9 @@ def describe(name: str, warm: WarmTiming) -> str:
             f"{warm.steady_seconds:.1f}s ({warm.images / warm.steady_seconds:.1f} img/s), commit gaps median "
             f"{statistics.median(gaps):.2f}s max {max(gaps):.2f}s; models loaded during the job: "
             f"{warm.models_loaded}; RSS MiB: service {warm.service_mib:.0f} (peak {warm.service_peak_mib:.0f}), "
-            f"pool workers {' + '.join(f'{m:.0f}' for m in warm.workers_mib)}")  # fmt: skip
+            f"pool workers {' + '.join(f'{m:.0f}' for m in warm.workers_mib)}"
+            + (f"; compiled in {warm.compile_seconds} s (on-disk cache: {warm.compile_cache})"
+               if warm.compile_seconds else ""))  # fmt: skip
 
 
 def private_state_dir() -> str:

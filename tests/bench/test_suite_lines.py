@@ -1,4 +1,5 @@
-"""The bench's final lines: today's fields kept, the warm mode's fields added (bench/suite.py ModelResult)."""
+"""The bench's final lines: today's fields kept, the warm and compiled-warm modes' fields added (bench/suite.py
+ModelResult)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,16 @@ def test_warm_fields_are_medians_of_within_run_ratios():
     assert "warm=18.0 cold=15.0 ceiling=20.0" in warm
     assert "first committed shard warm=2.0s cold=6.0s" in warm and "1500 MiB" in warm
     assert "warm=400" in result.memory_line()
+
+
+def test_compiled_warm_fields_follow_the_warm_ones_against_the_same_ceiling():
+    runs = []
+    for ceiling, compiled in ((20.0, 30.0), (30.0, 36.0), (10.0, 14.0)):  # within-run ratios 1.5, 1.2, 1.4
+        run = _run(ceiling, 15.0, 18.0)
+        run["compiled_warm"] = Measurement(compiled, 500.0, first_commit_s=2.0, service_mib=1600.0)
+        runs.append(run)
+    line = ModelResult("resnet50", runs).line()
+    assert " warm=18.0 warm_vs_ceiling=" in line
+    assert line.endswith(" compiled_warm=30.0 compiled_warm_vs_ceiling=1.40")
+    assert line.index(" warm=") < line.index(" compiled_warm=")
+    assert "compiled_warm=500" in ModelResult("resnet50", runs).memory_line()
