@@ -37,16 +37,8 @@ from jobs.output.layout import (
 )
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobFailure
 from schemas.shards import MARKER_FORMAT, ShardResult
-from schemas.specs import LabelJobSpec, StorageOptions
-from workers.storage import (
-    ObjectMissing,
-    Storage,
-    StorageError,
-    join,
-    normalise_uri,
-    open_storage,
-    relative_key,
-)
+from schemas.specs import LabelJobSpec
+from workers.storage import ObjectMissing, Storage, StorageError, join, normalise_uri, relative_key
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +207,6 @@ class CommittedShards:
 def _marker_uris(storage: Storage, output: str) -> list[str]:
     prefix = markers_prefix(output)
     return [o.uri for o in storage.list(prefix) if MARKER.fullmatch(relative_key(output, o.uri))]
-
-
-def committed_shard_ids(output: str, options: StorageOptions | None = None) -> set[str]:
-    """The shard ids that have a done-marker under `output`, from the names alone (nothing read or validated):
-    enough to leave them out of an estimate of the work left."""
-    storage = open_storage(output, options)
-    return {MARKER.fullmatch(relative_key(output, uri)).group(1) for uri in _marker_uris(storage, output)}
 
 
 def read_committed(storage: Storage, output: str, job_id: str) -> CommittedShards:

@@ -97,8 +97,9 @@ class ImageCount:
     def text(self) -> str:
         """`2,400 images`, `≥ 9,000 images`, `≈ 1,200 images (from 0.1 GB of shards at ~110 KB an image)`."""
         sign = "≥ " if not self.complete else ("≈ " if self.estimated_bytes else "")
-        where = (f" (from {self.estimated_bytes / 1e9:.1f} GB of shards at ~{BYTES_PER_IMAGE // 1000} KB an image)"
-                 if self.estimated_bytes else "")  # fmt: skip
+        size = self.estimated_bytes
+        listed = f"{size / 1e9:.1f} GB" if size >= 10**8 else f"{size / 1e6:.1f} MB"
+        where = f" (from {listed} of shards at ~{BYTES_PER_IMAGE // 1000} KB an image)" if size else ""
         return f"{sign}{self.images:,} images{where}"
 
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from jobs.cluster import ClusterResources, ensure_ray, joins_existing_cluster
 from jobs.errors import BadInput
-from jobs.label.commit import committed_shard_ids
+from jobs.label.commit import read_committed
 from jobs.label.compile_policy import CompileDecision, ImageCount, count_images, decide_compile, explicit, images_needed
 from jobs.label.plan import plan_shards
 from jobs.locations import is_weights_file
 from schemas.catalog import UnknownModel, model_gflops
+from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
 from workers.storage import open_storage
 
@@ -159,14 +160,18 @@ def check_locations_reachable(spec: LabelJobSpec) -> None:
 
 
 def resolve_compile(
-    spec: LabelJobSpec, placement: Placement, done: Collection[str] | None = None, warm_compiled: bool = False
+    spec: LabelJobSpec,
+    placement: Placement,
+    committed: Iterable[ShardResult] | None = None,
+    warm_compiled: bool = False,
 ) -> CompileDecision:
     """The job's compile setting: the spec's own true or false, or for `compile: auto` the policy's decision
     (jobs.label.compile_policy) for this placement's workers, from the model's GFLOPs and the images left to label.
 
-    Args: `done`, the shard ids earlier runs committed (not labelled again; None: the output's done-marker names,
-    listed); `warm_compiled`, whether a warm compiled pool of the model is running (the job service's).
-    Returns the decision, also logged. The plan is counted only as far as the decision needs (compile_policy).
+    Args: `committed`, the done-markers of earlier runs (their shards are not labelled again, and loose files keep
+    their committed shards in the plan; None: read from the output); `warm_compiled`, whether a warm compiled pool
+    of the model is running (the job service's). Returns the decision, also logged. The plan is counted only as far
+    as the decision needs (compile_policy.count_images).
     """
     if spec.model.compile != "auto":
         return explicit(spec.model.compile)
@@ -179,8 +184,12 @@ def resolve_compile(
     needed = images_needed(gflops, device, placement.workers, placement.torch_threads)
     images = ImageCount(0)
     if needed is not None and not warm_compiled:
-        done = committed_shard_ids(spec.output, spec.storage) if done is None else done
-        tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage))
+        if committed is None:
+            output = open_storage(spec.output, spec.storage)
+            committed = read_committed(output, spec.output, spec.resolved_job_id()).done.values()
+        committed = list(committed)
+        done = {result.shard_id for result in committed}
+        tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage), committed=committed)
         images = count_images((task for task in tasks if task.shard_id not in done), enough=needed)
     decision = decide_compile(**facts, images=images, warm_compiled=warm_compiled)
     log.info("%s", decision.line())

@@ -81,7 +81,7 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun 
     stats = PlanStats()
     tasks = plan_shards(spec.input, open_storage(spec.input.uri, spec.storage), stats, committed.done.values())
     placement = run.placement or place_workers(spec, ensure_ray())
-    compiling = run.compile or resolve_compile(spec, placement, committed.done)  # before the workers' spec
+    compiling = run.compile or resolve_compile(spec, placement, committed.done.values())  # before the workers' spec
     progress = Progress(enabled=run.show_progress, listener=run.listener)
     results: dict[str, ShardResult] = {}
 

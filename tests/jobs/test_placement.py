@@ -22,8 +22,8 @@ from jobs.label.placement import (
     resolve_compile,
 )
 from jobs.label.plan import shard_id_for
-from jobs.output.layout import DONE_DIR
-from schemas.shards import WorkerSpec
+from jobs.output.layout import data_uri, marker_uri
+from schemas.shards import ShardResult, WorkerSpec
 from schemas.specs import LabelJobSpec
 
 
@@ -202,30 +202,44 @@ def _tar_input(tmp_path, *sizes: int) -> None:
 CPU_WORKER = Placement(workers=1, cpus_per_worker=2.0, gpus_per_worker=0.0, torch_threads=2)
 
 
+def _auto_spec(tmp_path) -> LabelJobSpec:
+    return _local_spec(tmp_path, model={"name": "resnet50", "compile": "auto"}, input={"uri": str(tmp_path / "photos"),
+                       "format": "tar"})  # fmt: skip
+
+
+def _committed(spec: LabelJobSpec, key: str, data_bytes: int = 0) -> ShardResult:
+    """A done-marker of the tar shard `key`, as an earlier run of `spec` would have written it."""
+    shard = shard_id_for(key)
+    return ShardResult(shard_id=shard, job_id=spec.resolved_job_id(), fingerprint="0" * 16, rows=1, errors=0,
+                       data_uri=data_uri(spec.output, shard), bytes_read=1, seconds=1.0, attempt=1, marker_format=2,
+                       data_bytes=data_bytes)  # fmt: skip
+
+
 def test_auto_counts_the_input_left_to_label_before_the_worker_spec_is_made(tmp_path):
     needed = images_needed(4.089, "cpu", workers=1, cores=2)  # resnet50's GFLOPs in the catalog
     _tar_input(tmp_path, needed * BYTES_PER_IMAGE, 10 * BYTES_PER_IMAGE)
-    spec = _local_spec(tmp_path, model={"name": "resnet50", "compile": "auto"}, input={"uri": str(tmp_path / "photos"),
-                       "format": "tar"})  # fmt: skip
-    decision = resolve_compile(spec, CPU_WORKER, done=())
+    spec = _auto_spec(tmp_path)
+    decision = resolve_compile(spec, CPU_WORKER, committed=())
     # Counting stops at the first shard, which is enough: "at least".
     assert decision.compile and decision.line().startswith(f"compile: auto → compiled (≥ {needed:,} images (from")
     worker = WorkerSpec.of(spec, compile=decision.compile)
     assert worker.model.compile is True and worker.pool_key() != WorkerSpec.of(spec, compile=False).pool_key()
-    # The big shard committed by an earlier run: what is left is too small (done: the runner's committed shards).
-    assert not resolve_compile(spec, CPU_WORKER, done={shard_id_for("shard-00.tar")}).compile
+    # The big shard committed by an earlier run: what is left is too small (the runner passes its markers).
+    left = resolve_compile(spec, CPU_WORKER, committed=[_committed(spec, "shard-00.tar")])
+    assert left.reason.startswith("job too small: ≈ 10 images")
     # Spread over 2 workers, each would compile for half the images: eager.
-    assert "job too small" in resolve_compile(spec, replace(CPU_WORKER, workers=2), done=()).reason
+    assert "job too small" in resolve_compile(spec, replace(CPU_WORKER, workers=2), committed=()).reason
 
 
-def test_auto_reads_committed_shards_from_the_output_when_not_given(tmp_path):
+def test_auto_reads_the_outputs_done_markers_when_not_given_them(tmp_path):
     _tar_input(tmp_path, 10**9)
-    spec = _local_spec(tmp_path, model={"name": "resnet50", "compile": "auto"}, input={"uri": str(tmp_path / "photos"),
-                       "format": "tar"})  # fmt: skip
+    spec = _auto_spec(tmp_path)
     assert resolve_compile(spec, CPU_WORKER).compile  # nothing committed yet
-    marker = tmp_path / "labels" / DONE_DIR / f"{shard_id_for('shard-00.tar')}.json"
-    marker.parent.mkdir(parents=True)
-    marker.write_text("{}")  # only the name counts here
+    result = _committed(spec, "shard-00.tar", data_bytes=3)
+    for uri, data in ((result.data_uri, b"PAR"), (marker_uri(spec.output, result.shard_id), result.model_dump_json())):
+        os.makedirs(os.path.dirname(uri), exist_ok=True)
+        with open(uri, "w" if isinstance(data, str) else "wb") as file:
+            file.write(data)
     assert resolve_compile(spec, CPU_WORKER).reason.startswith("job too small: 0 images")
 
 
