@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -122,9 +123,14 @@ def test_killing_a_worker_mid_job_loses_and_duplicates_nothing(photo_folder, tmp
 
 def test_rerun_of_half_done_job_labels_only_missing_shards(photo_folder, tmp_path):
     out = tmp_path / "out"
-    spec = _files_spec(photo_folder, out, num_workers=1, input={"uri": str(photo_folder), "files_per_shard": 20})
+    model = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1", "compile": "auto"}  # decided per run, on what is left
+    spec = _files_spec(photo_folder, out, num_workers=1, input={"uri": str(photo_folder), "files_per_shard": 20},
+                       model=model)  # fmt: skip
     first = run_label_job(spec, show_progress=False)
     assert (first.shards, first.images) == (3, 60)
+    assert "  compile: auto → eager (job too small: 60 images on 1 CPU worker" in "\n".join(first.lines())
+    manifest = json.loads((out / "_job.json").read_text())["model"]
+    assert (manifest["compiled"], manifest["compile_decision"]) == (False, first.compile)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("data/*.parquet")}
     # Undo the commit of one shard and of the job, as if the driver had died before them.
     middle = sorted((out / "_done").glob("*.json"))[1].stem
@@ -134,6 +140,7 @@ def test_rerun_of_half_done_job_labels_only_missing_shards(photo_folder, tmp_pat
 
     second = run_label_job(spec, show_progress=False)
     assert (second.status, second.shards, second.shards_skipped, second.images_this_run) == ("succeeded", 3, 2, 20)
+    assert second.compile.startswith("compile: auto → eager (job too small: 20 images on 1 CPU worker")
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("data/*.parquet")}
     assert {name for name in after if after[name] != before.get(name)} == {f"part-{middle}.parquet"}
     assert len({r["key"] for r in _rows(out)}) == len(_rows(out)) == 60
