@@ -203,8 +203,8 @@ CPU_WORKER = Placement(workers=1, cpus_per_worker=2.0, gpus_per_worker=0.0, torc
 
 
 def _auto_spec(tmp_path) -> LabelJobSpec:
-    return _local_spec(tmp_path, model={"name": "resnet50", "compile": "auto"}, input={"uri": str(tmp_path / "photos"),
-                       "format": "tar"})  # fmt: skip
+    return _spec(input={"uri": str(tmp_path / "photos"), "format": "tar"}, output=str(tmp_path / "labels"),
+                 model={"name": "resnet50", "compile": "auto"})  # fmt: skip
 
 
 def _committed(spec: LabelJobSpec, key: str, data_bytes: int = 0) -> ShardResult:

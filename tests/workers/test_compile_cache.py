@@ -10,6 +10,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from workers.compile_cache import CACHE_ENV, CacheCounts, cache_dir
 
 # The smallest registry model, random weights (nothing to download), 64 px crops, two images in one static chunk:
@@ -37,14 +39,16 @@ def _compile_in_a_fresh_process(cache, scratch) -> dict:
     """Compile in a new process; its own TMPDIR, so a cache hit can only come from `cache`."""
     scratch.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    # One compile thread: on 2 cores a pool of compile subprocesses costs more to start than it saves.
-    env |= {CACHE_ENV: str(cache), "TMPDIR": str(scratch), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    env |= {CACHE_ENV: str(cache), "TMPDIR": str(scratch)}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _COMPILE_ONCE], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"wall": time.perf_counter() - started}
 
 
+# ~90 s on the 2-core VM (a cold inductor compile of the model, 60-70 s of it, then ~20 s for the warm process). Kept
+# in the default run: it is the one check that inductor really writes and reads where the worker points it.
+@pytest.mark.slow
 def test_a_second_process_on_the_node_loads_the_compiled_kernels_from_the_cache(tmp_path):
     cache = tmp_path / "inductor"
     first = _compile_in_a_fresh_process(cache, tmp_path / "a")
