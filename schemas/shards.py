@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from schemas.specs import InputSpec, LabelJobSpec, ModelSpec, Spec, StorageOptions
 
@@ -27,14 +27,25 @@ class ShardTask(Spec):
     # an object rewritten under the same name.
     sizes: tuple[int, ...] = ()
     etags: tuple[str, ...] = ()
+    # A manifest's label column, one per key ('' where a row gives none): the rows' given_label.
+    labels: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_label_per_key(self) -> ShardTask:
+        if self.labels and len(self.labels) != len(self.keys):
+            raise ValueError(f"shard {self.shard_id}: {len(self.labels)} labels for {len(self.keys)} keys")
+        return self
 
     def fingerprint(self) -> str:
-        """Identifies the shard's content (keys, sizes, ETags or mtimes), so a resumed job notices changed input."""
+        """Identifies the shard's content (keys, sizes, ETags or mtimes, the manifest's labels), so a resumed job
+        notices changed input."""
         digest = hashlib.sha256(self.kind.encode())
         for i, key in enumerate(self.keys):
             digest.update(b"\0" + key.encode())
             if self.sizes:
                 digest.update(b"\1%d\1" % self.sizes[i] + self.etags[i].encode())
+            if self.labels:
+                digest.update(b"\2" + self.labels[i].encode())
         return digest.hexdigest()[:16]
 
 

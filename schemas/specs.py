@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from schemas.finetune import FinetuneJobSpec
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# The column a manifest or parquet input names its images' own labels in, unless the spec says otherwise.
+LABEL_COLUMN = "label"
 
 
 def _normalised_extensions(value: tuple[str, ...]) -> tuple[str, ...]:
@@ -115,6 +117,13 @@ class InputSpec(Spec):
     files_per_shard: int = Field(default=1000, gt=0, description="Images per shard for loose files and manifests.")
     extensions: Extensions
     manifest_column: str = Field(default="key", description="Manifest column holding object keys or URIs.")
+    label_column: str | None = Field(
+        default=LABEL_COLUMN,
+        min_length=1,
+        description="Manifest or parquet input: the column holding each image's own label, kept as the rows' "
+        "given_label (a Hugging Face ClassLabel index becomes its class name). The default 'label' is used where "
+        "the file has it; another name must be there; null: none.",
+    )
     exclude: tuple[str, ...] = Field(
         default=(),
         description="Glob patterns of keys to skip, matched against the key relative to the input and each of its "
@@ -281,7 +290,10 @@ class LabelJobSpec(Spec):
         """The job id: given, or derived from the fields that decide the output rows."""
         if self.job_id:
             return self.job_id
-        identity = self.model_dump(mode="json", include={"input", "output", "model", "top_k", "embeddings"})
+        # Fields at their defaults are left out, so an option added later leaves the ids of existing jobs (and the
+        # resume of their outputs) as they were.
+        identity = self.model_dump(mode="json", include={"input", "output", "model", "top_k", "embeddings",
+                                                         "probabilities"}, exclude_defaults=True)  # fmt: skip
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return f"label-{digest[:12]}"
 

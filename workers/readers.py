@@ -28,7 +28,7 @@ from typing import TypeVar
 from botocore.exceptions import ClientError
 
 from schemas.shards import ShardTask
-from schemas.specs import InputSpec, StorageOptions
+from schemas.specs import LABEL_COLUMN, InputSpec, StorageOptions
 from workers.storage import (
     AccessDenied,
     ObjectMissing,
@@ -207,12 +207,19 @@ PARQUET_KEY_COLUMNS = ("key", "__key__", "id")
 _PARQUET_BATCH_ROWS = 64
 
 
-def read_parquet(storage: Storage, task: ShardTask, scratch: str | None, image_column: str | None = None,
-                 max_bytes: int | None = None) -> Iterator[Record]:  # fmt: skip
+def read_parquet(
+    storage: Storage,
+    task: ShardTask,
+    scratch: str | None,
+    image_column: str | None = None,
+    max_bytes: int | None = None,
+    label_column: str | None = LABEL_COLUMN,
+) -> Iterator[Record]:
     """Rows of a Parquet shard holding image bytes: binary cells, or structs with a `bytes` field (Hugging Face's
     Image feature). Keys from a `key` column (img2dataset), else `<file stem>/<row number>`; an empty cell (a
-    failed img2dataset download) is an error row. The file is copied to local scratch first (Parquet is read by
-    seeking, object streams are not seekable), then read a few rows at a time."""
+    failed img2dataset download) is an error row; `label_column`, where the file has it, gives each row's
+    given_label. The file is copied to local scratch first (Parquet is read by seeking, object streams are not
+    seekable), then read a few rows at a time."""
     import pyarrow.parquet as pq
 
     source = join(task.base_uri, task.keys[0])
@@ -228,13 +235,51 @@ def read_parquet(storage: Storage, task: ShardTask, scratch: str | None, image_c
             raise ParquetLayoutError(f"{source} has no image column {column or PARQUET_IMAGE_COLUMNS} (columns: "
                                      f"{names}); set input.image_column")  # fmt: skip
         key_column = next((c for c in PARQUET_KEY_COLUMNS if c in names), None)
+        labels = _parquet_labels(parquet, source, label_column)
         row = 0
-        columns = [column] + ([key_column] if key_column else [])
+        columns = [column] + ([key_column] if key_column else []) + ([label_column] if labels else [])
         for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
             keys = batch.column(key_column).to_pylist() if key_column else [None] * batch.num_rows
-            for key, cell in zip(keys, batch.column(column).to_pylist(), strict=True):
-                yield _parquet_record(str(key) if key is not None else f"{stem}/{row}", source, cell, max_bytes)
+            given = map(labels, batch.column(label_column).to_pylist()) if labels else [None] * batch.num_rows
+            for key, cell, label in zip(keys, batch.column(column).to_pylist(), given, strict=True):
+                record = _parquet_record(str(key) if key is not None else f"{stem}/{row}", source, cell, max_bytes)
+                yield dataclasses.replace(record, given_label=label) if label is not None else record
                 row += 1
+
+
+def _parquet_labels(parquet, source: str, column: str | None) -> Callable[[object], str | None] | None:
+    """How a cell of the label column becomes a given_label, or None where there is no label column. A Hugging Face
+    ClassLabel (an integer column whose names the file's `huggingface` metadata lists) gives the class name."""
+    names = parquet.schema_arrow.names
+    if column is None or column not in names:
+        if column not in (None, LABEL_COLUMN):
+            raise ParquetLayoutError(f"{source} has no label column {column!r} (columns: {names}); set "
+                                     "input.label_column to one of them, or null")  # fmt: skip
+        return None
+    classes = _class_label_names(parquet.schema_arrow.metadata or {}, column)
+
+    def label(cell: object) -> str | None:
+        if cell is None:
+            return None
+        if classes is not None and isinstance(cell, int) and 0 <= cell < len(classes):
+            return classes[cell]
+        return str(cell)
+
+    return label
+
+
+def _class_label_names(metadata: dict[bytes, bytes], column: str) -> list[str] | None:
+    """The class names a Hugging Face ClassLabel feature gives `column` ({"info": {"features": {column: {"_type":
+    "ClassLabel", "names": [...]}}}} in the schema's `huggingface` metadata), None where there are none."""
+    try:
+        features = json.loads(metadata[b"huggingface"])["info"]["features"]
+        feature = features[column]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel":
+        return None
+    names = feature.get("names")
+    return [str(name) for name in names] if isinstance(names, list) else None
 
 
 class ParquetLayoutError(ValueError):
@@ -384,8 +429,11 @@ def read_shard(
     if task.kind == "tar":
         return read_tar(storage, task, extensions, max_bytes, layout.image_field)
     if task.kind == "parquet":
-        return read_parquet(storage, task, scratch, layout.image_column, max_bytes)
+        return read_parquet(storage, task, scratch, layout.image_column, max_bytes, layout.label_column)
     records = read_files(storage, task, pool, stores=stores, max_bytes=max_bytes)
+    if task.labels:  # a manifest's label column; records come in the shard's key order
+        return (dataclasses.replace(record, given_label=label or None)
+                for record, label in zip(records, task.labels, strict=True))  # fmt: skip
     if layout.row_key == "name":  # img2dataset's files layout: its folders are shard numbers, not classes
         return (_named(record) for record in records)
     return (dataclasses.replace(record, given_label=class_folder(record.key)) for record in records)

@@ -35,7 +35,7 @@ from typing import ClassVar
 
 from jobs.errors import BadInput
 from schemas.shards import ShardResult, ShardTask
-from schemas.specs import InputSpec
+from schemas.specs import LABEL_COLUMN, InputSpec
 from workers.storage import (
     AccessDenied,
     ObjectInfo,
@@ -384,17 +384,20 @@ def _manifest_shards(spec: InputSpec, storage: Storage, uri: str) -> Iterator[Sh
     resolver = KeyResolver(base, spec.allowed_roots)
     with _local_copy(storage, uri) as local:
         _check_manifest_keys(spec, uri, local, resolver)
-        keys = (resolver.resolve(key) for _, key in _manifest_rows(spec, uri, local))
+        rows = ((resolver.resolve(key), label) for _, key, label in _manifest_rows(spec, uri, local))
         index = 0
-        while chunk := tuple(islice(keys, spec.files_per_shard)):
-            yield ShardTask(shard_id=f"manifest-{index:06d}", kind="files", base_uri=base, keys=chunk)
+        while chunk := tuple(islice(rows, spec.files_per_shard)):
+            keys, labels = zip(*chunk, strict=True)
+            has_labels = any(labels)  # a shard none of whose rows has a label fingerprints as before labels existed
+            yield ShardTask(shard_id=f"manifest-{index:06d}", kind="files", base_uri=base, keys=keys,
+                            labels=labels if has_labels else ())  # fmt: skip
             index += 1
 
 
 def _check_manifest_keys(spec: InputSpec, uri: str, local: str, resolver: KeyResolver) -> None:
     """One pass over the whole manifest (about a second per million keys): refuse it if any key lies outside."""
     outside, first = 0, None
-    for where, key in _manifest_rows(spec, uri, local):
+    for where, key, _ in _manifest_rows(spec, uri, local):
         if resolver.resolve(key) is None:
             outside += 1
             first = first or (where, key)
@@ -493,16 +496,19 @@ def _root_forms(root: str) -> list[str]:
     return [lexical, normalise_uri(root)]
 
 
-def _manifest_rows(spec: InputSpec, uri: str, local: str) -> Iterator[tuple[str, str]]:
-    """(row number as `_row_label` shows it, key) for each non-empty key of the manifest's key column, in chunks."""
+def _manifest_rows(spec: InputSpec, uri: str, local: str) -> Iterator[tuple[int, str, str]]:
+    """(row number as `_row_label` shows it, key, label or '') for each non-empty key of the manifest's key column,
+    read in chunks."""
     import pyarrow as pa
 
     try:
         number, batches = _manifest_batches(spec, uri, local)
         for batch in batches:
-            for key in batch.column(0).cast(pa.string()).to_pylist():  # a Parquet column of numbers too
+            keys = batch.column(0).cast(pa.string()).to_pylist()  # a Parquet column of numbers too
+            labels = batch.column(1).cast(pa.string()).to_pylist() if batch.num_columns > 1 else [None] * len(keys)
+            for key, label in zip(keys, labels, strict=True):
                 if key:
-                    yield number, key
+                    yield number, key, label or ""
                 number += 1
     except (pa.ArrowException, OSError) as exc:  # not CSV or Parquet after all, or damaged
         raise PlanError(f"manifest {uri} cannot be read: {exc}") from exc
@@ -513,7 +519,8 @@ def _row_label(uri: str, number: int) -> str:
 
 
 def _manifest_batches(spec: InputSpec, uri: str, local: str) -> tuple[int, Iterable]:
-    """The first row's number (CSV: its line, after the header) and batches holding only the key column."""
+    """The first row's number (CSV: its line, after the header) and batches holding the key column, then the label
+    column where there is one."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -523,11 +530,13 @@ def _manifest_batches(spec: InputSpec, uri: str, local: str) -> tuple[int, Itera
         reader = pq.ParquetFile(local)
         names = reader.schema_arrow.names
         _check_column(uri, column, names)
-        return 1, reader.iter_batches(batch_size=MANIFEST_CHUNK_ROWS, columns=[column])
+        columns = [column, *_label_column(spec, uri, names)]
+        return 1, reader.iter_batches(batch_size=MANIFEST_CHUNK_ROWS, columns=columns)
     names = pacsv.open_csv(local).schema.names
     _check_column(uri, column, names)
-    # Keys are text whatever they look like ('0001' is not 1), and only the key column is parsed.
-    convert = pacsv.ConvertOptions(column_types={column: pa.string()}, include_columns=[column])
+    columns = [column, *_label_column(spec, uri, names)]
+    # Keys and labels are text whatever they look like ('0001' is not 1), and only those columns are parsed.
+    convert = pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string()), include_columns=columns)
     read = pacsv.ReadOptions(block_size=1 << 22)
     return 2, pacsv.open_csv(local, read_options=read, convert_options=convert)  # line 1: the header
 
@@ -535,6 +544,18 @@ def _manifest_batches(spec: InputSpec, uri: str, local: str) -> tuple[int, Itera
 def _check_column(uri: str, column: str, names: list[str]) -> None:
     if column not in names:
         raise PlanError(f"manifest {uri} has no column {column!r}; it has {names}")
+
+
+def _label_column(spec: InputSpec, uri: str, names: list[str]) -> list[str]:
+    """The manifest's label column, as a list of none or one: the default is used where present, a name the spec
+    gives must be there."""
+    column = spec.label_column
+    if column is None or (column == LABEL_COLUMN and (column not in names or column == spec.manifest_column)):
+        return []
+    if column == spec.manifest_column:
+        raise PlanError(f"manifest {uri}: label_column and manifest_column are both {column!r}")
+    _check_column(uri, column, names)
+    return [column]
 
 
 @contextmanager

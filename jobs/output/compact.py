@@ -38,7 +38,7 @@ from jobs.output.layout import (
     data_dir,
     manifest_uri,
 )
-from jobs.output.reader import LabelOutput, OutputError, open_output
+from jobs.output.reader import LabelOutput, OutputError, open_output, read_rows
 from schemas.output import LABEL_SCHEMA
 from schemas.specs import StorageOptions
 from workers.storage import Storage, join, normalise_uri, open_storage, relative_key
@@ -165,10 +165,10 @@ def _write_generation(
     with tempfile.TemporaryDirectory(prefix="bulklabel-compact-") as scratch:
         rolling = _RollingFile(scratch, target_bytes, group_bytes)
         for uri in small:
-            table = pq.read_table(paths[uri], filesystem=output.filesystem).select(LABEL_SCHEMA.names)
+            table = read_rows(paths[uri], output.filesystem)
             rows += table.num_rows
             moved[uri] = compacted_uri(output.uri, generation, rolling.index)
-            if rolling.append(table.cast(LABEL_SCHEMA)):  # the file reached the target: publish it, start the next
+            if rolling.append(table):  # the file reached the target: publish it, start the next
                 temps.append(_upload(storage, rolling, output.uri, generation))
         if rolling.close():
             temps.append(_upload(storage, rolling, output.uri, generation))

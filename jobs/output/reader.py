@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from jobs.errors import BadInput
 from jobs.label.commit import read_committed, read_failure, read_manifest
 from jobs.output.layout import FAILED_NAME, MANIFEST_NAME, OWNER_NAME
-from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobFailure, JobManifest
+from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobFailure, JobManifest, error_kind_of
 from schemas.specs import StorageOptions
 from workers.storage import ObjectMissing, join, normalise_uri, open_storage, relative_key, split_s3
 
@@ -176,6 +176,21 @@ def _check_file_version(uri: str, filesystem: pafs.FileSystem) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- filesystems
+
+
+def read_rows(path: str, filesystem: pafs.FileSystem) -> pa.Table:
+    """One data file's rows in this version's label schema, so compaction and the table take old outputs too: a file
+    an earlier version wrote gains the columns it lacks as nulls (as `LabelOutput.dataset` reads it), except
+    `error_kind`, which is never null and follows from the row's error text as the writer derives it."""
+    dataset = ds.dataset([path], schema=LABEL_SCHEMA, format="parquet", filesystem=filesystem)
+    has_kind = "error_kind" in pq.read_schema(path, filesystem=filesystem).names
+    columns = [name for name in LABEL_SCHEMA.names if has_kind or name != "error_kind"]
+    table = dataset.to_table(columns=columns)
+    if has_kind:
+        return table
+    kinds = pa.array([error_kind_of(e).value for e in table.column("error").to_pylist()], pa.string())
+    at = LABEL_SCHEMA.get_field_index("error_kind")
+    return table.add_column(at, LABEL_SCHEMA.field("error_kind"), kinds).cast(LABEL_SCHEMA)
 
 
 def fs_path(uri: str) -> str:

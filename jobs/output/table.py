@@ -22,11 +22,10 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.output.faultpoints import crash_point
 from jobs.output.layout import table_uri
-from jobs.output.reader import fs_path, pyarrow_filesystem
+from jobs.output.reader import fs_path, pyarrow_filesystem, read_rows
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION
 from schemas.shards import ShardResult
 from schemas.specs import StorageOptions
@@ -116,10 +115,10 @@ class DeltaSink:
 
     def _rows(self, result: ShardResult, location: str | None) -> pa.Table:
         path = fs_path(location or result.data_uri)
-        rows = pq.read_table(path, filesystem=self._filesystem).select(LABEL_SCHEMA.names)
+        rows = read_rows(path, self._filesystem)
         if location is not None:  # a compacted file holds several shards
             rows = rows.filter(pc.equal(rows["shard"], result.shard_id))
-        return rows.cast(LABEL_SCHEMA)
+        return rows
 
     def _table(self):
         from deltalake import DeltaTable

@@ -13,6 +13,7 @@ running; on a new cluster, it lists the old cluster's running jobs as interrupte
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import replace
@@ -368,7 +369,12 @@ def _pid() -> int:
     return os.getpid()
 
 
-def _rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def _rss_mb() -> float | None:
+    """The service process's resident memory now (not its peak, which `ru_maxrss` gives), from /proc (Linux, as
+    Ray's nodes are); None where there is no /proc."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20), 1)

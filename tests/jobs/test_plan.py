@@ -11,13 +11,14 @@ import re
 import tarfile
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
 from jobs.errors import BadInput
 from jobs.label import plan
 from jobs.label.plan import KeyResolver, PlanError, PlanStats, files_shard_id, is_excluded, plan_shards, shard_id_for
-from schemas.shards import ShardResult
+from schemas.shards import ShardResult, ShardTask
 from schemas.specs import InputSpec, StorageOptions
 from workers.storage import AccessDenied, ObjectInfo, StoreUnavailable, join, open_storage
 
@@ -295,6 +296,31 @@ def test_manifest_keys_become_shards(storage_root, suffix):
     assert [t.shard_id for t in tasks] == ["manifest-000000", "manifest-000001", "manifest-000002"]
     assert tasks[0].base_uri == root
     assert all(t.sizes == () and t.etags == () for t in tasks)  # not listed: manifest shards fingerprint keys only
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_a_manifests_label_column_travels_with_its_keys(tmp_path, suffix):
+    keys, labels = ["a.jpg", "b.jpg", "c.jpg"], ["cat", None, "007"]
+    table = pa.table({"key": keys, "label": labels, "tag": ["x", "y", "z"]})
+    uri = str(tmp_path / f"m.{suffix}")
+    pacsv.write_csv(table, uri) if suffix == "csv" else pq.write_table(table, uri)
+    storage = open_storage(str(tmp_path))
+
+    first, second = plan_shards(InputSpec(uri=uri, files_per_shard=2), storage)
+    assert first.labels == ("cat", "") and second.labels == ("007",)  # text, as given; '' where a row has none
+    (tagged,) = plan_shards(InputSpec(uri=uri, label_column="tag", files_per_shard=3), storage)
+    assert tagged.labels == ("x", "y", "z") and tagged.fingerprint() != first.fingerprint()
+    (unlabelled,) = plan_shards(InputSpec(uri=uri, label_column=None, files_per_shard=3), storage)
+    assert unlabelled.labels == ()
+    with pytest.raises(PlanError, match="no column 'species'"):
+        list(plan_shards(InputSpec(uri=uri, label_column="species"), storage))
+
+
+def test_a_manifest_without_a_label_column_plans_as_before(tmp_path):
+    (tmp_path / "m.csv").write_text("key\na.jpg\n")
+    (task,) = plan_shards(InputSpec(uri=str(tmp_path / "m.csv")), open_storage(str(tmp_path)))
+    assert task.labels == () and task == ShardTask(shard_id=task.shard_id, kind="files", base_uri=str(tmp_path),
+                                                   keys=("a.jpg",))  # fmt: skip
 
 
 def test_manifest_keys_that_look_like_numbers_stay_text(tmp_path):

@@ -63,6 +63,10 @@ def test_job_id_is_stable_and_ignores_runtime_knobs():
     c = parse_job_spec({**BASE, "top_k": 3})
     assert a.resolved_job_id() == b.resolved_job_id() != c.resolved_job_id()
     assert parse_job_spec({**BASE, "job_id": "nightly-7"}).resolved_job_id() == "nightly-7"
+    # What changes the rows changes the id; an option left at its default (one added in a later version) does not.
+    assert parse_job_spec({**BASE, "probabilities": True}).resolved_job_id() != a.resolved_job_id()
+    spelled_out = {**BASE, "input": {**BASE["input"], "label_column": "label"}}
+    assert parse_job_spec(spelled_out).resolved_job_id() == a.resolved_job_id()
 
 
 def test_secrets_never_appear_in_dumps_or_errors():

@@ -158,6 +158,46 @@ def test_hugging_face_image_structs_and_empty_cells(tmp_path):
     assert rows[f"{stem}/2"][0] is None
 
 
+def test_hugging_face_class_labels_become_given_labels(tmp_path):
+    """A Hugging Face image-classification split: `label` is a ClassLabel index whose names the file's
+    `huggingface` schema metadata lists (as `datasets` writes it); the rows keep the class name."""
+    (tmp_path / "in").mkdir()
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": png_bytes((i, i, i)), "path": f"{i}.png"} for i in range(3)]
+    features = {"image": {"_type": "Image"}, "label": {"names": ["healthy", "early_blight"], "_type": "ClassLabel"}}
+    table = pa.table({"image": pa.array(cells, image), "label": pa.array([1, 0, None], pa.int64())})
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, tmp_path / "in" / "train-00000-of-00001.parquet")
+
+    records = _records(InputSpec(uri=str(tmp_path / "in"), format="parquet"), tmp_path)
+    assert [r.given_label for r in records] == ["early_blight", "healthy", None]
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    pq.write_table(pa.table({"image": pa.array(cells, image), "species": ["a", "b", "c"]}), plain / "x.parquet")
+    assert [r.given_label for r in _records(InputSpec(uri=str(plain), format="parquet"), tmp_path)] == [None] * 3
+    spec = InputSpec(uri=str(plain), format="parquet", label_column="species")
+    assert [r.given_label for r in _records(spec, tmp_path)] == ["a", "b", "c"]
+    with pytest.raises(ParquetLayoutError, match="no label column 'kind'"):
+        _records(InputSpec(uri=str(plain), format="parquet", label_column="kind"), tmp_path)
+
+
+def test_a_manifests_labels_are_the_rows_given_labels(tmp_path):
+    """A manifest naming images by path with a label column: each row keeps its own label (not its folder's)."""
+    (tmp_path / "photos" / "batch1").mkdir(parents=True)
+    for i, photo in enumerate(PHOTOS[:3]):
+        (tmp_path / "photos" / "batch1" / f"{i}.jpg").write_bytes(photo.read_bytes())
+    lines = ["key,label", "batch1/0.jpg,tench", "batch1/1.jpg,", "batch1/2.jpg,goldfish", "batch1/gone.jpg,shark"]
+    (tmp_path / "photos" / "labels.csv").write_text("\n".join(lines) + "\n")
+
+    records = _records(InputSpec(uri=str(tmp_path / "photos" / "labels.csv"), files_per_shard=2), tmp_path)
+
+    expected = [("batch1/0.jpg", "tench"), ("batch1/1.jpg", None), ("batch1/2.jpg", "goldfish"),
+                ("batch1/gone.jpg", "shark")]  # fmt: skip
+    assert [(r.key, r.given_label) for r in records] == expected
+    assert records[3].error and "missing" in records[3].error  # an error row keeps its given label too
+
+
 def test_parquet_without_an_image_column_names_the_columns(tmp_path):
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"url": ["x"]}), tmp_path / "in" / "meta.parquet")

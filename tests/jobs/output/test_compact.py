@@ -143,6 +143,28 @@ def test_compaction_keeps_every_row_in_files_of_the_target_size(output):
     assert compact_output(str(output), target_bytes=target).files_merged == 0  # nothing small left
 
 
+def test_an_output_of_the_previous_schema_version_compacts_with_the_new_columns_null(output):
+    """An output labelled before schema version 2 (no error_kind, image_id, given_label, sidecar, probabilities)
+    compacts into files of this version's schema, every row kept, the columns it never had null."""
+    new_columns = ["error_kind", "image_id", "given_label", "sidecar", "probabilities"]
+    for data in (output / "data").glob("*.parquet"):  # as version 1 wrote them
+        table = pq.read_table(data).drop_columns(new_columns)
+        pq.write_table(table.replace_schema_metadata({"bulklabel.schema_version": "1"}), data)
+    manifest = json.loads((output / "_job.json").read_text())
+    (output / "_job.json").write_text(json.dumps(manifest | {"schema_version": 1}))
+    before = _rows(str(output))
+
+    result = compact_output(str(output), target_bytes=512 << 10)
+
+    assert result.files_merged == SHARDS and _rows(str(output)) == before
+    table = open_output(str(output)).to_table()
+    assert all(table[name].null_count == SHARDS * ROWS for name in new_columns if name != "error_kind")
+    # error_kind is never null: derived from the error text, as the writer derives it ('missing: x' → read_failed)
+    kinds = dict(zip(table["error"].to_pylist(), table["error_kind"].to_pylist(), strict=True))
+    assert kinds == {None: "", "missing: x": "read_failed"}
+    assert pq.read_schema(next((output / "data").glob("compact-1-*.parquet"))).names == table.schema.names
+
+
 def test_compaction_at_the_end_of_a_job_of_many_small_files(tmp_path):
     out = tmp_path / "out"
     write_output(str(out), tmp_path, shards=70, compact="auto")
