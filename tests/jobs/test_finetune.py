@@ -176,7 +176,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(leaves, ray_cluster, tmp_
     """The driver is killed (SIGKILL, no clean-up) once the first epoch's checkpoint exists; the same job started
     again continues after that epoch instead of starting over."""
     output = tmp_path / "models"
-    spec = _spec(str(leaves), str(output), job_id=RESUME_JOB_ID, training={"epochs": 3})
+    # A few steps an epoch (the default min_steps, 200, would make this test minutes long): enough that the run is
+    # still training when the first epoch's checkpoint appears.
+    spec = _spec(str(leaves), str(output), job_id=RESUME_JOB_ID, training={"epochs": 3, "min_steps": 12})
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True)))
     snapshot = output / "_checkpoints" / RESUME_JOB_ID / "checkpoint_manager_snapshot.json"
@@ -224,7 +226,8 @@ def test_other_architectures_fine_tune_end_to_end(arch, method, storage_root, le
             storage_root.storage.upload_file(str(photo), join(data, name, photo.name))
     spec = _spec(data, join(storage_root.uri, "models"), base={"name": arch, "weights": str(weights)},
                  data={"val_fraction": 0.25}, storage=storage_root.options or {},
-                 training={"method": method, "epochs": 1, "image_size": 64, "batch_size": 4})  # fmt: skip
+                 training={"method": method, "epochs": 1, "image_size": 64, "batch_size": 4,
+                           "min_steps": 0})  # one pass: the test is about the architecture, not the recipe  # fmt: skip
 
     summary = run_finetune_job(spec, show_progress=False)
 

@@ -165,23 +165,24 @@ def test_a_second_job_on_a_warm_pool_loads_no_model(service, tmp_path):
 
 @pytest.mark.fault(
     fault="a running job cancelled through the service, then resumed",
-    injected="`bulklabel cancel` once 2 of 8 shards were committed, then `bulklabel resume`",
+    injected="`bulklabel cancel` once 2 of 16 shards were committed, then `bulklabel resume`",
     expected="running shards finish, nothing new starts; resume labels exactly the rest: one row per image",
 )
 def test_cancel_then_resume_labels_exactly_the_rest(service, tmp_path, record_property):
-    photos = _photos(tmp_path / "photos", 16)
+    # 16 shards of about a second each: a loaded CI machine takes several seconds to run the `cancel` command.
+    photos = _photos(tmp_path / "photos", 32)
     job = service.submit(*_label_args(photos, tmp_path / "out"))
     service.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
     service.cli("cancel", job)
     cancelled = service.wait_ended(job)
     assert cancelled["state"] == "cancelled"
     done_at_cancel = cancelled["progress"]["shards_done"]
-    assert done_at_cancel < 8 and not (tmp_path / "out" / "_job.json").exists()
+    assert done_at_cancel < 16 and not (tmp_path / "out" / "_job.json").exists()
     service.cli("resume", job)
     assert service.wait_ended(job)["state"] == "succeeded"
     rows = assert_exactly_once(tmp_path / "out", photos)
-    record_property("measured", f"cancelled with {done_at_cancel}/8 shards committed; resume did the rest; "
-                                f"{rows}/16 rows, no duplicates, no stray files")  # fmt: skip
+    record_property("measured", f"cancelled with {done_at_cancel}/16 shards committed; resume did the rest; "
+                                f"{rows}/32 rows, no duplicates, no stray files")  # fmt: skip
 
 
 @pytest.mark.fault(
