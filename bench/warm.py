@@ -52,7 +52,6 @@ class WarmTiming:
     steady_seconds: float  # the first shard's turn to the last commit
     gaps: tuple[float, ...]  # between successive commits
     service_mib: float  # the service process's RSS after the job (psutil)
-    service_peak_mib: float  # what the service reports (its ru_maxrss: the peak)
     workers_mib: tuple[float, ...]  # each pool worker's RSS after the job
     models_loaded: int  # models the pool's workers loaded during the timed job (0: it was warm)
     compile_seconds: tuple[float | None, ...] = ()  # compiled pools: each worker's compile (in the warm-up job)
@@ -135,7 +134,7 @@ def run_warm(server: S3Server, warmup_uri: str, input_uri: str, output_uri: str,
     record = _expect_success(wait(job_id, poll_s=POLL_S), "timed")
     times = commit_times(server, output_uri)
     pool = _pool_ready(model.name)
-    service_mib, service_peak = _service_rss()
+    service_mib = _service_rss()
     return WarmTiming(
         seconds=times.manifest - submitted,
         images=record.progress.images,
@@ -144,7 +143,6 @@ def run_warm(server: S3Server, warmup_uri: str, input_uri: str, output_uri: str,
         steady_seconds=times.last_commit - times.first_turn,
         gaps=_gaps(times),
         service_mib=service_mib,
-        service_peak_mib=service_peak,
         workers_mib=tuple(_rss_mib(d["pid"]) for d in pool["worker_details"]),
         models_loaded=_models_loaded(pool) - loaded_before,
         compile_seconds=tuple(d.get("compile_seconds") for d in pool["worker_details"]) if compile else (),
@@ -178,12 +176,11 @@ def _models_loaded(pool: dict) -> int:
     return sum(d["models_loaded"] for d in pool["worker_details"])
 
 
-def _service_rss() -> tuple[float, float]:
-    """(the service process's RSS now, by psutil; the peak it reports itself), MiB."""
+def _service_rss() -> float:
+    """The service process's RSS now (psutil), MiB."""
     from jobs.service.client import service_status
 
-    status = service_status()
-    return _rss_mib(status["pid"]), status["rss_mb"]
+    return _rss_mib(service_status()["pid"])
 
 
 def _rss_mib(pid: int) -> float:
@@ -204,7 +201,7 @@ def describe(name: str, warm: WarmTiming) -> str:
             f"{warm.submit_seconds:.2f}s, first commit at {warm.first_commit_seconds:.1f}s, steady "
             f"{warm.steady_seconds:.1f}s ({warm.images / warm.steady_seconds:.1f} img/s), commit gaps median "
             f"{statistics.median(gaps):.2f}s max {max(gaps):.2f}s; models loaded during the job: "
-            f"{warm.models_loaded}; RSS MiB: service {warm.service_mib:.0f} (peak {warm.service_peak_mib:.0f}), "
+            f"{warm.models_loaded}; RSS MiB: service {warm.service_mib:.0f}, "
             f"pool workers {' + '.join(f'{m:.0f}' for m in warm.workers_mib)}"
             + (f"; compiled in {warm.compile_seconds} s (on-disk cache: {warm.compile_cache})"
                if warm.compile_seconds else ""))  # fmt: skip
