@@ -160,7 +160,7 @@ class ModelSpec(Spec):
         description="torch.compile the backbone (static shapes: the last batch is padded), once per worker; the first "
         "batch pays the compile time (20-50 s on CPU; seconds when inductor's on-disk cache on the node, "
         "$BULKLABEL_COMPILE_CACHE or ~/.cache/bulklabel/inductor, already holds the kernels), which the worker "
-        "reports. Outputs within 3e-5 of eager; on CPU 1.3x (MobileNetV2) to 1.5x (ResNet-50) faster. auto: "
+        "reports. Outputs within 3e-5 of eager; on a 2-core CPU 1.12x (MobileNetV2) to 0.95x (ResNet-50) eager. auto: "
         "compiled when the job is large enough to repay the compile time (its images per worker against the "
         "model's GFLOPs and the device), decided on the driver; the summary and the manifest say why.",
     )

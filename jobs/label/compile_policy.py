@@ -20,10 +20,11 @@ from pydantic import Field
 from schemas.shards import ShardTask
 from schemas.specs import Spec
 
-# CPU, measured (issue 11, the project's 2-core VM, same threads and allocator settings as eager): torch.compile runs
-# MobileNetV2's forward pass 1.3x and ResNet-50's 1.5x faster, after 20-50 s of compiling. The smaller speedup and
-# the longer compile are used: a wrong "compile" costs a whole compile, a wrong "eager" only a share of a speedup.
-CPU_COMPILE_SPEEDUP = 1.3
+# CPU: the issue that asked for compile quoted 1.3x (MobileNetV2) and 1.5x (ResNet-50) over eager after 20-50 s of
+# compiling. In the worker's own set-up (two lanes of one torch thread, the Predictor's chunks; 2026-12-02, the 2-core
+# VM) inductor with freezing measured 1.12x for MobileNetV2 and 0.95x for ResNet-50 (bench/RESULTS.md). 1.1 is used,
+# with the longer compile: a wrong "compile" costs a whole compile, a wrong "eager" only a share of a speedup.
+CPU_COMPILE_SPEEDUP = 1.1
 CPU_COMPILE_SECONDS = 50.0
 # The eager forward pass per CPU core, in torchvision's GFLOPs: ResNet-50 (4.09 GFLOPs) at the bench's ceiling of
 # ~22 img/s on 2 cores (bench/RESULTS.md, run E) is ~45 per core. MobileNetV2 reaches only ~15 (0.30 GFLOPs at ~100

@@ -232,7 +232,7 @@ def test_auto_counts_the_input_left_to_label_before_the_worker_spec_is_made(tmp_
 
 
 def test_auto_reads_the_outputs_done_markers_when_not_given_them(tmp_path):
-    _tar_input(tmp_path, 10**9)
+    _tar_input(tmp_path, 2 * 10**9)
     spec = _auto_spec(tmp_path)
     assert resolve_compile(spec, CPU_WORKER).compile  # nothing committed yet
     result = _committed(spec, "shard-00.tar", data_bytes=3)
