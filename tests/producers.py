@@ -1,22 +1,25 @@
 """Inputs as real producers write them: the `webdataset` library's own TarWriter, and img2dataset's three output
-layouts (webdataset, files, parquet).
+layouts (webdataset, files, parquet) written by img2dataset's own sample writers.
 
-img2dataset itself cannot be installed here (it pins webdataset<0.3 and needs wandb, albumentations and OpenCV), so
-its layouts are reproduced from its writer module (img2dataset 1.47.0, `img2dataset/writer.py`, read from the
-PyPI wheel): shard names `{shard_id:05d}`, sample keys `{shard_id:05d}{index:04d}`, an image member or file named
-`<key>.jpg` with `<key>.txt` (caption) and `<key>.json` (metadata, `json.dumps(meta, indent=4)`), a `<shard>.parquet`
-of the metadata beside each shard and `<shard>_stats.json` last; in the parquet layout the image bytes are the `jpg`
-column of `<shard>.parquet` itself, beside `key`, `txt` and the metadata columns.
+img2dataset 1.47.0 is installed without its dependencies (deploy/setup.sh): its downloader needs wandb,
+albumentations and OpenCV, and it pins webdataset<0.3. Its `writer` module needs none of them (fsspec, pyarrow,
+webdataset's TarWriter), so it is loaded from the installed package's file, without the package's `__init__` (which
+imports the downloader), and fed the samples its downloader would give it: a key `{shard_id:05d}{index:04d}`, the
+image bytes, the caption, and the metadata row of the schema the downloader builds (the input's url and caption,
+then key, status, error_message, sizes and the sha256). The shard's `_stats.json` is the downloader's own file,
+written here with the counts it records.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import io
 import json
+from functools import cache
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
@@ -41,54 +44,49 @@ def _meta(key: str, data: bytes, index: int) -> dict:
         "height": height,
         "original_width": width,
         "original_height": height,
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
 
 
+# The metadata schema img2dataset's downloader builds for url + caption input with its default compute_hash.
 _META_SCHEMA = pa.schema(
     [("url", pa.string()), ("caption", pa.string()), ("key", pa.string()), ("status", pa.string()),
-     ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-     ("original_width", pa.int64()), ("original_height", pa.int64())]
+     ("error_message", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+     ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string())]
 )  # fmt: skip
+_WRITERS = {"webdataset": "WebDatasetSampleWriter", "files": "FilesSampleWriter", "parquet": "ParquetSampleWriter"}
+
+
+@cache
+def img2dataset_writer_module():
+    """img2dataset's `writer` module, loaded from the installed package without running the package's __init__."""
+    package = importlib.util.find_spec("img2dataset")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("img2dataset is not installed: run deploy/setup.sh")
+    path = Path(package.submodule_search_locations[0], "writer.py")
+    spec = importlib.util.spec_from_file_location("img2dataset_writer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_img2dataset(folder: Path, photos: list[bytes], layout: str, per_shard: int) -> list[str]:
     """img2dataset's output for `photos` in `layout` (webdataset, files or parquet); returns the sample keys."""
     folder.mkdir(parents=True, exist_ok=True)
+    writer_class = getattr(img2dataset_writer_module(), _WRITERS[layout])
     keys = []
     for shard_id, start in enumerate(range(0, len(photos), per_shard)):
-        shard = f"{shard_id:0{OOM_SHARD_COUNT}d}"
-        metas, images = [], []
+        writer = writer_class(shard_id, str(folder), True, OOM_SHARD_COUNT, _META_SCHEMA, "jpg")
         for index, data in enumerate(photos[start : start + per_shard]):
             key = img2dataset_key(shard_id, index)
             keys.append(key)
-            metas.append(_meta(key, data, start + index))
-            images.append(data)
-        _write_shard(folder, shard, layout, metas, images)
-        (folder / f"{shard}_stats.json").write_text(json.dumps({"count": len(metas), "successes": len(metas)}))
+            meta = _meta(key, data, start + index)
+            writer.write(data, key, meta["caption"], meta)
+        writer.close()
+        count = len(photos[start : start + per_shard])
+        shard = f"{shard_id:0{OOM_SHARD_COUNT}d}"
+        (folder / f"{shard}_stats.json").write_text(json.dumps({"count": count, "successes": count}, indent=4))
     return keys
-
-
-def _write_shard(folder: Path, shard: str, layout: str, metas: list[dict], images: list[bytes]) -> None:
-    table = pa.Table.from_pylist(metas, _META_SCHEMA)
-    if layout == "parquet":
-        table = table.append_column("jpg", pa.array(images, pa.binary())).append_column(
-            "txt", pa.array([m["caption"] for m in metas])
-        )
-        pq.write_table(table, folder / f"{shard}.parquet")
-        return
-    pq.write_table(table, folder / f"{shard}.parquet")
-    if layout == "webdataset":
-        with wds.TarWriter(str(folder / f"{shard}.tar")) as sink:
-            for meta, data in zip(metas, images, strict=True):
-                sink.write({"__key__": meta["key"], "jpg": data, "txt": meta["caption"],
-                            "json": json.dumps(meta, indent=4)})  # fmt: skip
-        return
-    sub = folder / shard
-    sub.mkdir()
-    for meta, data in zip(metas, images, strict=True):
-        (sub / f"{meta['key']}.jpg").write_bytes(data)
-        (sub / f"{meta['key']}.txt").write_text(meta["caption"])
-        (sub / f"{meta['key']}.json").write_text(json.dumps(meta, indent=4))
 
 
 def write_webdataset_shards(pattern: str, samples: list[dict], per_shard: int) -> list[Path]:
