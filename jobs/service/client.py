@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from jobs.cluster import ensure_ray
 from jobs.errors import BadInput, InfrastructureError
@@ -86,6 +86,10 @@ def _call(method: str, *args, start: bool = False, retry: bool = True):
         handle = service(start=start)
         try:
             return ray.get(getattr(handle, method).remote(*args))
+        except RayTaskError as exc:
+            if isinstance(exc.cause, Exception):  # the service's own answer (no such job, no such transition)
+                raise exc.cause from None
+            raise
         except RayActorError:
             if attempt == _CALL_TRIES - 1 or not retry:
                 raise

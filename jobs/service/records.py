@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, Field, SecretStr, field_validator
 
+from jobs.errors import BadInput
 from jobs.label.compile_policy import CompileDecision
 from schemas.specs import Spec
 
@@ -59,7 +60,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-class IllegalTransition(ValueError):
+class IllegalTransition(BadInput):
     """A change of state the state machine does not allow (e.g. resuming a job that succeeded)."""
 
 

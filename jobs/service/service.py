@@ -42,6 +42,7 @@ from jobs.service.kinds import (
 from jobs.service.pools import WorkerPool
 from jobs.service.records import (
     MASK,
+    IllegalTransition,
     JobKind,
     JobRecord,
     JobState,
@@ -137,6 +138,10 @@ class JobService:
         """Queue an interrupted, cancelled, failed or partial job again: it labels only what is not committed."""
         with self._lock:
             record = self.store.get(job_id)
+            # running → queued is the state machine's re-admission after a restart, not a user's resume
+            if record.state.is_active() or record.state is JobState.SUCCEEDED:
+                raise IllegalTransition(f"job {job_id} is {record.state}: only an interrupted, cancelled, failed or "
+                                        "partial job can be resumed")  # fmt: skip
             if spec is not None:
                 self._specs[job_id] = spec
             self._put(advance(record, JobState.QUEUED, _now(), last_error=None))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pydantic import AwareDatetime, ValidationError
 
+from jobs.errors import BadInput
 from jobs.service.records import JOB_ID_PATTERN, JobKind, JobRecord, JobState
 from schemas.specs import Spec, StorageOptions
 from workers.storage import ObjectMissing, Storage, join, normalise_uri, open_storage
@@ -56,11 +57,13 @@ def new_job_id(kind: JobKind | str, now: datetime | None = None) -> str:
     return f"{JobKind(kind)}-{now.astimezone(UTC):%Y%m%d-%H%M}-{secrets.token_hex(2)}"
 
 
-class UnknownJob(KeyError):
+class UnknownJob(BadInput, KeyError):
     """No job by that id in this store."""
 
     def __init__(self, job_id: str, uri: str, why: str = ""):
-        super().__init__(job_id)
+        # All three in args: the service raises this in its actor, and Ray pickles it to the caller, which rebuilds
+        # it as cls(*args).
+        super().__init__(job_id, uri, why)
         why = why or f"in the job store at {uri}"
         self.message = f"no job {job_id!r} {why}; `bulklabel list` shows the jobs there"
 

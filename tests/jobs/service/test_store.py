@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import threading
 from datetime import UTC, datetime, timedelta
@@ -55,6 +56,11 @@ def test_unknown_and_malformed_job_ids(store):
     for bad in ("../escape", "a/b", ".hidden", "x\n"):
         with pytest.raises(UnknownJob, match="not a job id"):
             store.get(bad)
+    # The service raises it in its actor and Ray pickles it to the caller: it must come back whole.
+    with pytest.raises(UnknownJob) as raised:
+        store.get("nope")
+    again = pickle.loads(pickle.dumps(raised.value))
+    assert str(again) == str(raised.value) and again.args[0] == "nope" and isinstance(again, KeyError)
 
 
 def test_list_is_in_submission_order_and_filters_by_state(store):
