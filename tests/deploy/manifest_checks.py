@@ -25,6 +25,7 @@ import yaml
 from pydantic import ValidationError
 
 from schemas.specs import SpecError, load_job_spec
+from workers.compile_cache import CACHE_ENV as COMPILE_CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -318,7 +319,21 @@ def _pod_problems(where: str, template: dict) -> list[str]:
     for mount in weights:
         if not mount.get("readOnly"):
             problems.append(f"{where}: the weights mount must be readOnly")
+    if _gpus({"template": template}):
+        problems += _compile_cache_problems(where, pod)
     return problems
+
+
+def _compile_cache_problems(where: str, pod: dict) -> list[str]:
+    """A GPU pod keeps inductor's kernels on a writable volume, so a pool restarted there does not compile again."""
+    ray = pod.get("containers", [{}])[0]
+    cache = next((e.get("value", "") for e in ray.get("env", []) if e.get("name") == COMPILE_CACHE_ENV), None)
+    if cache is None:
+        return [f"{where}: no {COMPILE_CACHE_ENV} in the Ray container's env (compiled kernels would live in /tmp)"]
+    mounts = [m for m in ray.get("volumeMounts", []) if (cache + "/").startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts or any(m.get("readOnly") for m in mounts):
+        return [f"{where}: {COMPILE_CACHE_ENV}={cache} is on no writable volume mount"]
+    return []
 
 
 def _entrypoint_problems(where: str, entrypoint: str, job: dict, everything: dict[Path, list[dict]]) -> list[str]:
@@ -446,6 +461,10 @@ def launcher_policy_problems(config: dict) -> list[str]:
         problems.append("ray-cluster.yaml: token authentication is off (RAY_AUTH_MODE=token in docker.run_options)")
     if f":{WEIGHTS_MOUNT}:ro" not in options:
         problems.append(f"ray-cluster.yaml: no read-only weights mount at {WEIGHTS_MOUNT}")
+    cache = re.search(rf"-e {COMPILE_CACHE_ENV}=(\S+)", options)
+    writable = re.findall(r"-v [^:\s]+:([^:\s]+)(?::rw)?(?=\s|$)", options)  # `:ro` mounts do not match
+    if not cache or not any((cache[1] + "/").startswith(m.rstrip("/") + "/") for m in writable):
+        problems.append(f"ray-cluster.yaml: {COMPILE_CACHE_ENV} must name a folder under a writable -v host mount")
     if re.search(r"AWS_(SECRET_ACCESS_KEY|ACCESS_KEY_ID)", json.dumps(config)):
         problems.append("ray-cluster.yaml: static AWS keys; use the instance profile")
     return problems

@@ -176,6 +176,17 @@ def _static_keys(docs):
     head["envFrom"] = [{"secretRef": {"name": "bulklabel-s3"}}]
 
 
+def _no_compile_cache(docs):
+    gpu = _doc(docs, "RayCluster")["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    gpu["env"] = [e for e in gpu["env"] if e["name"] != "BULKLABEL_COMPILE_CACHE"]
+
+
+def _compile_cache_read_only(docs):
+    gpu = _doc(docs, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    for mount in gpu["volumeMounts"]:
+        mount["readOnly"] = mount["name"] != "dshm"
+
+
 def _no_autoscaling(docs):
     _doc(docs, "RayCluster")["spec"]["enableInTreeAutoscaling"] = False
 
@@ -212,6 +223,8 @@ BROKEN = [
     (ONEOFF, _no_deadline, "policy", "activeDeadlineSeconds is missing"),
     (CLUSTER, _static_keys, "policy", "envFrom"),
     (CLUSTER, _no_autoscaling, "policy", "enableInTreeAutoscaling"),
+    (CLUSTER, _no_compile_cache, "policy", "no BULKLABEL_COMPILE_CACHE in the Ray container's env"),
+    (ONEOFF, _compile_cache_read_only, "policy", "is on no writable volume mount"),
     (CLUSTER, _image_without_registry, "policy", "names no registry"),
     (CLUSTER, _auth_off, "policy", "authOptions.mode must be token"),
     (ONEOFF, _invalid_spec, "spec", "batchsize"),
@@ -253,8 +266,24 @@ def test_every_manifest_check_has_a_broken_copy():
         (lambda c: c["available_node_types"]["gpu"].update(min_workers=9), "min_workers 9 > max_workers 8"),
         (lambda c: c["available_node_types"]["head"]["resources"].update(GPU=1), "CPU: 0 and GPU: 0"),
         (lambda c: c["docker"].update(image="bulklabel:latest"), "needs a registry and a fixed tag"),
+        (
+            lambda c: c["docker"].update(
+                run_options=[
+                    o.replace(":/var/cache/bulklabel", ":/var/cache/bulklabel:ro") for o in c["docker"]["run_options"]
+                ]
+            ),  # fmt: skip
+            "BULKLABEL_COMPILE_CACHE must name a folder under a writable -v host mount",
+        ),
     ],
-    ids=["unknown-node-field", "unknown-docker-field", "no-such-head", "min-above-max", "head-gpu", "image"],
+    ids=[
+        "unknown-node-field",
+        "unknown-docker-field",
+        "no-such-head",
+        "min-above-max",
+        "head-gpu",
+        "image",
+        "compile-cache-read-only",
+    ],  # fmt: skip
 )
 def test_broken_ray_cluster_yaml_fails(launcher_config, mutate, fragment):
     broken = copy.deepcopy(launcher_config)
