@@ -73,6 +73,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --------------------------------------------------------------------------------------------- S3 (SeaweedFS)
 
 
+@pytest.fixture
+def cpu_compile_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile: auto` on CPU with an assumed 1.1x speedup, to test its arithmetic (the speedup measured in the
+    worker, below 1, never compiles; jobs/label/compile_policy.py)."""
+    from jobs.label import compile_policy
+
+    monkeypatch.setattr(compile_policy, "CPU_COMPILE_SPEEDUP", 1.1)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real SeaweedFS S3 server for the whole session: the S3 backend is tested against a real protocol

@@ -21,10 +21,11 @@ from schemas.shards import ShardTask
 from schemas.specs import Spec
 
 # CPU: the issue that asked for compile quoted 1.3x (MobileNetV2) and 1.5x (ResNet-50) over eager after 20-50 s of
-# compiling. In the worker's own set-up (two lanes of one torch thread, the Predictor's chunks; 2026-12-02, the 2-core
-# VM) inductor with freezing measured 1.12x for MobileNetV2 and 0.95x for ResNet-50 (bench/RESULTS.md). 1.1 is used,
-# with the longer compile: a wrong "compile" costs a whole compile, a wrong "eager" only a share of a speedup.
-CPU_COMPILE_SPEEDUP = 1.1
+# compiling. In plain processes with the worker's layout (two lanes of one torch thread) inductor with freezing gave
+# 1.12x and 0.95x, but in the worker itself, on warm pools (`python -m bench --compiled`, 2026-12-02, bench/RESULTS.md)
+# compiled jobs ran at 0.75x and 0.73x of eager. So on CPU `auto` stays eager: a speedup at or below 1 never repays.
+# Tests of the arithmetic set an assumed CPU speedup above 1 (tests/conftest.py, cpu_compile_pays).
+CPU_COMPILE_SPEEDUP = 0.75
 CPU_COMPILE_SECONDS = 50.0
 # The eager forward pass per CPU core, in torchvision's GFLOPs: ResNet-50 (4.09 GFLOPs) at the bench's ceiling of
 # ~22 img/s on 2 cores (bench/RESULTS.md, run E) is ~45 per core. MobileNetV2 reaches only ~15 (0.30 GFLOPs at ~100
@@ -80,8 +81,11 @@ def costs_on(device: Device, cores: int) -> CompileCosts:
     return CompileCosts(CPU_COMPILE_SPEEDUP, CPU_COMPILE_SECONDS, CPU_GFLOPS_PER_CORE * max(cores, 1))
 
 
-def break_even_images(gflops: float, costs: CompileCosts) -> int:
-    """Images per worker whose eager time, times the share compiling saves, equals the compile time."""
+def break_even_images(gflops: float, costs: CompileCosts) -> int | None:
+    """Images per worker whose eager time, times the share compiling saves, equals the compile time (None: compiling
+    is no faster, so no job repays it)."""
+    if costs.speedup <= 1:
+        return None
     saving = 1 - 1 / costs.speedup
     seconds_per_image = gflops / costs.gflops_per_s
     return math.ceil(costs.compile_seconds / (seconds_per_image * saving))
@@ -122,10 +126,10 @@ def count_images(tasks: Iterable[ShardTask], enough: int | None = None) -> Image
 
 
 def images_needed(gflops: float | None, device: Device, workers: int, cores: int) -> int | None:
-    """The images the job needs for compiling to pay (None: the model has no GFLOPs figure)."""
-    if not gflops:
-        return None
-    return break_even_images(gflops, costs_on(device, cores)) * max(workers, 1)
+    """The images the job needs for compiling to pay (None: the model has no GFLOPs figure, or compiling never pays
+    on `device`)."""
+    per_worker = break_even_images(gflops, costs_on(device, cores)) if gflops else None
+    return None if per_worker is None else per_worker * max(workers, 1)
 
 
 def decide_compile(
@@ -135,12 +139,15 @@ def decide_compile(
 
     `warm_compiled`: the job service already holds a warm compiled pool for this model, so compiling costs nothing.
     """
+    costs = costs_on(device, cores)
+    if costs.speedup <= 1:  # not even a warm compiled pool is worth joining
+        reason = f"compiled ran at {costs.speedup:.2f}x eager on {device.upper()} workers (bench/RESULTS.md)"
+        return CompileDecision(asked="auto", compile=False, reason=reason)
     if warm_compiled:
         return CompileDecision(asked="auto", compile=True, reason="a warm compiled pool of the model is running")
     needed = images_needed(gflops, device, workers, cores)
     if needed is None:
         return CompileDecision(asked="auto", compile=False, reason="no GFLOPs figure for the model to judge by")
-    costs = costs_on(device, cores)
     per = f"{workers} {device.upper()} worker{'s' if workers != 1 else ''}"
     if images.images >= needed:
         reason = f"{images.text()} on {per} repay ~{costs.compile_seconds:.0f} s of compiling; needs {needed:,}"

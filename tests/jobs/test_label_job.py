@@ -121,6 +121,7 @@ def test_killing_a_worker_mid_job_loses_and_duplicates_nothing(photo_folder, tmp
     assert set(keys) == {p.name for p in photo_folder.iterdir()}
 
 
+@pytest.mark.usefixtures("cpu_compile_pays")  # the decision is the driver's, in this process
 def test_rerun_of_half_done_job_labels_only_missing_shards(photo_folder, tmp_path):
     out = tmp_path / "out"
     model = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1", "compile": "auto"}  # decided per run, on what is left

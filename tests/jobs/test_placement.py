@@ -215,6 +215,7 @@ def _committed(spec: LabelJobSpec, key: str, data_bytes: int = 0) -> ShardResult
                        data_bytes=data_bytes)  # fmt: skip
 
 
+@pytest.mark.usefixtures("cpu_compile_pays")
 def test_auto_counts_the_input_left_to_label_before_the_worker_spec_is_made(tmp_path):
     needed = images_needed(4.089, "cpu", workers=1, cores=2)  # resnet50's GFLOPs in the catalog
     _tar_input(tmp_path, needed * BYTES_PER_IMAGE, 10 * BYTES_PER_IMAGE)
@@ -231,6 +232,7 @@ def test_auto_counts_the_input_left_to_label_before_the_worker_spec_is_made(tmp_
     assert "job too small" in resolve_compile(spec, replace(CPU_WORKER, workers=2), committed=()).reason
 
 
+@pytest.mark.usefixtures("cpu_compile_pays")
 def test_auto_reads_the_outputs_done_markers_when_not_given_them(tmp_path):
     _tar_input(tmp_path, 2 * 10**9)
     spec = _auto_spec(tmp_path)
@@ -241,6 +243,12 @@ def test_auto_reads_the_outputs_done_markers_when_not_given_them(tmp_path):
         with open(uri, "w" if isinstance(data, str) else "wb") as file:
             file.write(data)
     assert resolve_compile(spec, CPU_WORKER).reason.startswith("job too small: 0 images")
+
+
+def test_auto_on_cpu_stays_eager_on_the_measured_speedup_without_listing_the_input(tmp_path):
+    spec = _auto_spec(tmp_path)  # no photos folder: listing it would fail
+    decision = resolve_compile(spec, CPU_WORKER, committed=())
+    assert decision.line() == "compile: auto → eager (compiled ran at 0.75x eager on CPU workers (bench/RESULTS.md))"
 
 
 def test_explicit_compile_is_taken_as_it_is_without_listing_anything(tmp_path):

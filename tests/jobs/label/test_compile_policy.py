@@ -10,6 +10,8 @@ from jobs.label.compile_policy import CompileDecision, ImageCount, count_images,
 from schemas.shards import ShardTask
 
 RESNET50, MOBILENET_V2 = 4.089, 0.301  # torchvision's `_ops` (GFLOPs per image)
+MEASURED_CPU_SPEEDUP = policy.CPU_COMPILE_SPEEDUP  # read before the fixture assumes 1.1x for the arithmetic
+pytestmark = pytest.mark.usefixtures("cpu_compile_pays")
 
 
 def _decide(images: int, gflops: float | None = RESNET50, device="cpu", workers=1, cores=2, **count):
@@ -90,3 +92,13 @@ def test_count_images_counts_keys_estimates_shards_from_bytes_and_stops_once_eno
 def test_explicit_decisions_are_the_specs_own():
     assert policy.explicit(True) == CompileDecision(asked=True, compile=True)
     assert policy.explicit(False).line() == "compile: false"
+
+
+def test_on_the_cpu_speedup_measured_in_the_worker_no_job_compiles(monkeypatch):
+    monkeypatch.setattr(policy, "CPU_COMPILE_SPEEDUP", MEASURED_CPU_SPEEDUP)
+    assert MEASURED_CPU_SPEEDUP <= 1 and images_needed(RESNET50, "cpu", workers=1, cores=2) is None
+    for warm in (False, True):  # not even a warm compiled pool is worth joining
+        decision = decide_compile(gflops=RESNET50, device="cpu", workers=1, cores=2, images=ImageCount(10**9),
+                                  warm_compiled=warm)  # fmt: skip
+        assert not decision.compile and decision.reason.startswith(f"compiled ran at {MEASURED_CPU_SPEEDUP:.2f}x")
+    assert images_needed(RESNET50, "gpu", workers=1, cores=2) is not None  # the GPU figures are separate

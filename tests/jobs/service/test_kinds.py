@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from jobs.cluster import ClusterResources
 from jobs.label.compile_policy import explicit
 from jobs.service.kinds import RUNNERS, label_compile, label_worker_spec
@@ -9,6 +11,7 @@ from jobs.service.records import JobKind
 from schemas.specs import LabelJobSpec
 
 TWO_CPUS = ClusterResources(cpus=2, gpus=0)
+pytestmark = pytest.mark.usefixtures("cpu_compile_pays")
 
 
 def _spec(tmp_path, compile) -> LabelJobSpec:
