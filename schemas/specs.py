@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # The column a manifest or parquet input names its images' own labels in, unless the spec says otherwise.
 LABEL_COLUMN = "label"
+PARQUET_KEYS_VERSION = 2  # how a parquet input's rows are keyed (InputSpec.key_column); part of its jobs' ids
 
 
 def _normalised_extensions(value: tuple[str, ...]) -> tuple[str, ...]:
@@ -113,6 +114,14 @@ class InputSpec(Spec):
         default=None,
         description="parquet input: the column holding the image bytes (binary, or a struct with a 'bytes' field, "
         "as Hugging Face's Image feature stores them). Unset: the first of jpg, png, webp, image, img present.",
+    )
+    key_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="parquet input: the column holding each row's own id (img2dataset's 'key', a dataset's 'id'), "
+        "used as the row's key; planning reads it from every file and refuses an empty or repeated id, naming both "
+        "rows. Unset: the file's path relative to the input and the row number ('default/train/0000.parquet#0'), "
+        "unique by construction.",
     )
     files_per_shard: int = Field(default=1000, gt=0, description="Images per shard for loose files and manifests.")
     extensions: Extensions
@@ -295,6 +304,10 @@ class LabelJobSpec(Spec):
         # resume of their outputs) as they were.
         identity = self.model_dump(mode="json", include={"input", "output", "model", "top_k", "embeddings",
                                                          "probabilities"}, exclude_defaults=True)  # fmt: skip
+        if self.input.format == "parquet":
+            # Parquet rows were keyed `<file stem>/<row>` before keys version 2 (`<path>#<row>`): a new id, so an
+            # output of the old keys is never resumed into a mix of both.
+            identity["parquet_keys"] = PARQUET_KEYS_VERSION
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return f"label-{digest[:12]}"
 

@@ -203,8 +203,26 @@ def _pick(key: str, source: str, fields: tuple[str, ...], found: dict[str, Recor
 
 
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")
-PARQUET_KEY_COLUMNS = ("key", "__key__", "id")
 _PARQUET_BATCH_ROWS = 64
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def shard_kind(name: str) -> str | None:
+    """'tar' or 'parquet' for a file that is one shard of that format by its name, else None (a loose file)."""
+    lowered = name.lower()
+    if lowered.endswith(TAR_SUFFIXES):
+        return "tar"
+    if lowered.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def parquet_row_key(shard_key: str, row: int) -> str:
+    """A Parquet row's key without a key column: the file's path relative to the input and the row number
+    ('default/train/0000.parquet#0'), unique by construction across files with the same name in other folders
+    (Hugging Face's `<config>/<split>/0000.parquet` layout)."""
+    return f"{shard_key}#{row}"
 
 
 def read_parquet(
@@ -214,16 +232,16 @@ def read_parquet(
     image_column: str | None = None,
     max_bytes: int | None = None,
     label_column: str | None = LABEL_COLUMN,
+    key_column: str | None = None,
 ) -> Iterator[Record]:
     """Rows of a Parquet shard holding image bytes: binary cells, or structs with a `bytes` field (Hugging Face's
-    Image feature). Keys from a `key` column (img2dataset), else `<file stem>/<row number>`; an empty cell (a
-    failed img2dataset download) is an error row; `label_column`, where the file has it, gives each row's
-    given_label. The file is copied to local scratch first (Parquet is read by seeking, object streams are not
-    seekable), then read a few rows at a time."""
+    Image feature). Keys from `key_column` where the spec names one (the dataset's own id), else
+    `parquet_row_key`; an empty cell (a failed img2dataset download) is an error row; `label_column`, where the
+    file has it, gives each row's given_label. The file is copied to local scratch first (Parquet is read by
+    seeking, object streams are not seekable), then read a few rows at a time."""
     import pyarrow.parquet as pq
 
     source = join(task.base_uri, task.keys[0])
-    stem = task.keys[0].rsplit("/", 1)[-1].rsplit(".", 1)[0]
     with tempfile.TemporaryFile(dir=scratch) as local:
         with storage.open_read(source) as stream:
             shutil.copyfileobj(stream, local, _READ_CHUNK)
@@ -234,7 +252,7 @@ def read_parquet(
         if column not in names:
             raise ParquetLayoutError(f"{source} has no image column {column or PARQUET_IMAGE_COLUMNS} (columns: "
                                      f"{names}); set input.image_column")  # fmt: skip
-        key_column = next((c for c in PARQUET_KEY_COLUMNS if c in names), None)
+        check_key_column(source, key_column, names)
         labels = _parquet_labels(parquet, source, label_column)
         row = 0
         columns = [column] + ([key_column] if key_column else []) + ([label_column] if labels else [])
@@ -242,9 +260,23 @@ def read_parquet(
             keys = batch.column(key_column).to_pylist() if key_column else [None] * batch.num_rows
             given = map(labels, batch.column(label_column).to_pylist()) if labels else [None] * batch.num_rows
             for key, cell, label in zip(keys, batch.column(column).to_pylist(), given, strict=True):
-                record = _parquet_record(str(key) if key is not None else f"{stem}/{row}", source, cell, max_bytes)
+                name = parquet_row_key(task.keys[0], row) if key_column is None else _id_key(key, source, row)
+                record = _parquet_record(name, source, cell, max_bytes)
                 yield dataclasses.replace(record, given_label=label) if label is not None else record
                 row += 1
+
+
+def check_key_column(source: str, key_column: str | None, names: list[str]) -> None:
+    if key_column is not None and key_column not in names:
+        raise ParquetLayoutError(f"{source} has no key column {key_column!r} (columns: {names}); set "
+                                 "input.key_column to one of them, or leave it unset")  # fmt: skip
+
+
+def _id_key(value: object, source: str, row: int) -> str:
+    """A key column's cell as the row's key; an empty id cannot name a row (planning refuses it first)."""
+    if value is None or value == "":
+        raise ParquetLayoutError(f"{source} row {row}: the key column is empty; every row needs its own id")
+    return str(value)
 
 
 def _parquet_labels(parquet, source: str, column: str | None) -> Callable[[object], str | None] | None:
@@ -429,14 +461,35 @@ def read_shard(
     if task.kind == "tar":
         return read_tar(storage, task, extensions, max_bytes, layout.image_field)
     if task.kind == "parquet":
-        return read_parquet(storage, task, scratch, layout.image_column, max_bytes, layout.label_column)
+        return read_parquet(storage, task, scratch, layout.image_column, max_bytes, layout.label_column,
+                            layout.key_column)  # fmt: skip
     records = read_files(storage, task, pool, stores=stores, max_bytes=max_bytes)
     if task.labels:  # a manifest's label column; records come in the shard's key order
-        return (dataclasses.replace(record, given_label=label or None)
-                for record, label in zip(records, task.labels, strict=True))  # fmt: skip
+        records = (dataclasses.replace(record, given_label=label or None)
+                   for record, label in zip(records, task.labels, strict=True))  # fmt: skip
     if layout.row_key == "name":  # img2dataset's files layout: its folders are shard numbers, not classes
-        return (_named(record) for record in records)
+        return (dataclasses.replace(record, key=row_key_of(record.key, "name")) for record in records)
+    if task.labels:
+        return records
     return (dataclasses.replace(record, given_label=class_folder(record.key)) for record in records)
+
+
+def read_source(
+    storage: Storage,
+    base_uri: str,
+    key: str,
+    layout: InputSpec,
+    *,
+    max_bytes: int | None = None,
+    scratch: str | None = None,
+) -> Iterator[Record]:
+    """Every record of the one shard file `key` under `base_uri` (a tar or Parquet shard), keyed exactly as the
+    label job keyed them: what reads a shard back after the job (the report's thumbnails) goes through here."""
+    kind = shard_kind(key)
+    if kind is None:
+        raise ValueError(f"{join(base_uri, key)} is not a tar or Parquet shard")
+    task = ShardTask(shard_id="read-back", kind=kind, base_uri=base_uri, keys=(key,))
+    return read_shard(storage, task, layout.extensions, None, max_bytes=max_bytes, layout=layout, scratch=scratch)
 
 
 def class_folder(key: str) -> str | None:
@@ -447,8 +500,10 @@ def class_folder(key: str) -> str | None:
     return key.split("/", 1)[0] or None
 
 
-def _named(record: Record) -> Record:
-    """The record keyed by its file name without extension (img2dataset's key for its `files` layout)."""
-    name = record.key.rsplit("/", 1)[-1]
-    return Record(name.split(".", 1)[0] if not name.startswith(".") else name, record.source, record.data,
-                  record.error)  # fmt: skip
+def row_key_of(key: str, row_key: str) -> str:
+    """A loose file's (or manifest key's) row key: `path` keeps it, `name` is its file name without extension
+    (img2dataset's key for its `files` layout: `00000/000000001.jpg` → '000000001')."""
+    if row_key != "name":
+        return key
+    name = key.rsplit("/", 1)[-1]
+    return name.split(".", 1)[0] if not name.startswith(".") else name

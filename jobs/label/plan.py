@@ -12,6 +12,11 @@
 
 Shard ids are unique by construction (a readable prefix plus a hash of the full key) and stable across runs for
 unchanged input, which is what makes resume possible; a repeated id refuses the plan rather than merging shards.
+Row keys are unique too, checked before the first task where the input can repeat one (jobs.label.keys): a
+manifest's keys, loose files keyed by `name`, a Parquet input's `key_column`; the others are unique by construction
+(loose files by path; Parquet rows `<path>#<row>`, workers.readers.parquet_row_key). A repeat refuses the plan
+naming both rows. (Tar samples are keyed by WebDataset's `__key__` inside the archives, which planning does not
+read: a repeat inside one shard is an error row.)
 Listings skip only what the spec's `exclude` patterns name, and every skipped object is counted in `PlanStats`.
 Fingerprints cover the listed sizes and ETags (or mtimes); manifests are not listed, so manifest shards fingerprint
 their keys only.
@@ -34,8 +39,10 @@ from pathlib import PurePosixPath
 from typing import ClassVar
 
 from jobs.errors import BadInput
+from jobs.label.keys import find_repeated_key
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LABEL_COLUMN, InputSpec
+from workers.readers import PARQUET_SUFFIXES, TAR_SUFFIXES, check_key_column, row_key_of
 from workers.storage import (
     AccessDenied,
     ObjectInfo,
@@ -49,8 +56,6 @@ from workers.storage import (
 
 log = logging.getLogger(__name__)
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-PARQUET_SUFFIXES = (".parquet",)
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 MAX_BRACE_EXPANSION = 1_000_000
@@ -118,6 +123,7 @@ def plan_shards(
         uri = normalise_uri(spec.uri)
         fmt = input_format(spec, storage, uri)
     stats = stats if stats is not None else PlanStats()
+    _refuse_repeated_keys(spec, storage, uri, fmt)
     if fmt == "tar" and has_brace_pattern(uri):
         tasks = _pattern_shards(storage, uri)
     elif fmt in ("tar", "parquet"):
@@ -171,6 +177,67 @@ def _refuse_repeated_ids(tasks: Iterator[ShardTask]) -> Iterator[ShardTask]:
             )
         seen[task.shard_id] = first_key
         yield task
+
+
+def _refuse_repeated_keys(spec: InputSpec, storage: Storage, uri: str, fmt: str) -> None:
+    """Refuse an input two of whose rows would share a row key (the output could not tell them apart: `similar`
+    and every join would mix them), naming both, before the first task. Only inputs that can repeat one are read
+    for it (see the module's docstring); a manifest's keys are checked in the manifest's own pass."""
+    if fmt == "files" and spec.row_key == "name":
+        label = "loose file"
+
+        def rows() -> Iterator[tuple[str, str]]:
+            for base, key, _ in _listing(storage, uri, spec, PlanStats()):
+                if key.rsplit(".", 1)[-1].lower() in spec.extensions:
+                    yield row_key_of(key, spec.row_key), join_uri(base, key)
+    elif fmt == "parquet" and spec.key_column is not None and not has_brace_pattern(uri):
+        label = f"parquet key_column {spec.key_column!r}"
+
+        def rows() -> Iterator[tuple[str, str]]:
+            for base, key, _ in _listing(storage, uri, spec, PlanStats()):
+                if key.lower().endswith(PARQUET_SUFFIXES):
+                    yield from _parquet_ids(storage, join_uri(base, key), spec.key_column)
+    else:
+        return
+    repeated = find_repeated_key(rows)
+    if repeated is not None:
+        raise PlanError(
+            f"input {spec.uri}: two rows would share the key {repeated.key!r} ({label}): {repeated.first} and "
+            f"{repeated.second}; every row needs its own key"
+            + ("; use row_key: path" if fmt == "files" else "; name a column whose ids are unique, or unset it")
+        )
+
+
+def _parquet_ids(storage: Storage, uri: str, column: str) -> Iterator[tuple[str, str]]:
+    """(id, 'file#row') of each row of a Parquet file's key column, read alone (the images are not read)."""
+    import pyarrow.parquet as pq
+
+    with _input_errors(uri), _arrow_file(storage, uri) as fh:
+        try:
+            parquet = pq.ParquetFile(fh)
+            check_key_column(uri, column, parquet.schema_arrow.names)
+            row = 0
+            for batch in parquet.iter_batches(batch_size=MANIFEST_CHUNK_ROWS, columns=[column]):
+                for value in batch.column(0).to_pylist():
+                    if value is None or value == "":
+                        raise PlanError(f"{uri}#{row}: its key column {column!r} is empty; every row needs an id")
+                    yield str(value), f"{uri}#{row}"
+                    row += 1
+        except ValueError as exc:  # ParquetLayoutError, or not Parquet at all (pyarrow's ArrowInvalid)
+            if isinstance(exc, PlanError):
+                raise
+            raise PlanError(f"input {uri}: {exc}") from exc
+
+
+def _arrow_file(storage: Storage, uri: str):
+    """A seekable Arrow file of `uri`: Parquet's footer and one column are read by ranges, not the whole object."""
+    import pyarrow as pa
+
+    if not uri.startswith("s3://"):
+        return pa.OSFile(uri)
+    from jobs.output.reader import fs_path, pyarrow_filesystem  # (the reader's S3 settings: endpoint, keys)
+
+    return pyarrow_filesystem(uri, getattr(storage, "_options", None)).open_input_file(fs_path(uri))
 
 
 # ------------------------------------------------------------------------------------------------ listings
@@ -409,6 +476,17 @@ def _check_manifest_keys(spec: InputSpec, uri: str, local: str, resolver: KeyRes
             f"manifest {uri}: {outside} key(s) lie outside the manifest's folder {resolver.base} and the allowed "
             f"roots (first: {where}: {shown!r}); move those images under {resolver.base}, or name their location "
             "in the input's allowed_roots"
+        )
+
+    def rows() -> Iterator[tuple[str, str]]:  # each key as its row is keyed (a local copy: read twice at most)
+        for number, key, _ in _manifest_rows(spec, uri, local):
+            yield row_key_of(resolver.resolve(key), spec.row_key), _row_label(uri, number)
+
+    repeated = find_repeated_key(rows)
+    if repeated is not None:
+        raise PlanError(
+            f"manifest {uri}: {repeated.first} and {repeated.second} name the same row key {repeated.key!r}; each "
+            "image once" + (" (row_key: name keys by the file name alone)" if spec.row_key == "name" else "")
         )
 
 

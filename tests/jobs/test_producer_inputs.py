@@ -67,7 +67,11 @@ def test_webdataset_gzip_shards_by_brace_pattern_with_several_images_per_sample(
 def test_img2dataset_layouts_label_under_img2datasets_keys(tmp_path, layout):
     photos = [TENCH.read_bytes(), ROBIN.read_bytes(), TENCH.read_bytes()]
     keys = write_img2dataset(tmp_path / "in", photos, layout, per_shard=2)
-    fields = {"format": "parquet"} if layout == "parquet" else {"row_key": "name", "extensions": ["jpg"]}
+    fields = (
+        {"format": "parquet", "key_column": "key"}
+        if layout == "parquet"
+        else {"row_key": "name", "extensions": ["jpg"]}
+    )
 
     rows, _ = _run(tmp_path, uri=str(tmp_path / "in"), **fields)
 

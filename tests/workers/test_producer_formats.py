@@ -138,9 +138,12 @@ def test_img2dataset_parquet_layout(tmp_path):
     photos = [p.read_bytes() for p in PHOTOS]
     keys = write_img2dataset(tmp_path / "in", photos, "parquet", per_shard=3)
 
-    rows = _read(InputSpec(uri=str(tmp_path / "in"), format="parquet"), tmp_path)
+    rows = _read(InputSpec(uri=str(tmp_path / "in"), format="parquet", key_column="key"), tmp_path)
 
     assert sorted(rows) == keys and rows["000010001"] == (photos[4], None)
+    # Without key_column, its own `key` column is not trusted to be unique: rows are keyed by file and row.
+    by_path = _read(InputSpec(uri=str(tmp_path / "in"), format="parquet"), tmp_path)
+    assert by_path["00001.parquet#1"] == (photos[4], None) and len(by_path) == len(keys)
 
 
 def test_hugging_face_image_structs_and_empty_cells(tmp_path):
@@ -152,10 +155,10 @@ def test_hugging_face_image_structs_and_empty_cells(tmp_path):
 
     rows = _read(InputSpec(uri=str(tmp_path / "in"), format="parquet"), tmp_path)
 
-    stem = "train-00000-of-00001"
-    assert rows[f"{stem}/0"] == (cells[0]["bytes"], None)
-    assert rows[f"{stem}/1"][0] is None and "empty" in rows[f"{stem}/1"][1]
-    assert rows[f"{stem}/2"][0] is None
+    stem = "train-00000-of-00001.parquet"
+    assert rows[f"{stem}#0"] == (cells[0]["bytes"], None)
+    assert rows[f"{stem}#1"][0] is None and "empty" in rows[f"{stem}#1"][1]
+    assert rows[f"{stem}#2"][0] is None
 
 
 def test_hugging_face_class_labels_become_given_labels(tmp_path):
@@ -236,6 +239,7 @@ def test_patterns_single_gzip_shards_and_parquet_on_both_backends(storage_root, 
 
     assert read(uri=f"{root}/in/shard-{{0001..0002}}.tar.gz") == [f"sample{i:04d}" for i in range(2, 6)]
     assert read(uri=f"{root}/in/shard-0002.tar.gz") == ["sample0004", "sample0005"]
-    assert read(uri=f"{root}/pq", format="parquet") == ["000000000"]
+    assert read(uri=f"{root}/pq", format="parquet") == ["00000.parquet#0"]
+    assert read(uri=f"{root}/pq", format="parquet", key_column="key") == ["000000000"]  # planning read it too
     with pytest.raises(PlanError, match="do not exist"):
         read(uri=f"{root}/in/shard-{{0002..0003}}.tar.gz")
