@@ -9,8 +9,11 @@ and read back memory-mapped, so a query touches only the lists it probes. nlist 
 Built lazily, on the first `similar` that needs it, and cached in a local folder (`$BULKLABEL_CACHE_DIR`, else
 `$XDG_CACHE_HOME/bulklabel`, else `~/.cache/bulklabel`), never beside the output: the output prefix holds only
 files bulklabel's writer owns (a foreign file there would refuse the job's resume). An entry is keyed by the
-output's URI and its committed set (job id and the committed files), so a resumed, extended or compacted output
-gets a new index; entries of the same output's older committed sets are removed when the new one is written.
+output's URI and by what its rows were built from: the job id, the manifest's generation and finish time, and every
+committed file's name, size and ETag (S3) or mtime in ns (local), from one listing. Names alone are not enough: an
+output deleted and labelled again from other photos has the same job id and file names. A resumed, extended,
+compacted or relabelled output gets a new index; entries of the same output's older committed sets are removed
+when the new one is written.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.output.reader import LabelOutput
+from schemas.specs import StorageOptions
+from workers.storage import open_storage
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1  # bump when what an entry holds changes: older entries are then rebuilt, never misread
+INDEX_FORMAT = 2  # bump when what an entry holds changes: older entries are then rebuilt, never misread
 # From bench.similar (bench/RESULTS.md, "similar: exact vs ANN index"): sqrt(n) lists of about sqrt(n) rows, and a
 # quarter of them probed (at least 48): recall@10 1.000 on well-clustered embeddings and ~0.95 on diffuse ones
 # (20,000 clusters), where 48 probes gave 0.71-0.81. A probe costs far less than the exact scan's Parquet reads.
@@ -62,9 +67,16 @@ def cache_root() -> Path:
     return Path(base) / "bulklabel"
 
 
-def committed_set_key(output: LabelOutput) -> str:
-    """Identifies what is committed: the files only ever grow or change by a commit (data files are immutable)."""
-    identity = json.dumps([INDEX_FORMAT, output.job_id, list(output.files)])
+def committed_set_key(output: LabelOutput, options: StorageOptions | None = None) -> str:
+    """Identifies what the committed rows were built from (see the module docstring): one listing of the output
+    gives each file's size and ETag or mtime, so a file written again under its old name changes the key."""
+    stamps = {o.uri: (o.size, o.etag) for o in open_storage(output.uri, options).list(output.uri)}
+    manifest = output.manifest
+    identity = json.dumps([
+        INDEX_FORMAT, output.job_id, manifest.generation if manifest else None,
+        manifest.finished_at.isoformat() if manifest else None,
+        [(uri, *stamps.get(uri, (None, ""))) for uri in output.files],
+    ])  # fmt: skip
     return hashlib.sha256(identity.encode()).hexdigest()[:20]
 
 
@@ -72,9 +84,9 @@ def _output_key(output: LabelOutput) -> str:
     return hashlib.sha256(output.uri.encode()).hexdigest()[:16]
 
 
-def entry_path(output: LabelOutput, root: Path | None = None) -> Path:
+def entry_path(output: LabelOutput, root: Path | None = None, options: StorageOptions | None = None) -> Path:
     """The cache folder of `output`'s index at its current committed set."""
-    return (root or cache_root()) / "similar" / f"{_output_key(output)}-{committed_set_key(output)}"
+    return (root or cache_root()) / "similar" / f"{_output_key(output)}-{committed_set_key(output, options)}"
 
 
 class EmbeddingIndex:
@@ -112,9 +124,9 @@ class EmbeddingIndex:
         return [(keys[i].as_py(), labels[i].as_py(), scores[i].as_py(), s) for s, i in found[:k]]
 
 
-def open_index(output: LabelOutput, root: Path | None = None) -> EmbeddingIndex:
+def open_index(output: LabelOutput, root: Path | None = None, options: StorageOptions | None = None) -> EmbeddingIndex:
     """The index of `output` at its committed set: from the cache, else built now (and cached)."""
-    path = entry_path(output, root)
+    path = entry_path(output, root, options)
     if (path / "index.faiss").exists():
         log.info("similar: using the cached index %s", path)
         return _load(path)

@@ -175,7 +175,7 @@ def similar(
         raise NoEmbeddings(f"output {output.uri} has no embeddings: its job ran with embeddings: false")
     rows = output.manifest.totals.rows if output.manifest else output.dataset().count_rows()
     if use_index == "always" or (use_index == "auto" and rows >= index_min_rows):
-        return _similar_indexed(output, key, k, cache_dir)
+        return _similar_indexed(output, key, k, cache_dir, options)
     return _similar_exact(output, key, k)
 
 
@@ -197,11 +197,13 @@ def _similar_exact(output: LabelOutput, key: str, k: int) -> list[Neighbour]:
     return [Neighbour(*row) for row in rows]
 
 
-def _similar_indexed(output: LabelOutput, key: str, k: int, cache_dir: Path | None) -> list[Neighbour]:
+def _similar_indexed(
+    output: LabelOutput, key: str, k: int, cache_dir: Path | None, options: StorageOptions | None = None
+) -> list[Neighbour]:
     from jobs.output.index import open_index  # faiss is loaded only when an index is used
 
     if output.files:
-        index = open_index(output, cache_dir)
+        index = open_index(output, cache_dir, options)
         found = index.row_of(key)
         if found is not None:
             row, column = found

@@ -108,3 +108,40 @@ def test_cli_similar_with_the_index(grown, capsys, monkeypatch):
     assert main(["similar", str(grown.output), key, "-k", "3", "--index", "always"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[1].startswith(key)
+
+
+@pytest.mark.fault(
+    fault="`similar` after the output was deleted and labelled again from other photos under the same names (same "
+    "spec, job id and shard file names)",
+    injected="a 6-photo job searched through the index; output deleted; 6 other photos copied over the same names; "
+    "the job run again",
+    expected="the cached index is not reused: `similar` answers with the new photos' neighbours, as the exact "
+    "search does",
+)
+def test_a_relabelled_output_under_the_same_names_gets_a_new_index(tmp_path, ray_cluster, record_property):
+    rows = imagenet_labels()
+    photos, output, cache = tmp_path / "photos", tmp_path / "out", tmp_path / "cache"
+    photos.mkdir()
+    names = [f"p{i}.jpg" for i in range(6)]
+    for name, row in zip(names, rows[:6], strict=True):
+        shutil.copy(IMAGENET_SAMPLE / row["file"], photos / name)
+    _run(photos, output)
+    old = similar(str(output), names[0], k=6, use_index="always", cache_dir=cache)
+    old_entry = entry_path(open_output(str(output)), cache)
+
+    shutil.rmtree(output)
+    for name, row in zip(names, rows[6:12], strict=True):
+        shutil.copy(IMAGENET_SAMPLE / row["file"], photos / name)
+    _run(photos, output)
+    new = similar(str(output), names[0], k=6, use_index="always", cache_dir=cache)
+    exact = similar(str(output), names[0], k=6, use_index="never")
+
+    assert [n.key for n in new] == [n.key for n in exact]
+    for got, want in zip(new, exact, strict=True):
+        assert got.similarity == pytest.approx(want.similarity, abs=2e-3)
+        assert got.label == want.label
+    stale = [round(n.similarity, 3) for n in old]
+    assert [round(n.similarity, 3) for n in new] != stale  # other photos: other similarities
+    assert entry_path(open_output(str(output)), cache) != old_entry
+    record_property("measured", f"new index entry; 6/6 neighbours as the exact search (2nd nearest at cosine "
+                    f"{new[1].similarity:.3f}; the stale index said {old[1].similarity:.3f})")  # fmt: skip
