@@ -103,3 +103,26 @@ def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (64, 48)) ->
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def write_hugging_face_parquet(
+    folder: Path, splits: dict[str, list[tuple[bytes, int]]], classes: list[str]
+) -> list[Path]:
+    """A Hugging Face image-classification dataset as the Hub's Parquet conversion lays it out:
+    `default/<split>/0000.parquet`, an `image` column of {bytes, path} structs (the `datasets` Image feature), a
+    `label` ClassLabel index, and the `huggingface` schema metadata naming the features (as `datasets` writes it).
+    Every split's file has the same name, and no column is a key."""
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    features = {"image": {"_type": "Image"}, "label": {"names": classes, "_type": "ClassLabel"}}
+    written = []
+    for split, rows in splits.items():
+        cells = [{"bytes": data, "path": f"{split}-{i}.jpg"} for i, (data, _) in enumerate(rows)]
+        table = pa.table({"image": pa.array(cells, image), "label": pa.array([c for _, c in rows], pa.int64())})
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+        path = folder / "default" / split / "0000.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        written.append(path)
+    return written

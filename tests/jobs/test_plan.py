@@ -274,6 +274,58 @@ def test_a_repeated_shard_id_refuses_the_plan(tmp_path, monkeypatch):
         list(plan_shards(InputSpec(uri=str(tmp_path)), open_storage(str(tmp_path))))
 
 
+# ------------------------------------------------------------------------------------------------ row keys
+
+
+def test_a_key_repeated_in_a_manifest_refuses_the_plan_naming_both_lines(tmp_path):
+    """`./b.jpg` is `b.jpg` once collapsed: the same image twice, in shards 1 and 2 (2 keys a shard)."""
+    (tmp_path / "m.csv").write_text("key\na.jpg\nc.jpg\n./b.jpg\nd.jpg\nb.jpg\n")
+    spec = InputSpec(uri=str(tmp_path / "m.csv"), files_per_shard=2)
+    with pytest.raises(PlanError, match=r"line 4 and line 6 name the same row key 'b.jpg'"):
+        next(plan_shards(spec, open_storage(str(tmp_path))))
+
+
+def test_loose_files_keyed_by_name_refuse_two_files_of_one_name(tmp_path):
+    for name in ["00000/000000001.jpg", "00000/000000002.jpg", "00001/000000001.jpg"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    spec = InputSpec(uri=str(tmp_path), row_key="name", files_per_shard=1)
+    first, second = tmp_path / "00000/000000001.jpg", tmp_path / "00001/000000001.jpg"
+    with pytest.raises(PlanError, match=f"share the key '000000001' .*: {first} and {second}; .*row_key: path"):
+        next(plan_shards(spec, open_storage(str(tmp_path))))
+    assert len(list(plan_shards(spec.model_copy(update={"row_key": "path"}), open_storage(str(tmp_path))))) == 3
+
+
+def test_parquet_key_column_repeated_across_files_refuses_the_plan(storage_root):
+    """Hugging Face splits whose `id` column restarts at 0 in each split: the ids repeat across the two files; read
+    from the key column alone, on both backends (S3: by range)."""
+    root, storage = storage_root.uri, storage_root.storage
+    for split, ids in [("train", ["0", "1"]), ("test", ["0", "5"])]:
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"id": ids, "image": [b"x", b"y"]}), buffer)
+        storage.write_bytes(join(root, "default", split, "0000.parquet"), buffer.getvalue())
+    spec = InputSpec(uri=root, format="parquet", key_column="id")
+    train, test = join(root, "default/train/0000.parquet"), join(root, "default/test/0000.parquet")
+    with pytest.raises(PlanError, match=f"share the key '0' .*: {re.escape(test)}#0 and {re.escape(train)}#0"):
+        next(plan_shards(spec, storage))
+    # Unset, keys are the files' paths and row numbers: unique by construction, nothing read to plan.
+    assert [t.keys for t in plan_shards(InputSpec(uri=root, format="parquet"), storage)] == [
+        ("default/test/0000.parquet",),
+        ("default/train/0000.parquet",),
+    ]
+    with pytest.raises(PlanError, match="no key column 'uid'"):
+        next(plan_shards(InputSpec(uri=root, format="parquet", key_column="uid"), storage))
+
+
+def test_find_repeated_key_survives_digest_collisions(monkeypatch):
+    from jobs.label import keys
+
+    monkeypatch.setattr(keys, "_digest", lambda key: 7)  # every key collides: only equal keys are a repeat
+    rows = [("a", "1"), ("b", "2"), ("c", "3")]
+    assert keys.find_repeated_key(lambda: iter(rows)) is None
+    assert keys.find_repeated_key(lambda: iter([*rows, ("b", "4")])) == keys.RepeatedKey("b", "2", "4")
+
+
 # ------------------------------------------------------------------------------------------------ manifests
 
 

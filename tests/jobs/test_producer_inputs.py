@@ -14,22 +14,22 @@ from jobs.output.layout import markers_prefix
 from jobs.progress import JobSummary
 from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
-from tests.producers import png_bytes, write_img2dataset, write_webdataset_shards
-from tests.support import IMAGENET_SAMPLE
+from tests.producers import png_bytes, write_hugging_face_parquet, write_img2dataset, write_webdataset_shards
+from tests.support import IMAGENET_SAMPLE, imagenet_labels
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 TENCH = IMAGENET_SAMPLE / "n01440764_tench.JPEG"
 ROBIN = IMAGENET_SAMPLE / "n01558993_robin.JPEG"
 
 
-def _run(tmp_path, **input_fields) -> tuple[dict[str, dict], JobSummary]:
+def _run(tmp_path, embeddings: bool = False, **input_fields) -> tuple[dict[str, dict], JobSummary]:
     spec = LabelJobSpec(
         input=input_fields,
         output=str(tmp_path / "out"),
         model={"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
         num_workers=1,
         batch_size=4,
-        embeddings=False,
+        embeddings=embeddings,
     )
     summary = run_label_job(spec, show_progress=False)
     assert summary.status == "succeeded"
@@ -77,3 +77,37 @@ def test_img2dataset_layouts_label_under_img2datasets_keys(tmp_path, layout):
 
     assert sorted(rows) == keys == ["000000000", "000000001", "000010000"]
     assert [rows[k]["label"] for k in keys] == ["tench", "robin", "tench"]
+
+
+@pytest.mark.fault(
+    fault="Hugging Face's Parquet layout, every split's file named 0000.parquet (`default/train/0000.parquet`, "
+    "`default/test/0000.parquet`), labelled with format: parquet",
+    injected="4 photos in the train split, 4 others in the test split, no key column",
+    expected="8 rows under 8 keys (`default/train/0000.parquet#0`, ...), each with its split's class; `similar` "
+    "finds each by its own key",
+)
+def test_hugging_face_splits_of_one_file_name_keep_their_rows_apart(tmp_path, record_property):
+    from jobs.output.query import similar
+
+    rows = imagenet_labels()[:8]
+    photos = [(IMAGENET_SAMPLE / r["file"]).read_bytes() for r in rows]
+    splits = {
+        "train": [(p, i % 2) for i, p in enumerate(photos[:4])],
+        "test": [(p, i % 2) for i, p in enumerate(photos[4:])],
+    }
+    write_hugging_face_parquet(tmp_path / "in", splits, ["even", "odd"])
+
+    out, _ = _run(tmp_path, embeddings=True, uri=str(tmp_path / "in"), format="parquet")
+
+    keys = [f"default/{split}/0000.parquet#{i}" for split in ("test", "train") for i in range(4)]
+    assert sorted(out) == keys
+    assert [out[k]["given_label"] for k in keys] == ["even", "odd"] * 4
+    assert all(out[k]["error"] is None for k in keys)
+    assert {out[k]["source"] for k in keys} == {str(tmp_path / "in/default/test/0000.parquet"),
+                                                str(tmp_path / "in/default/train/0000.parquet")}  # fmt: skip
+    test_photo = f"default/test/0000.parquet#{1}"
+    neighbours = similar(str(tmp_path / "out"), test_photo, k=2, use_index="never")
+    assert neighbours[0].key == test_photo and neighbours[0].similarity == pytest.approx(1.0, abs=1e-4)
+    assert neighbours[0].label == out[test_photo]["label"]
+    record_property("measured", f"{len(out)} rows under {len(set(out))} distinct keys for 8 images; `similar` "
+                    f"found {test_photo} first (cosine {neighbours[0].similarity:.4f})")  # fmt: skip
