@@ -2,9 +2,11 @@
 
 The figures come from the committed rows (DuckDB over the `labels` view of jobs.output.query: only what
 jobs.output.reader calls committed) and from the shards' done-markers (timings, attempts, commit times); the
-thumbnails from the input itself, read back by each row's `source`: the image file of a loose-file row, or the tar
-shard whose member has the row's key (streamed with workers.readers' strict tar reader, never extracted). Rendering
-and writing are jobs.output.report_page's; this module only gathers typed figures. Driver-side: no torch, no Ray.
+thumbnails from the input itself, read back by each row's `source`: the image file of a loose-file row, or the shard
+(tar, plain or gzip, or Parquet) whose record has the row's key, read by the label job's own reader
+(workers.readers.read_source, with the job's input layout: tar members streamed, never extracted), so every format
+the job reads has thumbnails and its keys match. Rendering and writing are jobs.output.report_page's; this module
+only gathers typed figures. Driver-side: no torch, no Ray.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from datetime import UTC, datetime
 
 import duckdb
 from PIL import Image, ImageOps
+from pydantic import ValidationError
 
 from jobs.label.commit import read_committed
 from jobs.output.query import VIEW, connect
 from jobs.output.reader import LabelOutput
-from schemas.shards import ShardTask
-from schemas.specs import IMAGE_EXTENSIONS, StorageOptions
-from workers.readers import StorageByScheme, read_tar
+from schemas.specs import InputSpec, StorageOptions
+from workers.readers import StorageByScheme, read_source, shard_kind
 from workers.storage import StorageError, open_storage
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ def gather(output: LabelOutput, options: StorageOptions | None = None) -> Report
         error_kinds=kinds,
         timings=timings,
         failed_shards=tuple((f.shard, f.error) for f in manifest.failed_shards) if manifest else (),
-        thumbnails=_thumbnails(wanted, _source_options(output, options), _max_bytes(output)),
+        thumbnails=_thumbnails(wanted, _source_options(output, options), _max_bytes(output), _layout(output)),
     )
 
 
@@ -205,6 +207,16 @@ def _source_options(output: LabelOutput, options: StorageOptions | None) -> Stor
     return StorageOptions(endpoint_url=endpoint) if endpoint else options
 
 
+def _layout(output: LabelOutput) -> InputSpec | None:
+    """The job's input layout (image field or column, key column, row keys), so shards read back as the job read
+    them; None without a manifest, or from a spec this version no longer reads (then the defaults)."""
+    spec_input = (output.manifest.spec.get("input") or {}) if output.manifest else {}
+    try:
+        return InputSpec.model_validate(spec_input) if spec_input else None
+    except ValidationError:
+        return None
+
+
 def _max_bytes(output: LabelOutput) -> int:
     spec_input = (output.manifest.spec.get("input") or {}) if output.manifest else {}
     return min(int(spec_input.get("max_object_bytes") or _MAX_THUMB_SOURCE_BYTES), _MAX_THUMB_SOURCE_BYTES)
@@ -214,17 +226,17 @@ def _max_bytes(output: LabelOutput) -> int:
 
 
 def _thumbnails(
-    wanted: list[Thumbnail], options: StorageOptions | None, max_bytes: int
+    wanted: list[Thumbnail], options: StorageOptions | None, max_bytes: int, layout: InputSpec | None = None
 ) -> dict[str, tuple[Thumbnail, ...]]:
-    """Read each wanted image back from its source (each tar shard in one pass) and make its thumbnail; the order
+    """Read each wanted image back from its source (each shard in one pass) and make its thumbnail; the order
     of `wanted` (by label, least confident first) is kept."""
     stores = StorageByScheme(options)
     by_source: dict[str, list[tuple[int, Thumbnail]]] = {}
     for i, thumb in enumerate(wanted):
         by_source.setdefault(thumb.source, []).append((i, thumb))
     with ThreadPoolExecutor(_READ_THREADS) as pool:
-        made = [one for batch in pool.map(lambda s: _from_source(stores, s, by_source[s], max_bytes), by_source)
-                for one in batch]  # fmt: skip
+        made = [one for batch in pool.map(lambda s: _from_source(stores, s, by_source[s], max_bytes, layout),
+                                          by_source) for one in batch]  # fmt: skip
     result: dict[str, list[Thumbnail]] = {}
     for _, thumb in sorted(made, key=lambda pair: pair[0]):
         result.setdefault(thumb.label, []).append(thumb)
@@ -232,11 +244,15 @@ def _thumbnails(
 
 
 def _from_source(
-    stores: StorageByScheme, source: str, thumbs: list[tuple[int, Thumbnail]], max_bytes: int
+    stores: StorageByScheme,
+    source: str,
+    thumbs: list[tuple[int, Thumbnail]],
+    max_bytes: int,
+    layout: InputSpec | None = None,
 ) -> list[tuple[int, Thumbnail]]:
     try:
-        if source.lower().endswith(".tar"):
-            blobs = _tar_members(stores, source, {t.key for _, t in thumbs}, max_bytes)
+        if shard_kind(source) is not None:
+            blobs = _shard_records(stores, source, {t.key for _, t in thumbs}, max_bytes, layout)
         else:
             blobs = {t.key: _read_object(stores, source, max_bytes) for _, t in thumbs}
     except (StorageError, OSError, ValueError, tarfile.TarError) as exc:  # the input moved, or is unreachable
@@ -255,17 +271,30 @@ def _read_object(stores: StorageByScheme, uri: str, max_bytes: int) -> bytes | s
     return data if len(data) <= max_bytes else f"{uri} is {len(data)} bytes, above {max_bytes}"
 
 
-def _tar_members(stores: StorageByScheme, source: str, keys: set[str], max_bytes: int) -> dict[str, bytes | str]:
-    """The image members of the tar `source` whose WebDataset keys are in `keys` (one streaming pass)."""
-    base, _, name = source.rpartition("/")
-    task = ShardTask(shard_id="report", kind="tar", base_uri=base, keys=(name,))
+def _shard_records(
+    stores: StorageByScheme, source: str, keys: set[str], max_bytes: int, layout: InputSpec | None
+) -> dict[str, bytes | str]:
+    """The records of the shard `source` (tar or Parquet) whose keys are in `keys`, in one pass."""
+    base, name = _shard_location(source, next(iter(keys)))
+    layout = layout or InputSpec(uri=base)
     found: dict[str, bytes | str] = {}
-    for record in read_tar(stores(source), task, IMAGE_EXTENSIONS, max_bytes):
+    for record in read_source(stores(source), base, name, layout, max_bytes=max_bytes):
         if record.key in keys and record.key not in found:
             found[record.key] = record.data if record.data is not None else (record.error or "unreadable")
             if len(found) == len(keys):
                 break
     return found
+
+
+def _shard_location(source: str, key: str) -> tuple[str, str]:
+    """(base, shard key) as the job planned `source`: a Parquet row's key names its file relative to the input
+    (workers.readers.parquet_row_key), which the reader keys its rows by; a tar's samples are keyed by their
+    members alone, so its folder serves."""
+    relative = key.rpartition("#")[0]
+    if relative and source.endswith("/" + relative):
+        return source[: -len(relative) - 1], relative
+    base, _, name = source.rpartition("/")
+    return base, name
 
 
 def _thumbnail(blob: bytes | str | None) -> tuple[bytes | None, str | None]:

@@ -212,6 +212,44 @@ def test_report_of_an_s3_output_of_tar_shards(tmp_path_factory, ray_cluster, s3_
     assert all(t.problem is None for thumbs in data.thumbnails.values() for t in thumbs)
 
 
+@pytest.mark.fault(
+    fault="`bulklabel report` on outputs labelled from gzip tar shards (.tar.gz, .tgz) and from Hugging Face's "
+    "Parquet layout",
+    injected="two jobs of 4 photos: one tar input of a .tar.gz and a .tgz shard, one `default/{train,test}/"
+    "0000.parquet` input",
+    expected="every thumbnail read back through the job's own reader: decoded images in the page, no problem noted",
+)
+def test_report_thumbnails_from_gzip_tars_and_parquet(tmp_path, ray_cluster, record_property):
+    import gzip
+
+    from jobs.label.runner import run_label_job
+    from schemas.specs import LabelJobSpec
+    from tests.producers import write_hugging_face_parquet
+
+    files = [IMAGENET_SAMPLE / row["file"] for row in imagenet_labels()[PHOTOS : PHOTOS + 4]]
+    tars = write_tar_shards(files, tmp_path / "plain", per_shard=2)
+    (tmp_path / "tars").mkdir()
+    for tar, suffix in zip(tars, [".tar.gz", ".tgz"], strict=True):
+        (tmp_path / "tars" / (tar.stem + suffix)).write_bytes(gzip.compress(tar.read_bytes()))
+    photos = [(f.read_bytes(), 0) for f in files]
+    write_hugging_face_parquet(tmp_path / "hf", {"train": photos[:2], "test": photos[2:]}, ["photo"])
+    found = {}
+    for name, input_fields in [("tar", {"uri": str(tmp_path / "tars")}),
+                               ("parquet", {"uri": str(tmp_path / "hf"), "format": "parquet"})]:  # fmt: skip
+        spec = LabelJobSpec(input=input_fields, output=str(tmp_path / f"out-{name}"), num_workers=1, batch_size=4,
+                            model={"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}, embeddings=False)  # fmt: skip
+        assert run_label_job(spec, show_progress=False).images == 4
+        page = tmp_path / f"{name}.html"
+        data = write_report(spec.output, page)
+        thumbs = [t for group in data.thumbnails.values() for t in group]
+        assert [t.problem for t in thumbs] == [None] * 4, name
+        sizes = _thumbnails_decoded(page.read_text())
+        assert len(sizes) == 4 and all(max(size) == 160 for size in sizes), name
+        found[name] = len(sizes)
+    record_property("measured", f"thumbnails decoded from the page: {found['tar']}/4 from .tar.gz/.tgz shards, "
+                    f"{found['parquet']}/4 from Parquet; no problem noted")  # fmt: skip
+
+
 def test_report_of_an_output_whose_input_is_gone_says_so(labelled, tmp_path):
     copy = Path(shutil.copytree(labelled, tmp_path / "out"))
     input_folder = Path(str(open_output_input(copy)))
