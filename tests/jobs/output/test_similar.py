@@ -4,6 +4,7 @@ exact search, and its cache follows the committed set (a job extended by new inp
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,11 @@ def test_a_relabelled_output_under_the_same_names_gets_a_new_index(tmp_path, ray
         assert got.label == want.label
     stale = [round(n.similarity, 3) for n in old]
     assert [round(n.similarity, 3) for n in new] != stale  # other photos: other similarities
-    assert entry_path(open_output(str(output)), cache) != old_entry
+    now = entry_path(open_output(str(output)), cache)
+    assert now != old_entry
+    # Keyed by each file's stamp, not only the manifest: one data file rewritten in place is a new committed set.
+    data = open_output(str(output)).files[0]
+    os.utime(data, ns=(os.stat(data).st_atime_ns, os.stat(data).st_mtime_ns + 1))
+    assert entry_path(open_output(str(output)), cache) != now
     record_property("measured", f"new index entry; 6/6 neighbours as the exact search (2nd nearest at cosine "
                     f"{new[1].similarity:.3f}; the stale index said {old[1].similarity:.3f})")  # fmt: skip
