@@ -29,6 +29,13 @@ from botocore.exceptions import ClientError
 
 from schemas.shards import ShardTask
 from schemas.specs import LABEL_COLUMN, InputSpec, StorageOptions
+from workers.rowkeys import (
+    ParquetLayoutError,
+    check_key_column,
+    parquet_row_key,
+    row_key_of,
+    shard_kind,
+)
 from workers.storage import (
     AccessDenied,
     ObjectMissing,
@@ -204,25 +211,6 @@ def _pick(key: str, source: str, fields: tuple[str, ...], found: dict[str, Recor
 
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")
 _PARQUET_BATCH_ROWS = 64
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-PARQUET_SUFFIXES = (".parquet",)
-
-
-def shard_kind(name: str) -> str | None:
-    """'tar' or 'parquet' for a file that is one shard of that format by its name, else None (a loose file)."""
-    lowered = name.lower()
-    if lowered.endswith(TAR_SUFFIXES):
-        return "tar"
-    if lowered.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    return None
-
-
-def parquet_row_key(shard_key: str, row: int) -> str:
-    """A Parquet row's key without a key column: the file's path relative to the input and the row number
-    ('default/train/0000.parquet#0'), unique by construction across files with the same name in other folders
-    (Hugging Face's `<config>/<split>/0000.parquet` layout)."""
-    return f"{shard_key}#{row}"
 
 
 def read_parquet(
@@ -266,12 +254,6 @@ def read_parquet(
                 row += 1
 
 
-def check_key_column(source: str, key_column: str | None, names: list[str]) -> None:
-    if key_column is not None and key_column not in names:
-        raise ParquetLayoutError(f"{source} has no key column {key_column!r} (columns: {names}); set "
-                                 "input.key_column to one of them, or leave it unset")  # fmt: skip
-
-
 def _id_key(value: object, source: str, row: int) -> str:
     """A key column's cell as the row's key; an empty id cannot name a row (planning refuses it first)."""
     if value is None or value == "":
@@ -312,10 +294,6 @@ def _class_label_names(metadata: dict[bytes, bytes], column: str) -> list[str] |
         return None
     names = feature.get("names")
     return [str(name) for name in names] if isinstance(names, list) else None
-
-
-class ParquetLayoutError(ValueError):
-    """A parquet shard without the image column the spec names (or any of the usual ones)."""
 
 
 def _parquet_record(key: str, source: str, cell, max_bytes: int | None) -> Record:
@@ -498,12 +476,3 @@ def class_folder(key: str) -> str | None:
     if key.startswith("/") or "://" in key or "/" not in key:
         return None
     return key.split("/", 1)[0] or None
-
-
-def row_key_of(key: str, row_key: str) -> str:
-    """A loose file's (or manifest key's) row key: `path` keeps it, `name` is its file name without extension
-    (img2dataset's key for its `files` layout: `00000/000000001.jpg` → '000000001')."""
-    if row_key != "name":
-        return key
-    name = key.rsplit("/", 1)[-1]
-    return name.split(".", 1)[0] if not name.startswith(".") else name

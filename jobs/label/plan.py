@@ -42,7 +42,7 @@ from jobs.errors import BadInput
 from jobs.label.keys import find_repeated_key
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LABEL_COLUMN, InputSpec
-from workers.readers import PARQUET_SUFFIXES, TAR_SUFFIXES, check_key_column, row_key_of
+from workers.rowkeys import PARQUET_SUFFIXES, TAR_SUFFIXES, check_key_column, row_key_of
 from workers.storage import (
     AccessDenied,
     ObjectInfo,

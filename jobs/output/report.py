@@ -26,7 +26,8 @@ from jobs.label.commit import read_committed
 from jobs.output.query import VIEW, connect
 from jobs.output.reader import LabelOutput
 from schemas.specs import InputSpec, StorageOptions
-from workers.readers import StorageByScheme, read_source, shard_kind
+from workers.readers import StorageByScheme, read_source
+from workers.rowkeys import shard_kind
 from workers.storage import StorageError, open_storage
 
 log = logging.getLogger(__name__)
