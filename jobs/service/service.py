@@ -110,7 +110,8 @@ class JobService:
         self._said: set[str] = set()  # warnings given once, not every tick
         self._reconciled_at = time.monotonic()
         self._stopping = threading.Event()
-        logging.getLogger().addHandler(StoreLogHandler(self.store))
+        self._log_handler = StoreLogHandler(self.store)
+        logging.getLogger().addHandler(self._log_handler)
         logging.getLogger().setLevel(logging.INFO)
         self._recover()
         self._thread = threading.Thread(target=self._loop, name="bulklabel-service", daemon=True)
@@ -217,7 +218,8 @@ class JobService:
             pool.close()
         with self._lock:
             queued = [r.job_id for r in self.store.list([JobState.QUEUED]) if holds(r, self.cluster)]
-            ended = [self._written[j].model_dump(mode="json") for j in stopped if j in self._written]
+            ended = [self.store.get(job_id).model_dump(mode="json") for job_id in stopped]
+        logging.getLogger().removeHandler(self._log_handler)
         self.store.close()
         return {"stopped": ended, "queued": queued}
 

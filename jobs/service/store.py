@@ -138,14 +138,23 @@ class JobStore:
     def list(self, states: Iterable[JobState] | None = None) -> list[JobRecord]:
         """Every readable record (in `states`, if given) in submission order. Corrupt records are skipped with a
         warning naming their file (once per damage): one bad file must not hide every other job. The writer, whose
-        index is the truth once it has written, reads only the records in `states` (the service lists queued jobs
-        often)."""
+        index is the truth of its own writes, reads only the records in `states` and those it has no entry for (the
+        service lists queued jobs often)."""
         wanted = None if states is None else frozenset(JobState(s) for s in states)
         if wanted is not None and self._index is not None:
+            # Records another writer added (the service of another cluster sharing this store) are read too, and
+            # taken into the index, so they are not missed for ever.
+            on_disk = set(self._job_ids())
+            for gone in set(self._index) - on_disk:
+                del self._index[gone]
             ids = [job_id for job_id, entry in self._index.items() if entry.state in wanted]
+            ids += sorted(on_disk - set(self._index))
         else:
             ids = self._job_ids()
-        records = [r for r in self._read_all(ids) if wanted is None or r.state in wanted]
+        read = self._read_all(ids)
+        if self._index is not None:
+            self._index.update((r.job_id, IndexEntry.of(r)) for r in read)
+        records = [r for r in read if wanted is None or r.state in wanted]
         return sorted(records, key=lambda r: r.seq)
 
     def exists(self, job_id: str) -> bool:
