@@ -231,7 +231,7 @@ def test_service_stop_mid_job_leaves_it_cancelled_until_resume(service, tmp_path
 @pytest.mark.fault(
     fault="two clusters sharing one job store (the default ~/.bulklabel/state), a command against the second "
     "while the first runs a job",
-    injected="`bulklabel list` against a second `ray start` cluster (its own new service) once 2 of 8 shards "
+    injected="`bulklabel list` against a second `ray start` cluster (its own new service) once 2 of 32 shards "
     "were committed on the first",
     expected="the second service leaves the first cluster's live job alone: it stays running, succeeds, and "
     "`bulklabel wait` through either cluster exits 0 with exact counts",
@@ -239,11 +239,12 @@ def test_service_stop_mid_job_leaves_it_cancelled_until_resume(service, tmp_path
 def test_a_second_cluster_on_the_same_store_leaves_a_live_clusters_job_alone(service, tmp_path, record_property):
     # Case 6 of issue 21: the second cluster's service marked the live job `interrupted: its cluster went away`; the
     # first finished it, but the record stayed interrupted for ever and `wait` exited 1.
-    photos = _photos(tmp_path / "photos", 16)
-    job = service.submit(*_label_args(photos, tmp_path / "out"))
-    service.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
+    # One worker, 32 shards of about a second: the job still runs when the second cluster's service has started.
+    photos = _photos(tmp_path / "photos", 64)
     second = MultiNodeCluster().start(worker_nodes=0)
     try:
+        job = service.submit(*_label_args(photos, tmp_path / "out"), "--max-workers", "1")
+        service.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
         other = Service(second, service.state)
         seen = other.jobs()[job]  # starts the second cluster's service, which looks at the store's jobs
         waited = other.cli("wait", job, "--quiet", check=False, timeout=JOB_TIMEOUT_S)
@@ -258,8 +259,8 @@ def test_a_second_cluster_on_the_same_store_leaves_a_live_clusters_job_alone(ser
     assert service.cli("wait", job, "--quiet").returncode == 0
     rows = assert_exactly_once(tmp_path / "out", photos)
     record_property("measured", f"seen by the second cluster's service as {seen['state']} at "
-                                f"{seen['progress']['shards_done']}/8 shards; `wait` through it exited 0; job "
-                                f"{record['state']}; {rows}/16 rows, no duplicates")  # fmt: skip
+                                f"{seen['progress']['shards_done']} shards of 32; `wait` through it exited 0; job "
+                                f"{record['state']}; {rows}/64 rows, no duplicates")  # fmt: skip
 
 
 @pytest.mark.fault(
