@@ -67,7 +67,7 @@ TICK_S = 0.5
 PROGRESS_WRITE_S = 2.0  # a running job's record is rewritten at most this often between changes of state
 RECONCILE_S = 30.0  # how often the service looks at other clusters' jobs in a shared store (probing their GCS)
 STOP_WAIT_S = 60.0  # `service stop`: how long running jobs get to finish their running shards before it records them
-PROBE_CONNECT_S = 1.0  # another cluster's GCS port: refused or silent this long means that cluster is gone
+PROBE_CONNECT_S = 3.0  # another cluster's GCS port: refused, or silent this long (its host is down), means gone
 PROBE_ANSWER_S = 5.0  # its GCS accepted a connection: how long to wait for its session name
 
 
