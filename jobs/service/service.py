@@ -271,6 +271,7 @@ class JobService:
         self._job_pool.pop(job_id, None)  # its lease is released; the pool stays warm for the next job
         self._needs.pop(job_id, None)
         self._label_needs.pop(job_id, None)
+        cancelled_by = self._cancelled_by.pop(job_id, Cancellation.BY_USER)  # (asked, but it may have ended first)
         text = "\n".join(outcome.summary) + ("\n" if outcome.summary else "")
         to = settled_state(record.state, outcome.state, lambda: self._finished(record))
         if to is None:  # someone else changed the record meanwhile (an older service judged this cluster gone)
@@ -279,8 +280,8 @@ class JobService:
             log.warning("job %s ended %s, but its record says %s: left as it is", job_id, outcome.state, record.state)
             return True
         record = with_progress(record, run.progress(), _now())
-        cancelled_by = self._cancelled_by.pop(job_id, Cancellation.BY_USER) if to is JobState.CANCELLED else None
-        self._put(advance(record, to, _now(), last_error=outcome.error, cancelled_by=cancelled_by))
+        self._put(advance(record, to, _now(), last_error=outcome.error,
+                          cancelled_by=cancelled_by if to is JobState.CANCELLED else None))  # fmt: skip
         self.store.append_log(job_id, text + f"{_now().isoformat()} {to.value}\n")
         metrics.job_ended(record.kind.value, to.value)
         return True
