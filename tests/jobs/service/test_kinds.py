@@ -73,3 +73,21 @@ def test_a_label_jobs_output_proves_a_finished_run_only_with_its_own_manifest_wr
     manifest("label-other", "succeeded", started + timedelta(minutes=5))
     assert not label_finished(record, None)
     assert not RUNNERS[JobKind.FINETUNE].finished(record, None)
+
+
+def test_a_cancelled_label_jobs_total_is_its_plans_shard_count_not_what_was_dispatched():
+    # Case 15 of issue 21: a 16-shard job cancelled part-way showed 7/7. The plan is streamed to the workers, so its
+    # count is known only at its end: the runner counts the rest of it on cancel.
+    from types import SimpleNamespace
+
+    from jobs.label.runner import _count_the_rest, _not_yet_done
+    from jobs.progress import Progress
+    from jobs.service.kinds import LabelProgress
+
+    listener = LabelProgress()
+    progress = Progress(enabled=False, listener=listener)
+    pending = _not_yet_done(iter([SimpleNamespace(shard_id=f"s{i}") for i in range(16)]), {}, {}, progress)
+    dispatched = [next(pending) for _ in range(7)]
+    assert len(dispatched) == 7 and listener.snapshot().shards_total is None  # not known yet: not 7
+    _count_the_rest(pending)
+    assert listener.snapshot().shards_total == 16
