@@ -68,6 +68,12 @@ class LabelProgress:
         with self._lock:
             self._plan_complete = True
 
+    def already_complete(self, shards: int, images: int, errors: int) -> None:
+        """The job found its output complete (nothing planned nor run): its figures are the manifest's."""
+        with self._lock:
+            self.planned_count = self.done_count = shards
+            self.images, self.errors, self._plan_complete = images, errors, True
+
     def done(self, result: ShardResult, earlier: bool) -> None:
         with self._lock:
             self.done_count += 1
@@ -117,6 +123,8 @@ class LabelJobRun:
         set_current_job(job_id)
         try:
             summary = run_label_job(spec, run=run)
+            if summary.status == "already-complete":
+                self._progress.already_complete(summary.shards, summary.images, summary.errors)
             state = {"cancelled": JobState.CANCELLED, "partial": JobState.PARTIAL}.get(summary.status,
                                                                                      JobState.SUCCEEDED)  # fmt: skip
             self._outcome = Outcome(state, tuple(summary.lines()))
