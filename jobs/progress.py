@@ -85,6 +85,9 @@ class ProgressListener(Protocol):
 
     def planned(self, count: int) -> None: ...
 
+    def plan_complete(self) -> None:
+        """Every shard of the plan has been counted by planned(): their count is the job's total."""
+
     def done(self, result: ShardResult, earlier: bool) -> None: ...
 
 
@@ -104,6 +107,10 @@ class Progress:
         self._bar.refresh()
         if self.listener:
             self.listener.planned(count)
+
+    def plan_complete(self) -> None:
+        if self.listener:
+            self.listener.plan_complete()
 
     def done(self, result: ShardResult, earlier: bool = False) -> None:
         """Count a committed shard; `earlier` when it was committed by a previous run."""

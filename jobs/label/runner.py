@@ -30,6 +30,7 @@ from schemas.specs import LabelJobSpec
 from workers.storage import open_storage
 
 log = logging.getLogger(__name__)
+COUNT_REST_S = 30.0  # a cancelled job counts the rest of its plan (a listing) for at most this long
 
 
 class JobFailed(RuntimeError):
@@ -97,7 +98,8 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun 
         worker = scheduler.first_ready(run.cancelled)
         if worker is not None:
             log.info("%d worker(s): %s on %s", placement.workers, worker["model_id"], worker["device"])
-            failures = scheduler.run(_not_yet_done(tasks, committed.done, results, progress), on_done, run.cancelled)
+            pending = _not_yet_done(tasks, committed.done, results, progress)
+            failures = scheduler.run(pending, on_done, run.cancelled)
     except BaseException as exc:
         session.failed(f"{type(exc).__name__}: {exc}", results)
         raise
@@ -108,6 +110,8 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun 
     # Commit.
     run_facts = {"worker_restarts": scheduler.restarts, "compile": _compile_line(compiling)}
     if run.cancelled():  # what committed stays committed; the manifest is written by the run that finishes
+        if worker is not None:
+            _count_the_rest(pending)
         return replace(_summarise(spec, job_id, results, {}, plan, stats, time.perf_counter() - clock, progress),
                        status="cancelled", **run_facts)  # fmt: skip
     summary = _summarise(spec, job_id, results, failures, plan, stats, time.perf_counter() - clock, progress)
@@ -242,6 +246,21 @@ def _not_yet_done(
         else:
             results[task.shard_id] = previous
             progress.done(previous, earlier=True)
+    progress.plan_complete()
+
+
+def _count_the_rest(pending: Iterator[ShardTask]) -> None:
+    """A cancelled job's remaining plan, counted (listed, not labelled) so that its progress says how far it got of
+    the whole (7/16), not of what was dispatched (7/7). Bounded: a huge input stops being counted after
+    COUNT_REST_S, and its total stays unknown."""
+    deadline = time.perf_counter() + COUNT_REST_S
+    try:
+        for _ in pending:
+            if time.perf_counter() > deadline:
+                log.info("cancelled: the rest of the plan not counted (listing took over %.0fs)", COUNT_REST_S)
+                return
+    except PlanError as exc:  # the input changed meanwhile: the next run refuses it; the cancel stands
+        log.info("cancelled: the rest of the plan not counted (%s)", exc)
 
 
 def _actor_factory(

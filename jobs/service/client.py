@@ -137,10 +137,13 @@ def service_status() -> dict:
     return _call("describe", start=False)
 
 
-def stop_service() -> None:
+def stop_service() -> tuple[list[JobRecord], list[str]]:
+    """Stop the service; returns the records of the jobs it was running (now cancelled by the stop) and the ids of
+    the queued jobs it leaves queued."""
     handle = service(start=False)
-    ray.get(handle.stop.remote())
+    outcome = ray.get(handle.stop.remote())
     ray.kill(handle, no_restart=True)
+    return [JobRecord.model_validate(r) for r in outcome["stopped"]], list(outcome["queued"])
 
 
 def wait(job_id: str, on_update: Callable[[JobRecord], None] | None = None, poll_s: float = 1.0) -> JobRecord:

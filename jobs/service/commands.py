@@ -167,8 +167,8 @@ def _cmd_service(args: argparse.Namespace) -> int:
         client.service(start=True)
         args.action = "status"
     if args.action == "stop":
-        client.stop_service()
-        print("job service stopped (running label jobs were cancelled; `bulklabel resume` continues them)")
+        stopped, queued = client.stop_service()
+        print(format_stopped(stopped, queued))
         return 0
     print(json.dumps(client.service_status(), indent=1))
     return 0
@@ -190,11 +190,29 @@ def progress_line(record: JobRecord) -> str:
             f"{p.images_per_s:.1f} images/s{eta}")  # fmt: skip
 
 
+def format_stopped(stopped: list[JobRecord], queued: list[str]) -> str:
+    """What `service stop` did, job by job: each running job as its record now says, queued ones left queued."""
+    lines = ["job service stopped"]
+    for record in stopped:
+        p = record.progress
+        total = "?" if p.shards_total is None else str(p.shards_total)
+        if record.state is JobState.CANCELLED:
+            lines.append(f"  {record.job_id}: cancelled at {p.shards_done}/{total} shards; "
+                         f"`bulklabel resume {record.job_id}` continues it")  # fmt: skip
+        else:
+            lines.append(f"  {record.job_id}: {record.state.value} ({p.shards_done}/{total} shards)")
+    if queued:
+        lines.append(f"  {len(queued)} queued job(s) stay queued and start with the next service: {', '.join(queued)}")
+    return "\n".join(lines)
+
+
 def format_status(record: JobRecord) -> str:
     lines = [progress_line(record), f"  kind: {record.kind.value}, priority {record.priority}, "
              f"attempts {record.attempts}, output {record.output}"]  # fmt: skip
     if record.waiting_reason and record.state is JobState.QUEUED:
         lines.append(f"  waiting: {record.waiting_reason}")
+    if record.cancelled_by and record.state is JobState.CANCELLED:
+        lines.append(f"  cancelled: {record.cancelled_by.value}; `bulklabel resume {record.job_id}` continues it")
     if record.last_error:
         lines.append(f"  error: {record.last_error}")
     return "\n".join(lines)

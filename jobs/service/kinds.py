@@ -25,10 +25,10 @@ from jobs.label.compile_policy import CompileDecision
 from jobs.label.placement import Placement, PlacementError, place_workers, resolve_compile
 from jobs.service.admission import Needs, Resources
 from jobs.service.pools import PoolLease
-from jobs.service.records import JobKind, JobProgress, JobState
+from jobs.service.records import JobKind, JobProgress, JobRecord, JobState
 from schemas.finetune import FinetuneJobSpec
 from schemas.shards import ShardResult, WorkerSpec
-from schemas.specs import LabelJobSpec
+from schemas.specs import LabelJobSpec, StorageOptions
 from workers.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,22 @@ class LabelProgress:
         self._lock = threading.Lock()
         self._on_shard = on_shard
         self.planned_count = self.done_count = self.images = self.errors = self.images_this_run = 0
+        self._plan_complete = False
         self._started = None
 
     def planned(self, count: int) -> None:
         with self._lock:
             self.planned_count += count
+
+    def plan_complete(self) -> None:
+        with self._lock:
+            self._plan_complete = True
+
+    def already_complete(self, shards: int, images: int, errors: int) -> None:
+        """The job found its output complete (nothing planned nor run): its figures are the manifest's."""
+        with self._lock:
+            self.planned_count = self.done_count = shards
+            self.images, self.errors, self._plan_complete = images, errors, True
 
     def done(self, result: ShardResult, earlier: bool) -> None:
         with self._lock:
@@ -74,11 +85,13 @@ class LabelProgress:
         if self._on_shard and not earlier:
             self._on_shard(result)
 
-    def snapshot(self, planning_done: bool) -> JobProgress:
+    def snapshot(self) -> JobProgress:
+        """The job's progress; its shard total is known once the whole plan was counted (the plan is streamed to
+        the workers as they take shards: until its end, only the shards dispatched so far are counted)."""
         with self._lock:
             seconds = time.monotonic() - self._started if self._started else 0.0
             rate = self.images_this_run / seconds if seconds > 0 else 0.0
-            total = self.planned_count if planning_done else None
+            total = self.planned_count if self._plan_complete else None
             left = (total - self.done_count) if total is not None else None
             per_shard = self.images_this_run / max(self.done_count, 1)
             eta = left * per_shard / rate if rate > 0 and left is not None else None
@@ -110,6 +123,8 @@ class LabelJobRun:
         set_current_job(job_id)
         try:
             summary = run_label_job(spec, run=run)
+            if summary.status == "already-complete":
+                self._progress.already_complete(summary.shards, summary.images, summary.errors)
             state = {"cancelled": JobState.CANCELLED, "partial": JobState.PARTIAL}.get(summary.status,
                                                                                      JobState.SUCCEEDED)  # fmt: skip
             self._outcome = Outcome(state, tuple(summary.lines()))
@@ -129,7 +144,7 @@ class LabelJobRun:
         self._cancel.set()
 
     def progress(self) -> JobProgress:
-        return self._progress.snapshot(planning_done=self._outcome is not None)
+        return self._progress.snapshot()
 
 
 class FinetuneJobRun:
@@ -222,14 +237,32 @@ def finetune_needs(spec: FinetuneJobSpec, cluster: ClusterResources) -> Needs:
     return Needs.gang(Resources(cpus, spec.gpus_per_worker), spec.num_workers)
 
 
+def label_finished(record: JobRecord, storage: StorageOptions | None) -> bool:
+    """Whether the label job's output proves that a run of it finished since the record's last start: a manifest of
+    this job, succeeded, written after that start. Anything unreadable proves nothing."""
+    from jobs.output.reader import open_output  # pyarrow: only when a record is in doubt
+
+    try:
+        manifest = open_output(record.output, storage).manifest
+    except Exception as exc:  # noqa: BLE001 - whatever keeps the output from being read, it proves nothing
+        log.info("job %s: its output %s proves no success (%s)", record.job_id, record.output, _one_line(exc))
+        return False
+    return (manifest is not None and manifest.job_id == record.job_id and manifest.status == "succeeded"
+            and (record.started_at is None or manifest.finished_at >= record.started_at))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class KindRunner:
     spec_class: type
     model_key: Callable[[object, CompileDecision | None], str | None]  # (spec, compile decision) → its pool
+    # (record, storage options) → whether its output proves a run of it finished (a late success)
+    finished: Callable[[JobRecord, StorageOptions | None], bool] = lambda record, storage: False
 
 
 RUNNERS: dict[JobKind, KindRunner] = {
-    JobKind.LABEL: KindRunner(LabelJobSpec, lambda spec, compiling: label_worker_spec(spec, compiling).pool_key()),
+    JobKind.LABEL: KindRunner(
+        LabelJobSpec, lambda spec, compiling: label_worker_spec(spec, compiling).pool_key(), finished=label_finished
+    ),  # fmt: skip
     JobKind.FINETUNE: KindRunner(FinetuneJobSpec, lambda spec, compiling: None),
 }
 

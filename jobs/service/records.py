@@ -48,11 +48,12 @@ class JobState(StrEnum):
 _TERMINAL = frozenset({JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED})
 
 # The whole state machine. running → queued is a re-admission after a service restart (it counts an attempt when
-# it runs again); failed/partial/cancelled/interrupted → queued is `resume`.
+# it runs again); failed/partial/cancelled/interrupted → queued is `resume`. interrupted → succeeded is a late
+# success: the job was judged lost, but its output's manifest proves the run finished (jobs.service.ownership).
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
     JobState.RUNNING: _TERMINAL | {JobState.INTERRUPTED, JobState.QUEUED},
-    JobState.INTERRUPTED: frozenset({JobState.QUEUED, JobState.CANCELLED}),
+    JobState.INTERRUPTED: frozenset({JobState.QUEUED, JobState.CANCELLED, JobState.SUCCEEDED}),
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.PARTIAL: frozenset({JobState.QUEUED}),
     JobState.CANCELLED: frozenset({JobState.QUEUED}),
@@ -62,6 +63,13 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 class IllegalTransition(BadInput):
     """A change of state the state machine does not allow (e.g. resuming a job that succeeded)."""
+
+
+class Cancellation(StrEnum):
+    """Who cancelled a job: its record says so, and both kinds stay cancelled until `resume`."""
+
+    BY_USER = "cancelled by `bulklabel cancel`"
+    SERVICE_STOPPED = "the job service was stopped (`bulklabel service stop`)"
 
 
 class JobKind(StrEnum):
@@ -117,7 +125,12 @@ class JobRecord(Spec):
     waiting_reason: str | None = None
     last_error: str | None = None
     attempts: int = Field(default=0, ge=0, description="Times it went to running.")
-    cluster: str | None = Field(default=None, description="The Ray cluster/session that ran it last.")
+    cluster: str | None = Field(
+        default=None,
+        description="The Ray cluster (GCS address/session, jobs.service.ownership.ClusterId) whose service holds "
+        "it: the one it was submitted or resumed on while queued, the one running it since.",
+    )
+    cancelled_by: Cancellation | None = Field(default=None, description="Why a cancelled job was cancelled.")
     output: str
     seq: int = Field(ge=0, description="Submission order: the FIFO tie-break within a priority.")
     model_key: str | None = None
@@ -163,8 +176,8 @@ def advance(record: JobRecord, to: JobState, now: datetime, **changes) -> JobRec
     if to.is_terminal():
         update["ended_at"] = now
     elif record.state.is_terminal():
-        update["ended_at"] = None
-    return _replace(record, **update, **changes)
+        update |= {"ended_at": None, "cancelled_by": None}
+    return _replace(record, **(update | changes))
 
 
 def with_progress(record: JobRecord, progress: JobProgress, now: datetime) -> JobRecord:
@@ -175,6 +188,11 @@ def with_progress(record: JobRecord, progress: JobProgress, now: datetime) -> Jo
 def with_waiting(record: JobRecord, reason: str | None, now: datetime) -> JobRecord:
     """The record of a queued job with why it waits (from admission), or None once it is not waiting."""
     return _replace(record, waiting_reason=reason, updated_at=now)
+
+
+def with_owner(record: JobRecord, cluster: str, reason: str, now: datetime) -> JobRecord:
+    """The record of a queued job taken over by the service of `cluster` (its own cluster is gone)."""
+    return _replace(record, cluster=cluster, waiting_reason=reason, updated_at=now)
 
 
 def _replace(record: JobRecord, **fields) -> JobRecord:

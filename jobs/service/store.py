@@ -103,6 +103,7 @@ class JobStore:
         self._next_seq: int | None = None
         self._spools: dict[str, _Spool] = {}  # S3 logs only
         self._spool_dir: str | None = None
+        self._skipped: set[str] = set()  # damaged records already warned about
 
     # ------------------------------------------------------------------------------------------- records
 
@@ -136,14 +137,24 @@ class JobStore:
 
     def list(self, states: Iterable[JobState] | None = None) -> list[JobRecord]:
         """Every readable record (in `states`, if given) in submission order. Corrupt records are skipped with a
-        warning naming their file: one bad file must not hide every other job. The writer, whose index is the
-        truth once it has written, reads only the records in `states` (the service lists queued jobs often)."""
+        warning naming their file (once per damage): one bad file must not hide every other job. The writer, whose
+        index is the truth of its own writes, reads only the records in `states` and those it has no entry for (the
+        service lists queued jobs often)."""
         wanted = None if states is None else frozenset(JobState(s) for s in states)
         if wanted is not None and self._index is not None:
+            # Records another writer added (the service of another cluster sharing this store) are read too, and
+            # taken into the index, so they are not missed for ever.
+            on_disk = set(self._job_ids())
+            for gone in set(self._index) - on_disk:
+                del self._index[gone]
             ids = [job_id for job_id, entry in self._index.items() if entry.state in wanted]
+            ids += sorted(on_disk - set(self._index))
         else:
             ids = self._job_ids()
-        records = [r for r in self._read_all(ids) if wanted is None or r.state in wanted]
+        read = self._read_all(ids)
+        if self._index is not None:
+            self._index.update((r.job_id, IndexEntry.of(r)) for r in read)
+        records = [r for r in read if wanted is None or r.state in wanted]
         return sorted(records, key=lambda r: r.seq)
 
     def exists(self, job_id: str) -> bool:
@@ -219,7 +230,10 @@ class JobStore:
             try:
                 return self.get(job_id)
             except CorruptRecord as exc:
-                log.warning("skipping job record: %s", exc)
+                # Once per damage: the service lists records every tick, and a log repeating it says nothing new.
+                if str(exc) not in self._skipped:
+                    self._skipped.add(str(exc))
+                    log.warning("skipping job record: %s", exc)
             except UnknownJob:  # deleted between the listing and the read
                 pass
             return None

@@ -172,7 +172,8 @@ def test_the_pure_modules_import_neither_torch_nor_ray():
     import subprocess
     import sys
 
-    code = ("import sys, jobs.service.records, jobs.service.store, jobs.service.admission, jobs.label.ledger; "
+    code = ("import sys, jobs.service.records, jobs.service.store, jobs.service.admission, jobs.service.ownership, "
+            "jobs.label.ledger; "
             "print(sorted(m for m in ('torch', 'torchvision', 'ray') if m in sys.modules))")  # fmt: skip
     root = Path(__file__).resolve().parents[3]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout

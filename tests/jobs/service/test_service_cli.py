@@ -183,14 +183,84 @@ def test_cancel_then_resume_labels_exactly_the_rest(service, tmp_path, record_pr
     service.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
     service.cli("cancel", job)
     cancelled = service.wait_ended(job)
-    assert cancelled["state"] == "cancelled"
+    assert cancelled["state"] == "cancelled" and cancelled["cancelled_by"] == "cancelled by `bulklabel cancel`"
     done_at_cancel = cancelled["progress"]["shards_done"]
     assert done_at_cancel < 16 and not (tmp_path / "out" / "_job.json").exists()
+    # Case 15 of issue 21: the total stays the plan's 16 shards (it showed 7/7, as if the job were complete).
+    assert cancelled["progress"]["shards_total"] == 16, cancelled["progress"]
+    listed = next(line for line in service.cli("list").stdout.splitlines() if line.startswith(job))
+    assert " cancelled " in listed and f" {done_at_cancel}/16 " in listed, listed
     service.cli("resume", job)
     assert service.wait_ended(job)["state"] == "succeeded"
     rows = assert_exactly_once(tmp_path / "out", photos)
-    record_property("measured", f"cancelled with {done_at_cancel}/16 shards committed; resume did the rest; "
-                                f"{rows}/32 rows, no duplicates, no stray files")  # fmt: skip
+    record_property("measured", f"cancelled with {done_at_cancel}/16 shards committed (status and list: "
+                                f"{done_at_cancel}/16); resume did the rest; {rows}/32 rows, no duplicates, no stray "
+                                "files")  # fmt: skip
+
+
+@pytest.mark.fault(
+    fault="`bulklabel service stop` mid-job, then any command",
+    injected="`bulklabel service stop` once 2 of 16 shards were committed; `bulklabel list` (a new service) 3 s "
+    "later; then `bulklabel resume`",
+    expected="the record says cancelled by the stop (not running), stays so under the new service until `resume`, "
+    "which labels exactly the rest",
+)
+def test_service_stop_mid_job_leaves_it_cancelled_until_resume(service, tmp_path, record_property):
+    # Case 7 of issue 21: the record stayed `running`, the next command's new service queued the job again on its
+    # own, and `bulklabel resume` was refused ("job ... is running").
+    photos = _photos(tmp_path / "photos", 32)
+    job = service.submit(*_label_args(photos, tmp_path / "out"))
+    service.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
+    said = service.cli("service", "stop").stdout
+    stopped = service.status(job)  # starts a new service
+    assert stopped["state"] == "cancelled", stopped
+    assert stopped["cancelled_by"] == "the job service was stopped (`bulklabel service stop`)", stopped
+    done, total = stopped["progress"]["shards_done"], stopped["progress"]["shards_total"]
+    assert f"{job}: cancelled at {done}/{total} shards; `bulklabel resume {job}` continues it" in said, said
+    time.sleep(3)  # the new service's loop has run several rounds: nothing re-queued it
+    assert service.jobs()[job]["state"] == "cancelled"
+    service.cli("resume", job)
+    record = service.wait_ended(job)
+    assert record["state"] == "succeeded", record
+    rows = assert_exactly_once(tmp_path / "out", photos)
+    record_property("measured", f"stopped at {done}/{total} shards: recorded cancelled by the stop, still "
+                                f"cancelled 3 s into the next service; resume: succeeded, {rows}/32 rows, "
+                                "no duplicates")  # fmt: skip
+
+
+@pytest.mark.fault(
+    fault="two clusters sharing one job store (the default ~/.bulklabel/state), a command against the second "
+    "while the first runs a job",
+    injected="`bulklabel list` against a second `ray start` cluster (its own new service) once 2 of 32 shards "
+    "were committed on the first",
+    expected="the second service leaves the first cluster's live job alone: it stays running, succeeds, and "
+    "`bulklabel wait` through either cluster exits 0 with exact counts",
+)
+def test_a_second_cluster_on_the_same_store_leaves_a_live_clusters_job_alone(service, tmp_path, record_property):
+    # Case 6 of issue 21: the second cluster's service marked the live job `interrupted: its cluster went away`; the
+    # first finished it, but the record stayed interrupted for ever and `wait` exited 1.
+    # One worker, 32 shards of about a second: the job still runs when the second cluster's service has started.
+    photos = _photos(tmp_path / "photos", 64)
+    second = MultiNodeCluster().start(worker_nodes=0)
+    try:
+        job = service.submit(*_label_args(photos, tmp_path / "out"), "--max-workers", "1")
+        service.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
+        other = Service(second, service.state)
+        seen = other.jobs()[job]  # starts the second cluster's service, which looks at the store's jobs
+        waited = other.cli("wait", job, "--quiet", check=False, timeout=JOB_TIMEOUT_S)
+        other.stop()
+    finally:
+        second.stop()
+    first_port = service.cluster.address.rsplit(":", 1)[1]
+    assert seen["state"] == "running" and seen["cluster"].split("/")[0].endswith(f":{first_port}"), seen
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    record = service.status(job)
+    assert record["state"] == "succeeded" and record["last_error"] is None, record
+    assert service.cli("wait", job, "--quiet").returncode == 0
+    rows = assert_exactly_once(tmp_path / "out", photos)
+    record_property("measured", f"seen by the second cluster's service as {seen['state']} at "
+                                f"{seen['progress']['shards_done']} shards of 32; `wait` through it exited 0; job "
+                                f"{record['state']}; {rows}/64 rows, no duplicates")  # fmt: skip
 
 
 @pytest.mark.fault(
@@ -227,23 +297,29 @@ def test_service_killed_mid_job_continues_it(service, tmp_path, record_property)
 
 @pytest.mark.fault(
     fault="the whole Ray cluster stopped mid-job, a new one started with the same job store",
-    injected="every process of the cluster killed after 2 of 8 shards; a new head and worker node started",
-    expected="`list` on the new cluster shows the job interrupted; `resume` finishes it with exact counts",
+    injected="every process of the cluster killed after 2 of 16 shards (one worker); a new head and worker node "
+    "started",
+    expected="`list` on the new cluster shows the job interrupted, naming the old cluster; `resume` finishes it with "
+    "exact counts",
 )
 def test_cluster_lost_mid_job_is_interrupted_then_resumed(tmp_path, record_property):
-    photos, state = _photos(tmp_path / "photos", 16), tmp_path / "state"
+    # One worker, 16 shards of about a second: the cluster is gone well before the job could finish (a job that
+    # did finish first is recorded as the success its manifest proves, not as interrupted).
+    photos, state = _photos(tmp_path / "photos", 32), tmp_path / "state"
     old = MultiNodeCluster(env=SLOW).start(worker_nodes=1, cpus_per_node=2)
     try:
         svc = Service(old, state)
-        job = svc.submit(*_label_args(photos, tmp_path / "out"))
+        job = svc.submit(*_label_args(photos, tmp_path / "out"), "--max-workers", "1")
         svc.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
     finally:
         old.stop()
+    assert not (tmp_path / "out" / "_job.json").exists(), "the job finished before its cluster was stopped"
     new = MultiNodeCluster().start(worker_nodes=1, cpus_per_node=2)
     try:
         svc = Service(new, state)
         listed = svc.jobs()[job]
         assert listed["state"] == "interrupted", listed
+        assert listed["last_error"].startswith("interrupted: its cluster ") and "went away" in listed["last_error"]
         svc.cli("resume", job)
         record = svc.wait_ended(job)
         svc.stop()
@@ -251,7 +327,7 @@ def test_cluster_lost_mid_job_is_interrupted_then_resumed(tmp_path, record_prope
         new.stop()
     assert record["state"] == "succeeded"
     rows = assert_exactly_once(tmp_path / "out", photos)
-    record_property("measured", f"listed as interrupted on the new cluster; resumed to {rows}/16 rows, "
+    record_property("measured", f"listed on the new cluster as {listed['last_error']!r}; resumed to {rows}/32 rows, "
                                 "no duplicates")  # fmt: skip
 
 

@@ -255,3 +255,13 @@ def test_the_writer_lists_a_state_by_reading_only_those_records(store, storage_r
     assert reads == [store.record_uri("job-2")]
     reader = JobStore(storage_root.uri, storage_root.options)  # not a writer: reads every record to know
     assert [r.job_id for r in reader.list([JobState.QUEUED])] == ["job-2"]
+
+
+def test_the_writer_also_sees_records_another_writer_added(store, storage_root):
+    # Two clusters' services share a store: each one's index must not hide the other's new jobs for ever.
+    store.put(make(store, "job-mine"))
+    other = JobStore(storage_root.uri, storage_root.options)
+    other.put(make(other, "job-theirs"))
+    assert [r.job_id for r in store.list([JobState.QUEUED])] == ["job-mine", "job-theirs"]
+    store.put(advance(store.get("job-theirs"), JobState.RUNNING, T0))  # now in the writer's index
+    assert [r.job_id for r in store.list([JobState.RUNNING])] == ["job-theirs"]
