@@ -255,6 +255,41 @@ def test_data_problems_fail_before_any_training(leaves, tmp_path, capsys):
     assert not (tmp_path / "out" / "v1").exists()
 
 
+@pytest.mark.fault(
+    fault="a fine-tune labels file naming files outside its folder: `/etc/hostname`, a JPEG of another folder",
+    injected="labels.csv beside two class folders of photos, plus the key /etc/hostname and the absolute path of a "
+    "photo in a sibling folder; `bulklabel run` of a finetune spec; then the same with that folder in allowed_roots",
+    expected="refused before any work (exit 2, one line naming both keys), as a label manifest's keys are; with "
+    "the folder allowed, only /etc/hostname is refused",
+)
+def test_a_labels_file_naming_files_outside_its_folder_is_refused(leaves, tmp_path, capsys, record_property):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    shutil.copytree(leaves, data)
+    elsewhere.mkdir()
+    stray = shutil.copy(sorted((leaves / CLASSES[0]).iterdir())[-1], elsewhere / "other.JPG")
+    rows = [f"{p.relative_to(data)},{p.parent.name}" for p in sorted(data.glob("*/*"))]
+    (data / "labels.csv").write_text("key,label\n" + "\n".join([*rows, f"/etc/hostname,{CLASSES[1]}",
+                                                                  f"{stray},{CLASSES[0]}"]) + "\n")  # fmt: skip
+    spec = {"kind": "finetune", "data": {"uri": str(data / "labels.csv")},
+            "base": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}, "output": str(tmp_path / "out")}  # fmt: skip
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    started = time.perf_counter()
+
+    code = main(["run", str(tmp_path / "job.yaml")])
+
+    elapsed, err = time.perf_counter() - started, capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and err.count("\n") == 1, err
+    assert "2 key(s) lie outside" in err and "'/etc/hostname'" in err and repr(str(stray)) in err, err
+    assert not (tmp_path / "out" / "v1").exists()
+    spec["data"]["allowed_roots"] = [str(elsewhere)]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == EXIT_BAD_INPUT
+    allowed = capsys.readouterr().err
+    assert "1 key(s) lie outside" in allowed and "/etc/hostname" in allowed and str(stray) not in allowed, allowed
+    record_property("measured", f"exit 2 in {elapsed:.1f} s naming both keys, no version written; with the folder in "
+                                "allowed_roots: exit 2 naming /etc/hostname alone")  # fmt: skip
+
+
 def test_a_spec_file_of_kind_finetune_parses_to_a_finetune_job(tmp_path):
     from schemas.specs import load_job_spec
 
