@@ -1,10 +1,11 @@
 """Run a fine-tune job: check → list → embed → split → (fit the head) → train on Ray (TorchTrainer, DDP) → publish.
 
 Everything that can be checked is checked before a worker starts: the spec, the base model and weights names,
-the output location and the whole labelled data set (classes, missing keys). Then one actor runs the frozen base
-model over every image once (workers.training.embed): its content hashes and embeddings group near-duplicates,
-which the split keeps on one side; its embeddings give the linear probe by a convex fit, which is the whole
-`linear-probe` method and lp-ft's first stage. Ray Train checkpoints every epoch under
+the output location and the whole labelled data set (classes, keys outside the allowed locations, missing keys).
+Then one actor reads every image once (workers.training.embed): the unreadable ones are left out before the split;
+where the split groups or a head is fitted, it also runs the frozen base model over them: content hashes and
+embeddings group near-duplicates, which the split keeps on one side; the embeddings give the linear probe by a
+convex fit, which is the whole `linear-probe` method and lp-ft's first stage. Ray Train checkpoints every epoch under
 `<output>/_checkpoints/<job id>`; starting the same job again (after a kill, a crash, a lost node) continues from
 the last checkpoint, and a job that already published its artifact returns it.
 
