@@ -231,7 +231,8 @@ def split_data(listing: Listing, spec: FinetuneDataSpec, seed: int, groups: Grou
     if given is not None:
         train, val = examples, given
     elif groups is not None:
-        train, val = grouped_split(examples, [groups.ids[i] for i in kept], spec.val_fraction, seed)
+        content = [groups.content_ids[i] for i in kept] if groups.content_ids else None
+        train, val = grouped_split(examples, [groups.ids[i] for i in kept], spec.val_fraction, seed, content)
         asked = Counter(e.label for e in examples)
         shortfall = sum(val_quota(n, spec.val_fraction) for n in asked.values()) - len(val)
     else:
@@ -329,33 +330,64 @@ def stratified_split(examples: Sequence[Example], val_fraction: float, seed: int
     return train, val
 
 
-def grouped_split(examples: Sequence[Example], group_ids: Sequence[int], val_fraction: float, seed: int
-                  ) -> tuple[list, list]:  # fmt: skip
+def grouped_split(examples: Sequence[Example], group_ids: Sequence[int], val_fraction: float, seed: int,
+                  content_ids: Sequence[int] | None = None) -> tuple[list, list]:  # fmt: skip
     """`stratified_split` over whole groups: each class's groups (a group belongs to the class of its first image
     by key) are shuffled by the class's own seeded generator and go to validation while they fit in the class's
     `val_quota`; a group larger than what is left of the quota goes to training. With every image its own group
     this is exactly `stratified_split`.
 
-    A group is never split: where no group fits (every one larger than the quota), the class gets no validation
-    image rather than one whose copy is in training (scoring a copy measures memory, not the model)."""
-    members: dict[int, list[Example]] = {}
-    for example, group in sorted(zip(examples, group_ids, strict=True), key=lambda pair: pair[0].key):
-        members.setdefault(group, []).append(example)
+    A group is never split. Where no group of a class fits (every one larger than its quota) and `content_ids`
+    (groups of byte-identical images alone) are given, the class is split by those instead: embeddings that join
+    a whole class most likely cannot tell its images apart (random or unsuited weights), and identical bytes are
+    still never on both sides. Where no content group fits either, the class gets no validation image rather than
+    one whose copy is in training (scoring a copy measures memory, not the model)."""
+    members = _members(examples, group_ids)
     by_class: dict[str, list[int]] = {}
     for group, items in members.items():  # in order of each group's first key
         by_class.setdefault(items[0].label, []).append(group)
     images = Counter(e.label for e in examples)
+    content = _members(examples, content_ids) if content_ids is not None else {}
+    content_of = {e.uri: c for e, c in zip(examples, content_ids or (), strict=False)}
     train, val = [], []
     for name in sorted(by_class):
-        order = by_class[name]
-        random.Random(f"{seed}:{name}").shuffle(order)
         quota = val_quota(images[name], val_fraction)
-        taken = 0
-        for group in order:
-            fits = taken + len(members[group]) <= quota
-            (val if fits else train).extend(members[group])
-            taken += len(members[group]) if fits else 0
+        groups = [members[g] for g in by_class[name]]
+        chosen, rest = _fill(groups, quota, f"{seed}:{name}")
+        if not chosen and content:
+            mine = {e.uri for g in groups for e in g}
+            # Content groups wholly of this class's images (one shared with another class stays in training).
+            ids = sorted({content_of[uri] for uri in mine}, key=lambda c: content[c][0].key)
+            eligible = [content[c] for c in ids if all(e.uri in mine for e in content[c])]
+            chosen, rest = _fill(eligible, quota, f"{seed}:{name}")
+            rest += [e for c in ids if not all(e.uri in mine for e in content[c]) for e in content[c] if e.uri in mine]
+            if chosen:
+                log.warning("class %r: its near-duplicate groups are all larger than its %d validation image(s) (the "
+                            "embeddings cannot tell its images apart?): split keeping identical files together only",
+                            name, quota)  # fmt: skip
+        val += chosen
+        train += rest
     return train, val
+
+
+def _members(examples: Sequence[Example], group_ids: Sequence[int]) -> dict[int, list[Example]]:
+    """Each group's images in key order, groups in order of their first key."""
+    members: dict[int, list[Example]] = {}
+    for example, group in sorted(zip(examples, group_ids, strict=True), key=lambda pair: pair[0].key):
+        members.setdefault(group, []).append(example)
+    return members
+
+
+def _fill(groups: list[list[Example]], quota: int, seed: str) -> tuple[list[Example], list[Example]]:
+    """(validation, training): `groups` shuffled by `seed`, each to validation while it fits in `quota`."""
+    order = list(groups)
+    random.Random(seed).shuffle(order)
+    chosen, rest, taken = [], [], 0
+    for group in order:
+        fits = taken + len(group) <= quota
+        (chosen if fits else rest).extend(group)
+        taken += len(group) if fits else 0
+    return chosen, rest
 
 
 def dataset_fingerprint(examples: Iterable[Example]) -> str:
