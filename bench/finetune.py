@@ -141,7 +141,9 @@ def run_one(size: int, method: str, labels: Path, held_out: Path, truth: dict[st
     from schemas.finetune import FinetuneJobSpec
 
     training, data, weights = training_fields(method, args)
-    spec = FinetuneJobSpec(data={"uri": str(labels), **data}, base={"name": args.model, "weights": weights},
+    # The labels files name the photos where they are (absolute keys outside the file's folder): allowed by name.
+    data = {"uri": str(labels), "allowed_roots": [str(args.data)], **data}
+    spec = FinetuneJobSpec(data=data, base={"name": args.model, "weights": weights},
                            output=str(work / "models" / f"{method}-{size}"), training=training)  # fmt: skip
     started = time.perf_counter()
     summary = run_finetune_job(spec, show_progress=False)

@@ -7,6 +7,7 @@ import json
 import logging
 import reprlib
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
 from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
+from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
 from schemas.specs import (
     LabelJobSpec,
     ModelSpec,
@@ -44,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         _report("interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every error ends in one line and its exit code, bugs included
-        log.debug("the command failed", exc_info=exc)
+        # The traceback's messages may hold what the user typed (a pydantic error echoes its input): masked too.
+        log.debug("the command failed:\n%s", mask_text("".join(traceback.format_exception(exc))).rstrip())
         code = exit_code_for(exc)
-        _report(_describe_error(exc, code, getattr(args, "spec", None)))
+        _report(mask_text(_describe_error(exc, code, getattr(args, "spec", None))))
         return code
 
 
@@ -366,7 +369,6 @@ def format_labels_table(output: str) -> str:
 
 _MAX_LISTED_ERRORS = 20
 _MAX_EXCERPT_CHARS = 200
-_SECRET_FIELDS = ("secret", "password", "token", "access_key")
 
 
 def _excerpt_repr() -> reprlib.Repr:
@@ -387,8 +389,8 @@ def _describe_validation(exc: ValidationError) -> str:
     lines = []
     for err in errors[:_MAX_LISTED_ERRORS]:
         where = ".".join(str(p) for p in err["loc"]) or "(spec)"
-        secret = any(s in str(p).lower() for p in err["loc"][-1:] for s in _SECRET_FIELDS)
-        lines.append(f"{where}: {err['msg']} (got {'***' if secret else _excerpt(err.get('input'))})")
+        secret = any(is_secret_key(str(p)) for p in err["loc"][-1:])
+        lines.append(f"{where}: {mask_text(err['msg'])} (got {MASK if secret else _excerpt(err.get('input'))})")
     if len(errors) == 1:
         return lines[0]
     if len(errors) > _MAX_LISTED_ERRORS:
@@ -397,18 +399,9 @@ def _describe_validation(exc: ValidationError) -> str:
 
 
 def _excerpt(value: object) -> str:
-    text = _EXCERPT.repr(_masked(value))
+    # Masked before the repr cuts it short: a secret cut in half by the bound would no longer be recognised.
+    text = _EXCERPT.repr(mask_secrets(value))
     return text if len(text) <= _MAX_EXCERPT_CHARS else text[: _MAX_EXCERPT_CHARS - 3] + "..."
-
-
-def _masked(value: object, depth: int = 0) -> object:
-    """`value` with the values of secret-looking keys replaced (an error on `storage` echoes the whole mapping)."""
-    if not isinstance(value, dict) or depth > 3:
-        return value
-    return {
-        k: "***" if any(s in str(k).lower() for s in _SECRET_FIELDS) else _masked(v, depth + 1)
-        for k, v in list(value.items())[: _EXCERPT.maxdict + 1]
-    }
 
 
 def _report(message: str) -> None:

@@ -1,10 +1,11 @@
 """Run a fine-tune job: check → list → embed → split → (fit the head) → train on Ray (TorchTrainer, DDP) → publish.
 
 Everything that can be checked is checked before a worker starts: the spec, the base model and weights names,
-the output location and the whole labelled data set (classes, missing keys). Then one actor runs the frozen base
-model over every image once (workers.training.embed): its content hashes and embeddings group near-duplicates,
-which the split keeps on one side; its embeddings give the linear probe by a convex fit, which is the whole
-`linear-probe` method and lp-ft's first stage. Ray Train checkpoints every epoch under
+the output location and the whole labelled data set (classes, keys outside the allowed locations, missing keys).
+Then one actor reads every image once (workers.training.embed): the unreadable ones are left out before the split;
+where the split groups or a head is fitted, it also runs the frozen base model over them: content hashes and
+embeddings group near-duplicates, which the split keeps on one side; the embeddings give the linear probe by a
+convex fit, which is the whole `linear-probe` method and lp-ft's first stage. Ray Train checkpoints every epoch under
 `<output>/_checkpoints/<job id>`; starting the same job again (after a kill, a crash, a lost node) continues from
 the last checkpoint, and a job that already published its artifact returns it.
 
@@ -45,7 +46,6 @@ from workers.training.results import Embedded, ProbeFit
 # workers.training.loop's checkpoint file names, named here so that the driver need not import torch
 BEST_FILE = "best.safetensors"
 STATE_FILE = "state.json"
-MAX_SKIPPED_KEPT = 20
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,16 @@ class FinetuneSummary:
             f"{m.macro_f1:.4f}, loss {m.val_loss:.4f} "
             f"(epoch {m.best_epoch} of {card.epochs_run}{', stopped early' if card.stopped_early else ''})",
             f"  data:     {data.train_images} training + {data.val_images} validation images{groups}"
-            + (f", {data.skipped_images} unreadable skipped" if data.skipped_images else ""),
+            + (f", {data.skipped_images} unreadable left out" if data.skipped_images else ""),
             f"  time:     {self.seconds:.1f}s this run, {card.train_seconds:.1f}s training in all",
             f"  artifact: {self.artifact}",
         ]
+        if data.val_shortfall:
+            out.insert(-2, f"  short:    validation has {data.val_shortfall} image(s) fewer than val_fraction asks: "
+                           "groups too large for their class's share stayed whole in training")  # fmt: skip
+        if data.unvalidated_classes:
+            out.insert(-2, f"  not validated: {', '.join(data.unvalidated_classes)} (no validation image; macro F1 "
+                           f"is over the other {len(m.macro_f1_classes)} class(es))")  # fmt: skip
         if card.recipe is not None:
             out.insert(3, f"  recipe:   {card.recipe.notes}; label smoothing {card.recipe.label_smoothing:g}")
         if card.resumed_after_epochs:
@@ -117,20 +123,17 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
     listing = _list(spec)
     cluster = ensure_ray()
 
-    # Embed once: the split's near-duplicate groups, and the linear probe (the whole of `linear-probe`).
+    # Read every image once: unreadable ones are left out before the split; the embeddings give the split's
+    # near-duplicate groups and the linear probe (the whole of `linear-probe`).
     probe = None
-    if not _needs_embeddings(spec):
-        plan = split_data(listing, spec.data, spec.training.seed)
+    with embedding_pass(spec, cluster) as embedder:
+        plan, embedded = _plan(spec, listing, embedder)
         recipe = plan_recipe(spec.training, len(plan.train), spec.num_workers, PROBE_MAX_ITERATIONS)
-    else:
-        with embedding_pass(spec, cluster) as embedder:
-            plan, embedded = _plan(spec, listing, embedder)
-            recipe = plan_recipe(spec.training, len(plan.train), spec.num_workers, PROBE_MAX_ITERATIONS)
-            probe = _fit_probe(embedder, listing, plan, recipe) if spec.training.method != "full" else None
-            recipe = _with_probe_steps(recipe, probe)
-            if spec.training.method == "linear-probe":
-                location, card = _publish_probe(out, spec, job_id, plan, recipe, embedder, probe, embedded)
-                return FinetuneSummary(job_id, "succeeded", location, card, time.perf_counter() - clock)
+        probe = _fit_probe(embedder, listing, plan, recipe) if spec.training.method != "full" else None
+        recipe = _with_probe_steps(recipe, probe)
+        if spec.training.method == "linear-probe":
+            location, card = _publish_probe(out, spec, job_id, plan, recipe, embedder, probe, embedded)
+            return FinetuneSummary(job_id, "succeeded", location, card, time.perf_counter() - clock)
     _claim_checkpoints(out, spec, job_id, plan)
     planned = time.perf_counter()
 
@@ -166,7 +169,8 @@ def _train_and_publish(out: Storage, spec: FinetuneJobSpec, job_id: str, plan: D
 
 
 def _needs_embeddings(spec: FinetuneJobSpec) -> bool:
-    """Whether the job needs the embedding pass: a grouped split, or a fitted head (lp-ft, linear-probe)."""
+    """Whether the pass over the images must embed them (a grouped split, or a fitted head: lp-ft, linear-probe)
+    rather than only read and decode them (which every job does, to leave unreadable images out of the split)."""
     grouped = spec.data.group_duplicates and spec.data.validation_uri is None
     return grouped or spec.training.method != "full"
 
@@ -215,20 +219,26 @@ def embedding_pass(spec: FinetuneJobSpec, cluster: ClusterResources):
 
 def _plan(spec: FinetuneJobSpec, listing: Listing, embedder) -> tuple[DataPlan, Embedded]:
     data = spec.data
-    embedded: Embedded = embedder("embed", listing.items())
+    embedded: Embedded = embedder("embed", listing.items(), _needs_embeddings(spec))
     groups = None
     if data.group_duplicates and data.validation_uri is None:
         groups = embedder("groups", len(listing.examples), embedded.sha256s, data.duplicate_cosine)
-    plan = split_data(listing, data, spec.training.seed, groups)
+    plan = split_data(listing, data, spec.training.seed, groups, unreadable_images(listing, embedded))
     log.info(
-        "data: %d classes, %d training + %d validation images (%s), fingerprint %s",
+        "data: %d classes, %d training + %d validation images (%s), %d unreadable left out, fingerprint %s",
         len(plan.class_names), len(plan.train), len(plan.val),
         "given validation set" if data.validation_uri else f"stratified {data.val_fraction:.0%} split"
         + (f", {plan.duplicate_groups} near-duplicate groups of {plan.grouped_images} images kept whole"
            if groups else ", ungrouped"),
-        plan.fingerprint[:12],
+        len(plan.unreadable), plan.fingerprint[:12],
     )  # fmt: skip
     return plan, embedded
+
+
+def unreadable_images(listing: Listing, embedded: Embedded) -> dict[str, str]:
+    """uri → why, for every image the embedding pass could not read or decode (its sha256 is None)."""
+    uris = [uri for (uri, _), digest in zip(listing.items(), embedded.sha256s, strict=True) if digest is None]
+    return dict(zip(uris, embedded.skipped, strict=True))  # both in input order (EmbeddingPass.embed)
 
 
 def _fit_probe(embedder, listing: Listing, plan: DataPlan, recipe: Recipe) -> ProbeFit:
@@ -257,8 +267,7 @@ def _publish_probe(out: Storage, spec: FinetuneJobSpec, job_id: str, plan: DataP
                            seconds=round(embedded.seconds + probe.seconds, 2))  # fmt: skip
     state = TrainingState(history=(metrics,), best_epoch=0, best_val_loss=probe.val_loss,
                           best_confusion=probe.confusion, train_seconds=metrics.seconds,
-                          skipped_images=len(embedded.skipped), skipped_examples=embedded.skipped[:MAX_SKIPPED_KEPT],
-                          preprocess=embedded.preprocess)  # fmt: skip
+                          preprocess=embedded.preprocess)  # fmt: skip  # unreadable images: in the plan
     scratch = Path(local_scratch_dir())
     try:
         weights = scratch / BEST_FILE

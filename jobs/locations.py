@@ -25,7 +25,7 @@ _ENUM_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
 def absolute_locations(spec: LabelJobSpec | FinetuneJobSpec) -> LabelJobSpec | FinetuneJobSpec:
     """The spec with its local paths absolute (label: input, allowed roots, output, model artifact, weights, weights
-    folder; finetune: data, validation data, base weights, weights folder, output)."""
+    folder; finetune: data, validation data, allowed roots, base weights, weights folder, output)."""
     if isinstance(spec, LabelJobSpec):
         return _label(spec)
     return _finetune(spec)
@@ -43,7 +43,8 @@ def _label(spec: LabelJobSpec) -> LabelJobSpec:
 
 def _finetune(spec: FinetuneJobSpec) -> FinetuneJobSpec:
     val = spec.data.validation_uri
-    data = spec.data.model_copy(update={"uri": _path(spec.data.uri), "validation_uri": _path(val) if val else val})
+    data = spec.data.model_copy(update={"uri": _path(spec.data.uri), "validation_uri": _path(val) if val else val,
+                                        "allowed_roots": tuple(_path(r) for r in spec.data.allowed_roots)})  # fmt: skip
     return spec.model_copy(update={"data": data, "base": _weights(spec.base), "output": _path(spec.output)})
 
 

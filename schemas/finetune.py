@@ -27,7 +27,7 @@ class FinetuneDataSpec(Spec):
 
     uri: Annotated[str, not_blank("data uri")] = Field(
         description="Folder or s3:// prefix with one sub-folder per class, or a CSV/Parquet labels file whose "
-        "keys are relative to the file's folder (or absolute locations)."
+        "keys are relative to the file's folder (or absolute locations under it or under allowed_roots)."
     )
     validation_uri: str | None = Field(
         default=None, description="A separate validation set in the same layout; without it, a stratified split."
@@ -45,6 +45,11 @@ class FinetuneDataSpec(Spec):
         description="Embedding cosine (the base model's frozen features) from which two images of one class count "
         "as the same subject. On the plants sample (MobileNetV2) photos of one leaf scored 0.938-0.963, the closest "
         "distinct leaves 0.925 and below.",
+    )
+    allowed_roots: tuple[str, ...] = Field(
+        default=(),
+        description="Locations (folders or s3:// prefixes) that labels-file keys may name besides the labels file's "
+        "own folder, as a label manifest's input.allowed_roots: a key anywhere else refuses the job before it starts.",
     )
     key_column: str = Field(default="key", description="Labels-file column holding the image keys.")
     label_column: str = Field(default="label", description="Labels-file column holding the class names.")
@@ -238,7 +243,11 @@ class Metrics(Spec):
     val_accuracy_ci95: tuple[float, float] = Field(description="Wilson score interval of val_accuracy.")
     val_images: int = Field(ge=0)
     val_loss: float
-    macro_f1: float
+    macro_f1: float = Field(description="Mean F1 over macro_f1_classes: a class without validation images has no "
+                            "F1 to average (counting it as 0 would blame the model for a split's gap).")  # fmt: skip
+    macro_f1_classes: list[str] = Field(
+        default_factory=list, description="The classes macro_f1 averages over: those with validation images."
+    )
     class_names: list[str]
     per_class: list[ClassMetrics]
     confusion_matrix: list[list[int]] = Field(description="Rows: true class; columns: predicted class.")
@@ -276,7 +285,7 @@ class DatasetInfo(Spec):
     val_images: int
     train_per_class: dict[str, int]
     val_per_class: dict[str, int]
-    skipped_images: int = Field(description="Unreadable images left out of training and validation.")
+    skipped_images: int = Field(description="Unreadable images left out of training and validation (before the split).")
     skipped_examples: list[str] = Field(description="Up to 20 of them, with the reason.")
     split_file: str = Field(description="File in the artifact listing each image, its class and its split.")
     groups: int | None = Field(
@@ -284,6 +293,16 @@ class DatasetInfo(Spec):
     )
     duplicate_groups: int = Field(default=0, description="Groups of two or more near-duplicate images.")
     grouped_images: int = Field(default=0, description="Images in those groups.")
+    val_shortfall: int = Field(
+        default=0,
+        description="Validation images val_fraction asked for that the split could not hold out: near-duplicate "
+        "groups larger than what was left of their class's share stay whole in training, so validation is smaller.",
+    )
+    unvalidated_classes: list[str] = Field(
+        default_factory=list,
+        description="Classes with no validation image (all held-out candidates unreadable, or every near-duplicate "
+        "group too large): their recall is not measured and the macro averages leave them out.",
+    )
 
 
 class ModelCard(Spec):

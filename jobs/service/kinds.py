@@ -27,6 +27,7 @@ from jobs.service.admission import Needs, Resources
 from jobs.service.pools import PoolLease
 from jobs.service.records import JobKind, JobProgress, JobRecord, JobState
 from schemas.finetune import FinetuneJobSpec
+from schemas.masking import mask_text
 from schemas.shards import ShardResult, WorkerSpec
 from schemas.specs import LabelJobSpec, StorageOptions
 from workers.storage import StorageError
@@ -300,5 +301,6 @@ class StoreLogHandler(logging.Handler):
 
 
 def _one_line(exc: BaseException) -> str:
+    """The reason a job record keeps (and `status` shows): one line, credentials masked (schemas.masking)."""
     text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text[:2000]} (exit code {exit_code_for(exc)})"
+    return mask_text(f"{type(exc).__name__}: {text[:2000]} (exit code {exit_code_for(exc)})")

@@ -8,7 +8,6 @@ spec still holds a secret-looking value is refused when it is built.
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,11 +18,9 @@ from pydantic import AwareDatetime, BaseModel, Field, SecretStr, field_validator
 
 from jobs.errors import BadInput
 from jobs.label.compile_policy import CompileDecision
+from schemas.masking import MASK, SECRET_KEY, mask_secrets, unmasked_secrets  # noqa: F401 - re-exported
 from schemas.specs import Spec
 
-MASK = "***"
-# Keys whose values are credentials, whatever their type (a plain str in a dict spec, a SecretStr in a model).
-SECRET_KEY = re.compile(r"secret|password|token|access_key|session", re.IGNORECASE)
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # as the specs' job_id: safe as a file name and a Ray name
 
 
@@ -208,7 +205,7 @@ def masked_spec(spec: BaseModel | Mapping) -> dict[str, Any]:
         data = _mask_secret_fields(spec, spec.model_dump(mode="json"))
     else:
         data = dict(spec)
-    return _mask_secret_keys(data)
+    return mask_secrets(data)  # the one rule for credentials (schemas.masking), as every error message uses it
 
 
 def _mask_secret_fields(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
@@ -228,31 +225,3 @@ def _mask_value(value: Any, dumped: Any) -> Any:
     if isinstance(value, Mapping) and isinstance(dumped, dict):
         return {k: _mask_value(value.get(k), d) for k, d in dumped.items()}
     return dumped
-
-
-def _mask_secret_keys(data: Any) -> Any:
-    if isinstance(data, Mapping):
-        return {k: MASK if _is_secret_key(k) and v is not None else _mask_secret_keys(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return [_mask_secret_keys(v) for v in data]
-    return data
-
-
-def _is_secret_key(key: Any) -> bool:
-    return isinstance(key, str) and SECRET_KEY.search(key) is not None
-
-
-def unmasked_secrets(data: Any, path: str = "spec") -> list[str]:
-    """Paths of secret-looking keys whose value is neither None nor masked (empty when the data is clean)."""
-    found: list[str] = []
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            where = f"{path}.{key}"
-            if _is_secret_key(key) and value not in (None, MASK, "**********"):
-                found.append(where)
-            else:
-                found.extend(unmasked_secrets(value, where))
-    elif isinstance(data, list | tuple):
-        for index, value in enumerate(data):
-            found.extend(unmasked_secrets(value, f"{path}[{index}]"))
-    return found

@@ -154,7 +154,8 @@ def test_internal_error_is_one_line_and_verbose_shows_the_traceback(monkeypatch,
     assert err == "internal error: KeyError: 'shard-7' (run with -v for the traceback)\n"
     with caplog.at_level("DEBUG", logger="bulklabel"):
         assert main(["-v", "schema"]) == 4
-    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+    # The traceback as text, through the credential masking (schemas.masking) like every other error path.
+    assert any("Traceback" in r.getMessage() and "KeyError: 'shard-7'" in r.getMessage() for r in caplog.records)
 
 
 def test_validation_errors_are_bounded_and_mask_secrets(tmp_path, capsys):
@@ -247,3 +248,34 @@ def test_user_caused_failures_end_in_one_line_and_their_exit_code(tmp_path, caps
         assert named in err and err.count("\n") == 1 and "Traceback" not in err, (name, err)
         measured.append(f"{name}: exit {code} in {time.perf_counter() - started:.1f} s")
     record_property("measured", "; ".join(measured) + "; each one line on stderr")
+
+
+KEY_ID, SECRET = "AKIAEXAMPLEKEYID0001", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRET0001"
+
+
+@pytest.mark.fault(
+    fault="a spec whose storage is a YAML list by mistake (`- access_key_id: ...`), for `run` and `submit`",
+    injected="spec files with `storage:` as a one-item list holding both keys: of kind label, of kind finetune, "
+    "and without kind (the error then echoes the whole spec); each run with -v (the traceback logged too)",
+    expected="exit 2, one line naming `storage`, neither key anywhere on stderr or in the debug log (masked as ***)",
+)
+def test_a_storage_list_by_mistake_never_echoes_the_secret(tmp_path, capsys, caplog, record_property):
+    storage = f"storage:\n  - access_key_id: {KEY_ID}\n    secret_access_key: {SECRET}\n    region: eu-west-1\n"
+    specs = {
+        "label": "kind: label\ninput: {uri: ./in}\noutput: ./out\nmodel: {name: resnet50}\n",
+        "finetune": "kind: finetune\ndata: {uri: ./in}\nbase: {name: resnet50}\noutput: ./out\n",
+        "no kind": "input: {uri: ./in}\noutput: ./out\nmodel: {name: resnet50}\n",
+    }
+    measured = []
+    caplog.set_level("DEBUG")
+    for name, text in specs.items():
+        spec = tmp_path / f"{name.replace(' ', '-')}.yaml"
+        spec.write_text(text + storage)
+        for command in ("run", "submit"):
+            assert main(["-v", command, str(spec)]) == 2, (name, command)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "storage" in err and "***" in err, (name, command, err)
+            assert KEY_ID not in err and SECRET not in err, (name, command, err)
+        measured.append(f"{name}: exit 2 for run and submit, {len(err)} chars, keys shown as ***")
+    assert "the command failed" in caplog.text and KEY_ID not in caplog.text and SECRET not in caplog.text
+    record_property("measured", "; ".join(measured) + "; neither key in the -v traceback either")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -31,7 +32,7 @@ from tests.support import PLANTS, write_torchvision_weights
 from workers.models import build_model
 from workers.storage import join, open_storage
 from workers.training.artifacts import SPLIT_NAME, find_job_artifact, publish, read_card, sha256_of, versions
-from workers.training.data import FinetuneDataError, plan_data
+from workers.training.data import Example, FinetuneDataError, plan_data, stratified_split
 
 CLASSES = ("Potato___Early_blight", "Potato___healthy")
 RESUME_JOB_ID = "resume-test"
@@ -160,6 +161,60 @@ def test_linear_probe_is_a_convex_fit_on_one_pass_of_embeddings_and_labels_like_
     assert accuracy == pytest.approx(card.metrics.val_accuracy)
 
 
+@pytest.mark.fault(
+    fault="fine-tune data with photos stored twice (`x.JPG`, `x (1).JPG`) and an unreadable image where the split "
+    "would put a class's only validation image",
+    injected="class 1: 3 photos each stored twice, byte-identical; class 2: 4 photos and a text file named .JPG "
+    "at the key the seeded split picks for validation; a linear-probe fine-tune",
+    expected="no validation image has a byte-identical twin in training: class 1 is not validated, named in a "
+    "warning and the card (shortfall counted); the unreadable file is left out before the split, so class 2 is "
+    "validated on a readable photo; the card's two validation counts agree; macro F1 over validated classes only",
+)
+@pytest.mark.usefixtures("ray_cluster")
+def test_copies_and_an_unreadable_image_never_fake_a_validation_score(leaves, tmp_path, caplog, record_property):
+    copied, plain = CLASSES
+    data = tmp_path / "data"
+    (data / copied).mkdir(parents=True)
+    (data / plain).mkdir()
+    for photo in sorted((leaves / copied).iterdir())[:3]:
+        shutil.copy(photo, data / copied / photo.name)
+        shutil.copy(photo, data / copied / f"{photo.stem} (1){photo.suffix}")
+    names = [p.name for p in sorted((leaves / plain).iterdir())[:5]]
+    keys = [Example(f"{plain}/{n}", "", plain, None) for n in names]
+    bad = stratified_split(keys, 0.2, seed=0)[1][0].key.split("/")[1]  # the seeded split's one validation pick
+    for name in names:
+        (data / plain / name).write_bytes(
+            b"<html>not found</html>" if name == bad else (leaves / plain / name).read_bytes()
+        )
+    spec = _spec(str(data), str(tmp_path / "models" / "twice"), training={"method": "linear-probe"})
+    planner = logging.getLogger("workers.training.dataplan")  # its warning, whether or not "workers" propagates
+    planner.addHandler(caplog.handler)
+    try:
+        summary = run_finetune_job(spec, show_progress=False)
+    finally:
+        planner.removeHandler(caplog.handler)
+
+    card, artifact = summary.card, Path(summary.artifact)
+    with open(artifact / SPLIT_NAME, newline="") as fh:
+        split = [(row["key"], row["split"]) for row in csv.DictReader(fh)]
+    digest = {key: sha256_of(Path(key)) for key, _ in split}
+    trained = {digest[key] for key, side in split if side == "train"}
+    assert not [key for key, side in split if side == "val" and digest[key] in trained]  # no copy validated
+    assert str(data / plain / bad) not in dict(split)  # left out before the split, not a validation place
+    d, m = card.dataset, card.metrics
+    assert d.unvalidated_classes == [copied] and d.val_shortfall == 1
+    assert d.val_per_class == {copied: 0, plain: 1} and d.train_per_class == {copied: 6, plain: 3}
+    assert d.val_images == m.val_images == 1 and d.skipped_images == 1 and bad in d.skipped_examples[0]
+    assert m.macro_f1_classes == [plain] and m.macro_f1 == m.per_class[1].f1
+    assert copied in caplog.text and "without a validation image" in caplog.text
+    text = "\n".join(summary.lines())
+    assert f"not validated: {copied}" in text and "1 image(s) fewer" in text and "1 unreadable left out" in text
+    record_property("measured", f"{copied}: 6 training, 0 validation (shortfall {d.val_shortfall}), named in the "
+                                f"card and a warning; {plain}: {d.train_per_class[plain]} training + 1 validation, "
+                                f"the unreadable file left out; card val images {d.val_images} = metrics "
+                                f"{m.val_images}; macro F1 over {m.macro_f1_classes}")  # fmt: skip
+
+
 def _local():
     from workers.storage import LocalStorage
 
@@ -253,6 +308,41 @@ def test_data_problems_fail_before_any_training(leaves, tmp_path, capsys):
     code = main(["finetune", "--data", str(data), "--base", "mobilenet_v2", "--output", str(tmp_path / "out")])
     assert code == EXIT_BAD_INPUT and "too few in" in capsys.readouterr().err
     assert not (tmp_path / "out" / "v1").exists()
+
+
+@pytest.mark.fault(
+    fault="a fine-tune labels file naming files outside its folder: `/etc/hostname`, a JPEG of another folder",
+    injected="labels.csv beside two class folders of photos, plus the key /etc/hostname and the absolute path of a "
+    "photo in a sibling folder; `bulklabel run` of a finetune spec; then the same with that folder in allowed_roots",
+    expected="refused before any work (exit 2, one line naming both keys), as a label manifest's keys are; with "
+    "the folder allowed, only /etc/hostname is refused",
+)
+def test_a_labels_file_naming_files_outside_its_folder_is_refused(leaves, tmp_path, capsys, record_property):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    shutil.copytree(leaves, data)
+    elsewhere.mkdir()
+    stray = shutil.copy(sorted((leaves / CLASSES[0]).iterdir())[-1], elsewhere / "other.JPG")
+    rows = [f"{p.relative_to(data)},{p.parent.name}" for p in sorted(data.glob("*/*"))]
+    (data / "labels.csv").write_text("key,label\n" + "\n".join([*rows, f"/etc/hostname,{CLASSES[1]}",
+                                                                  f"{stray},{CLASSES[0]}"]) + "\n")  # fmt: skip
+    spec = {"kind": "finetune", "data": {"uri": str(data / "labels.csv")},
+            "base": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}, "output": str(tmp_path / "out")}  # fmt: skip
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    started = time.perf_counter()
+
+    code = main(["run", str(tmp_path / "job.yaml")])
+
+    elapsed, err = time.perf_counter() - started, capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and err.count("\n") == 1, err
+    assert "2 key(s) lie outside" in err and "'/etc/hostname'" in err and repr(str(stray)) in err, err
+    assert not (tmp_path / "out" / "v1").exists()
+    spec["data"]["allowed_roots"] = [str(elsewhere)]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == EXIT_BAD_INPUT
+    allowed = capsys.readouterr().err
+    assert "1 key(s) lie outside" in allowed and "/etc/hostname" in allowed and str(stray) not in allowed, allowed
+    record_property("measured", f"exit 2 in {elapsed:.1f} s naming both keys, no version written; with the folder in "
+                                "allowed_roots: exit 2 naming /etc/hostname alone")  # fmt: skip
 
 
 def test_a_spec_file_of_kind_finetune_parses_to_a_finetune_job(tmp_path):

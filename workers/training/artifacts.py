@@ -57,6 +57,7 @@ CHECKPOINTS_DIR = "_checkpoints"
 CLAIM_ATTEMPTS = 100  # versions tried past the highest one listed before publishing gives up
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
 _HASH_CHUNK = 1 << 20
+MAX_SKIPPED_KEPT = 20  # unreadable images named in the card; the rest are counted
 
 
 class ArtifactError(ValueError):
@@ -170,12 +171,14 @@ def metrics_of(confusion: list[list[int]], class_names: list[str], history: list
         per_class.append(ClassMetrics(name=name, precision=precision, recall=recall, f1=f1, support=actual))
     best = next(m for m in history if m.epoch == best_epoch)
     correct = sum(confusion[i][i] for i in range(n))
+    validated = [c for c in per_class if c.support > 0]
     return Metrics(
         val_accuracy=correct / total if total else 0.0,
         val_accuracy_ci95=wilson_interval(correct, total),
         val_images=total,
         val_loss=best.val_loss,
-        macro_f1=sum(c.f1 for c in per_class) / n,
+        macro_f1=sum(c.f1 for c in validated) / len(validated) if validated else 0.0,
+        macro_f1_classes=[c.name for c in validated],
         class_names=class_names,
         per_class=per_class,
         confusion_matrix=confusion,
@@ -314,12 +317,15 @@ def _dataset_info(job: FinetuneJobSpec, plan: DataPlan, state: TrainingState) ->
         val_images=len(plan.val),
         train_per_class=plan.counts("train"),
         val_per_class=plan.counts("val"),
-        skipped_images=state.skipped_images,
-        skipped_examples=state.skipped_examples,
+        # Left out before the split (the plan), and any that became unreadable between that pass and training.
+        skipped_images=len(plan.unreadable) + state.skipped_images,
+        skipped_examples=[*plan.unreadable, *state.skipped_examples][:MAX_SKIPPED_KEPT],
         split_file=SPLIT_NAME,
         groups=plan.groups,
         duplicate_groups=plan.duplicate_groups,
         grouped_images=plan.grouped_images,
+        val_shortfall=plan.val_shortfall,
+        unvalidated_classes=list(plan.unvalidated_classes),
     )
 
 

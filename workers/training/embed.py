@@ -63,8 +63,9 @@ class EmbeddingPass:
         self.embeddings = np.zeros((0, loaded.embedding_dim), np.float32)
         self.labels = np.zeros(0, np.int64)
 
-    def embed(self, items: list[tuple[str, int]]) -> Embedded:
-        """Read, hash, decode and embed every (uri, class index); unreadable images get a zero row."""
+    def embed(self, items: list[tuple[str, int]], forward: bool = True) -> Embedded:
+        """Read, hash, decode and (with `forward`) embed every (uri, class index); unreadable images get a zero row.
+        Without `forward` the rows stay zero: the pass only finds the unreadable images."""
         from workers.training.loop import Normalise
 
         started = time.perf_counter()
@@ -84,7 +85,7 @@ class EmbeddingPass:
                     sha256s[start + offset] = digest
                     pixels.append(torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))))
                     rows.append(start + offset)
-                if pixels:
+                if pixels and forward:
                     out[rows] = self._forward(normalise(torch.stack(pixels)))
         self.embeddings, self.labels = out, np.array([label for _, label in items], np.int64)
         seconds = time.perf_counter() - started

@@ -22,9 +22,11 @@ BLOCK = 2048
 
 @dataclass(frozen=True)
 class Groups:
-    """`ids[i]` is image i's group (0..count-1, numbered by first appearance)."""
+    """`ids[i]` is image i's group (0..count-1, numbered by first appearance); `content_ids[i]` its group of
+    byte-identical images alone (what the split falls back to where embedding groups swallow a whole class)."""
 
     ids: tuple[int, ...]
+    content_ids: tuple[int, ...] = ()
 
     @property
     def count(self) -> int:
@@ -75,10 +77,15 @@ def near_duplicate_groups(
     for i, digest in enumerate(sha256s):
         if digest is not None:
             uf.union(first_with.setdefault(digest, i), i)
+    content = _numbered(uf, n)
     if embeddings is not None and n:
         _join_similar(uf, np.asarray(labels), _unit_rows(embeddings), threshold)
+    return Groups(_numbered(uf, n), content)
+
+
+def _numbered(uf: _UnionFind, n: int) -> tuple[int, ...]:
     numbering: dict[int, int] = {}
-    return Groups(tuple(numbering.setdefault(uf.find(i), len(numbering)) for i in range(n)))
+    return tuple(numbering.setdefault(uf.find(i), len(numbering)) for i in range(n))
 
 
 def _unit_rows(embeddings: np.ndarray) -> np.ndarray:

@@ -107,6 +107,13 @@ def test_metrics_from_a_confusion_matrix():
     assert never_predicted.per_class[0].precision == 0.0 and never_predicted.per_class[0].f1 == 0.0
 
 
+def test_macro_f1_averages_only_the_classes_with_validation_images():
+    m = metrics_of(((2, 0, 0), (0, 0, 0), (1, 0, 3)), list(CLASSES), list(STATE.history), best_epoch=2)
+    healthy, rust, scab = m.per_class
+    assert rust.support == 0 and m.macro_f1_classes == ["healthy", "scab"]
+    assert m.macro_f1 == pytest.approx((healthy.f1 + scab.f1) / 2)  # not (… + 0.0) / 3
+
+
 def test_publish_writes_a_complete_version_with_the_card_last(storage_root, trained):
     model, weights = trained
     job = _job(storage_root.uri, storage_root.options)

@@ -29,6 +29,8 @@ from workers.training.data import (
     stratified_split,
     train_cache_preprocess,
 )
+from workers.training.dataplan import Listing, split_data
+from workers.training.grouping import Groups
 
 PREPROCESS = PreprocessSpec(resize_size=40, crop_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
 
@@ -130,6 +132,32 @@ def test_labels_file_problems_are_explained(tmp_path):
     assert [(e.key, e.label) for e in list_examples(spec.uri, spec, _local())] == [("a/img00.jpg", "x")]
 
 
+def test_labels_file_keys_are_confined_like_manifest_keys(tmp_path):
+    """A labels file may name its own folder's images and the allowed roots', nothing else: the same rule
+    (workers.keys) as a label manifest's keys."""
+    data, other = tmp_path / "data", tmp_path / "other"
+    for folder in (data / "a", data / "b", other):
+        folder.mkdir(parents=True)
+    for i in range(2):
+        (data / "a" / f"{i}.jpg").write_bytes(jpeg((i, 0, 0)))
+        (data / "b" / f"{i}.jpg").write_bytes(jpeg((0, i, 0)))
+    (other / "x.jpg").write_bytes(jpeg((9, 9, 9)))
+    labels = data / "labels.csv"
+    inside = "a/0.jpg,a\na/1.jpg,a\nb/0.jpg,b\nb/1.jpg,b\n"
+    hostile = {"/etc/hostname": "b", str(other / "x.jpg"): "a", "../other/x.jpg": "a", f"{data}/../other/x.jpg": "b"}
+    for key, label in hostile.items():
+        labels.write_text(f"key,label\n{inside}{key},{label}\n")
+        with pytest.raises(FinetuneDataError, match=r"1 key\(s\) lie outside the labels file's folder .*allowed_roots"):
+            list_examples(str(labels), FinetuneDataSpec(uri=str(labels)), _local())
+
+    labels.write_text(f"key,label\n{inside}{other / 'x.jpg'},a\n{data / 'b' / '1.jpg'},b\n./a/../a/0.jpg,a\n")
+    found = list_examples(str(labels), FinetuneDataSpec(uri=str(labels), allowed_roots=(str(other),)), _local())
+    assert sorted(e.uri for e in found) == sorted(str(p) for p in (other / "x.jpg", *data.glob("*/*.jpg")))
+    labels.write_text(f"key,label\n{inside}/etc/hostname,b\n")
+    with pytest.raises(FinetuneDataError, match="'/etc/hostname'"):
+        list_examples(str(labels), FinetuneDataSpec(uri=str(labels), allowed_roots=(str(other),)), _local())
+
+
 def test_the_plants_labels_file_and_folders_agree():
     by_folder = list_examples(str(PLANTS), FinetuneDataSpec(uri=str(PLANTS)), _local())
     labels = str(PLANTS / "labels.csv")
@@ -219,6 +247,65 @@ def test_fingerprint_changes_with_any_image_label_or_size():
     assert dataset_fingerprint(data[1:]) != base
     assert dataset_fingerprint([Example(data[0].key, data[0].uri, "b", data[0].size), *data[1:]]) != base
     assert dataset_fingerprint([Example(data[0].key, data[0].uri, "a", 1), *data[1:]]) != base
+
+
+def _twice_stored(photos: int) -> tuple[list[Example], list[int]]:
+    """Class a: `photos` photos each stored twice (`x.JPG`, `x (1).JPG`, byte-identical: one group); class b: ten
+    distinct photos. Returns the examples and their group ids."""
+    items, ids = [], []
+    for i in range(photos):
+        for name in (f"x{i}.JPG", f"x{i} (1).JPG"):
+            items.append(Example(f"a/{name}", f"/d/a/{name}", "a", 100 + i))
+            ids.append(i)
+    for i in range(10):
+        items.append(Example(f"b/{i}.JPG", f"/d/b/{i}.JPG", "b", 200 + i))
+        ids.append(photos + i)
+    return items, ids
+
+
+def test_a_grouped_split_never_validates_a_copy_of_a_training_image():
+    """Copies are one group; a group larger than its class's share stays in training whole, so that class gets no
+    validation image (named, with the shortfall) rather than one whose twin is in training."""
+    items, ids = _twice_stored(photos=3)  # class a: 6 images, a share of round(1.2) = 1, every group of 2
+    spec = FinetuneDataSpec(uri="/d")
+
+    plan = split_data(Listing(tuple(items), None), spec, seed=0, groups=Groups(tuple(ids)))
+
+    group_of = {e.uri: g for e, g in zip(items, ids, strict=True)}
+    assert not {group_of[uri] for uri, _ in plan.val} & {group_of[uri] for uri, _ in plan.train}
+    assert plan.counts("val") == {"a": 0, "b": 2} and plan.counts("train") == {"a": 6, "b": 8}
+    assert plan.unvalidated_classes == ("a",) and plan.val_shortfall == 1
+
+    items, ids = _twice_stored(photos=10)  # a share of 4: two whole groups fit
+    plan = split_data(Listing(tuple(items), None), spec, seed=0, groups=Groups(tuple(ids)))
+    assert plan.counts("val") == {"a": 4, "b": 2} and (plan.unvalidated_classes, plan.val_shortfall) == ((), 0)
+
+    copies_only = [e for e in _twice_stored(photos=3)[0] if e.label == "a"]
+    twins = copies_only + [Example(f"c/{e.key[2:]}", f"/d/c/{e.key[2:]}", "c", e.size) for e in copies_only]
+    with pytest.raises(FinetuneDataError, match="no validation image could be held out: every near-duplicate group"):
+        split_data(Listing(tuple(twins), None), spec, seed=0, groups=Groups(tuple(i // 2 for i in range(12))))
+
+
+def test_unreadable_images_are_left_out_before_the_split():
+    """An unreadable image never takes a validation place: with it left out first, its class is validated on a
+    readable image; a class left with one readable image is named as not validated; one with none is refused."""
+    items = examples({"a": 10, "b": 4})
+    spec = FinetuneDataSpec(uri="/d")
+    picked = next(uri for uri, label in split_data(Listing(tuple(items), None), spec, seed=0).val if label == 1)
+    unreadable = {picked: f"{picked}: cannot identify image file"}  # b's one validation image, as planned before
+
+    plan = split_data(Listing(tuple(items), None), spec, seed=0, unreadable=unreadable)
+
+    assert picked not in {uri for uri, _ in plan.train + plan.val} and plan.unreadable == (unreadable[picked],)
+    assert plan.counts("val") == {"a": 2, "b": 1} and plan.counts("train") == {"a": 8, "b": 2}
+    assert plan.unvalidated_classes == ()
+
+    b = [e.uri for e in items if e.label == "b"]
+    two_bad = {uri: f"{uri}: truncated" for uri in b[:3]}
+    plan = split_data(Listing(tuple(items), None), spec, seed=0, unreadable=two_bad)
+    assert plan.counts("val")["b"] == 0 and plan.counts("train")["b"] == 1 and plan.unvalidated_classes == ("b",)
+    with pytest.raises(FinetuneDataError, match=r"class\(es\) \['b'\] have no readable image \(e.g. /d/b/0.jpg: trunc"):
+        split_data(Listing(tuple(items), None), spec, seed=0, unreadable={uri: f"{uri}: truncated" for uri in b})
 
 
 # ---------------------------------------------------------------------------------------------- decoding

@@ -72,7 +72,16 @@ def test_the_grouped_split_keeps_groups_whole_and_equals_the_plain_split_without
 
     one_blob = [0] * 20 + list(range(1, 11))  # class a's embeddings cannot tell its images apart
     train, val = grouped_split(items, one_blob, 0.2, seed=3)
-    assert sum(e.label == "a" for e in val) == 4 and len(train) + len(val) == 30  # validated ungrouped
+    # Never split ungrouped (that validated copies of training images): class a stays in training whole.
+    assert sum(e.label == "a" for e in val) == 0 and sum(e.label == "b" for e in val) == 2 and len(train) == 28
+    # ... unless its identical-content groups (here every image alone) fit: then those keep copies together.
+    train, val = grouped_split(items, one_blob, 0.2, seed=3, content_ids=list(range(30)))
+    assert sum(e.label == "a" for e in val) == 4 and len(train) + len(val) == 30
+    pairs = [i // 2 for i in range(20)] + list(range(10, 20))  # class a: every photo stored twice, 4 wanted
+    train, val = grouped_split(items, one_blob, 0.2, seed=3, content_ids=pairs)
+    side = {e.key: "val" for e in val} | {e.key: "train" for e in train}
+    assert sum(e.label == "a" for e in val) == 4 and all(side[items[2 * i].key] == side[items[2 * i + 1].key]
+                                                         for i in range(10))  # fmt: skip
 
 
 def test_wilson_interval_is_honest_for_small_and_perfect_scores():
