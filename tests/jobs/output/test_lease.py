@@ -124,8 +124,9 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(out):
     clock = FakeClock()
     gone = subprocess.Popen(["true"])
     gone.wait()
+    late = clock.now() + timedelta(hours=1)
     record = LeaseRecord(generation=1, kind=WriterKind.LABEL_JOB, job_id="job-a", host=socket.gethostname(),
-                         pid=gone.pid, token="dead", started=clock.now(), expires=clock.now() + timedelta(hours=1))  # fmt: skip
+                         pid=gone.pid, token="dead", started=clock.now(), expires=late)  # fmt: skip
     assert LocalStorage().create_exclusive(lease_uri(out, 1), record.model_dump_json().encode())
     taken = _take(out, COMPACTION, clock)
     assert taken.record.generation == 2 and clock.slept == 0
