@@ -124,7 +124,7 @@ def test_a_query_pinned_across_a_compaction_switch_answers_right(tmp_path, monke
 
     def then_compacted(uri, options=None):
         found = real(uri, options)
-        calls.append(found.generation)
+        calls.append(found.manifest.generation)
         if len(calls) == 1:
             compact_output(uri, target_bytes=1 << 20)  # switches the manifest, deletes the files `found` lists
         return found
