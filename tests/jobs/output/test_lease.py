@@ -164,3 +164,18 @@ def test_many_writers_racing_for_an_expired_lease_exactly_one_wins(out):
         thread.join()
     assert len(won) == 1 and len(refused) == 7
     assert all(won[0].record.job_id in message for message in refused)
+
+
+def test_the_lease_on_both_backends(storage_root):
+    """S3's conditional put (`If-None-Match: *`, SeaweedFS here) and a local `link()` behave alike."""
+    clock, storage = FakeClock(), storage_root.storage
+    held = acquire(storage, storage_root.uri, JOB, ttl_s=TTL, clock=clock, keep=False)
+    with pytest.raises(OutputBusy, match="label job 'job-a'"):
+        acquire(storage, storage_root.uri, COMPACTION, ttl_s=TTL, clock=clock, keep=False)
+    clock.advance(TTL / 2)
+    held.renew()
+    held.release()
+    following = acquire(storage, storage_root.uri, COMPACTION, ttl_s=TTL, clock=clock, keep=False)
+    assert following.record.generation == 2 and not storage.exists(lease_uri(storage_root.uri, 1))
+    following.release()
+    assert read_current(storage, storage_root.uri).released

@@ -67,6 +67,7 @@ def test_a_delta_output_holds_each_shard_once_with_its_properties(tmp_path):
     again = OutputSession(spec, JOB)
     again.check()
     again.start()
+    again.close()
     assert DeltaTable(str(out / "table")).version() == version
 
 
@@ -80,6 +81,7 @@ def test_shards_committed_without_their_table_commit_are_appended_on_start_even_
     session = OutputSession(delta, JOB)
     session.check()
     session.start()
+    session.close()
     assert _table_keys(out / "table") == _folder_keys(out) and len(_folder_keys(out)) == SHARDS * ROWS
     writes = [c for c in DeltaTable(str(out / "table")).history() if c["operation"] == "WRITE"]
     assert len(writes) == SHARDS  # one atomic commit per shard
