@@ -2,7 +2,7 @@
 (jobs.output.lease), readers are pinned to one manifest generation (jobs.output.reader.read_pinned).
 
 Real processes through the CLI: a writer caught mid-write is frozen with SIGSTOP at a named point
-(jobs/output/faultpoints.py, `"action": "stop"`), the other writer or reader runs, then the first is let go."""
+(jobs/output/faultpoints.py, `"action": "hang"`), the other writer or reader runs, then the first is let go."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ MODEL = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
 
 
 def _faults(point: str, attempt: int = 1) -> dict[str, str]:
-    return {"BULKLABEL_FAULTS": json.dumps([{"shard": point, "attempt": attempt, "action": "stop"}]),
+    return {"BULKLABEL_FAULTS": json.dumps([{"shard": point, "attempt": attempt, "action": "hang"}]),
             "BULKLABEL_FAULTS_ACKNOWLEDGE": "I-AM-TESTING"}  # fmt: skip
 
 
@@ -172,7 +172,7 @@ def test_a_compaction_while_a_job_writes_is_refused_naming_the_job(tmp_path, ray
         refusal = capfd.readouterr().err.strip()
     finally:
         rerun_code, stdout, stderr = _resume(rerun)
-    assert stopped, "the re-run never reached its stop point"
+    assert stopped, f"the re-run never reached its stop point: exit {rerun_code}, {stderr[-3000:]}"
     assert code == 3 and len(refusal.splitlines()) == 1, refusal
     assert "is being written by label job 'same-job'" in refusal and f"pid {rerun.pid}" in refusal
     assert rerun_code == 0 and "same-job: succeeded" in stdout, stderr[-2000:]
