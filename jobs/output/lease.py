@@ -191,9 +191,11 @@ def acquire(
     alive: Callable[[LeaseRecord], bool] = holder_alive,
     keep: bool = True,
     advice: str = "",
+    refuse: Callable[[LeaseRecord], None] | None = None,
 ) -> Lease:
     """Take the output's lease for `writer`, waiting up to `wait_s` for a holder to let go; else raise OutputBusy
-    naming the holder (with `advice` appended). `keep`: renew it from a background thread until released."""
+    naming the holder (with `advice` appended). `keep`: renew it from a background thread until released.
+    `refuse(holder)`, called for a live holder, may raise at once where waiting cannot help (another job's output)."""
     clock = clock or WallClock()
     deadline = clock.now() + timedelta(seconds=wait_s)
     for _ in range(TAKE_ATTEMPTS):
@@ -203,6 +205,8 @@ def acquire(
             state = standing(current, now, alive)
             if state is not Standing.HELD:
                 break
+            if refuse is not None:
+                refuse(current)
             if now >= deadline:
                 left = (current.expires - now).total_seconds()
                 raise OutputBusy(

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 from jobs.label.commit import (
     CommittedShards,
+    OutputConflict,
     check_output,
     claim_output,
     read_committed,
@@ -32,7 +33,7 @@ from jobs.label.commit import (
 )
 from jobs.output.compact import auto_compact, remove_superseded
 from jobs.output.faultpoints import crash_point
-from jobs.output.lease import Lease, Writer, WriterKind, acquire
+from jobs.output.lease import Lease, LeaseRecord, Writer, WriterKind, acquire
 from jobs.output.table import DeltaSink
 from schemas.output import JobFailure, ManifestFailedShard
 from schemas.shards import ShardResult
@@ -68,7 +69,8 @@ class OutputSession:
         check_output(self.storage, self.uri, self.job_id, self.spec.foreign_files)
         if self.lease is None:
             self.lease = acquire(self.storage, self.uri, Writer(WriterKind.LABEL_JOB, self.job_id), LABEL_WAIT_S,
-                                 advice="run the job again once that writer has finished")  # fmt: skip
+                                 advice="run the job again once that writer has finished",
+                                 refuse=self._another_jobs)  # fmt: skip
         self.committed = read_committed(self.storage, self.uri, self.job_id)
         return self.committed
 
@@ -141,6 +143,12 @@ class OutputSession:
         """Release the writer lease (if taken): the next writer may start at once. Never raises."""
         if self.lease is not None:
             self.lease.release()
+
+    def _another_jobs(self, holder: LeaseRecord) -> None:
+        """A writer of another job holds the output: it is that job's (it claims it, or has), so no wait helps."""
+        if holder.job_id != self.job_id:
+            raise OutputConflict(f"output {self.uri} belongs to job {holder.job_id!r}, not {self.job_id!r} (written "
+                                 f"now by its {holder.describe()}): use a new output prefix")  # fmt: skip
 
     def _held(self) -> None:
         if self.lease is not None:

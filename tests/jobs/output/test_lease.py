@@ -179,3 +179,16 @@ def test_the_lease_on_both_backends(storage_root):
     assert following.record.generation == 2 and not storage.exists(lease_uri(storage_root.uri, 1))
     following.release()
     assert read_current(storage, storage_root.uri).released
+
+
+def test_refuse_stops_the_wait_at_once_where_waiting_cannot_help(out):
+    clock = FakeClock()
+    _take(out, JOB, clock)
+
+    def another_jobs(holder: LeaseRecord) -> None:
+        raise ValueError(f"output belongs to job {holder.job_id!r}")
+
+    with pytest.raises(ValueError, match="belongs to job 'job-a'"):
+        acquire(LocalStorage(), out, Writer(WriterKind.LABEL_JOB, "job-b"), 30, clock=clock, keep=False,
+                refuse=another_jobs)  # fmt: skip
+    assert clock.slept == 0
