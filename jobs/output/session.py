@@ -1,10 +1,10 @@
 """The driver's side of writing a label output, in explicit phases (the layout: jobs.output.layout).
 
-    check()                 before any write but the lease's: the output is ours or free; the writer lease taken
-                            (jobs.output.lease: a second run of the job, or a compaction, is refused naming this
-                            one); what earlier runs committed holds
-    start()                 the ownership claim, a write probe, stale partial uploads and the leftovers of a crashed
-                            compaction removed
+    check()                 before any write: the output is ours or free, what earlier runs committed holds
+    start()                 the writer lease taken (jobs.output.lease: a second run of the job, or a compaction, is
+                            refused naming this one) and what was committed read again under it; the ownership
+                            claim, a write probe, stale partial uploads and the leftovers of a crashed compaction
+                            removed
     shard_committed(result) a worker committed a shard (data file, then done-marker); format delta: its rows
                             appended to the table, exactly once (jobs.output.table)
     complete(...)           every shard is done: the manifest, written last; then many small files compacted
@@ -61,16 +61,12 @@ class OutputSession:
         self.lease: Lease | None = None
 
     def check(self) -> CommittedShards:
-        """Refuse an output another job owns or that holds foreign files; take the writer lease (held until close());
-        read and verify earlier done-markers, under the lease so no other writer changes them meanwhile.
+        """Refuse an output another job owns or that holds foreign files; read and verify earlier done-markers.
 
-        Writes nothing but the lease. Returns the shards earlier runs committed (verified) and those to redo (with why).
+        Writes nothing. Returns the shards earlier runs committed (verified) and those to redo (with why); start()
+        reads them again under the lease and updates this same object where another writer changed them meanwhile.
         """
         check_output(self.storage, self.uri, self.job_id, self.spec.foreign_files)
-        if self.lease is None:
-            self.lease = acquire(self.storage, self.uri, Writer(WriterKind.LABEL_JOB, self.job_id), LABEL_WAIT_S,
-                                 advice="run the job again once that writer has finished",
-                                 refuse=self._another_jobs)  # fmt: skip
         self.committed = read_committed(self.storage, self.uri, self.job_id)
         return self.committed
 
@@ -79,6 +75,15 @@ class OutputSession:
 
         Returns the manifest of an earlier complete run, or None.
         """
+        if self.lease is None:  # held until close(): from here on this run is the output's only writer
+            self.lease = acquire(self.storage, self.uri, Writer(WriterKind.LABEL_JOB, self.job_id), LABEL_WAIT_S,
+                                 advice="run the job again once that writer has finished",
+                                 refuse=self._another_jobs)  # fmt: skip
+        fresh = read_committed(self.storage, self.uri, self.job_id)  # another run or a compaction may have ended since
+        if fresh != self.committed:
+            log.info("output %s changed since it was checked (another writer ended meanwhile): %d shard(s) done now",
+                     self.uri, len(fresh.done))  # fmt: skip
+            vars(self.committed).update(vars(fresh))  # the runner plans with this object
         claim_output(self.storage, self.uri, self.job_id)
         check_writable(self.storage, self.uri)
         remove_partials(self.storage, self.uri)

@@ -29,7 +29,7 @@ def _names(root) -> set[str]:
 def test_phases_claim_record_a_failure_then_complete(storage_root, tmp_path):
     spec = _spec(storage_root.uri, tmp_path, **({"storage": storage_root.options} if storage_root.options else {}))
     session = OutputSession(spec, "job-a", storage_root.storage)
-    assert not session.check().done and not _names(storage_root)  # check writes nothing but the lease
+    assert not session.check().done and not _names(storage_root)  # check writes nothing
     leftover = temp_uri(storage_root.uri, "s1", 1, "0123abcd")
     storage_root.storage.write_bytes(leftover, b"half an upload")
     assert session.start() is None
