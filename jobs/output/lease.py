@@ -1,9 +1,10 @@
 """The writer lease of a label output: at most one writer at a time (a label job's run, a compaction).
 
 Every writer of an output takes the lease before its first write and holds it until its last: a label job from its
-check to its manifest (its own end-of-job compaction and table maintenance included), `bulklabel compact` from
-before it reads the manifest to after it deleted the merged files. A second writer waits a bounded time, then is
-refused in one line naming the holder (OutputBusy, exit 3).
+start (after its read-only checks) to its manifest (its own end-of-job compaction and table maintenance included),
+`bulklabel compact` from before it reads the manifest to after it deleted the merged files. A second writer waits a
+bounded time, then is refused in one line naming the holder (OutputBusy, exit 3); a run of another job finding the
+lease held is refused at once as the ownership conflict it is (exit 2).
 
 The lease is a sequence of generation files `_lease/<n>.json` (jobs.output.layout); the highest one is the lease's
 state. Taking it means creating generation n+1 with the storage's atomic create-if-absent (S3 `If-None-Match: *`,
