@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("output", help="the label job's output: local folder or s3://bucket/prefix")
     compact.add_argument("--target-mb", type=int, default=OutputOptions.model_fields["target_file_mb"].default,
                          help="the size each merged file aims at")  # fmt: skip
+    compact.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                         help="wait this long for another writer of the output (a job, a compaction) to finish; "
+                         "then refused, naming it (exit 3)")  # fmt: skip
     compact.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     compact.set_defaults(handler=_cmd_compact)
 
@@ -325,7 +328,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_compact(args: argparse.Namespace) -> int:
     from jobs.output.compact import compact_output
 
-    done = compact_output(args.output, args.target_mb << 20, StorageOptions(endpoint_url=args.endpoint_url))
+    options = StorageOptions(endpoint_url=args.endpoint_url)
+    done = compact_output(args.output, args.target_mb << 20, options, wait_s=args.wait)
     print(f"{args.output}: {done.files_before} data files -> {done.files_after} (generation {done.generation}; "
           f"{done.files_merged} merged, {done.rows_merged} rows, {done.bytes_before >> 20} MB -> "
           f"{done.bytes_after >> 20} MB) in {done.seconds:.1f} s")  # fmt: skip

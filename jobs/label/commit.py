@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from jobs.errors import BadInput
 from jobs.output.layout import (
     LAYOUT_VERSION,
+    LEASE_NAMES,
     LITTER,
     MARKER,
     OWN_NAMES,
@@ -133,8 +134,8 @@ def _classify(storage: Storage, output: str) -> _Listing:
         name = relative_key(output, obj.uri)
         if name == OWNER_NAME:
             listing.has_owner = True
-        elif PARTIAL.fullmatch(name) or LITTER.fullmatch(name) or PROBE.fullmatch(name):
-            continue  # temporaries (perhaps of a racing job, mid-write) and browser litter: no data, no claim
+        elif PARTIAL.fullmatch(name) or LITTER.fullmatch(name) or PROBE.fullmatch(name) or LEASE_NAMES.fullmatch(name):
+            continue  # temporaries (perhaps of a racing job, mid-write), the writer lease, litter: no data, no claim
         elif OWN_NAMES.fullmatch(name):
             listing.v1_files += bool(V1_DATA_FILE.fullmatch(name))
             if len(listing.ours) < FOREIGN_EXAMPLES:
@@ -182,9 +183,11 @@ def _owner_job_id(storage: Storage, owner_uri: str) -> str:
 
 def remove_partials(storage: Storage, output: str) -> None:
     """Delete temporary objects left by attempts that died mid-upload, and nothing else: a foreign file under
-    `_tmp/` is left alone. Run only while no shard is in flight."""
+    `_tmp/` is left alone, and so is the lease's folder (another writer's create-if-absent may be on its way there).
+    Run only while no shard is in flight."""
     for obj in storage.list(output):
-        if PARTIAL.fullmatch(relative_key(output, obj.uri)):
+        name = relative_key(output, obj.uri)
+        if PARTIAL.fullmatch(name) and not LEASE_NAMES.fullmatch(name):
             log.info("removing leftover partial upload %s", obj.uri)
             storage.delete(obj.uri)
 

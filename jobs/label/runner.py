@@ -67,7 +67,13 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun 
     job_id = spec.resolved_job_id()
     clock = time.perf_counter()
     session = OutputSession(spec, job_id)  # every write to the output goes through its phases
+    try:
+        return _run_in(session, spec, job_id, run, clock)
+    finally:
+        session.close()  # the writer lease, whatever ended the run (complete and failed have released it already)
 
+
+def _run_in(session: OutputSession, spec: LabelJobSpec, job_id: str, run: LabelRun, clock: float) -> JobSummary:
     # Check: nothing starts unless model, output and input are usable, and what earlier runs committed holds.
     check_locations_reachable(spec)  # local paths on a multi-node cluster: other nodes cannot see them
     check_top_k(spec)

@@ -13,7 +13,12 @@ ROW_GROUP_BYTES, without breaking resume or exactly-once:
 A crash before 2 leaves new files no manifest names; after 2, old files no manifest names. Either kind is removed by
 `remove_superseded`, which the next compaction and the next run of the job call first. Until then a reader that
 globs `data/` itself (not through the manifest) can see both: run compaction when nobody globs the folder, or query
-through bulklabel. A compaction must not run while a job writes into the same output.
+through bulklabel.
+
+A compaction holds the output's writer lease (jobs.output.lease) from before it reads the manifest to after step 3:
+a job writing the output, or another compaction, refuses it in one line naming that writer (exit 3), and it refuses
+them. At the end of a job it runs under the job's own lease. Readers that read the manifest just before step 2 and
+open a merged file after step 3 read again once, on the new generation (jobs.output.reader.read_pinned).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from jobs.output.layout import (
     data_dir,
     manifest_uri,
 )
+from jobs.output.lease import Lease, Writer, WriterKind, acquire
 from jobs.output.reader import LabelOutput, OutputError, open_output, read_rows
 from schemas.output import LABEL_SCHEMA
 from schemas.specs import StorageOptions
@@ -70,16 +76,35 @@ class Compaction:
 
 
 def compact_output(
-    uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, storage_options: StorageOptions | None = None
+    uri: str,
+    target_bytes: int = DEFAULT_TARGET_BYTES,
+    storage_options: StorageOptions | None = None,
+    *,
+    wait_s: float = 0.0,
+    lease: Lease | None = None,
 ) -> Compaction:
     """Merge the small data files of the finished output at `uri` into files of about `target_bytes`.
 
+    `lease`: the writer lease the caller holds (a job compacting its own output at its end); without one the
+    compaction takes the output's lease, waiting up to `wait_s` for another writer, else OutputBusy naming it.
     Raises OutputError for an output without a manifest (unfinished: its files still change) or in layout 1.
     """
-    clock = time.perf_counter()
     uri = normalise_uri(uri).rstrip("/")
     storage = open_storage(uri, storage_options)
-    raw = _finished_manifest(storage, uri)
+    raw = _finished_manifest(storage, uri)  # before the lease: a folder that is no output gets no `_lease/` either
+    if lease is not None:
+        return _compact(storage, uri, target_bytes, storage_options, lease)
+    writer = Writer(WriterKind.COMPACTION, str(raw["job_id"]))
+    advice = "run the compaction once it has finished (or give --wait SECONDS)"
+    with acquire(storage, uri, writer, wait_s, advice=advice) as own:
+        return _compact(storage, uri, target_bytes, storage_options, own)
+
+
+def _compact(
+    storage: Storage, uri: str, target_bytes: int, storage_options: StorageOptions | None, lease: Lease
+) -> Compaction:
+    clock = time.perf_counter()
+    raw = _finished_manifest(storage, uri)  # again, under the lease: a job may have finished since
     remove_superseded(storage, uri, raw)  # a crashed compaction's leftovers, before anything new is written
     output = open_output(uri, storage_options)
     sizes = {o.uri: o.size for o in storage.list(data_dir(uri))}
@@ -91,6 +116,7 @@ def compact_output(
         return Compaction(generation, len(output.files), len(output.files), 0, 0, before, before, 0.0)
     generation += 1
     rows, moved = _write_generation(storage, output, small, generation, target_bytes)
+    lease.ensure_held()  # the switch is the commit: never made by a writer that may no longer be the only one
     _switch(storage, uri, raw, moved, generation)
     crash_point("compact:switched")
     for old in moved:
@@ -103,14 +129,16 @@ def compact_output(
     return result
 
 
-def auto_compact(uri: str, target_bytes: int, storage_options: StorageOptions | None = None) -> Compaction | None:
-    """Compact at the end of a job when its files are many and small (see AUTO_MIN_FILES); else None."""
+def auto_compact(
+    uri: str, target_bytes: int, storage_options: StorageOptions | None = None, lease: Lease | None = None
+) -> Compaction | None:
+    """Compact at the end of a job (under its `lease`) when its files are many and small (see AUTO_MIN_FILES)."""
     output = open_output(uri, storage_options)
     storage = open_storage(uri, storage_options)
     sizes = [o.size for o in storage.list(data_dir(output.uri)) if o.uri in set(output.files)]
     if len(sizes) < AUTO_MIN_FILES or sum(sizes) / len(sizes) >= target_bytes / 4:
         return None
-    return compact_output(uri, target_bytes, storage_options)
+    return compact_output(uri, target_bytes, storage_options, lease=lease)
 
 
 def small_files(files: list[tuple[str, int]], target_bytes: int) -> list[str]:

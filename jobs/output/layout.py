@@ -10,6 +10,8 @@ Layout version 2 (this bulklabel writes it):
     _done/<shard>.json      a shard's done-marker, written after its data file
     _tmp/<shard>.<attempt>.<nonce>.partial   an upload on its way to its final name
     _tmp/compact-<gen>/...  a compaction's new files before they are switched in
+    _lease/<n>.json         the writer lease's generations (jobs.output.lease): who writes the output now, until
+                            when; the highest is the lease's state
     _job.json               the job manifest, written last, after every shard (rewritten by a compaction: the pointer
                             readers and resume go through)
     _failed.json            the record of a failed run (its reason), removed when a later run completes
@@ -36,6 +38,7 @@ DONE_DIR = "_done"
 TMP_DIR = "_tmp"
 DATA_DIR = "data"
 TABLE_DIR = "table"  # format: delta: the Delta Lake table (its _delta_log and data files)
+LEASE_DIR = "_lease"
 
 SHARD = r"[A-Za-z0-9._=-]+"
 MARKER = re.compile(rf"{DONE_DIR}/({SHARD})\.json")
@@ -48,10 +51,12 @@ PARTIAL = re.compile(
     rf"{TMP_DIR}/{SHARD}\.\d+\.[0-9a-f]{{8}}\.partial|{TMP_DIR}/compact-\d+/[^/]+|(?:.*/)?\.[^/]+\.[0-9a-f]{{8}}\.tmp"
 )
 PROBE = re.compile(r"_probe-[0-9a-f]{8}")
+LEASE_FILE = re.compile(rf"{LEASE_DIR}/(\d+)\.json")  # group 1: the generation
+LEASE_NAMES = re.compile(rf"{LEASE_DIR}/.+")  # its generations and their create-if-absent temporaries
 # Every name a label job writes under its output prefix, relative to it.
 OWN_NAMES = re.compile(
     rf"(?:{OWNER_NAME}|{MANIFEST_NAME}|{FAILED_NAME}|{_DATA_FILE}|{DONE_DIR}/{SHARD}\.json|{PARTIAL.pattern}"
-    rf"|{PROBE.pattern}|{TABLE_DIR}/.+)"
+    rf"|{PROBE.pattern}|{LEASE_NAMES.pattern}|{TABLE_DIR}/.+)"
 )
 # What file browsers drop into any folder they show (Finder, Explorer): never parsed, never deleted, and no reason
 # to refuse an output, since opening the output folder to look at it is enough to create one.
@@ -97,6 +102,14 @@ def owner_uri(output: str) -> str:
 
 def manifest_uri(output: str) -> str:
     return join(output, MANIFEST_NAME)
+
+
+def lease_prefix(output: str) -> str:
+    return join(output, LEASE_DIR)
+
+
+def lease_uri(output: str, generation: int) -> str:
+    return join(output, LEASE_DIR, f"{generation:010d}.json")
 
 
 def failed_uri(output: str) -> str:

@@ -25,7 +25,7 @@ from typing import TextIO
 import duckdb
 
 from jobs.errors import BadInput
-from jobs.output.reader import LabelOutput, open_output
+from jobs.output.reader import FilesVanished, LabelOutput, OutputError, files_vanished, read_pinned
 from schemas.output import LABEL_SCHEMA
 from schemas.specs import StorageOptions
 
@@ -92,8 +92,11 @@ def run_query(
         raise QueryError("--format parquet writes a file: give it with --out FILE")
     if out is not None and fmt == "table":
         raise QueryError("--out writes csv, json or parquet: add --format csv|json|parquet")
-    stream = stream or sys.stdout
-    output = open_output(uri, options)
+    stream = _Counted(stream or sys.stdout)
+    return read_pinned(uri, options, lambda output: _query(output, sql, fmt, out, stream))
+
+
+def _query(output: LabelOutput, sql: str, fmt: str, out: Path | None, stream: _Counted) -> int:
     if not output.complete:
         log.warning("output %s has no manifest (job running or interrupted): querying the %d shard(s) committed so "
                     "far", output.uri, len(output.files))  # fmt: skip
@@ -103,7 +106,8 @@ def run_query(
         if rel is None:
             raise QueryError("the SQL returned no result: give a query (SELECT ..., SUMMARIZE labels, ...)")
         if fmt == "table":
-            stream.write(f"{rel}\n")
+            text = f"{rel}\n"  # rendered whole before anything is written: a retry never prints twice
+            stream.write(text)
             return len(rel)
         if fmt == "parquet":
             rel.write_parquet(str(out), compression="zstd")
@@ -113,9 +117,25 @@ def run_query(
                 return _write_rows(rel, fmt, fh)
         return _write_rows(rel, fmt, stream)
     except duckdb.Error as exc:
+        if files_vanished(exc):  # the output, not the SQL: read_pinned reads the new generation
+            if stream.written:  # rows already streamed cannot be taken back: no silent duplicates
+                raise OutputError(f"output {output.uri} was compacted while its rows were streamed ({stream.written} "
+                                  "lines written): run the query again") from exc  # fmt: skip
+            raise FilesVanished(f"output {output.uri}: a data file vanished while it was read: {exc}") from exc
         raise QueryError(f"query failed: {exc}") from exc
     finally:
         con.close()
+
+
+class _Counted:
+    """A text stream that counts what went through it, so a read retried on a new generation never repeats rows."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.written = stream, 0
+
+    def write(self, text: str) -> int:
+        self.written += text.count("\n")
+        return self.stream.write(text)
 
 
 def _write_rows(rel: duckdb.DuckDBPyRelation, fmt: str, fh: TextIO) -> int:
@@ -170,7 +190,12 @@ def similar(
         raise BadInput(f"-k must be at least 1, not {k}")
     if use_index not in INDEX_CHOICES:
         raise BadInput(f"unknown index choice {use_index!r}: use one of {', '.join(INDEX_CHOICES)}")
-    output = open_output(uri, options)
+    return read_pinned(uri, options, lambda output: _similar(output, key, k, use_index, index_min_rows, cache_dir))
+
+
+def _similar(
+    output: LabelOutput, key: str, k: int, use_index: str, index_min_rows: int, cache_dir: Path | None
+) -> list[Neighbour]:
     if output.manifest is not None and not output.manifest.embeddings:
         raise NoEmbeddings(f"output {output.uri} has no embeddings: its job ran with embeddings: false")
     rows = output.manifest.totals.rows if output.manifest else output.dataset().count_rows()

@@ -10,6 +10,11 @@ Anything else under the prefix (a part file whose marker was never written, a te
 Parquet file, the files a compaction merged or a crashed compaction left behind) is never read. Both layout versions
 read: 1 (data files at the top of the prefix) and 2 (under `data/`).
 
+Readers are pinned to one manifest generation (`read_pinned`): a compaction switches the manifest to new files and
+then deletes the merged ones, so a reader that read the manifest just before the switch can find a file gone. It
+reads once more, on the new generation; a file gone without a new generation is a damaged output, said as such
+(never an error blaming the reader's SQL).
+
 Data files are found by their name relative to the output the job wrote to, so an output copied or moved to
 another folder or bucket (with its manifest) reads the same. Driver-side: no torch, no Ray.
 """
@@ -19,7 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -48,6 +55,16 @@ class UnsupportedSchemaVersion(OutputError):
     """The output was written with a schema version this bulklabel cannot read (newer, or unknown)."""
 
 
+class FilesVanished(OutputError):
+    """A data file the manifest named was gone when it was read (a compaction switched generations meanwhile)."""
+
+
+# How a data file that is gone shows in pyarrow's and DuckDB's errors (local files and S3)
+_VANISHED = ("Failed to open local file", "No such file or directory", "Path does not exist", "NoSuchKey",
+             "NO_SUCH_KEY")  # fmt: skip
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class LabelOutput:
     """A label output as committed: its data files, its manifest (None while the job is unfinished)."""
@@ -59,6 +76,11 @@ class LabelOutput:
     files: tuple[str, ...]  # URIs of the committed data files, in shard order (a compacted file once)
     filesystem: pafs.FileSystem
     failure: JobFailure | None = None  # the last failed run's record (`_failed.json`), until a run completes
+
+    @property
+    def generation(self) -> int:
+        """The manifest's compaction generation this view is pinned to (0: never compacted, or no manifest)."""
+        return self.manifest.generation if self.manifest is not None else 0
 
     @property
     def embedding_dim(self) -> int | None:
@@ -111,6 +133,47 @@ def open_output(uri: str, storage_options: StorageOptions | None = None) -> Labe
     log.debug("output %s: %d committed file(s), complete=%s", uri, len(files), complete)
     failure = read_failure(storage, uri) if FAILED_NAME in sizes else None
     return LabelOutput(uri, job_id, complete, manifest, tuple(dict.fromkeys(files)), filesystem, failure)
+
+
+def files_vanished(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) says a file that was to be read is not there."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, FilesVanished | FileNotFoundError) or any(t in str(seen) for t in _VANISHED):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def read_pinned(uri: str, options: StorageOptions | None, read: Callable[[LabelOutput], T]) -> T:
+    """`read(output)` on the output's committed state; when a file it names vanished meanwhile (a compaction
+    switched the manifest and deleted the merged files), once more on the new generation. A file gone without a
+    new generation, or gone again, raises OutputError naming the output."""
+    output = open_output(uri, options)
+    try:
+        return read(output)
+    except Exception as exc:
+        if not files_vanished(exc):
+            raise
+        again = open_output(uri, options)
+        if again.generation == output.generation and again.files == output.files:
+            raise OutputError(f"output {output.uri}: a data file it lists vanished while it was read ({_cause(exc)}); "
+                              "is another program deleting its files?") from exc  # fmt: skip
+        log.info("output %s: generation %d replaced by %d while it was read; reading the new one", output.uri,
+                 output.generation, again.generation)  # fmt: skip
+    try:
+        return read(again)
+    except Exception as exc:
+        if files_vanished(exc):
+            raise OutputError(f"output {again.uri} changed twice while it was read (compacted again?): run the "
+                              "command again") from exc  # fmt: skip
+        raise
+
+
+def _cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _parse_manifest(raw: dict, where: str) -> JobManifest:

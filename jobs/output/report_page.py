@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from jobs.output.reader import open_output
+from jobs.output.reader import read_pinned
 from jobs.output.report import SCORE_BINS, SLOWEST_SHARDS, ReportData, ShardTiming, Thumbnail, gather
 from schemas.specs import StorageOptions
 
@@ -44,7 +44,7 @@ def _t(value: object) -> str:
 
 def write_report(uri: str, out: Path, options: StorageOptions | None = None) -> ReportData:
     """Gather the report of the output at `uri` and write it to `out` as one HTML page; returns what it shows."""
-    data = gather(open_output(uri, options), options)
+    data = read_pinned(uri, options, lambda output: gather(output, options))  # one manifest generation
     out.write_text(render(data), encoding="utf-8")
     log.info("report of %s (%d rows, %d thumbnails) written to %s", data.uri, data.rows,
              sum(len(t) for t in data.thumbnails.values()), out)  # fmt: skip

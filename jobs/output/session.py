@@ -1,12 +1,15 @@
 """The driver's side of writing a label output, in explicit phases (the layout: jobs.output.layout).
 
     check()                 before any write: the output is ours or free, what earlier runs committed holds
-    start()                 the ownership claim, a write probe, stale partial uploads and the leftovers of a crashed
-                            compaction removed
+    start()                 the writer lease taken (jobs.output.lease: a second run of the job, or a compaction, is
+                            refused naming this one) and what was committed read again under it; the ownership
+                            claim, a write probe, stale partial uploads and the leftovers of a crashed compaction
+                            removed
     shard_committed(result) a worker committed a shard (data file, then done-marker); format delta: its rows
                             appended to the table, exactly once (jobs.output.table)
     complete(...)           every shard is done: the manifest, written last; then many small files compacted
     failed(reason, ...)     the run stops: `_failed.json` says why (a failed run used to leave no record)
+    close()                 the lease released (complete and failed do it; the runner calls it whatever happened)
 
 The job runner calls these and nothing else of the output; the workers write shards (workers/writer.py).
 """
@@ -18,6 +21,7 @@ from datetime import UTC, datetime
 
 from jobs.label.commit import (
     CommittedShards,
+    OutputConflict,
     check_output,
     claim_output,
     read_committed,
@@ -28,6 +32,8 @@ from jobs.label.commit import (
     write_manifest,
 )
 from jobs.output.compact import auto_compact, remove_superseded
+from jobs.output.faultpoints import crash_point
+from jobs.output.lease import Lease, LeaseRecord, Writer, WriterKind, acquire
 from jobs.output.table import DeltaSink
 from schemas.output import JobFailure, ManifestFailedShard
 from schemas.shards import ShardResult
@@ -35,6 +41,10 @@ from schemas.specs import LabelJobSpec
 from workers.storage import Storage, check_writable, open_storage
 
 log = logging.getLogger(__name__)
+
+# How long a run waits for another writer of its output (a compaction, another run of the job) to finish before it is
+# refused: a compaction of a large output takes minutes, a run hours; a user re-runs when told who holds it.
+LABEL_WAIT_S = 10.0
 
 
 class OutputSession:
@@ -48,11 +58,13 @@ class OutputSession:
         self.started_at = datetime.now(UTC)
         self.committed = CommittedShards()
         self.table = DeltaSink(self.uri, job_id, spec.storage) if spec.output_options.format == "delta" else None
+        self.lease: Lease | None = None
 
     def check(self) -> CommittedShards:
         """Refuse an output another job owns or that holds foreign files; read and verify earlier done-markers.
 
-        Writes nothing. Returns the shards earlier runs committed (verified) and those to redo (with why).
+        Writes nothing. Returns the shards earlier runs committed (verified) and those to redo (with why); start()
+        reads them again under the lease and updates this same object where another writer changed them meanwhile.
         """
         check_output(self.storage, self.uri, self.job_id, self.spec.foreign_files)
         self.committed = read_committed(self.storage, self.uri, self.job_id)
@@ -63,6 +75,15 @@ class OutputSession:
 
         Returns the manifest of an earlier complete run, or None.
         """
+        if self.lease is None:  # held until close(): from here on this run is the output's only writer
+            self.lease = acquire(self.storage, self.uri, Writer(WriterKind.LABEL_JOB, self.job_id), LABEL_WAIT_S,
+                                 advice="run the job again once that writer has finished",
+                                 refuse=self._another_jobs)  # fmt: skip
+        fresh = read_committed(self.storage, self.uri, self.job_id)  # another run or a compaction may have ended since
+        if fresh != self.committed:
+            log.info("output %s changed since it was checked (another writer ended meanwhile): %d shard(s) done now",
+                     self.uri, len(fresh.done))  # fmt: skip
+            vars(self.committed).update(vars(fresh))  # the runner plans with this object
         claim_output(self.storage, self.uri, self.job_id)
         check_writable(self.storage, self.uri)
         remove_partials(self.storage, self.uri)
@@ -76,24 +97,28 @@ class OutputSession:
     def shard_committed(self, result: ShardResult) -> None:
         """A worker committed `result`'s shard: its data file and done-marker are in place."""
         log.debug("shard %s committed: %d rows in %s", result.shard_id, result.rows, result.data_uri)
+        crash_point("session:shard_committed")
         if self.table is not None:
+            self._held()
             self.table.commit_shard(result)
 
     def complete(self, worker: dict, results: dict[str, ShardResult], failures: dict[str, str]) -> dict:
         """Write the manifest last (every shard in `results` is committed), and drop an earlier run's failure record.
 
         Args: the worker's description (model id, embedding width), every committed shard, shards that failed.
-        Returns the manifest as written (before a compaction, which rewrites only its file names).
+        Returns the manifest as written (before a compaction, which rewrites only its file names). Releases the lease.
         """
+        self._held()
         remove_partials(self.storage, self.uri)
         manifest = write_manifest(self.storage, self.spec, self.job_id, worker, results, failures, self.started_at,
                                   self.committed.locations, self.committed.generation)  # fmt: skip
         remove_failure(self.storage, self.uri)
         options = self.spec.output_options
         if options.compact == "auto":
-            auto_compact(self.uri, options.target_file_mb << 20, self.spec.storage)
+            auto_compact(self.uri, options.target_file_mb << 20, self.spec.storage, lease=self.lease)
         if self.table is not None:
-            self.table.finish(options.target_file_mb << 20, compact=options.compact == "auto")
+            self.table.finish(options.target_file_mb << 20, compact=options.compact == "auto", lease=self.lease)
+        self.close()
         return manifest
 
     def failed(self, reason: str, results: dict[str, ShardResult], failures: dict[str, str] | None = None) -> None:
@@ -109,8 +134,27 @@ class OutputSession:
             shards_committed=len(results),
             failed_shards=tuple(ManifestFailedShard(shard=s, error=e) for s, e in sorted((failures or {}).items())),
         )
+        if self.lease is not None and self.lease.lost is not None:
+            log.warning("job %s failed (%s); not recorded at %s: its lease was lost", self.job_id, reason, self.uri)
+            return
         try:
             write_failure(self.storage, self.uri, record)
             log.info("job %s failed: %s (recorded in %s)", self.job_id, reason, self.uri)
         except Exception as exc:  # noqa: BLE001 - the store may be why the job failed; keep the first error
             log.warning("could not record the failure of job %s at %s: %s", self.job_id, self.uri, exc)
+        self.close()
+
+    def close(self) -> None:
+        """Release the writer lease (if taken): the next writer may start at once. Never raises."""
+        if self.lease is not None:
+            self.lease.release()
+
+    def _another_jobs(self, holder: LeaseRecord) -> None:
+        """A writer of another job holds the output: it is that job's (it claims it, or has), so no wait helps."""
+        if holder.job_id != self.job_id:
+            raise OutputConflict(f"output {self.uri} belongs to job {holder.job_id!r}, not {self.job_id!r} (written "
+                                 f"now by its {holder.describe()}): use a new output prefix")  # fmt: skip
+
+    def _held(self) -> None:
+        if self.lease is not None:
+            self.lease.ensure_held()

@@ -12,7 +12,11 @@ transaction is already in the table is skipped. So:
   the transaction and appends that shard (nothing lost);
 - the driver dies after the commit, or a shard is retried, or the job is run again: the transaction is there, the
   shard is skipped (nothing twice).
-One writer per table: the output's ownership claim makes this job's driver the only one.
+One writer per table: the output's writer lease (jobs.output.lease) makes one driver of the job the only one at a
+time, and table maintenance (optimize, checkpoints) runs only under it. Even so, the transaction check reads the
+table's latest version (the log is read again before each check, never a snapshot cached from an earlier commit),
+and a commit that loses a race in the log (CommitFailedError) is checked and retried, COMMIT_ATTEMPTS in all, then
+TableCommitConflict (exit 3).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.errors import InfrastructureError
 from jobs.output.faultpoints import crash_point
 from jobs.output.layout import table_uri
+from jobs.output.lease import Lease
 from jobs.output.reader import fs_path, pyarrow_filesystem, read_rows
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION
 from schemas.shards import ShardResult
@@ -34,6 +40,11 @@ log = logging.getLogger(__name__)
 
 APP_ID_PREFIX = "bulklabel"
 TABLE_NAME = "labels"
+COMMIT_ATTEMPTS = 5  # a commit, an optimize or a checkpoint that lost a race in the log, tried again on the latest
+
+
+class TableCommitConflict(InfrastructureError):
+    """A table commit kept losing races in the Delta log (another writer outside bulklabel's lease?): exit 3."""
 
 
 def app_id(job_id: str, shard_id: str) -> str:
@@ -82,36 +93,62 @@ class DeltaSink:
         return appended
 
     def commit_shard(self, result: ShardResult, location: str | None = None) -> bool:
-        """Append one shard's rows with its application transaction, unless the table has them. True if appended."""
+        """Append one shard's rows with its application transaction, unless the table's latest version has them.
+        True if appended."""
         from deltalake import CommitProperties, Transaction, write_deltalake
+        from deltalake.exceptions import CommitFailedError
 
-        table = self._table()
-        if table is not None and table.transaction_version(app_id(self.job_id, result.shard_id)) is not None:
-            log.debug("shard %s is in table %s already", result.shard_id, self.uri)
-            return False
-        rows = self._rows(result, location)
-        if table is None or "bulklabel.job_id" not in table.metadata().configuration:
-            self._create(rows)  # also mends a crash between creating the table and recording its properties
-        crash_point("table:commit")
-        commit = CommitProperties(
-            app_transactions=[Transaction(app_id(self.job_id, result.shard_id), 1)],  # in the same atomic commit
-            custom_metadata={"bulklabel.job_id": self.job_id, "bulklabel.shard": result.shard_id},
+        rows = None
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            table = self._table()
+            if table is not None and table.transaction_version(app_id(self.job_id, result.shard_id)) is not None:
+                log.debug("shard %s is in table %s already", result.shard_id, self.uri)
+                return False
+            rows = rows if rows is not None else self._rows(result, location)
+            if table is None or "bulklabel.job_id" not in table.metadata().configuration:
+                self._create(rows)  # also mends a crash between creating the table and recording its properties
+            crash_point("table:commit")
+            commit = CommitProperties(
+                app_transactions=[Transaction(app_id(self.job_id, result.shard_id), 1)],  # in the same atomic commit
+                custom_metadata={"bulklabel.job_id": self.job_id, "bulklabel.shard": result.shard_id},
+            )
+            try:
+                write_deltalake(self.uri, rows, mode="append", storage_options=self._delta_options,
+                                commit_properties=commit)  # fmt: skip
+            except CommitFailedError as exc:  # another commit took the version: look at the log again, then retry
+                log.warning("table %s: commit of shard %s lost a race (%s); attempt %d of %d", self.uri,
+                            result.shard_id, exc, attempt, COMMIT_ATTEMPTS)  # fmt: skip
+                continue
+            crash_point("table:committed")
+            return True
+        raise TableCommitConflict(
+            f"table {self.uri}: the commit of shard {result.shard_id} lost {COMMIT_ATTEMPTS} races in its log to "
+            "other writers; is a program other than bulklabel writing it?"
         )
-        write_deltalake(self.uri, rows, mode="append", storage_options=self._delta_options, commit_properties=commit)
-        crash_point("table:committed")
-        self._table().update_incremental()
-        return True
 
-    def finish(self, target_bytes: int, compact: bool) -> None:
-        """At the end of a job: small files merged (Delta's optimize, a commit of its own) and a log checkpoint, so
-        readers do not replay one log entry per shard."""
-        table = self._table()
-        if table is None:
-            return
-        if compact:
-            metrics = table.optimize.compact(target_size=target_bytes)
-            log.info("table %s optimized: %s", self.uri, metrics)
-        table.create_checkpoint()
+    def finish(self, target_bytes: int, compact: bool, lease: Lease | None = None) -> None:
+        """At the end of a job, under its writer `lease`: small files merged (Delta's optimize, a commit of its own)
+        and a log checkpoint, so readers do not replay one log entry per shard. Each on the latest version, retried
+        when it loses a race in the log."""
+        from deltalake.exceptions import CommitFailedError
+
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            table = self._table()
+            if table is None:
+                return
+            if lease is not None:
+                lease.ensure_held()
+            try:
+                if compact:
+                    metrics = table.optimize.compact(target_size=target_bytes)
+                    log.info("table %s optimized: %s", self.uri, metrics)
+                table.create_checkpoint()
+                return
+            except CommitFailedError as exc:
+                log.warning("table %s: maintenance lost a race (%s); attempt %d of %d", self.uri, exc, attempt,
+                            COMMIT_ATTEMPTS)  # fmt: skip
+        raise TableCommitConflict(f"table {self.uri}: optimize lost {COMMIT_ATTEMPTS} races in its log to other "
+                                  "writers; is a program other than bulklabel writing it?")  # fmt: skip
 
     def _rows(self, result: ShardResult, location: str | None) -> pa.Table:
         path = fs_path(location or result.data_uri)
@@ -121,10 +158,14 @@ class DeltaSink:
         return rows
 
     def _table(self):
+        """The table at its latest version (its log read again), or None before it exists."""
         from deltalake import DeltaTable
 
-        if self._loaded is None and DeltaTable.is_deltatable(self.uri, storage_options=self._delta_options):
-            self._loaded = DeltaTable(self.uri, storage_options=self._delta_options)
+        if self._loaded is None:
+            if DeltaTable.is_deltatable(self.uri, storage_options=self._delta_options):
+                self._loaded = DeltaTable(self.uri, storage_options=self._delta_options)
+        else:
+            self._loaded.update_incremental()
         return self._loaded
 
     def _create(self, first: pa.Table) -> None:

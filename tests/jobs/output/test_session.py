@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs.label.commit import OutputConflict, read_failure
-from jobs.output.layout import FAILED_NAME, MANIFEST_NAME, OWNER_NAME, temp_uri
+from jobs.output.layout import FAILED_NAME, LEASE_NAMES, MANIFEST_NAME, OWNER_NAME, temp_uri
 from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
 from schemas.specs import LabelJobSpec
@@ -21,7 +21,9 @@ def _spec(output: str, tmp_path: Path, **fields) -> LabelJobSpec:
 
 
 def _names(root) -> set[str]:
-    return {o.uri.removeprefix(root.uri + "/") for o in root.storage.list(root.uri)}
+    """What is under the output but the writer lease's generations (jobs.output.lease, tested there)."""
+    names = {o.uri.removeprefix(root.uri + "/") for o in root.storage.list(root.uri)}
+    return {n for n in names if not LEASE_NAMES.fullmatch(n)}
 
 
 def test_phases_claim_record_a_failure_then_complete(storage_root, tmp_path):

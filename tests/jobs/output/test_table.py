@@ -67,6 +67,7 @@ def test_a_delta_output_holds_each_shard_once_with_its_properties(tmp_path):
     again = OutputSession(spec, JOB)
     again.check()
     again.start()
+    again.close()
     assert DeltaTable(str(out / "table")).version() == version
 
 
@@ -80,6 +81,7 @@ def test_shards_committed_without_their_table_commit_are_appended_on_start_even_
     session = OutputSession(delta, JOB)
     session.check()
     session.start()
+    session.close()
     assert _table_keys(out / "table") == _folder_keys(out) and len(_folder_keys(out)) == SHARDS * ROWS
     writes = [c for c in DeltaTable(str(out / "table")).history() if c["operation"] == "WRITE"]
     assert len(writes) == SHARDS  # one atomic commit per shard
@@ -148,3 +150,52 @@ def test_a_delta_output_on_s3(s3_prefix, s3_server, tmp_path):
     keys = sorted(table.to_pyarrow_table(columns=["key"])["key"].to_pylist())
     assert keys == sorted(open_output(s3_prefix, options).to_table(columns=["key"])["key"].to_pylist())
     assert len(keys) == 4 * ROWS and table.transaction_version(app_id(JOB, "files-003")) == 1
+
+
+def _sinks_and_shards(tmp_path: Path, shards: int = 3):
+    """Two drivers' sinks of one job's table (as two runs of the job had), and the job's committed shards."""
+    from jobs.label.commit import read_committed
+    from jobs.output.table import DeltaSink
+    from workers.storage import LocalStorage
+
+    out = tmp_path / "out"
+    write_output(str(out), tmp_path, shards=shards, fmt="parquet")
+    results = sorted(read_committed(LocalStorage(), str(out), JOB).done.values(), key=lambda r: r.shard_id)
+    return out, DeltaSink(str(out), JOB), DeltaSink(str(out), JOB), results
+
+
+def test_the_transaction_check_reads_the_table_s_latest_version_not_a_cached_snapshot(tmp_path):
+    out, first, second, results = _sinks_and_shards(tmp_path)
+    assert first.commit_shard(results[0])  # the first sink has loaded the table (its snapshot: shard 0)
+    assert second.commit_shard(results[1])
+    assert not first.commit_shard(results[1])  # the other sink's commit is seen: skipped, not appended again
+    assert Counter(DeltaTable(str(out / "table")).to_pyarrow_table(columns=["shard"])["shard"].to_pylist()) == {
+        results[0].shard_id: ROWS,
+        results[1].shard_id: ROWS,
+    }
+
+
+def test_a_commit_that_loses_a_race_in_the_log_is_retried_then_named_exit_3(tmp_path, monkeypatch):
+    import deltalake
+    from deltalake.exceptions import CommitFailedError
+
+    from jobs.errors import EXIT_INFRASTRUCTURE, exit_code_for
+    from jobs.output.table import COMMIT_ATTEMPTS, TableCommitConflict
+
+    out, sink, _, results = _sinks_and_shards(tmp_path, shards=2)
+    real, calls = deltalake.write_deltalake, []
+
+    def losing(*args, times: int, **kwargs):
+        calls.append(1)
+        if len(calls) <= times:
+            raise CommitFailedError("Transaction failed: version already exists")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(deltalake, "write_deltalake", lambda *a, **k: losing(*a, times=1, **k))
+    assert sink.commit_shard(results[0]) and len(calls) == 2  # lost once, retried on the latest version
+    calls.clear()
+    monkeypatch.setattr(deltalake, "write_deltalake", lambda *a, **k: losing(*a, times=COMMIT_ATTEMPTS, **k))
+    with pytest.raises(TableCommitConflict) as conflict:
+        sink.commit_shard(results[1])
+    assert exit_code_for(conflict.value) == EXIT_INFRASTRUCTURE and len(calls) == COMMIT_ATTEMPTS
+    assert DeltaTable(str(out / "table")).to_pyarrow_table(columns=["shard"]).num_rows == ROWS
