@@ -11,11 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from jobs.service.store import JobStore
 from tests.jobs.service.test_service_cli import JOB_TIMEOUT_S, Service, _label_args
 from tests.jobs.test_faults import assert_exactly_once
 from tests.multinode.ray_nodes import MultiNodeCluster
@@ -24,6 +26,9 @@ from tests.support import IMAGENET_SAMPLE, imagenet_labels
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 LOAD_JOBS = 100
+# A call to a busy service still answers within this (the load row's own bound; measured p95s are far below it on
+# a loaded 2-core machine): a service whose loop holds its lock through a whole job's bookkeeping would not.
+LATENCY_P95_BOUND_S = 10.0
 
 
 def _p95(values: list[float]) -> float:
@@ -76,6 +81,7 @@ def test_load_a_hundred_jobs_at_once(tmp_path, record_property):
     p95 = {call: _p95(values) for call, values in result["latencies"].items()}
     print(f"load: {LOAD_JOBS} jobs, {rows} rows in {seconds:.0f} s; p95 latency: status {p95['status']:.2f} s, "
           f"list {p95['list']:.2f} s")  # fmt: skip
+    assert max(p95.values()) < LATENCY_P95_BOUND_S, p95
     calls = {call: len(values) for call, values in result["latencies"].items()}
     record_property("measured", f"{LOAD_JOBS}/{LOAD_JOBS} succeeded, {rows}/{rows} rows once, in {seconds:.0f} s; "
                                 f"p95 status {p95['status']:.2f} s ({calls['status']} calls), list "
@@ -83,13 +89,36 @@ def test_load_a_hundred_jobs_at_once(tmp_path, record_property):
 
 
 CHAOS_SHARDS = 200
-KILL_EVERY_S = 4.0
+CHAOS_WORKERS = 3  # a kill takes one worker of three: the job moves on the others while Ray starts a new one
+KILL_EVERY_S = 5.0
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs a random live label worker of the cluster every `every_s` seconds until stopped."""
+
+    def __init__(self, cluster: MultiNodeCluster, every_s: float):
+        super().__init__(daemon=True)
+        self.cluster, self.every_s = cluster, every_s
+        self.killed: list[int] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every_s):
+            alive = [actor.pid for actor in self.cluster.worker_actors("ALIVE") if actor.pid]
+            alive = [pid for pid in alive if pid not in self.killed]  # the State API lags a death by a moment
+            if alive:
+                victim = random.choice(alive)
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                    self.killed.append(victim)
+                except ProcessLookupError:  # it ended on its own between the listing and the kill
+                    continue
 
 
 @pytest.mark.fault(
     fault="chaos: label workers SIGKILLed every few seconds and the job service once, during a 200-shard job",
-    injected="SIGKILL to a random live label worker every 4 s (pids from Ray's State API) until the job ends; "
-    "SIGKILL to the service's process once 1/4 of the shards were committed",
+    injected="SIGKILL to a random live label worker (of 3) every 5 s (pids from Ray's State API) until the job "
+    "ends; SIGKILL to the service's process once 1/4 of the shards were committed",
     expected="the job succeeds: its record says succeeded with 200/200 shards; every image's row exactly once",
 )
 def test_chaos_workers_and_the_service_killed_during_a_job(tmp_path, record_property):
@@ -97,45 +126,42 @@ def test_chaos_workers_and_the_service_killed_during_a_job(tmp_path, record_prop
     photos.mkdir()
     for row in imagenet_labels()[:CHAOS_SHARDS]:
         shutil.copy(IMAGENET_SAMPLE / row["file"], photos / row["file"])
-    cluster = MultiNodeCluster().start(worker_nodes=1, cpus_per_node=2)
+    cluster = MultiNodeCluster().start(worker_nodes=1, cpus_per_node=CHAOS_WORKERS)
     svc = Service(cluster, tmp_path / "state")
-    kills: list[int] = []
+    store = JobStore(str(svc.state))
+    killer = WorkerKiller(cluster, KILL_EVERY_S)
+    started = time.monotonic()
     try:
-        job = svc.submit(*_label_args(photos, tmp_path / "out", per_shard=1))
+        job = svc.submit(*_label_args(photos, tmp_path / "out", "--workers", str(CHAOS_WORKERS), per_shard=1))
         service_pid = json.loads(svc.cli("service", "status").stdout)["pid"]
         service_killed_at = None
-        last_kill = time.monotonic()
+        killer.start()
         deadline = time.monotonic() + 3 * JOB_TIMEOUT_S
         while time.monotonic() < deadline:
-            record = svc.status(job)  # answers throughout, the service's restart included
-            if record["state"] not in ("queued", "running"):
+            # The store, read directly: a `status` command a second would take a core of this 2-core machine.
+            record = store.get(job)
+            if not record.state.is_active():
                 break
-            done = record["progress"]["shards_done"]
-            if service_killed_at is None and done >= CHAOS_SHARDS // 4:
+            if service_killed_at is None and record.progress.shards_done >= CHAOS_SHARDS // 4:
                 os.kill(service_pid, signal.SIGKILL)
-                service_killed_at = done
-            if time.monotonic() - last_kill >= KILL_EVERY_S:
-                alive = [actor.pid for actor in cluster.worker_actors("ALIVE") if actor.pid]
-                if alive:
-                    victim = random.choice(alive)
-                    try:
-                        os.kill(victim, signal.SIGKILL)
-                        kills.append(victim)
-                    except ProcessLookupError:  # it died on its own between the listing and the kill
-                        pass
-                last_kill = time.monotonic()
-            time.sleep(0.5)
+                service_killed_at = record.progress.shards_done
+            time.sleep(1.0)
+        killer.halt.set()
+        killer.join()
+        seconds = time.monotonic() - started
+        final = svc.status(job)  # the record as the user sees it, after the service's restart
         new_pid = json.loads(svc.cli("service", "status").stdout)["pid"]
         svc.stop()
     finally:
+        killer.halt.set()
         cluster.stop()
-    assert record["state"] == "succeeded", record
-    progress = record["progress"]
+    assert final["state"] == "succeeded", final
+    progress = final["progress"]
     assert (progress["shards_total"], progress["shards_done"], progress["images"]) == (CHAOS_SHARDS,) * 3, progress
-    assert service_killed_at is not None and new_pid != service_pid and record["attempts"] >= 2, record
-    assert len(kills) >= 5, kills
+    assert service_killed_at is not None and new_pid != service_pid and final["attempts"] >= 2, final
+    assert len(killer.killed) >= 5, killer.killed
     rows = assert_exactly_once(tmp_path / "out", photos)
-    record_property("measured", f"{len(kills)} label workers killed, the service once at "
-                                f"{service_killed_at}/{CHAOS_SHARDS} shards; succeeded, {progress['shards_done']}/"
-                                f"{progress['shards_total']} shards in the record, {rows}/{CHAOS_SHARDS} rows "
-                                f"once")  # fmt: skip
+    record_property("measured", f"{len(killer.killed)} label workers killed, the service once at "
+                                f"{service_killed_at}/{CHAOS_SHARDS} shards; succeeded in {seconds:.0f} s, "
+                                f"{progress['shards_done']}/{progress['shards_total']} shards in the record, "
+                                f"{rows}/{CHAOS_SHARDS} rows once")  # fmt: skip
