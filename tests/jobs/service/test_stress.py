@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from jobs.service.store import JobStore
@@ -94,31 +95,54 @@ KILL_EVERY_S = 5.0
 
 
 class WorkerKiller(threading.Thread):
-    """SIGKILLs a random live label worker of the cluster every `every_s` seconds until stopped."""
+    """SIGKILLs a random live label worker of the cluster every `every_s` seconds, each time once the job has
+    committed a shard since the previous kill (`progress()`): on a loaded 2-core machine a worker takes tens of
+    seconds to start, and kills that outpace every start would only test that a job with no workers waits."""
 
-    def __init__(self, cluster: MultiNodeCluster, every_s: float):
+    def __init__(self, cluster: MultiNodeCluster, every_s: float, progress):
         super().__init__(daemon=True)
-        self.cluster, self.every_s = cluster, every_s
+        self.cluster, self.every_s, self.progress = cluster, every_s, progress
         self.killed: list[int] = []
         self.halt = threading.Event()
 
     def run(self) -> None:
+        done_at_kill = -1
         while not self.halt.wait(self.every_s):
-            alive = [actor.pid for actor in self.cluster.worker_actors("ALIVE") if actor.pid]
-            alive = [pid for pid in alive if pid not in self.killed]  # the State API lags a death by a moment
-            if alive:
-                victim = random.choice(alive)
-                try:
-                    os.kill(victim, signal.SIGKILL)
-                    self.killed.append(victim)
-                except ProcessLookupError:  # it ended on its own between the listing and the kill
-                    continue
+            try:
+                done = self.progress()
+            except (OSError, ValueError):  # the store answers on the next try
+                continue
+            if done <= done_at_kill:
+                continue
+            victim = self._victim()
+            if victim is None:
+                continue
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:  # it ended on its own between the listing and the kill
+                continue
+            self.killed.append(victim)
+            done_at_kill = done
+
+    def _victim(self) -> int | None:
+        """A live label worker's pid, checked against the process's title (Ray names it `ray::LabelWorkerActor`):
+        the State API's pid of an actor can lag the process it names, and no other process may be hit."""
+        pids = [a.pid for a in self.cluster.worker_actors("ALIVE") if a.pid and a.pid not in self.killed]
+        random.shuffle(pids)
+        for pid in pids:
+            try:
+                if "LabelWorkerActor" in " ".join(psutil.Process(pid).cmdline()):
+                    return pid
+            except psutil.Error:
+                continue
+        return None
 
 
 @pytest.mark.fault(
     fault="chaos: label workers SIGKILLed every few seconds and the job service once, during a 200-shard job",
-    injected="SIGKILL to a random live label worker (of 3) every 5 s (pids from Ray's State API) until the job "
-    "ends; SIGKILL to the service's process once 1/4 of the shards were committed",
+    injected="SIGKILL to a random live label worker (of 3) every 5 s, once a shard was committed since the last "
+    "kill (pids from Ray's State API), until the job ends; SIGKILL to the service's process once 1/4 of the "
+    "shards were committed",
     expected="the job succeeds: its record says succeeded with 200/200 shards; every image's row exactly once",
 )
 def test_chaos_workers_and_the_service_killed_during_a_job(tmp_path, record_property):
@@ -129,7 +153,7 @@ def test_chaos_workers_and_the_service_killed_during_a_job(tmp_path, record_prop
     cluster = MultiNodeCluster().start(worker_nodes=1, cpus_per_node=CHAOS_WORKERS)
     svc = Service(cluster, tmp_path / "state")
     store = JobStore(str(svc.state))
-    killer = WorkerKiller(cluster, KILL_EVERY_S)
+    killer = WorkerKiller(cluster, KILL_EVERY_S, lambda: store.get(job).progress.shards_done)
     started = time.monotonic()
     try:
         job = svc.submit(*_label_args(photos, tmp_path / "out", "--workers", str(CHAOS_WORKERS), per_shard=1))
