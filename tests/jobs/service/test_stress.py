@@ -94,7 +94,7 @@ def test_load_a_hundred_jobs_at_once(tmp_path, record_property):
 
 CHAOS_SHARDS = 200
 CHAOS_WORKERS = 3  # a kill takes one worker of three: the job moves on the others while Ray starts a new one
-KILL_EVERY_S = 5.0
+KILL_EVERY_S = 3.0
 
 
 class WorkerKiller(threading.Thread):
@@ -143,7 +143,7 @@ class WorkerKiller(threading.Thread):
 
 @pytest.mark.fault(
     fault="chaos: label workers SIGKILLed every few seconds and the job service once, during a 200-shard job",
-    injected="SIGKILL to a random live label worker (of 3) every 5 s, once a shard was committed since the last "
+    injected="SIGKILL to a random live label worker (of 3) every 3 s, once a shard was committed since the last "
     "kill (pids from Ray's State API), until the job ends; SIGKILL to the service's process once 1/4 of the "
     "shards were committed",
     expected="the job succeeds: its record says succeeded with 200/200 shards; every image's row exactly once",
