@@ -132,6 +132,7 @@ def test_a_stale_ray_start_address_file_gets_a_private_cluster(tmp_path, record_
         file_left = address_file.exists()
     finally:
         old.stop()  # kills what is left (the private cluster ends with its command) and removes the temp dir
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     said = [line for line in done.stderr.splitlines() if "is gone" in line]
     assert len(said) == 1 and recorded in said[0] and "private local cluster" in said[0], done.stderr[-3000:]
