@@ -123,13 +123,22 @@ class LocalStorage:
     def _list_folder(self, folder: str) -> Iterator[ObjectInfo]:
         # Sorting each folder's entries by name, with "/" after folder names, yields paths in key order (as AWS S3
         # lists keys); os.walk's order is not key order ("a/z" came before "a/b/c", and "a/x" before "a-b/x").
-        with os.scandir(folder) as scan:
-            entries = sorted(scan, key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
+        # A file or folder removed (or renamed over: a record rewritten through its temp file) between the folder's
+        # read and its stat is left out, as S3 leaves out a key deleted mid-listing; raising would fail a whole
+        # listing (the job service's `list`) for a write that went on beside it.
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
+        except FileNotFoundError:
+            return
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 yield from self._list_folder(entry.path)
             elif entry.is_file():
-                stat = entry.stat()
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:
+                    continue
                 yield ObjectInfo(entry.path, stat.st_size, str(stat.st_mtime_ns))
 
     def open_read(self, uri: str) -> BinaryIO:

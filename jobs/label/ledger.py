@@ -7,7 +7,10 @@ The pool layer (which talks to the actors) feeds it events; the ledger decides, 
 - failed(): retried up to `max_attempts` tries in all, then failed for good (`failures`). An AccessDenied stops
   the job (`fatal`): every other shard would fail the same way (rotated or expired credentials, a policy);
 - lost(): the worker died while the shard ran: that counts a try, like a failure; worker_lost() counts the death
-  itself against `max_actor_restarts` and raises WorkersLost past it (the cluster is at fault, not the input);
+  itself and raises WorkersLost once more than `max_actor_restarts` deaths came with no shard committed between
+  them (the cluster is at fault, not the input). A committed shard resets that count: a long job on a cluster that
+  loses a worker now and then (preemptible nodes, OOM kills) goes on as long as it moves, while a cluster where
+  workers die before committing anything stops the job within the bound;
 - timed_out(): shards running past `shard_timeout_s`, counted from when the shard reached the head of its worker
   and the worker was ready (`started`), so a model still loading or a shard queued behind another never times out;
 - cancel(): nothing more is handed out (retries included); shards already running may finish, and a shard that
@@ -95,7 +98,8 @@ class ShardLedger:
         self.failures: dict[str, str] = {}
         self.fatal: str | None = None
         self.cancelled = False
-        self.restarts = 0
+        self.restarts = 0  # every worker death of the job (reported)
+        self._deaths_since_progress = 0  # those since the last committed shard (bounded)
         self.planned = self.done_count = self.images = self.errors = 0
 
     # ----------------------------------------------------------------------------------------- feeding
@@ -143,6 +147,7 @@ class ShardLedger:
             log.debug("shard %s: result of attempt %d ignored (already settled)", shard_id, result.attempt)
             return False
         self.done_count += 1
+        self._deaths_since_progress = 0
         self.images += result.rows
         self.errors += result.errors
         return True
@@ -174,11 +179,14 @@ class ShardLedger:
         return True
 
     def worker_lost(self, reason: str) -> None:
-        """A worker of this job died or hung; raises WorkersLost once that happened more than max_actor_restarts."""
-        if self.restarts >= self.limits.max_actor_restarts:
-            limit = self.limits.max_actor_restarts
-            raise WorkersLost(f"workers {reason} {self.restarts} times; giving up (max {limit})")
+        """A worker of this job died or hung; raises WorkersLost once that happened more than max_actor_restarts
+        times since the last committed shard."""
+        if self._deaths_since_progress >= self.limits.max_actor_restarts:
+            limit, again = self.limits.max_actor_restarts, self._deaths_since_progress
+            since = "" if again == self.restarts else " since the last committed shard"
+            raise WorkersLost(f"workers {reason} {again} times{since}; giving up (max {limit})")
         self.restarts += 1
+        self._deaths_since_progress += 1
 
     def timed_out(self, now: float | None = None) -> list[str]:
         """Shards running past shard_timeout_s since they reached the head of a ready worker."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from jobs.cluster import ensure_ray
+from jobs.cluster import ensure_ray, find_cluster
 from jobs.errors import BadInput, InfrastructureError
 from jobs.label.placement import refuse_unshared_local_paths
 from jobs.locations import absolute_locations
@@ -41,12 +41,12 @@ def connect() -> None:
     """Join the cluster the service runs on: $RAY_ADDRESS, the latest `ray start` here, or a new local one."""
     if ray.is_initialized():
         return
-    from jobs.cluster import joins_existing_cluster
-
-    if not joins_existing_cluster():
+    choice = find_cluster()  # an unreachable $RAY_ADDRESS fails here in one line; a stale `ray start` is forgotten
+    address = choice.address
+    if address is None:
         _start_local_cluster()
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", namespace=SERVICE_NAMESPACE, log_to_driver=False,
-             configure_logging=False)  # fmt: skip
+        address = "auto"  # the address file that `ray start` just wrote
+    ray.init(address=address, namespace=SERVICE_NAMESPACE, log_to_driver=False, configure_logging=False)
 
 
 def _start_local_cluster() -> None:

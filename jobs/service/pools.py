@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import ray
+from ray.exceptions import RayActorError
 
 from jobs.label.actors import start_label_worker
 from jobs.label.placement import Placement
@@ -68,7 +69,15 @@ class WorkerPool:
                          "jobs": sorted(self._leases), "workers_started": self._started, "idle_s": idle}  # fmt: skip
         refs = [actor.describe.remote() for actor in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0) if refs else ([], [])
-        return described | {"worker_details": ray.get(ready)}
+        details, dead = [], 0
+        for ref in ready:
+            # A worker killed while no job held it (no job replaced it yet) answers with its death: counted, not
+            # raised, or `service status` would fail for as long as the pool keeps it.
+            try:
+                details.append(ray.get(ref))
+            except RayActorError:
+                dead += 1
+        return described | {"worker_details": details, "workers_dead": dead}
 
     def close(self) -> None:
         with self._lock:

@@ -166,7 +166,8 @@ def test_allowed_roots_on_local_disk_are_local_paths(tmp_path):
 
 def test_a_private_local_ray_is_never_asked_and_a_ray_start_cluster_is(tmp_path):
     """Without a cluster to join the check decides without starting Ray (the local Ray started later is one node);
-    the address file a `ray start` leaves makes ray.init(address=None) join that cluster, so it counts as one. In a
+    the address file a `ray start` leaves makes ray.init(address=None) join that cluster, so it counts as one while
+    its GCS answers. In a
     fresh interpreter: this one may already be connected to the session's Ray."""
     script = f"""
 import ray
@@ -177,9 +178,13 @@ spec = LabelJobSpec(input={{"uri": {str(tmp_path / "in")!r}}}, output={str(tmp_p
                     model={{"name": "mobilenet_v2"}})
 check_locations_reachable(spec)
 assert not ray.is_initialized() and not joins_existing_cluster()
+import socket
+gcs = socket.create_server(("127.0.0.1", 0))  # a live `ray start` answers on its GCS port
 (ray_tmp / "ray").mkdir()
-(ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:6379")
+(ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{{gcs.getsockname()[1]}}")
 assert joins_existing_cluster()
+gcs.close()  # its cluster killed: the file left behind is stale, a private cluster will be started
+assert not joins_existing_cluster() and not (ray_tmp / "ray" / "ray_current_cluster").exists()
 """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path)}
     preamble = f"import pathlib; ray_tmp = pathlib.Path({str(tmp_path)!r})\n"

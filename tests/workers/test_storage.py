@@ -76,6 +76,17 @@ def test_local_list_is_in_key_order_like_aws_s3(tmp_path):
     assert listed == sorted(keys) == ["A", "a-b/x", "a.txt", "a/b/c.txt", "a/z.txt", "a0"]
 
 
+def test_local_list_leaves_out_a_file_removed_while_it_lists(tmp_path):
+    """A record rewritten through its temp file (temp + rename) beside a listing: the temp file was in the folder
+    when it was read and is gone at its stat. Found by the load row: `bulklabel list` failed with FileNotFoundError."""
+    for name in ("a.json", "b.json", "c.json"):
+        (tmp_path / name).write_text("{}")
+    listing = LocalStorage().list(str(tmp_path))
+    first = next(listing)  # the folder is read now; each entry is stat'ed as it is reached
+    (tmp_path / "b.json").unlink()
+    assert [first.uri, *(info.uri for info in listing)] == [str(tmp_path / "a.json"), str(tmp_path / "c.json")]
+
+
 def test_list_of_missing_prefix_is_empty(storage_root):
     assert list(storage_root.storage.list(join(storage_root.uri, "nothing-here"))) == []
 

@@ -136,6 +136,22 @@ def test_worker_deaths_are_bounded_by_max_actor_restarts(clock):
         ledger.worker_lost("died")
 
 
+def test_a_committed_shard_renews_the_worker_death_budget(clock):
+    """A long job that loses a worker now and then goes on while shards commit between the deaths; deaths with no
+    shard committed between them stop it within the bound."""
+    ledger = ledger_of(clock, 3)
+    for _ in range(3):
+        for _ in range(2):
+            ledger.worker_lost("died")
+        shard, attempt = take(ledger)
+        assert ledger.succeeded(result(shard, attempt))
+    assert ledger.restarts == 6
+    ledger.worker_lost("died")
+    ledger.worker_lost("died")
+    with pytest.raises(WorkersLost, match=r"workers died 2 times since the last committed shard; giving up"):
+        ledger.worker_lost("died")
+
+
 def test_timeouts_run_from_the_head_of_a_ready_worker_only(clock):
     ledger = ledger_of(clock, 2)
     take(ledger), take(ledger)
