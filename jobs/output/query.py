@@ -190,11 +190,21 @@ def similar(
         raise BadInput(f"-k must be at least 1, not {k}")
     if use_index not in INDEX_CHOICES:
         raise BadInput(f"unknown index choice {use_index!r}: use one of {', '.join(INDEX_CHOICES)}")
-    return read_pinned(uri, options, lambda output: _similar(output, key, k, use_index, index_min_rows, cache_dir))
+
+    def search(output: LabelOutput) -> list[Neighbour]:
+        return _similar(output, key, k, use_index, index_min_rows, cache_dir, options)
+
+    return read_pinned(uri, options, search)
 
 
 def _similar(
-    output: LabelOutput, key: str, k: int, use_index: str, index_min_rows: int, cache_dir: Path | None
+    output: LabelOutput,
+    key: str,
+    k: int,
+    use_index: str,
+    index_min_rows: int,
+    cache_dir: Path | None,
+    options: StorageOptions | None,
 ) -> list[Neighbour]:
     if output.manifest is not None and not output.manifest.embeddings:
         raise NoEmbeddings(f"output {output.uri} has no embeddings: its job ran with embeddings: false")
