@@ -15,8 +15,8 @@ Failures are handled by kind, each with a bound:
   all, then reported as failed (an unreachable store is one such failure: it never becomes rows);
 - the shard met an authentication or permission failure (`AccessDenied`): the job stops at once, raising it,
   since every other shard would fail the same way (rotated or expired credentials, a policy);
-- workers died or hung more often than `max_actor_restarts`: the job stops with `WorkersLost` (the cluster is at
-  fault, not the input).
+- workers died or hung more than `max_actor_restarts` times with no shard committed between them: the job stops
+  with `WorkersLost` (the cluster is at fault, not the input).
 Once cancelled, nothing new is dispatched (retries included); shards already running finish and what they
 commit is committed. Commits are idempotent per shard, so a retry can never duplicate rows.
 

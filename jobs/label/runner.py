@@ -79,9 +79,14 @@ def _run_in(session: OutputSession, spec: LabelJobSpec, job_id: str, run: LabelR
     check_top_k(spec)
     committed = session.check()
     plan = _check_plan(spec, committed)
+    # A finished job run again writes nothing, not even the writer lease: it is read, not written.
+    manifest = session.manifest() if not plan.todo else None
+    if manifest and manifest.get("status") == "succeeded":
+        log.info("job %s already complete at %s; nothing to do", job_id, spec.output)
+        return _summary_of_manifest(manifest, spec.output, plan.stats)
     manifest = session.start()  # the first write: only once the input and the output have checked out
     if not plan.todo and manifest and manifest.get("status") == "succeeded":
-        log.info("job %s already complete at %s; nothing to do", job_id, spec.output)
+        log.info("job %s completed at %s by another run meanwhile; nothing to do", job_id, spec.output)
         return _summary_of_manifest(manifest, spec.output, plan.stats)
 
     # Plan and dispatch.

@@ -70,6 +70,10 @@ class OutputSession:
         self.committed = read_committed(self.storage, self.uri, self.job_id)
         return self.committed
 
+    def manifest(self) -> dict | None:
+        """The output's manifest as it is now (read only; None when there is none)."""
+        return read_manifest(self.storage, self.uri)
+
     def start(self) -> dict | None:
         """Claim the output (the first write), probe that it is writable, remove partial uploads of dead attempts.
 

@@ -22,6 +22,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
+from jobs.output.layout import LEASE_FILE
+from jobs.output.lease import LeaseRecord
 from tests.multinode.ray_nodes import MultiNodeCluster
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
 
@@ -102,8 +104,14 @@ def _assert_exactly_once_on_s3(s3_server, prefix: str, names: list[str]) -> int:
     objects = _s3_objects(s3_server, prefix)
     strays = [k for k in objects if not (k in _COMMITTED_NAMES
                                          or (k.startswith("data/part-") and k.endswith(".parquet"))
-                                         or (k.startswith("_done/") and k.endswith(".json")))]  # fmt: skip
+                                         or (k.startswith("_done/") and k.endswith(".json"))
+                                         or LEASE_FILE.fullmatch(k))]  # fmt: skip
     assert strays == [], f"uncommitted or foreign objects under {prefix}: {strays}"
+    # The writer lease (jobs.output.lease): at most one generation left, released by the run that finished.
+    bucket, _, key_prefix = prefix.removeprefix("s3://").partition("/")
+    leases = [s3_server.client().get_object(Bucket=bucket, Key=f"{key_prefix}/{k}")["Body"].read()
+              for k in objects if LEASE_FILE.fullmatch(k)]  # fmt: skip
+    assert len(leases) <= 1 and all(LeaseRecord.model_validate_json(body).released for body in leases)
     parts = [f"{prefix.removeprefix('s3://')}/{k}" for k in objects if k.endswith(".parquet")]
     table = ds.dataset(parts, filesystem=s3_server.pyarrow_fs(), format="parquet").to_table(columns=["key", "error"])
     keys = table.column("key").to_pylist()

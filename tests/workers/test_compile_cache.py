@@ -55,7 +55,9 @@ def test_a_second_process_on_the_node_loads_the_compiled_kernels_from_the_cache(
     second = _compile_in_a_fresh_process(cache, tmp_path / "b")
     assert first["cache"] == "miss" and second["cache"] == "hit", (first, second)
     assert (cache / "fxgraph").is_dir()  # inductor wrote where it was pointed, not to its /tmp default
-    assert second["seconds"] < first["seconds"] / 2, (first, second)
+    # The hit is proved above by inductor's own counter; the time is only a sanity check (a timed test on a loaded
+    # 2-core machine measured 10 s against 19 s, so no ratio is asserted: bench/ measures it).
+    assert second["seconds"] < first["seconds"], (first, second)
 
 
 def test_the_cache_folder_is_the_setting_or_the_users_cache(monkeypatch, tmp_path):

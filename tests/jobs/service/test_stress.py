@@ -20,7 +20,8 @@ import psutil
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.output.layout import DATA_FILE, DONE_DIR, MANIFEST_NAME, OWNER_NAME
+from jobs.output.layout import DATA_FILE, DONE_DIR, LEASE_FILE, MANIFEST_NAME, OWNER_NAME
+from jobs.output.lease import LeaseRecord
 from jobs.service.store import JobStore
 from tests.jobs.service.test_service_cli import JOB_TIMEOUT_S, Service, _label_args
 from tests.jobs.test_faults import assert_exactly_once
@@ -200,7 +201,12 @@ def _rows_once_compacted(out: Path, photos: Path) -> int:
     names under the prefix."""
     keys = ds.dataset(out / "data", format="parquet").to_table(columns=["key"]).column("key").to_pylist()
     assert sorted(keys) == sorted(p.name for p in photos.iterdir())
-    committed = re.compile(rf"{OWNER_NAME}|{MANIFEST_NAME}|{DONE_DIR}/.+\.json|{DATA_FILE.pattern}")
+    committed = re.compile(
+        rf"{OWNER_NAME}|{MANIFEST_NAME}|{DONE_DIR}/.+\.json|{DATA_FILE.pattern}|{LEASE_FILE.pattern}"
+    )
     leftovers = [p for p in out.rglob("*") if p.is_file() and not committed.fullmatch(p.relative_to(out).as_posix())]
     assert leftovers == []
+    # The writer lease (jobs.output.lease): at most one generation left, released by the run that finished.
+    leases = [p for p in out.rglob("*") if p.is_file() and LEASE_FILE.fullmatch(p.relative_to(out).as_posix())]
+    assert len(leases) <= 1 and all(LeaseRecord.model_validate_json(p.read_text()).released for p in leases)
     return len(keys)
