@@ -121,8 +121,16 @@ def run_here(service: JobService, job_id: str, run: FakeRun) -> None:
 # --------------------------------------------------------------------------------- case 8: one damaged record
 
 
-def test_a_damaged_running_record_does_not_wedge_admission_and_is_warned_about_once(state, tmp_path, services,
-                                                                                    caplog):  # fmt: skip
+@pytest.mark.fault(
+    fault="one damaged job record: a running job's record truncated on disk, and a record file of junk beside it",
+    injected="the service core running a job (fake run, no Ray); its record cut to 40 bytes and `{not json` "
+    "written as another record, then a new job submitted",
+    expected="the new job is admitted or given its waiting reason; the damaged files are each warned about once "
+    "by name; the running job's record is written whole again and its end recorded",
+)
+def test_a_damaged_running_record_does_not_wedge_admission_and_is_warned_about_once(
+    state, tmp_path, services, caplog, record_property
+):
     # Case 8 of issue 21: the loop raised on the running job's truncated record every tick, before admitting.
     store = JobStore(str(state))
     label_record(store, "label-old", tmp_path)
@@ -147,6 +155,8 @@ def test_a_damaged_running_record_does_not_wedge_admission_and_is_warned_about_o
     assert len(junk) == 1 and "skipping job record" in junk[0], junk
     old = [r.getMessage() for r in caplog.records if "label-old" in r.getMessage() and "unreadable" in r.getMessage()]
     assert len(old) == 1, old
+    record_property("measured", f"new job given its reason ({waiting!r}); junk record warned about once, the "
+                                f"truncated one once; the running job rewritten whole and ended succeeded")  # fmt: skip
 
 
 def test_a_running_record_removed_by_hand_is_written_again(state, tmp_path, services):
