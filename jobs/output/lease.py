@@ -118,11 +118,22 @@ def standing(current: LeaseRecord | None, now: datetime, alive: Callable[[LeaseR
     return Standing.HELD
 
 
+# Tokens of the leases this process holds and has not released. A record naming this very process whose token is
+# not here is one it failed to release (a full disk refused the released record) or lost track of: the job service
+# and the Python API run label jobs one after another in one process, so "the pid is alive" proves nothing there.
+_HELD_HERE: set[str] = set()
+_HELD_HERE_LOCK = threading.Lock()
+
+
 def holder_alive(record: LeaseRecord) -> bool:
-    """False only when the holder was a process of this host that is gone (or whose pid another process has now);
-    a holder on another host is taken to be alive until its lease expires."""
+    """False only when the holder was a process of this host that is gone (or whose pid another process has now),
+    or is this process and no longer holds it; a holder on another host is taken to be alive until its lease
+    expires."""
     if record.host != socket.gethostname():
         return True
+    if record.pid == os.getpid():
+        with _HELD_HERE_LOCK:
+            return record.token in _HELD_HERE
     try:
         import psutil
     except ImportError:  # pragma: no cover - psutil comes with Ray; without it only the pid is checked
@@ -223,6 +234,8 @@ def acquire(
             if state is not Standing.FREE:
                 log.warning("output %s: took over the lease of %s (%s)", output, current.describe(), state.value)
             lease = Lease(storage, output, record, ttl_s, clock)
+            with _HELD_HERE_LOCK:
+                _HELD_HERE.add(record.token)
             lease.prune()
             if keep:
                 lease.keep_renewed()
@@ -282,6 +295,8 @@ class Lease:
             if self.released:
                 return
             self.released = True
+            with _HELD_HERE_LOCK:  # even if the record below cannot be written: this process holds it no more
+                _HELD_HERE.discard(self.record.token)
             if self.lost is not None:
                 return
             try:

@@ -192,3 +192,23 @@ def test_refuse_stops_the_wait_at_once_where_waiting_cannot_help(out):
         acquire(LocalStorage(), out, Writer(WriterKind.LABEL_JOB, "job-b"), 30, clock=clock, keep=False,
                 refuse=another_jobs)  # fmt: skip
     assert clock.slept == 0
+
+
+class _FullDisk(LocalStorage):
+    """A local folder whose disk is full: no file can be written (ENOSPC), as in the full-disk fault row."""
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_lease_this_process_could_not_release_does_not_block_its_next_run(out):
+    # Found by the full-disk fault row: the released record did not fit on the disk, so the lease still named this
+    # (living) process, and the re-run in the same process (the job service, the Python API) was refused for a TTL.
+    clock = FakeClock()
+    first = _take(out, JOB, clock)
+    first.storage = _FullDisk()
+    first.release()  # logs a warning, never raises
+    assert not read_current(LocalStorage(), out).released
+    second = _take(out, JOB, clock)  # same process, lease not expired: taken over as abandoned
+    assert second.record.generation == first.record.generation + 1
+    second.release()
