@@ -10,9 +10,10 @@ The lease is a sequence of generation files `_lease/<n>.json` (jobs.output.layou
 state. Taking it means creating generation n+1 with the storage's atomic create-if-absent (S3 `If-None-Match: *`,
 a local `link()`), which is allowed only when generation n is free: released, expired, or held by a process of this
 host that is gone. Of two writers taking over the same free (or expired) generation, exactly one creates n+1; the
-other reads the winner's record. Nothing is ever deleted to free the lease (a deleted file would let numbering start
-again below a live holder): release rewrites the holder's own generation as released, and a new holder prunes the
-generations below its own.
+other reads the winner's record. Nothing is ever deleted to free the lease: release rewrites the holder's own
+generation as released, and a new holder prunes the generations below its own. A taker that read the lease just
+before such a prune could create a pruned number below the live holder: so a taker lists once more after its
+create, and stands aside (its record rewritten released) when a higher generation is there.
 
 The holder renews its generation (a new expiry, rewritten in place: only the holder writes it) from a background
 thread every TTL/3. A holder that finds a higher generation, or that did not renew before its own expiry (it
@@ -170,12 +171,16 @@ class Writer:
     job_id: str
 
 
+def _generations(storage: Storage, output: str) -> list[int]:
+    names = [relative_key(output, o.uri) for o in storage.list(lease_prefix(output))]
+    return sorted(int(m.group(1)) for n in names if (m := LEASE_FILE.fullmatch(n)))
+
+
 def read_current(storage: Storage, output: str) -> LeaseRecord | None:
     """The highest generation's record, or None without one. A damaged record (a disk that filled mid-write) reads
     as a released generation: it holds nothing, and the next taker goes above it."""
     for _ in range(3):  # a generation pruned between the listing and the read: list again
-        names = [relative_key(output, o.uri) for o in storage.list(lease_prefix(output))]
-        generations = sorted(int(m.group(1)) for n in names if (m := LEASE_FILE.fullmatch(n)))
+        generations = _generations(storage, output)
         if not generations:
             return None
         top = generations[-1]
@@ -230,12 +235,26 @@ def acquire(
         record = LeaseRecord(generation=generation, kind=writer.kind, job_id=writer.job_id, host=socket.gethostname(),
                              pid=os.getpid(), pid_started=_this_process_started(), token=uuid.uuid4().hex,
                              started=now, expires=now + timedelta(seconds=ttl_s))  # fmt: skip
-        if storage.create_exclusive(lease_uri(output, generation), record.model_dump_json().encode()):
+        # The token is this process's before the record exists: a thread of this process that reads the new
+        # record must find its holder alive, not take it for a lease this process let go of.
+        with _HELD_HERE_LOCK:
+            _HELD_HERE.add(record.token)
+        created = False
+        try:
+            created = storage.create_exclusive(lease_uri(output, generation), record.model_dump_json().encode())
+        finally:
+            if not created:
+                with _HELD_HERE_LOCK:
+                    _HELD_HERE.discard(record.token)
+        if created and _generations(storage, output)[-1] > generation:
+            # Its number was free only because a holder above had pruned it: this writer read the lease before that
+            # holder took it (a listing that missed the new generation, then the pruned one). Stand aside.
+            _stand_aside(storage, output, record)
+            continue
+        if created:
             if state is not Standing.FREE:
                 log.warning("output %s: took over the lease of %s (%s)", output, current.describe(), state.value)
             lease = Lease(storage, output, record, ttl_s, clock)
-            with _HELD_HERE_LOCK:
-                _HELD_HERE.add(record.token)
             lease.prune()
             if keep:
                 lease.keep_renewed()
@@ -243,6 +262,15 @@ def acquire(
             return lease
         # another writer created that generation first: look at what it holds
     raise OutputBusy(f"output {output}: {TAKE_ATTEMPTS} other writers took its lease first; try again")
+
+
+def _stand_aside(storage: Storage, output: str, record: LeaseRecord) -> None:
+    with _HELD_HERE_LOCK:
+        _HELD_HERE.discard(record.token)
+    log.debug("output %s: generation %d was below the lease's state; released at once", output, record.generation)
+    storage.write_bytes(
+        lease_uri(output, record.generation), record.model_copy(update={"released": True}).model_dump_json().encode()
+    )
 
 
 class Lease:

@@ -166,6 +166,69 @@ def test_many_writers_racing_for_an_expired_lease_exactly_one_wins(out):
     assert all(won[0].record.job_id in message for message in refused)
 
 
+class _SlowCreate(LocalStorage):
+    """A store whose winning create returns late: the window in which another thread of this process reads the new
+    record before its creator has returned."""
+
+    def __init__(self, created: threading.Event, resume: threading.Event):
+        super().__init__()
+        self.created, self.resume = created, resume
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        won = super().create_exclusive(uri, data)
+        if won and threading.current_thread().name == "slow":
+            self.created.set()
+            self.resume.wait(timeout=10)
+        return won
+
+
+def test_a_thread_reading_a_lease_another_thread_of_its_process_just_took_finds_it_held(out):
+    clock = FakeClock()
+    _take(out, JOB, clock)
+    clock.advance(TTL + 1)
+    created, resume, won = threading.Event(), threading.Event(), []
+    slow = threading.Thread(
+        name="slow",
+        target=lambda: won.append(
+            acquire(_SlowCreate(created, resume), out, COMPACTION, ttl_s=TTL, clock=clock, keep=False)
+        ),
+    )
+    slow.start()
+    assert created.wait(timeout=10)
+    try:
+        with pytest.raises(OutputBusy, match="compaction of job 'job-a'"):
+            _take(out, Writer(WriterKind.COMPACTION, "job-b"), clock)
+    finally:
+        resume.set()
+        slow.join()
+    assert len(won) == 1 and read_current(LocalStorage(), out).generation == 2
+
+
+class _StaleFirstListing(LocalStorage):
+    """A store whose first listing of the lease comes back empty, as one does that read the folder just before a new
+    generation appeared and stat'ed the one below just after it was pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.listings = 0
+
+    def list(self, prefix: str):
+        self.listings += 1
+        return iter(()) if self.listings == 1 else super().list(prefix)
+
+
+def test_a_taker_that_read_the_lease_before_a_prune_does_not_win_a_pruned_generation(out):
+    clock = FakeClock()
+    _take(out, JOB, clock).release()
+    held = _take(out, COMPACTION, clock)  # generation 2; generation 1 pruned
+    assert held.record.generation == 2 and not LocalStorage().exists(lease_uri(out, 1))
+    with pytest.raises(OutputBusy, match="compaction of job 'job-a'"):
+        acquire(_StaleFirstListing(), out, Writer(WriterKind.LABEL_JOB, "job-b"), ttl_s=TTL, clock=clock, keep=False)
+    assert read_current(LocalStorage(), out) == held.record
+    stray = LeaseRecord.model_validate_json(LocalStorage().read_bytes(lease_uri(out, 1)))
+    assert stray.released and stray.job_id == "job-b"
+
+
 def test_the_lease_on_both_backends(storage_root):
     """S3's conditional put (`If-None-Match: *`, SeaweedFS here) and a local `link()` behave alike."""
     clock, storage = FakeClock(), storage_root.storage
