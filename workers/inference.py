@@ -112,6 +112,18 @@ def cpu_chunk_size(backbone: torch.nn.Module, crop: int, budget: int = CPU_ACTIV
     return max(1, budget // largest[0])
 
 
+@dataclass(frozen=True)
+class PredictorOptions:
+    """What a predictor keeps of each batch and how it runs the model: shared by every job asking the same."""
+
+    top_k: int
+    embeddings: bool  # keep the penultimate layer's vectors
+    precision: str = "auto"  # "auto" (bf16 autocast on a GPU), "fp32", "bf16"
+    probabilities: bool = False  # keep the whole softmax row
+    compile: bool = False  # torch.compile the backbone, static shapes
+    compile_backend: str = "inductor"
+
+
 class Predictor:
     """Holds a model resident on its device and runs batches through it.
 
@@ -123,22 +135,12 @@ class Predictor:
     `compile_cache` whether inductor's on-disk cache on this node (workers.compile_cache) supplied the kernels.
     """
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        device: torch.device,
-        precision: str,
-        top_k: int,
-        embeddings: bool,
-        compile: bool = False,
-        compile_backend: str = "inductor",
-        probabilities: bool = False,
-    ):
+    def __init__(self, loaded: LoadedModel, device: torch.device, options: PredictorOptions):
         self.device = device
-        self.top_k = min(top_k, len(loaded.categories))
-        self.keep_embeddings = embeddings
-        self.keep_probabilities = probabilities
-        self.amp_dtype = autocast_dtype(device, precision)
+        self.top_k = min(options.top_k, len(loaded.categories))
+        self.keep_embeddings = options.embeddings
+        self.keep_probabilities = options.probabilities
+        self.amp_dtype = autocast_dtype(device, options.precision)
         self.backbone = loaded.backbone.to(device, memory_format=torch.channels_last).eval()
         self.head = loaded.head.to(device).eval()
         pre = loaded.preprocess
@@ -148,19 +150,20 @@ class Predictor:
         # On CPU a batch runs through the backbone in chunks small enough for the allocator to reuse their memory
         # (CPU_ACTIVATION_BUDGET): measured 1.5x faster per image for MobileNetV2 than whole batches of 32.
         self.chunk = cpu_chunk_size(self.backbone, pre.crop_size) if device.type == "cpu" else None
-        self.compiled = compile
+        self.compiled = options.compile
         self.compile_seconds: float | None = None
         self.compile_cache: CacheOutcome | None = None
         self._first_call = threading.Lock()  # the first (compiling) call runs alone; lanes wait for its graph
         self._pinned = threading.local()
-        if compile:
+        if options.compile:
+            compile_backend = options.compile_backend
             if compile_backend == "inductor":
                 use_compile_cache()  # before the first compile: the node's kernels from an earlier worker
             # Freezing (weights as constants: batch norm folded into the convolutions, weights prepacked) is what
             # makes inductor pay on CPU: measured on the 2-core VM, two lanes of MobileNetV2 ran at 0.90x eager
             # compiled without it and 1.12x with it (bench/RESULTS.md). The worker never trains, so it is safe.
-            options = {"freezing": True} if compile_backend == "inductor" and device.type == "cpu" else None
-            self.backbone = torch.compile(self.backbone, dynamic=False, backend=compile_backend, options=options)
+            freezing = {"freezing": True} if compile_backend == "inductor" and device.type == "cpu" else None
+            self.backbone = torch.compile(self.backbone, dynamic=False, backend=compile_backend, options=freezing)
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> Predictions:

@@ -33,10 +33,17 @@ import torch
 from schemas.shards import ShardJob, ShardResult, ShardTask, WorkerSpec
 from workers import faults
 from workers.decoders import make_decoder
-from workers.inference import Predictions, Predictor, is_out_of_memory, keep_freed_memory_for_reuse, pick_device
+from workers.inference import (
+    Predictions,
+    Predictor,
+    PredictorOptions,
+    is_out_of_memory,
+    keep_freed_memory_for_reuse,
+    pick_device,
+)
 from workers.models import build_model
 from workers.pipeline import Batch, Prefetched, StageClock, Turn, Turns, decoded_batches
-from workers.readers import StorageByScheme, bounded_map, read_shard
+from workers.readers import ShardSource, StorageByScheme, bounded_map, read_shard
 from workers.storage import Storage, local_scratch_dir, open_storage
 from workers.writer import ShardWriter
 
@@ -97,7 +104,7 @@ class LabelWorker:
         self.lanes, threads = inference_lanes(self.device, torch_threads)
         if threads > 0:
             torch.set_num_threads(threads)
-        self._predictors: dict[tuple[int, bool, bool], Predictor] = {}
+        self._predictors: dict[PredictorOptions, Predictor] = {}
         # Two shards in flight arrive at once: building two Predictors concurrently moves the one shared model
         # (`.to(channels_last)`) from two threads, which segfaulted in torch's Module._apply (ResNet-50, bench).
         self._context_lock = threading.Lock()
@@ -139,13 +146,12 @@ class LabelWorker:
         context = self._jobs.get(job.job_id)
         if context is None or context.job != job:
             stores = StorageByScheme(job.storage)
-            key = (job.top_k, job.embeddings, job.probabilities)
-            if key not in self._predictors:  # shares the resident model; only what each job keeps differs
-                self._predictors[key] = Predictor(self.loaded, self.device, self.spec.model.precision, *key[:2],
-                                                  compile=self.spec.model.compile,
-                                                  probabilities=job.probabilities)  # fmt: skip
+            model = self.spec.model
+            options = PredictorOptions(job.top_k, job.embeddings, model.precision, job.probabilities, model.compile)
+            if options not in self._predictors:  # shares the resident model; only what each job keeps differs
+                self._predictors[options] = Predictor(self.loaded, self.device, options)
             context = _JobContext(job, stores, stores(job.input.uri), open_storage(job.output, job.storage),
-                                  self._predictors[key])  # fmt: skip
+                                  self._predictors[options])  # fmt: skip
             self._jobs[job.job_id] = context
         return context
 
@@ -170,9 +176,8 @@ class LabelWorker:
         writer = ShardWriter(task, self.categories, self.model_id, job.job_id)
         clock = StageClock()  # where the shard's time goes, for its done-marker
         with turn:
-            records = read_shard(context.input_storage, task, job.input.extensions, self.fetch_pool,
-                                 stores=context.stores, max_bytes=job.input.max_object_bytes,
-                                 layout=job.input, scratch=self.scratch)  # fmt: skip
+            source = ShardSource(context.input_storage, job.input, self.fetch_pool, context.stores, self.scratch)
+            records = read_shard(source, task)
             decoder = make_decoder(job.decoder, self.preprocess, self.device)
             decoded = decoded_batches(records, decoder, self.decode_pool, job.batch_size, clock)
             with Prefetched(decoded, PREFETCH_BATCHES) as batches:  # reading starts now, before our turn

@@ -421,27 +421,28 @@ def bounded_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window
         yield pending.popleft().result()
 
 
-def read_shard(
-    storage: Storage,
-    task: ShardTask,
-    extensions: tuple[str, ...],
-    pool: Executor,
-    *,
-    stores: StorageByScheme | None = None,
-    max_bytes: int | None = None,
-    layout: InputSpec | None = None,
-    scratch: str | None = None,
-) -> Iterator[Record]:
-    """Records of any shard task; objects (loose files, tar members, parquet cells) above `max_bytes` are error
-    rows. `layout` (the job's InputSpec) says which image of a tar sample (`image_field`) or which parquet column
-    (`image_column`) to read, and how loose files are keyed (`row_key`); `scratch` holds parquet shards' copies."""
-    layout = layout or InputSpec(uri=task.base_uri)
+@dataclass(frozen=True)
+class ShardSource:
+    """Where and how a worker reads a job's shards: the input's storage and the job's input spec (which image of a
+    tar sample, which Parquet column, how loose files are keyed, the size cap), and the worker's own helpers."""
+
+    storage: Storage
+    layout: InputSpec
+    pool: Executor | None = None  # fetches a shard's loose files in parallel (None: one at a time)
+    stores: StorageByScheme | None = None  # clients of other stores a manifest's keys name
+    scratch: str | None = None  # a local folder for Parquet shards' copies
+
+
+def read_shard(source: ShardSource, task: ShardTask) -> Iterator[Record]:
+    """Records of any shard task; objects (loose files, tar members, Parquet cells) above the input's
+    `max_object_bytes` are error rows."""
+    storage, layout, max_bytes = source.storage, source.layout, source.layout.max_object_bytes
     if task.kind == "tar":
-        return read_tar(storage, task, extensions, max_bytes, layout.image_field)
+        return read_tar(storage, task, layout.extensions, max_bytes, layout.image_field)
     if task.kind == "parquet":
-        return read_parquet(storage, task, scratch, layout.image_column, max_bytes, layout.label_column,
+        return read_parquet(storage, task, source.scratch, layout.image_column, max_bytes, layout.label_column,
                             layout.key_column)  # fmt: skip
-    records = read_files(storage, task, pool, stores=stores, max_bytes=max_bytes)
+    records = read_files(storage, task, source.pool, stores=source.stores, max_bytes=max_bytes)
     if task.labels:  # a manifest's label column; records come in the shard's key order
         records = (dataclasses.replace(record, given_label=label or None)
                    for record, label in zip(records, task.labels, strict=True))  # fmt: skip
@@ -452,22 +453,15 @@ def read_shard(
     return (dataclasses.replace(record, given_label=class_folder(record.key)) for record in records)
 
 
-def read_source(
-    storage: Storage,
-    base_uri: str,
-    key: str,
-    layout: InputSpec,
-    *,
-    max_bytes: int | None = None,
-    scratch: str | None = None,
-) -> Iterator[Record]:
+def read_source(storage: Storage, base_uri: str, key: str, layout: InputSpec, scratch: str | None = None
+                ) -> Iterator[Record]:  # fmt: skip
     """Every record of the one shard file `key` under `base_uri` (a tar or Parquet shard), keyed exactly as the
     label job keyed them: what reads a shard back after the job (the report's thumbnails) goes through here."""
     kind = shard_kind(key)
     if kind is None:
         raise ValueError(f"{join(base_uri, key)} is not a tar or Parquet shard")
     task = ShardTask(shard_id="read-back", kind=kind, base_uri=base_uri, keys=(key,))
-    return read_shard(storage, task, layout.extensions, None, max_bytes=max_bytes, layout=layout, scratch=scratch)
+    return read_shard(ShardSource(storage, layout, scratch=scratch), task)
 
 
 def class_folder(key: str) -> str | None:

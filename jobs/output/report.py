@@ -277,9 +277,9 @@ def _shard_records(
 ) -> dict[str, bytes | str]:
     """The records of the shard `source` (tar or Parquet) whose keys are in `keys`, in one pass."""
     base, name = _shard_location(source, next(iter(keys)))
-    layout = layout or InputSpec(uri=base)
+    layout = (layout or InputSpec(uri=base)).model_copy(update={"max_object_bytes": max_bytes})
     found: dict[str, bytes | str] = {}
-    for record in read_source(stores(source), base, name, layout, max_bytes=max_bytes):
+    for record in read_source(stores(source), base, name, layout):
         if record.key in keys and record.key not in found:
             found[record.key] = record.data if record.data is not None else (record.error or "unreadable")
             if len(found) == len(keys):

@@ -20,7 +20,7 @@ _COMPILE_ONCE = textwrap.dedent(
     import numpy as np, torch
     from torch import nn
     from schemas.specs import PreprocessSpec
-    from workers.inference import Predictor
+    from workers.inference import Predictor, PredictorOptions
     from workers.models import LoadedModel
 
     torch.manual_seed(0)
@@ -28,7 +28,8 @@ _COMPILE_ONCE = textwrap.dedent(
                              nn.AdaptiveAvgPool2d(1), nn.Flatten())
     pre = PreprocessSpec(resize_size=20, crop_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     loaded = LoadedModel(backbone, nn.Linear(16, 3), ["a", "b", "c"], pre, "tiny:random")
-    predictor = Predictor(loaded, torch.device("cpu"), "fp32", top_k=1, embeddings=True, compile=True)
+    options = PredictorOptions(top_k=1, embeddings=True, precision="fp32", compile=True)
+    predictor = Predictor(loaded, torch.device("cpu"), options)
     predictor.chunk = 2
     out = predictor(np.zeros((2, 16, 16, 3), np.uint8))
     assert out.embeddings.shape == (2, 16)

@@ -9,7 +9,7 @@ from torch import nn
 
 from schemas.specs import PreprocessSpec
 from workers.faults import out_of_memory_error
-from workers.inference import Predictor, autocast_dtype, is_out_of_memory, pick_device
+from workers.inference import Predictor, PredictorOptions, autocast_dtype, is_out_of_memory, pick_device
 from workers.models import LoadedModel
 
 PRE = PreprocessSpec(resize_size=20, crop_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -51,7 +51,9 @@ def test_autocast_dtype(device, precision, expected):
 
 
 def test_predictor_outputs():
-    predictor = Predictor(_tiny(num_classes=5), torch.device("cpu"), "auto", top_k=2, embeddings=True)
+    predictor = Predictor(
+        _tiny(num_classes=5), torch.device("cpu"), PredictorOptions(precision="auto", top_k=2, embeddings=True)
+    )
     out = predictor(_pixels(4))
     assert out.topk_indices.shape == out.topk_scores.shape == (4, 2)
     assert out.topk_indices.dtype == np.int32 and out.topk_scores.dtype == np.float32
@@ -64,7 +66,7 @@ def test_predictor_matches_reference_normalisation():
     """uint8 NHWC in → the same logits as the plain torchvision-style float pipeline."""
     loaded = _tiny(num_classes=4)
     pixels = _pixels(3)
-    predictor = Predictor(loaded, torch.device("cpu"), "fp32", top_k=4, embeddings=True)
+    predictor = Predictor(loaded, torch.device("cpu"), PredictorOptions(precision="fp32", top_k=4, embeddings=True))
     out = predictor(pixels)
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(PRE.mean).view(1, 3, 1, 1)) / torch.tensor(PRE.std).view(1, 3, 1, 1)
@@ -79,14 +81,16 @@ def test_predictor_matches_reference_normalisation():
 
 
 def test_embeddings_disabled_returns_none():
-    predictor = Predictor(_tiny(), torch.device("cpu"), "auto", top_k=1, embeddings=False)
+    predictor = Predictor(_tiny(), torch.device("cpu"), PredictorOptions(precision="auto", top_k=1, embeddings=False))
     out = predictor(_pixels(2))
     assert out.embeddings is None
     assert out.topk_indices.shape == (2, 1)
 
 
 def test_top_k_capped_at_number_of_classes():
-    predictor = Predictor(_tiny(num_classes=3), torch.device("cpu"), "auto", top_k=10, embeddings=True)
+    predictor = Predictor(
+        _tiny(num_classes=3), torch.device("cpu"), PredictorOptions(precision="auto", top_k=10, embeddings=True)
+    )
     assert predictor.top_k == 3
     out = predictor(_pixels(2))
     assert out.topk_indices.shape == out.topk_scores.shape == (2, 3)
@@ -94,7 +98,7 @@ def test_top_k_capped_at_number_of_classes():
 
 
 def test_cpu_bf16_autocast_runs():
-    predictor = Predictor(_tiny(), torch.device("cpu"), "bf16", top_k=2, embeddings=True)
+    predictor = Predictor(_tiny(), torch.device("cpu"), PredictorOptions(precision="bf16", top_k=2, embeddings=True))
     assert predictor.amp_dtype == torch.bfloat16
     out = predictor(_pixels(2))
     assert out.embeddings.dtype == np.float32 and out.topk_scores.dtype == np.float32
@@ -139,9 +143,12 @@ def test_compiled_predictor_runs_one_shape_padding_the_last_batch_and_matches_ea
     """compile: every backbone call has the first batch's size (the short last batch is padded, its padding dropped);
     outputs equal the eager predictor's. Dynamo's `eager` backend here: inductor's C++ compile takes minutes."""
     loaded = _tiny(num_classes=5)
-    eager = Predictor(loaded, torch.device("cpu"), "fp32", top_k=3, embeddings=True)
-    compiled = Predictor(_tiny(num_classes=5), torch.device("cpu"), "fp32", top_k=3, embeddings=True, compile=True,
-                         compile_backend="eager")  # fmt: skip
+    eager = Predictor(loaded, torch.device("cpu"), PredictorOptions(precision="fp32", top_k=3, embeddings=True))
+    compiled = Predictor(
+        _tiny(num_classes=5),
+        torch.device("cpu"),
+        PredictorOptions(precision="fp32", top_k=3, embeddings=True, compile=True, compile_backend="eager"),
+    )
     compiled.chunk = None  # as on a GPU: the static size is the first batch's
     inner, shapes = compiled.backbone, []
 
@@ -161,19 +168,22 @@ def test_compiled_predictor_runs_one_shape_padding_the_last_batch_and_matches_ea
 
 
 def test_compiled_predictor_on_cpu_uses_fixed_chunks():
-    compiled = Predictor(_tiny(), torch.device("cpu"), "fp32", top_k=1, embeddings=True, compile=True,
-                         compile_backend="eager")  # fmt: skip
+    compiled = Predictor(
+        _tiny(),
+        torch.device("cpu"),
+        PredictorOptions(precision="fp32", top_k=1, embeddings=True, compile=True, compile_backend="eager"),
+    )
     compiled.chunk = 4
     out = compiled(_pixels(10))  # 4 + 4 + 2 padded to 4
     assert out.embeddings.shape == (10, 8)
-    eager = Predictor(_tiny(), torch.device("cpu"), "fp32", top_k=1, embeddings=True)
+    eager = Predictor(_tiny(), torch.device("cpu"), PredictorOptions(precision="fp32", top_k=1, embeddings=True))
     np.testing.assert_allclose(out.embeddings, eager(_pixels(10)).embeddings, atol=1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: pinned, non-blocking copies need a GPU")
 def test_gpu_predictor_copies_through_a_pinned_buffer():
-    predictor = Predictor(_tiny(), torch.device("cuda"), "auto", top_k=1, embeddings=True)
+    predictor = Predictor(_tiny(), torch.device("cuda"), PredictorOptions(precision="auto", top_k=1, embeddings=True))
     first = predictor(_pixels(4))
     assert predictor._pinned.buffer.is_pinned()
     np.testing.assert_allclose(predictor(_pixels(4)).embeddings, first.embeddings, atol=1e-2)  # bf16

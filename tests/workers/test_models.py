@@ -13,7 +13,7 @@ from torchvision.models import get_model
 from schemas.specs import ModelSpec, StorageOptions
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_torchvision_weights
 from workers.decode import decode
-from workers.inference import Predictor
+from workers.inference import Predictor, PredictorOptions
 from workers.models import (
     LoadedModel,
     ModelError,
@@ -61,7 +61,7 @@ def test_mobilenet_v2_labels_real_photos(mobilenet):
     labels = {row["file"]: row for row in imagenet_labels()}
     decoded = [decode((IMAGENET_SAMPLE / name).read_bytes(), mobilenet.preprocess) for name in PHOTOS]
     assert all(d.error is None for d in decoded), [d.error for d in decoded]
-    predictor = Predictor(mobilenet, CPU, "auto", top_k=5, embeddings=True)
+    predictor = Predictor(mobilenet, CPU, PredictorOptions(precision="auto", top_k=5, embeddings=True))
     out = predictor(np.stack([d.pixels for d in decoded]))
     assert out.embeddings.shape == (len(PHOTOS), 1280)
     for name, top5, scores in zip(PHOTOS, out.topk_indices, out.topk_scores, strict=True):
@@ -102,7 +102,7 @@ def test_build_from_file(built, arch, dim):
     assert len(loaded.categories) == 1000 == loaded.head.out_features
     assert isinstance(loaded.head, nn.Linear)
 
-    predictor = Predictor(loaded, CPU, "auto", top_k=5, embeddings=True)
+    predictor = Predictor(loaded, CPU, PredictorOptions(precision="auto", top_k=5, embeddings=True))
     out = predictor(_pixels(loaded, 2))
     assert out.topk_indices.shape == out.topk_scores.shape == (2, 5)
     assert out.embeddings.shape == (2, dim)
@@ -114,7 +114,9 @@ def test_build_from_file(built, arch, dim):
 
 def test_full_softmax_sums_to_one(built):
     loaded, _ = built("efficientnet_b0")
-    out = Predictor(loaded, CPU, "auto", top_k=1000, embeddings=False)(_pixels(loaded, 2, seed=1))
+    out = Predictor(loaded, CPU, PredictorOptions(precision="auto", top_k=1000, embeddings=False))(
+        _pixels(loaded, 2, seed=1)
+    )
     assert out.topk_scores.shape == (2, 1000)
     np.testing.assert_allclose(out.topk_scores.sum(axis=1), 1.0, rtol=1e-4)
     for row in out.topk_indices:

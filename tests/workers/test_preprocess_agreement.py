@@ -19,7 +19,7 @@ from schemas.specs import ModelSpec, StorageOptions
 from tests.support import IMAGENET_SAMPLE
 from workers.decode import crop_offsets, resized_size
 from workers.decoders import NvjpegDecoder, PillowDecoder, TorchvisionDecoder
-from workers.inference import Predictor
+from workers.inference import Predictor, PredictorOptions
 from workers.models import build_model
 
 REAL_WEIGHTS = Path(torch.hub.get_dir(), "checkpoints", "mobilenet_v2-b0353104.pth")
@@ -122,7 +122,7 @@ def test_pixels_and_scores_agree_with_weights_transforms(decoder, mobilenet, ref
     assert deviation <= MAX_DEVIATION[decoder] + 1e-3, deviation
     assert deviation <= 1 + 1e-3 or decoder != "pillow"
 
-    predictor = Predictor(mobilenet, torch.device("cpu"), "fp32", top_k=5, embeddings=False)
+    predictor = Predictor(mobilenet, torch.device("cpu"), PredictorOptions(precision="fp32", top_k=5, embeddings=False))
     out = predictor(pixels)
     assert (out.topk_indices[:, 0] == ref_probs.argmax(axis=1)).all()
     ref_scores = np.take_along_axis(ref_probs, out.topk_indices.astype(np.int64), axis=1)

@@ -18,7 +18,7 @@ from jobs.label.plan import PlanError, expand_braces, plan_shards
 from schemas.specs import InputSpec
 from tests.producers import img2dataset_key, png_bytes, write_img2dataset, write_webdataset_shards
 from tests.support import IMAGENET_SAMPLE
-from workers.readers import ParquetLayoutError, Record, read_shard
+from workers.readers import ParquetLayoutError, Record, ShardSource, read_shard
 from workers.storage import open_storage
 
 PHOTOS = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[:5]
@@ -31,7 +31,7 @@ def _records(spec: InputSpec, tmp_path: Path) -> list[Record]:
         return [
             record
             for task in plan_shards(spec, storage)
-            for record in read_shard(storage, task, spec.extensions, pool, layout=spec, scratch=str(tmp_path))
+            for record in read_shard(ShardSource(storage, spec, pool, scratch=str(tmp_path)), task)
         ]
 
 
@@ -233,7 +233,7 @@ def test_patterns_single_gzip_shards_and_parquet_on_both_backends(storage_root, 
         keys = []
         with ThreadPoolExecutor(2) as pool:
             for task in plan_shards(spec, storage):
-                records = read_shard(storage, task, spec.extensions, pool, layout=spec, scratch=str(tmp_path))
+                records = read_shard(ShardSource(storage, spec, pool, scratch=str(tmp_path)), task)
                 keys += [record.key for record in records]
         return keys
 

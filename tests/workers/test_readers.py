@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from schemas.shards import ShardTask
-from schemas.specs import IMAGE_EXTENSIONS, StorageOptions
+from schemas.specs import IMAGE_EXTENSIONS, InputSpec, StorageOptions
 from workers.readers import (
     Record,
+    ShardSource,
     StorageByScheme,
     bounded_map,
     class_folder,
@@ -28,6 +29,11 @@ from workers.readers import (
     webdataset_key,
 )
 from workers.storage import AccessDenied, LocalStorage, S3Storage, StoreUnavailable, join, open_storage
+
+
+def _source(storage, task: ShardTask, pool=None, **layout) -> ShardSource:
+    """How a worker reads `task`: the default input spec for its base, with `layout`'s fields."""
+    return ShardSource(storage, InputSpec(uri=task.base_uri, **layout), pool)
 
 
 def tar_bytes(
@@ -115,7 +121,7 @@ def test_read_tar_yields_images_in_order_on_both_backends(storage_root):
     storage_root.storage.write_bytes(join(storage_root.uri, "shards", "00000.tar"), tar_bytes(members))
     task = tar_task(storage_root.uri)
 
-    records = list(read_shard(storage_root.storage, task, IMAGE_EXTENSIONS, pool=None))
+    records = list(read_shard(_source(storage_root.storage, task), task))
 
     source = join(storage_root.uri, "shards/00000.tar")
     assert records == [
@@ -292,7 +298,7 @@ def test_read_files_in_task_key_order_on_both_backends(storage_root):
     task = ShardTask(shard_id="s-1", kind="files", base_uri=base, keys=keys)
 
     with ThreadPoolExecutor(4) as pool:
-        records = list(read_shard(storage_root.storage, task, IMAGE_EXTENSIONS, pool))
+        records = list(read_shard(_source(storage_root.storage, task, pool), task))
 
     assert records == [Record(key, join(base, key), payload(key), given_label=class_folder(key)) for key in keys]
 
@@ -456,7 +462,7 @@ def test_read_tar_members_above_the_cap_are_error_records_and_not_read(tmp_path)
     members = [("a.jpg", b"a" * 512), ("huge.jpg", b"h" * 5000), ("b.jpg", b"b" * 1024)]
     task = local_tar(tmp_path, members)
 
-    records = list(read_shard(LocalStorage(), task, IMAGE_EXTENSIONS, None, max_bytes=1024))
+    records = list(read_shard(_source(LocalStorage(), task, max_object_bytes=1024), task))
 
     assert [(r.key, r.data) for r in records] == [("a", b"a" * 512), ("huge", None), ("b", b"b" * 1024)]
     assert records[1].error == "refused: member 'huge.jpg' is 5000 bytes, above max_object_bytes=1024"
@@ -540,7 +546,7 @@ def test_read_shard_files_uses_the_pool(tmp_path):
             return super().submit(fn, *args, **kwargs)
 
     with RecordingPool(1) as pool:
-        assert list(read_shard(LocalStorage(), task, IMAGE_EXTENSIONS, pool)) == [
+        assert list(read_shard(_source(LocalStorage(), task, pool), task)) == [
             Record("a.jpg", os.path.join(str(tmp_path), "a.jpg"), b"a")
         ]
     assert names == ["a.jpg"]

@@ -19,7 +19,7 @@ from schemas.specs import IMAGE_EXTENSIONS, InputSpec, PreprocessSpec
 from workers.decode import decode
 from workers.decoders import make_decoder
 from workers.pipeline import decoded_batches
-from workers.readers import Record, read_shard
+from workers.readers import Record, ShardSource, read_shard
 from workers.storage import LocalStorage
 from workers.writer import RowMeta, ShardWriter
 
@@ -63,7 +63,8 @@ def test_reader_errors_map_to_their_kind(tmp_path):
     (tmp_path / "in" / "big.jpg").write_bytes(jpeg(size=(300, 300)))
     task = ShardTask(shard_id="s", kind="files", base_uri=str(tmp_path / "in"), keys=("big.jpg", "gone.jpg"))
     with ThreadPoolExecutor(2) as pool:
-        records = list(read_shard(LocalStorage(), task, IMAGE_EXTENSIONS, pool, max_bytes=100))
+        layout = InputSpec(uri=task.base_uri, extensions=IMAGE_EXTENSIONS, max_object_bytes=100)
+        records = list(read_shard(ShardSource(LocalStorage(), layout, pool), task))
     assert [error_kind_of(r.error) for r in records] == [ErrorKind.TOO_LARGE, ErrorKind.READ_FAILED]
     assert error_kind_of(None) == ErrorKind.NONE == ""
 
@@ -81,14 +82,14 @@ def test_tar_samples_carry_their_cls_label_and_json_sidecar_after_the_image(tmp_
     ]
     (tmp_path / "00000.tar").write_bytes(tar_of(members))
     task = ShardTask(shard_id="00000", kind="tar", base_uri=str(tmp_path), keys=("00000.tar",))
-    records = list(read_shard(LocalStorage(), task, IMAGE_EXTENSIONS, pool=None))
+    records = list(read_shard(ShardSource(LocalStorage(), InputSpec(uri=str(tmp_path))), task))
     assert [(r.key, r.given_label) for r in records] == [("a", "tabby"), ("b", "281"), ("c", None), ("d", None)]
     assert records[0].sidecar == '{"url":"https://example.com/a.jpg","caption":"a cat","width":40}'
     assert records[1].sidecar == '{"url":"https://example.com/b.jpg","label":281}'
     assert records[2].sidecar is None and records[3].sidecar is None  # unparseable JSON is not passed on
 
     picked = InputSpec(uri=str(tmp_path), image_field="png;jpg")
-    records = list(read_shard(LocalStorage(), task, IMAGE_EXTENSIONS, pool=None, layout=picked))
+    records = list(read_shard(ShardSource(LocalStorage(), picked), task))
     assert [(r.key, r.given_label) for r in records] == [("a", "tabby"), ("b", "281"), ("c", None), ("d", None)]
     assert '"caption":"a cat"' in records[0].sidecar
 
@@ -100,10 +101,10 @@ def test_loose_files_under_class_folders_carry_the_folder_as_given_label(tmp_pat
     keys = ("cat/1.jpg", "dog/x/2.jpg", "top.jpg")
     task = ShardTask(shard_id="s", kind="files", base_uri=str(tmp_path), keys=keys)
     with ThreadPoolExecutor(2) as pool:
-        records = list(read_shard(LocalStorage(), task, IMAGE_EXTENSIONS, pool))
+        records = list(read_shard(ShardSource(LocalStorage(), InputSpec(uri=str(tmp_path)), pool), task))
         assert [r.given_label for r in records] == ["cat", "dog", None]
         named = InputSpec(uri=str(tmp_path), row_key="name")  # img2dataset's files layout: folders are not classes
-        records = list(read_shard(LocalStorage(), task, IMAGE_EXTENSIONS, pool, layout=named))
+        records = list(read_shard(ShardSource(LocalStorage(), named, pool), task))
     assert [r.given_label for r in records] == [None, None, None]
 
 

@@ -11,7 +11,7 @@ import torch
 
 from schemas.finetune import EpochMetrics, FinetuneJobSpec, TrainingSpec, TrainingState
 from schemas.specs import PreprocessSpec
-from workers.inference import Predictor
+from workers.inference import Predictor, PredictorOptions
 from workers.models import LoadedModel
 from workers.training.data import DataPlan
 from workers.training.loop import (
@@ -155,7 +155,9 @@ def test_evaluation_normalises_exactly_like_the_label_path(pretrained_mobilenet)
     with torch.inference_mode():
         ours = torch.softmax(model(normalise(torch.from_numpy(pixels).permute(0, 3, 1, 2))), 1)
     loaded = LoadedModel(model.backbone, model.head, ["a", "b", "c"], preprocess, "test:v1")
-    label_path = Predictor(loaded, torch.device("cpu"), "fp32", top_k=3, embeddings=False)(pixels)
+    label_path = Predictor(loaded, torch.device("cpu"), PredictorOptions(precision="fp32", top_k=3, embeddings=False))(
+        pixels
+    )
     ours_sorted = ours.sort(dim=1, descending=True)
     np.testing.assert_array_equal(label_path.topk_indices, ours_sorted.indices.numpy())
     np.testing.assert_allclose(label_path.topk_scores, ours_sorted.values.numpy(), atol=1e-5)
