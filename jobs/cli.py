@@ -13,10 +13,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
+from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, exit_code_for
 from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
+from schemas.outcome import Outcome
 from schemas.specs import (
     LabelJobSpec,
     ModelSpec,
@@ -30,6 +31,15 @@ from schemas.specs import (
 log = logging.getLogger("bulklabel")
 
 EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
+# The exit code of each way a job run can end (jobs.errors). No default: an outcome missing here ends the command
+# as an internal error (exit 4), never as a success.
+EXIT_BY_OUTCOME: dict[Outcome, int] = {
+    Outcome.SUCCEEDED: EXIT_OK,
+    Outcome.PARTIAL: EXIT_OK,  # failed shards within max_failed_shards: the summary lists them
+    Outcome.ALREADY_COMPLETE: EXIT_OK,
+    Outcome.FAILED: EXIT_FAILED,
+    Outcome.CANCELLED: EXIT_INTERRUPTED,
+}
 _MAX_MESSAGE_CHARS = 2000
 
 
@@ -351,7 +361,19 @@ def _run(spec: LabelJobSpec | FinetuneJobSpec, quiet: bool) -> int:
 
         summary = run_label_job(spec, show_progress=not quiet)
     print("\n".join(summary.lines()))
-    return 0
+    return exit_code_of(summary.status)
+
+
+class UnmappedOutcome(RuntimeError):
+    """A job ended with an outcome EXIT_BY_OUTCOME does not know: a bug, reported as one (exit 4)."""
+
+
+def exit_code_of(outcome: Outcome) -> int:
+    """The command's exit code for how its job ended; an outcome without one is an internal error."""
+    try:
+        return EXIT_BY_OUTCOME[outcome]
+    except KeyError:
+        raise UnmappedOutcome(f"no exit code for the job outcome {outcome!r}") from None
 
 
 def format_labels_table(output: str) -> str:
