@@ -110,7 +110,7 @@ class TrainingSpec(Spec):
     backbone_lr_scale: float = Field(
         default=0.1, gt=0, le=1, description="full: the backbone's learning rate is learning_rate times this."
     )
-    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
     warmup_epochs: float = Field(
         default=0.5,
         ge=0,
