@@ -259,3 +259,13 @@ def test_a_table_naming_a_missing_field_or_an_unreadable_type_fails_when_the_par
 
     with pytest.raises(TypeError, match="no command-line form"):
         SpecFlags(Listy, {"--items": "items"}).add_to(argparse.ArgumentParser())
+
+
+@pytest.mark.parametrize("command", [["label"], ["finetune"], ["submit", "label"], ["submit", "finetune"]], ids=str)
+def test_every_job_command_prints_its_help(command, capsys):
+    """argparse formats help only when asked: a field description it cannot format would fail here, not at use."""
+    with pytest.raises(SystemExit) as ended:
+        _parser().parse_args([*command, "--help"])
+    assert ended.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 32)" in out and "--endpoint-url" in out
