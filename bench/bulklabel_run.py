@@ -9,6 +9,7 @@ from datetime import datetime
 
 from bench.models import BenchModel
 from bench.s3server import S3Server
+from schemas.outcome import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def run_bulklabel(
     started_wall, started = time.time(), time.perf_counter()
     summary = run_label_job(spec, show_progress=False)
     seconds = time.perf_counter() - started
-    if summary.status != "succeeded" or summary.errors:
+    if summary.status is not Outcome.SUCCEEDED or summary.errors:
         raise RuntimeError(f"bench job did not succeed cleanly: {summary.lines()}")
     times = commit_times(server, output_uri)
     return JobTiming(seconds, summary.images, summary.shards, times.last_commit - times.first_turn,

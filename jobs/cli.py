@@ -13,23 +13,38 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
+from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, exit_code_for
+from jobs.flags import SpecFlags
+from jobs.kind_flags import FINETUNE_SPEC_FLAGS, LABEL_SPEC_FLAGS
 from jobs.service.commands import add_service_commands, normalise_argv
-from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
+from schemas.finetune import FinetuneJobSpec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
+from schemas.outcome import Outcome
 from schemas.specs import (
     LabelJobSpec,
-    ModelSpec,
     OutputOptions,
     StorageOptions,
     job_spec_json_schema,
     load_job_spec,
-    parse_job_spec,
 )
 
 log = logging.getLogger("bulklabel")
 
+# The commands that run a job from flags, with their help and flags (jobs.kind_flags); `submit <name>` takes the same.
+JOB_COMMANDS: dict[str, tuple[str, SpecFlags]] = {
+    "label": ("label the images under --input, write Parquet to --output", LABEL_SPEC_FLAGS),
+    "finetune": ("fine-tune a torchvision model on labelled images → <output>/vN/", FINETUNE_SPEC_FLAGS),
+}
 EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
+# The exit code of each way a job run can end (jobs.errors). No default: an outcome missing here ends the command
+# as an internal error (exit 4), never as a success.
+EXIT_BY_OUTCOME: dict[Outcome, int] = {
+    Outcome.SUCCEEDED: EXIT_OK,
+    Outcome.PARTIAL: EXIT_OK,  # failed shards within max_failed_shards: the summary lists them
+    Outcome.ALREADY_COMPLETE: EXIT_OK,
+    Outcome.FAILED: EXIT_FAILED,
+    Outcome.CANCELLED: EXIT_INTERRUPTED,
+}
 _MAX_MESSAGE_CHARS = 2000
 
 
@@ -74,13 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    label = sub.add_parser("label", help="label the images under --input, write Parquet to --output")
-    _label_arguments(label)
-    label.set_defaults(handler=_cmd_label)
-
-    tune = sub.add_parser("finetune", help="fine-tune a torchvision model on labelled images → <output>/vN/")
-    _finetune_arguments(tune)
-    tune.set_defaults(handler=_cmd_finetune)
+    for name, (text, flags) in JOB_COMMANDS.items():
+        command = sub.add_parser(name, help=text)
+        kind_arguments(command, flags)
+        command.set_defaults(handler=_cmd_job, spec_flags=flags)
 
     run = sub.add_parser("run", help="run a job spec file (YAML or JSON), of any kind")
     run.add_argument("spec", type=Path)
@@ -129,158 +141,23 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
-    add_service_commands(sub, _label_arguments, _finetune_arguments, _label_spec, _finetune_spec)
+    add_service_commands(sub, {name: flags for name, (_, flags) in JOB_COMMANDS.items()}, kind_arguments, spec_of)
     return parser
 
 
-def _label_arguments(label: argparse.ArgumentParser) -> None:
-    label.add_argument("--input", required=True, help="local folder/manifest or s3://bucket/prefix")
-    label.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
-    output = OutputOptions.model_fields
-    label.add_argument("--output-format", default=output["format"].default, choices=["parquet", "delta"],
-                       help="parquet: Parquet files; delta: also a Delta table in OUTPUT/table")  # fmt: skip
-    label.add_argument("--compact", default=output["compact"].default, choices=["auto", "never"],
-                       help="auto: merge many small data files at the end of the job")  # fmt: skip
-    label.add_argument("--target-file-mb", type=int, default=output["target_file_mb"].default,
-                       help="the size compaction aims each data file at")  # fmt: skip
-    label.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50, mobilenet_v2")
-    label.add_argument("--weights", default="DEFAULT", help="weights name (IMAGENET1K_V1), file path/URI, or 'none'")
-    label.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
-    label.add_argument("--format", default="auto", choices=["auto", "tar", "files", "manifest", "parquet"])
-    label.add_argument("--image-field", help="tar samples with several images: the one to label, e.g. 'jpg;png'")
-    label.add_argument("--decoder", default="auto", choices=["auto", "pillow", "torchvision", "nvjpeg"])
-    label.add_argument("--files-per-shard", type=int, default=1000)
-    label.add_argument("--top-k", type=int, help="classes kept per image (default 5, or all if fewer)")
-    label.add_argument("--batch-size", type=int, default=32)
-    label.add_argument("--workers", type=int, default=0, help="model replicas (0: one per GPU, or 1 on CPU)")
-    label.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    label.add_argument("--compile", default=str(ModelSpec.model_fields["compile"].default).lower(),
-                       choices=["false", "true", "auto"],
-                       help="torch.compile the model (auto: when the job is large enough to repay it)")  # fmt: skip
-    label.add_argument("--no-embeddings", action="store_true", help="do not store penultimate-layer features")
-    label.add_argument("--probabilities", action="store_true",
-                       help=LabelJobSpec.model_fields["probabilities"].description)  # fmt: skip
-    label.add_argument("--shared-storage", action="store_true",
-                       help="local paths are on storage every Ray node mounts at the same path (NFS)")  # fmt: skip
-    label.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
-    label.add_argument("--job-id", help="defaults to a hash of input, output, model and top-k")
-    label.add_argument("--quiet", action="store_true", help="no progress bar")
+def kind_arguments(parser: argparse.ArgumentParser, flags: SpecFlags) -> None:
+    """A job kind's flags (derived from its spec, jobs.flags) and what every job command takes besides."""
+    flags.add_to(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _finetune_arguments(tune: argparse.ArgumentParser) -> None:
-    tune.add_argument("--data", required=True, help="folder/s3 prefix with a sub-folder per class, or a CSV/Parquet "
-                      "labels file (key, label)")  # fmt: skip
-    tune.add_argument("--base", required=True, help="torchvision model name, e.g. mobilenet_v2, resnet50")
-    tune.add_argument("--weights", default="DEFAULT", help="weights to start from (IMAGENET1K_V1), a file, or 'none'")
-    tune.add_argument("--weights-dir", help="folder of weight files for air-gapped machines")
-    tune.add_argument("--output", required=True, help="folder or s3://bucket/prefix; each run adds v1, v2, ...")
-    training, data = FinetuneJobSpec.model_fields["training"].default, FinetuneDataSpec.model_fields
-    tune.add_argument("--method", default=training.method, choices=["lp-ft", "full", "linear-probe"],
-                      help="lp-ft: fit the head on frozen features, then train every layer from it; full: "
-                      "every layer from a random head; linear-probe: a convex fit on embeddings")  # fmt: skip
-    tune.add_argument("--epochs", type=int, default=training.epochs)
-    tune.add_argument("--min-steps", type=int, default=training.min_steps,
-                      help="optimizer steps at least: small sets repeat within an epoch")  # fmt: skip
-    tune.add_argument("--no-group-duplicates", action="store_true",
-                      help="split without keeping near-duplicate images on one side")  # fmt: skip
-    tune.add_argument("--duplicate-cosine", type=float, default=data["duplicate_cosine"].default,
-                      help="embedding cosine from which two images of a class are near-duplicates")  # fmt: skip
-    tune.add_argument("--batch-size", type=int, default=32)
-    tune.add_argument("--lr", type=float, default=1e-3, help="the new head's peak learning rate")
-    tune.add_argument("--image-size", type=int, help="training crop side (default: the weights' eval crop)")
-    tune.add_argument("--val-data", help="a separate validation set (else a stratified split of --data)")
-    tune.add_argument("--val-fraction", type=float, default=0.2)
-    tune.add_argument("--key-column", default="key", help="labels-file column of image keys")
-    tune.add_argument("--label-column", default="label", help="labels-file column of class names")
-    tune.add_argument("--class-weights", default="none", choices=["none", "balanced"])
-    tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
-    tune.add_argument("--gpus-per-worker", type=float, default=0)
-    tune.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
-    tune.add_argument("--job-id", help="defaults to a hash of data, model, training settings and output")
-    tune.add_argument("--name", help="artifact name in its id <name>:vN (default: the output folder's name)")
-    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+def spec_of(args: argparse.Namespace) -> LabelJobSpec | FinetuneJobSpec:
+    """The job spec a `label`, `finetune` or `submit <kind>` command line describes."""
+    return args.spec_flags.build(args)
 
 
-def _cmd_label(args: argparse.Namespace) -> int:
-    return _run(_label_spec(args), quiet=args.quiet)
-
-
-def _label_spec(args: argparse.Namespace) -> LabelJobSpec:
-    spec = {
-        "kind": "label",
-        "input": {
-            "uri": args.input,
-            "format": args.format,
-            "files_per_shard": args.files_per_shard,
-            "image_field": args.image_field,
-        },
-        "decoder": args.decoder,
-        "output": {
-            "uri": args.output,
-            "format": args.output_format,
-            "compact": args.compact,
-            "target_file_mb": args.target_file_mb,
-        },
-        "model": {
-            "name": args.model,
-            "weights": None if args.weights.lower() == "none" else args.weights,
-            "weights_dir": args.weights_dir,
-            "device": args.device,
-            "compile": {"true": True, "false": False}.get(args.compile, args.compile),
-        },
-        "batch_size": args.batch_size,
-        "num_workers": args.workers,
-        "embeddings": not args.no_embeddings,
-        "probabilities": args.probabilities,
-        "shared_storage": args.shared_storage,
-        "storage": {"endpoint_url": args.endpoint_url},
-    }
-    if args.job_id:
-        spec["job_id"] = args.job_id
-    if args.top_k is not None:
-        spec["top_k"] = args.top_k
-    return parse_job_spec(spec)
-
-
-def _cmd_finetune(args: argparse.Namespace) -> int:
-    return _run(_finetune_spec(args), quiet=args.quiet)
-
-
-def _finetune_spec(args: argparse.Namespace) -> FinetuneJobSpec:
-    spec = {
-        "kind": "finetune",
-        "data": {
-            "uri": args.data,
-            "validation_uri": args.val_data,
-            "val_fraction": args.val_fraction,
-            "key_column": args.key_column,
-            "label_column": args.label_column,
-            "group_duplicates": not args.no_group_duplicates,
-            "duplicate_cosine": args.duplicate_cosine,
-        },
-        "base": {
-            "name": args.base,
-            "weights": None if args.weights.lower() == "none" else args.weights,
-            "weights_dir": args.weights_dir,
-        },
-        "output": args.output,
-        "training": {
-            "method": args.method,
-            "epochs": args.epochs,
-            "min_steps": args.min_steps,
-            "batch_size": args.batch_size,
-            "learning_rate": args.lr,
-            "image_size": args.image_size,
-            "class_weights": args.class_weights,
-            "seed": args.seed,
-        },
-        "num_workers": args.workers,
-        "gpus_per_worker": args.gpus_per_worker,
-        "storage": {"endpoint_url": args.endpoint_url},
-    }
-    spec |= {key: value for key, value in (("job_id", args.job_id), ("name", args.name)) if value}
-    return parse_job_spec(spec)
+def _cmd_job(args: argparse.Namespace) -> int:
+    return _run(spec_of(args), quiet=args.quiet)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -351,7 +228,19 @@ def _run(spec: LabelJobSpec | FinetuneJobSpec, quiet: bool) -> int:
 
         summary = run_label_job(spec, show_progress=not quiet)
     print("\n".join(summary.lines()))
-    return 0
+    return exit_code_of(summary.status)
+
+
+class UnmappedOutcome(RuntimeError):
+    """A job ended with an outcome EXIT_BY_OUTCOME does not know: a bug, reported as one (exit 4)."""
+
+
+def exit_code_of(outcome: Outcome) -> int:
+    """The command's exit code for how its job ended; an outcome without one is an internal error."""
+    try:
+        return EXIT_BY_OUTCOME[outcome]
+    except KeyError:
+        raise UnmappedOutcome(f"no exit code for the job outcome {outcome!r}") from None
 
 
 def format_labels_table(output: str) -> str:

@@ -30,6 +30,7 @@ from jobs.cluster import ClusterResources, ensure_ray
 from jobs.locations import absolute_locations
 from schemas.catalog import check_model
 from schemas.finetune import EpochMetrics, FinetuneJobSpec, ModelCard, Recipe, TrainingState
+from schemas.outcome import Outcome
 from workers.storage import Storage, check_writable, join, local_scratch_dir, open_storage, split_s3
 from workers.training.artifacts import (
     ROUGH_BELOW,
@@ -65,7 +66,7 @@ class FinetuneSummary:
     """The outcome of a fine-tune job, as returned by the API and printed by the CLI."""
 
     job_id: str
-    status: str  # succeeded | already-complete
+    status: Outcome  # succeeded | already_complete: a failed run raises FinetuneFailed
     artifact: str  # location of the version folder
     card: ModelCard
     seconds: float
@@ -77,7 +78,7 @@ class FinetuneSummary:
         groups = (f", split keeping {data.duplicate_groups} near-duplicate group(s) ({data.grouped_images} images) "
                   "whole" if data.groups is not None else "")  # fmt: skip
         out = [
-            f"job {self.job_id}: {self.status}",
+            f"job {self.job_id}: {self.status.value}",
             f"  model:    {card.artifact_id} ({card.architecture} from {card.base_weights or 'random init'}, "
             f"{card.training.method}, {len(card.class_names)} classes)",
             f"  val:      accuracy {m.val_accuracy:.4f} (95% CI {low:.3f}-{high:.3f}{rough}), macro F1 "
@@ -118,7 +119,7 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
     published = find_job_artifact(out, spec.output, job_id)
     if published:
         log.info("job %s already published %s; nothing to do", job_id, published[1].artifact_id)
-        return FinetuneSummary(job_id, "already-complete", published[0], published[1], 0.0)
+        return FinetuneSummary(job_id, Outcome.ALREADY_COMPLETE, published[0], published[1], 0.0)
     check_writable(out, spec.output)
     listing = _list(spec)
     cluster = ensure_ray()
@@ -129,11 +130,11 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
     with embedding_pass(spec, cluster) as embedder:
         plan, embedded = _plan(spec, listing, embedder)
         recipe = plan_recipe(spec.training, len(plan.train), spec.num_workers, PROBE_MAX_ITERATIONS)
-        probe = _fit_probe(embedder, listing, plan, recipe) if spec.training.method != "full" else None
+        probe = _fit_probe(embedder, listing, plan, recipe) if spec.training.method.fits_probe else None
         recipe = _with_probe_steps(recipe, probe)
-        if spec.training.method == "linear-probe":
+        if not spec.training.method.trains:
             location, card = _publish_probe(out, spec, job_id, plan, recipe, embedder, probe, embedded)
-            return FinetuneSummary(job_id, "succeeded", location, card, time.perf_counter() - clock)
+            return FinetuneSummary(job_id, Outcome.SUCCEEDED, location, card, time.perf_counter() - clock)
     _claim_checkpoints(out, spec, job_id, plan)
     planned = time.perf_counter()
 
@@ -142,7 +143,7 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
     done = time.perf_counter()
     log.info("job %s: checked, embedded and planned in %.1fs, trained and published in %.1fs", job_id,
              planned - clock, done - planned)  # fmt: skip
-    return FinetuneSummary(job_id, "succeeded", location, card, done - clock)
+    return FinetuneSummary(job_id, Outcome.SUCCEEDED, location, card, done - clock)
 
 
 def _train_and_publish(out: Storage, spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe,
@@ -172,7 +173,7 @@ def _needs_embeddings(spec: FinetuneJobSpec) -> bool:
     """Whether the pass over the images must embed them (a grouped split, or a fitted head: lp-ft, linear-probe)
     rather than only read and decode them (which every job does, to leave unreadable images out of the split)."""
     grouped = spec.data.group_duplicates and spec.data.validation_uri is None
-    return grouped or spec.training.method != "full"
+    return grouped or spec.training.method.needs_embeddings
 
 
 def _list(spec: FinetuneJobSpec) -> Listing:
@@ -316,7 +317,7 @@ def _trainer(spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe,
         "spec": spec,  # the pydantic object, pickled: a JSON dump would mask the storage secrets
         "plan": plan,
         "recipe": recipe,
-        "probe": probe if spec.training.method == "lp-ft" else None,
+        "probe": probe if spec.training.method.trains_from_probe else None,
         "torch_threads": max(1, math.floor(cpus)),
         "show_progress": show_progress,
         "log_level": log_level,

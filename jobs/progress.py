@@ -9,6 +9,7 @@ from typing import Protocol
 
 from tqdm import tqdm
 
+from schemas.outcome import Outcome
 from schemas.shards import ShardResult, StageSeconds
 
 
@@ -32,7 +33,7 @@ class JobSummary:
     """The outcome of a job, as returned by the API and printed by the CLI."""
 
     job_id: str
-    status: str  # succeeded | partial | failed | already-complete
+    status: Outcome
     output: str
     shards: int
     shards_skipped: int
@@ -55,7 +56,7 @@ class JobSummary:
 
     def lines(self) -> list[str]:
         out = [
-            f"job {self.job_id}: {self.status}",
+            f"job {self.job_id}: {self.status.value}",
             f"  images:   {self.images} ({self.errors} with errors) in {self.shards} shards"
             + (f", {self.shards_skipped} already done before this run" if self.shards_skipped else ""),
             f"  time:     {self.seconds:.1f}s, {self.images_per_second:.1f} images/s this run",

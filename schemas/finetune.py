@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -56,11 +57,39 @@ class FinetuneDataSpec(Spec):
     extensions: Extensions
 
 
+class FinetuneMethod(StrEnum):
+    """How a fine-tune job trains; what each method does is read from its properties, never by comparing names."""
+
+    LP_FT = "lp-ft"
+    FULL = "full"
+    LINEAR_PROBE = "linear-probe"
+
+    @property
+    def fits_probe(self) -> bool:
+        """Fits the new head on frozen features (the convex linear probe)."""
+        return self is not FinetuneMethod.FULL
+
+    @property
+    def needs_embeddings(self) -> bool:
+        """Embeds every image with the frozen base model before training (the probe's features)."""
+        return self.fits_probe
+
+    @property
+    def trains(self) -> bool:
+        """Trains the network with SGD after (or instead of) the probe; linear-probe stops at the probe."""
+        return self is not FinetuneMethod.LINEAR_PROBE
+
+    @property
+    def trains_from_probe(self) -> bool:
+        """Starts training from the probe's head (lp-ft) rather than from a random one (full)."""
+        return self.fits_probe and self.trains
+
+
 class TrainingSpec(Spec):
     """How to train. The defaults are the usual recipe for a few hundred to a few thousand images."""
 
-    method: Literal["lp-ft", "full", "linear-probe"] = Field(
-        default="lp-ft",
+    method: FinetuneMethod = Field(
+        default=FinetuneMethod.LP_FT,
         description="lp-ft: fit the new head on frozen features (the linear probe), then train every layer at a "
         "low learning rate from there (Kumar et al., ICLR 2022); full: train every layer from a random head, the "
         "backbone at a lower learning rate; linear-probe: one forward pass for embeddings, then a convex fit "
@@ -81,7 +110,7 @@ class TrainingSpec(Spec):
     backbone_lr_scale: float = Field(
         default=0.1, gt=0, le=1, description="full: the backbone's learning rate is learning_rate times this."
     )
-    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
     warmup_epochs: float = Field(
         default=0.5,
         ge=0,
@@ -201,7 +230,7 @@ class Stage(Spec):
 class Recipe(Spec):
     """What a run does, decided on the driver from the spec and the data's size before any worker starts."""
 
-    method: Literal["lp-ft", "full", "linear-probe"]
+    method: FinetuneMethod
     train_images: int = Field(ge=0)
     stages: tuple[Stage, ...]
     epochs: int = Field(ge=0, description="Evaluations of the trained stage (each one checkpointed).")

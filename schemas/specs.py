@@ -70,11 +70,13 @@ class StorageOptions(Spec):
     """How to reach object storage. Credentials default to the standard AWS chain (env, profile, role)."""
 
     endpoint_url: str | None = Field(
-        default=None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO)."
+        default=None,
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO); else "
+        "$AWS_ENDPOINT_URL_S3 or the AWS chain's.",
     )
     region: str | None = Field(default=None, description="AWS region; defaults to the AWS chain or us-east-1.")
     access_key_id: SecretStr | None = Field(default=None, description="Explicit key; prefer the AWS chain.")
-    secret_access_key: SecretStr | None = None
+    secret_access_key: SecretStr | None = Field(default=None, description="Given with access_key_id.")
 
     @model_validator(mode="after")
     def _keys_come_in_pairs(self) -> StorageOptions:
@@ -160,7 +162,9 @@ class ModelSpec(Spec):
     weights_dir: str | None = Field(
         default=None, description="Folder holding weight files for air-gapped clusters (also $BULKLABEL_WEIGHTS_DIR)."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where the model runs: auto: a GPU where the worker has one, else the CPU."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU (CPU bf16 is slow without native support)."
     )
@@ -235,10 +239,10 @@ class LabelJobSpec(Spec):
         description="Store the full softmax vector per image (float32 list, one per class; null otherwise), for "
         "label-error detection. About 4 bytes per class per image before compression.",
     )
-    batch_size: int = Field(default=32, gt=0, le=4096)
+    batch_size: int = Field(default=32, gt=0, le=4096, description="Images per forward pass on each worker.")
     num_workers: int = Field(default=0, ge=0, description="Model replicas (Ray actors); 0 = one per GPU, or 1 on CPU.")
     cpus_per_worker: float = Field(default=0, ge=0, description="0 = the cluster's CPUs split between the workers.")
-    decode_threads: int = Field(default=2, gt=0, le=64)
+    decode_threads: int = Field(default=2, gt=0, le=64, description="Threads decoding images on each worker.")
     decoder: Literal["auto", "pillow", "torchvision", "nvjpeg"] = Field(
         default="auto",
         description="pillow: Pillow, pixels identical to torchvision's weights.transforms(); torchvision: "

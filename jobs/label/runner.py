@@ -25,6 +25,7 @@ from jobs.locations import absolute_locations
 from jobs.output.session import OutputSession
 from jobs.progress import JobSummary, Progress, ProgressListener, Skipped
 from schemas.catalog import class_names
+from schemas.outcome import Outcome
 from schemas.shards import ShardJob, ShardResult, ShardTask, StageSeconds, WorkerSpec
 from schemas.specs import LabelJobSpec
 from workers.storage import open_storage
@@ -81,11 +82,11 @@ def _run_in(session: OutputSession, spec: LabelJobSpec, job_id: str, run: LabelR
     plan = _check_plan(spec, committed)
     # A finished job run again writes nothing, not even the writer lease: it is read, not written.
     manifest = session.manifest() if not plan.todo else None
-    if manifest and manifest.get("status") == "succeeded":
+    if manifest and manifest.get("status") == Outcome.SUCCEEDED:
         log.info("job %s already complete at %s; nothing to do", job_id, spec.output)
         return _summary_of_manifest(manifest, spec.output, plan.stats)
     manifest = session.start()  # the first write: only once the input and the output have checked out
-    if not plan.todo and manifest and manifest.get("status") == "succeeded":
+    if not plan.todo and manifest and manifest.get("status") == Outcome.SUCCEEDED:
         log.info("job %s completed at %s by another run meanwhile; nothing to do", job_id, spec.output)
         return _summary_of_manifest(manifest, spec.output, plan.stats)
 
@@ -124,10 +125,10 @@ def _run_in(session: OutputSession, spec: LabelJobSpec, job_id: str, run: LabelR
         if worker is not None:
             _count_the_rest(pending)
         return replace(_summarise(spec, job_id, results, {}, plan, stats, time.perf_counter() - clock, progress),
-                       status="cancelled", **run_facts)  # fmt: skip
+                       status=Outcome.CANCELLED, **run_facts)  # fmt: skip
     summary = _summarise(spec, job_id, results, failures, plan, stats, time.perf_counter() - clock, progress)
     summary = replace(summary, **run_facts)
-    if summary.status == "failed":
+    if summary.status is Outcome.FAILED:
         session.failed(summary.failure_reason or f"{len(failures)} shard(s) failed", results, failures)
         raise JobFailed(summary)
     session.complete(worker | {"compiled": compiling.compile, "compile_decision": compiling.line()}, results, failures)
@@ -204,12 +205,12 @@ def _summarise(
     """The job's outcome: failed beyond its shard limit or its error-row fraction, partial, or succeeded."""
     images = sum(r.rows for r in results.values())
     errors = sum(r.errors for r in results.values())
-    status, why = "succeeded", None
+    status, why = Outcome.SUCCEEDED, None
     if failures:
-        status = "failed" if len(failures) > spec.max_failed_shards else "partial"
+        status = Outcome.FAILED if len(failures) > spec.max_failed_shards else Outcome.PARTIAL
     if images and errors / images > spec.max_error_fraction:
         kind, rows, example = error_summary(results.values())
-        status = "failed"
+        status = Outcome.FAILED
         why = (
             f"{errors} of {images} rows are errors, above max_error_fraction={spec.max_error_fraction:g}; "
             f"commonest: {kind!r} ({rows} rows, e.g. {example!r}); check the input location and format"
@@ -293,7 +294,7 @@ def _summary_of_manifest(manifest: dict, output: str, stats: PlanStats) -> JobSu
     totals = manifest["totals"]
     return JobSummary(
         job_id=manifest["job_id"],
-        status="already-complete",
+        status=Outcome.ALREADY_COMPLETE,
         output=output,
         shards=totals["shards"],
         shards_skipped=totals["shards"],

@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 from jobs.errors import EXIT_FAILED
+from jobs.flags import SpecFlags
 from jobs.service.records import JobRecord, JobState
 
 SUBMIT_KINDS = ("label", "finetune")
@@ -29,18 +31,18 @@ def normalise_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def add_service_commands(sub, label_arguments, finetune_arguments, label_spec, finetune_spec) -> None:
-    """Add the commands to the CLI's sub-parsers; the label/finetune arguments and spec builders are the CLI's own,
-    so `submit label` takes exactly what `label` takes."""
+def add_service_commands(sub, kinds: Mapping[str, SpecFlags], kind_arguments, spec_of) -> None:
+    """Add the commands to the CLI's sub-parsers. `submit <kind>` takes the kind's flags exactly as the CLI's own
+    command does (`kind_arguments`, derived from the spec by jobs.flags) and builds its spec the same way
+    (`spec_of`)."""
     submit = sub.add_parser("submit", help="queue a job on the job service and print its id (returns at once)")
-    kinds = submit.add_subparsers(required=True, metavar="KIND")
-    for name, arguments, build in (("label", label_arguments, label_spec),
-                                   ("finetune", finetune_arguments, finetune_spec)):  # fmt: skip
-        parser = kinds.add_parser(name, help=f"a {name} job from flags, as `bulklabel {name}` takes them")
-        arguments(parser)
+    choices = submit.add_subparsers(required=True, metavar="KIND")
+    for name, flags in kinds.items():
+        parser = choices.add_parser(name, help=f"a {name} job from flags, as `bulklabel {name}` takes them")
+        kind_arguments(parser, flags)
         _submit_options(parser)
-        parser.set_defaults(handler=_cmd_submit, build=build)
-    from_file = kinds.add_parser("file", help="a job spec file (YAML or JSON); `bulklabel submit job.yaml` works too")
+        parser.set_defaults(handler=_cmd_submit, build=spec_of, spec_flags=flags)
+    from_file = choices.add_parser("file", help="a job spec file (YAML or JSON); `bulklabel submit job.yaml` works too")
     from_file.add_argument("spec", type=Path)
     _submit_options(from_file)
     from_file.set_defaults(handler=_cmd_submit, build=_spec_from_file)

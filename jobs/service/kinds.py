@@ -28,6 +28,7 @@ from jobs.service.pools import PoolLease
 from jobs.service.records import JobKind, JobProgress, JobRecord, JobState
 from schemas.finetune import FinetuneJobSpec
 from schemas.masking import mask_text
+from schemas.outcome import Outcome as RunOutcome  # this module's own Outcome is the service's (the lead merges)
 from schemas.shards import ShardResult, WorkerSpec
 from schemas.specs import LabelJobSpec, StorageOptions
 from workers.storage import StorageError
@@ -124,7 +125,7 @@ class LabelJobRun:
         set_current_job(job_id)
         try:
             summary = run_label_job(spec, run=run)
-            if summary.status == "already-complete":
+            if summary.status is RunOutcome.ALREADY_COMPLETE:
                 self._progress.already_complete(summary.shards, summary.images, summary.errors)
             state = {"cancelled": JobState.CANCELLED, "partial": JobState.PARTIAL}.get(summary.status,
                                                                                      JobState.SUCCEEDED)  # fmt: skip

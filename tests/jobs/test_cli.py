@@ -22,6 +22,7 @@ from jobs import cli
 from jobs.cli import main
 from jobs.errors import BadInput, InfrastructureError, WorkersLost, exit_code_for
 from jobs.label.placement import PlacementError
+from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec, SpecError
 from tests.schemas.test_specs import ALIAS_BOMB
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
@@ -279,3 +280,38 @@ def test_a_storage_list_by_mistake_never_echoes_the_secret(tmp_path, capsys, cap
         measured.append(f"{name}: exit 2 for run and submit, {len(err)} chars, keys shown as ***")
     assert "the command failed" in caplog.text and KEY_ID not in caplog.text and SECRET not in caplog.text
     record_property("measured", "; ".join(measured) + "; neither key in the -v traceback either")
+
+
+class _Summary:
+    """A finished run's summary as the CLI reads it: its outcome and its lines."""
+
+    def __init__(self, status):
+        self.status = status
+
+    def lines(self) -> list[str]:
+        return [f"job x: {self.status}"]
+
+
+_EXITS = {"succeeded": 0, "partial": 0, "already_complete": 0, "failed": 1, "cancelled": 130}
+
+
+@pytest.mark.parametrize("outcome", list(Outcome), ids=str)
+def test_a_job_exits_by_its_outcome_through_the_table(tmp_path, monkeypatch, outcome):
+    import jobs.label.runner
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"kind: label\ninput: {{uri: {tmp_path / 'in'}}}\noutput: {tmp_path / 'out'}\nmodel: {{name: x}}\n")
+    monkeypatch.setattr(jobs.label.runner, "run_label_job", lambda spec, show_progress: _Summary(outcome))
+    assert set(cli.EXIT_BY_OUTCOME) == set(Outcome)  # every outcome has its code: no default is needed
+    assert main(["run", str(spec), "--quiet"]) == _EXITS[outcome.value]
+
+
+def test_an_outcome_without_an_exit_code_is_an_internal_error_never_a_success(tmp_path, monkeypatch, capsys):
+    import jobs.label.runner
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"kind: label\ninput: {{uri: {tmp_path / 'in'}}}\noutput: {tmp_path / 'out'}\nmodel: {{name: x}}\n")
+    monkeypatch.setattr(jobs.label.runner, "run_label_job", lambda spec, show_progress: _Summary(Outcome.SUCCEEDED))
+    monkeypatch.delitem(cli.EXIT_BY_OUTCOME, Outcome.SUCCEEDED)  # a new outcome nobody mapped
+    assert main(["run", str(spec), "--quiet"]) == 4
+    assert "internal error: UnmappedOutcome: no exit code for the job outcome" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from jobs.label.plan import files_shard_id
 from jobs.label.runner import JobFailed, run_label_job
 from jobs.output.layout import LEASE_FILE
 from jobs.output.lease import LeaseRecord
+from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
 from workers import faults
@@ -206,7 +207,7 @@ def test_driver_waits_for_nothing_when_job_is_done(photos, tmp_path):
     run_label_job(spec, show_progress=False)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
     time.sleep(0.01)
-    assert run_label_job(spec, show_progress=False).status == "already-complete"
+    assert run_label_job(spec, show_progress=False).status == Outcome.ALREADY_COMPLETE
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before
 
 

@@ -27,6 +27,7 @@ from jobs.errors import EXIT_BAD_INPUT
 from jobs.finetune import ResumeConflict, run_finetune_job, run_storage
 from jobs.label.runner import run_label_job
 from schemas.finetune import FinetuneJobSpec
+from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec, ModelSpec
 from tests.support import PLANTS, write_torchvision_weights
 from workers.models import build_model
@@ -127,7 +128,7 @@ def test_default_recipe_fits_the_head_first_keeps_copies_on_one_side_and_labels_
     assert accuracy == pytest.approx(card.metrics.val_accuracy)
 
     again = run_finetune_job(spec, show_progress=False)
-    assert (again.status, again.artifact) == ("already-complete", summary.artifact)
+    assert (again.status, again.artifact) == (Outcome.ALREADY_COMPLETE, summary.artifact)
     assert set(versions(_local(), spec.output)) == {1}
 
 

@@ -15,6 +15,7 @@ import pytest
 import ray
 
 from jobs.label.runner import run_label_job
+from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, webdataset_key, write_tar_shards, write_torchvision_weights
 from workers.storage import join, open_storage
@@ -114,7 +115,7 @@ def test_killing_a_worker_mid_job_loses_and_duplicates_nothing(photo_folder, tmp
     assert (outcome["summary"].status, outcome["summary"].worker_restarts) == ("succeeded", 1)
 
     again = run_label_job(spec, show_progress=False)
-    assert again.status == "already-complete"
+    assert again.status == Outcome.ALREADY_COMPLETE
     rows = _rows(tmp_path / "out")
     keys = [r["key"] for r in rows]
     assert len(keys) == len(set(keys)) == 60

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import _label_spec, _parser
+from jobs.cli import _parser, spec_of
 from jobs.label.runner import run_label_job
 from jobs.output.reader import open_output
 from schemas.output import LABEL_SCHEMA
@@ -98,5 +98,5 @@ def test_an_output_of_the_previous_schema_version_still_reads_with_the_new_colum
 
 def test_cli_probabilities_flag_reaches_the_spec():
     args = ["label", "--input", "/in", "--output", "/out", "--model", "mobilenet_v2"]
-    assert _label_spec(_parser().parse_args(args)).probabilities is False
-    assert _label_spec(_parser().parse_args([*args, "--probabilities"])).probabilities is True
+    assert spec_of(_parser().parse_args(args)).probabilities is False
+    assert spec_of(_parser().parse_args([*args, "--probabilities"])).probabilities is True

@@ -71,7 +71,7 @@ def build_classifier(job: FinetuneJobSpec, num_classes: int, cache_dir: Path) ->
     loaded = build_model(job.base, job.storage, cache_dir)
     head = nn.Linear(loaded.embedding_dim, num_classes)
     model = Classifier(loaded.backbone, head)
-    if job.training.method == "linear-probe":
+    if not job.training.method.trains:
         model.backbone.requires_grad_(False)
     return model, loaded.preprocess
 
@@ -425,7 +425,7 @@ class FinetuneWorker:
 
     def _set_mode(self, training: bool) -> None:
         self.model.train(training)
-        if self.job.training.method == "linear-probe":
+        if not self.job.training.method.trains:
             # A frozen backbone keeps its batch-norm statistics and runs without dropout.
             self.plain_model.backbone.eval()
 

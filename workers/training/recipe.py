@@ -45,7 +45,7 @@ def plan_recipe(training: TrainingSpec, train_images: int, world_size: int, prob
     """What a run of `training` on `train_images` images over `world_size` ranks does."""
     smoothing = label_smoothing_for(training, train_images)
     head_stage = Stage(name="head", optimizer=LBFGS, steps=probe_iterations)
-    if training.method == "linear-probe":
+    if not training.method.trains:
         return Recipe(method=training.method, train_images=train_images, stages=(head_stage,), epochs=0,
                       steps_per_epoch=0, samples_per_epoch=0, warmup_steps=0, label_smoothing=smoothing,
                       notes="one forward pass for embeddings, then a convex fit of the head")  # fmt: skip
@@ -60,12 +60,12 @@ def plan_recipe(training: TrainingSpec, train_images: int, world_size: int, prob
     notes = f"{training.epochs} epochs of {steps_per_epoch} steps ({passes:.1f} passes over the data each)"
     if steps_per_epoch > one_pass:
         notes += f", repeated to reach min_steps {training.min_steps}"
-    if training.method == "lp-ft":
+    if training.method.trains_from_probe:
         notes = "head fitted on frozen features first, then every layer from it: " + notes
     return Recipe(
         method=training.method,
         train_images=train_images,
-        stages=(head_stage, trained) if training.method == "lp-ft" else (trained,),
+        stages=(head_stage, trained) if training.method.trains_from_probe else (trained,),
         epochs=training.epochs,
         steps_per_epoch=steps_per_epoch,
         samples_per_epoch=samples,
@@ -79,4 +79,4 @@ def _learning_rates(training: TrainingSpec) -> tuple[float, float]:
     """(head, backbone) peak learning rates. full: the random head at learning_rate, the backbone at a fraction of
     it; lp-ft: the head is fitted already, so it moves as slowly as the backbone."""
     backbone = training.learning_rate * training.backbone_lr_scale
-    return (backbone if training.method == "lp-ft" else training.learning_rate), backbone
+    return (backbone if training.method.trains_from_probe else training.learning_rate), backbone

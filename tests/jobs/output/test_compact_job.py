@@ -15,6 +15,7 @@ from PIL import Image
 from jobs.cli import main
 from jobs.label.runner import run_label_job
 from jobs.output.reader import open_output
+from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
 
 SHARDS = 100
@@ -57,7 +58,7 @@ def test_compacting_a_real_100_shard_output_then_resuming_and_extending_it(spec,
     assert duckdb.sql(f"SELECT count(DISTINCT key) FROM read_parquet('{out}/data/**')").fetchall() == [(SHARDS,)]
 
     again = run_label_job(spec, show_progress=False)  # resume after compaction: every shard is done
-    assert (again.status, again.images_this_run) == ("already-complete", 0)
+    assert (again.status, again.images_this_run) == (Outcome.ALREADY_COMPLETE, 0)
 
     _photos(Path(spec.input.uri), 3, start=SHARDS)  # new input: labelled alone, the compacted rows kept
     extended = run_label_job(spec, show_progress=False)

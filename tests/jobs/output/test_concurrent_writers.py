@@ -27,6 +27,7 @@ from jobs.label.runner import run_label_job
 from jobs.output.compact import compact_output
 from jobs.output.query import run_query
 from jobs.output.reader import open_output
+from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
 from tests.conftest import PROJECT_ROOT
 from tests.jobs.output.test_compact import ROWS, write_output
@@ -208,7 +209,7 @@ def test_the_same_job_twice_at_once_into_a_delta_output(tmp_path, ray_cluster, r
     assert len(wrote) == 1, [out_[-800:] for out_, _, _ in ended]
     if codes == [0, 3]:  # the refused run, run again: everything is done
         again = run_label_job(LabelJobSpec.model_validate(json.loads(spec.read_text())), show_progress=False)
-        assert again.status == "already-complete"
+        assert again.status == Outcome.ALREADY_COMPLETE
     table = DeltaTable(str(out / "table"))
     keys = table.to_pyarrow_table(columns=["key"])["key"].to_pylist()
     writes = [c for c in table.history() if c["operation"] == "WRITE"]

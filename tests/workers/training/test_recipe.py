@@ -104,3 +104,16 @@ def test_the_convex_fit_separates_classes_in_well_under_a_second():
     assert (head.logits(x[1::2]).argmax(1) == labels[1::2]).mean() > 0.9
     stronger = fit_linear_head(x[::2], labels[::2], 3, l2=100.0)
     assert np.abs(stronger.weight).sum() < np.abs(head.weight).sum()  # l2 shrinks the weights
+
+
+@pytest.mark.parametrize(
+    ("method", "fits_probe", "needs_embeddings", "trains", "trains_from_probe"),
+    [("lp-ft", True, True, True, True), ("full", False, False, True, False),
+     ("linear-probe", True, True, False, False)],
+)  # fmt: skip
+def test_each_method_says_what_it_does(method, fits_probe, needs_embeddings, trains, trains_from_probe):
+    m = TrainingSpec(method=method).method
+    assert (m.fits_probe, m.needs_embeddings, m.trains, m.trains_from_probe) == (
+        fits_probe, needs_embeddings, trains, trains_from_probe)  # fmt: skip
+    recipe = plan_recipe(TrainingSpec(method=method), 130, 1, 500)
+    assert [s.name for s in recipe.stages] == ["head"] * fits_probe + ["full"] * trains
