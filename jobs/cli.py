@@ -16,16 +16,9 @@ from pydantic import ValidationError
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
 from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
+from schemas.jobspecs import job_spec_json_schema, load_job_spec, parse_job_spec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
-from schemas.specs import (
-    LabelJobSpec,
-    ModelSpec,
-    OutputOptions,
-    StorageOptions,
-    job_spec_json_schema,
-    load_job_spec,
-    parse_job_spec,
-)
+from schemas.specs import LabelJobSpec, ModelSpec, OutputOptions, StorageOptions
 
 log = logging.getLogger("bulklabel")
 
