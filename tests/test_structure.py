@@ -229,8 +229,9 @@ def torch_loaders(tree: Tree) -> dict[str, tuple[list[str], Import]]:
     return loads
 
 
-def driver_torch_imports(tree: Tree, driver: str = "jobs", workers: str = "workers") -> list[str]:
-    """The driver's imports, anywhere in its code, of torch itself and of worker modules that load torch."""
+def driver_torch_imports(tree: Tree, driver: str = "jobs") -> list[str]:
+    """The driver's imports, anywhere in its code, of torch itself and of worker (or schemas) modules that load
+    torch; a driver module importing torch is named by its own import."""
     loads = torch_loaders(tree)
     problems = []
     for imp in tree.imports:
@@ -238,7 +239,7 @@ def driver_torch_imports(tree: Tree, driver: str = "jobs", workers: str = "worke
             continue
         if _top(imp.target) in TORCH:
             problems.append(f"{imp.where(tree.root)} (the driver imports no torch)")
-        elif imp.project and _top(imp.target) == workers and imp.target in loads:
+        elif imp.project and _top(imp.target) != driver and imp.target in loads:
             chain, torch = loads[imp.target]
             problems.append(
                 f"{imp.where(tree.root)}, which loads torch ({' -> '.join(chain)}; {torch.where(tree.root)})"
@@ -365,21 +366,24 @@ def test_the_driver_importing_torch_through_any_chain_is_found(tmp_path):
             "workers/weights.py": "try:\n    import torch.nn\nexcept ImportError:\n    pass\n",
             "workers/heavy/__init__.py": "import torchvision\n",
             "workers/heavy/plan.py": "import json\n",  # torch-free itself, but its package loads torch
+            "schemas/tensors.py": "from workers.weights import load\n",
             "jobs/runner.py": "from workers import storage\nfrom workers.front import start\n",
             "jobs/cli.py": "def main():\n    import workers.heavy.plan\n    from torch import nn\n",
             # A front whose method imports the torch side where it runs (an actor), and a TYPE_CHECKING import:
             # neither loads torch on import.
             "workers/remote.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n"
             "class Actor:\n    def __init__(self):\n        from workers.model import Model\n",
-            "jobs/actors.py": "from workers.remote import Actor\n",
+            "jobs/actors.py": "from workers.remote import Actor\nimport schemas.tensors\n",
         },
     )
     problems = driver_torch_imports(tree)
     assert problems == [
+        "jobs/actors.py:2: jobs.actors imports schemas.tensors, which loads torch (schemas.tensors -> workers.weights; "
+        "workers/weights.py:2: workers.weights imports torch.nn)",
         "jobs/cli.py:2: jobs.cli imports workers.heavy.plan, which loads torch (workers.heavy.plan -> "
         "workers.heavy; workers/heavy/__init__.py:1: workers.heavy imports torchvision)",
         "jobs/cli.py:3: jobs.cli imports torch (the driver imports no torch)",
         "jobs/runner.py:2: jobs.runner imports workers.front, which loads torch (workers.front -> workers.model -> "
         "workers.weights; workers/weights.py:2: workers.weights imports torch.nn)",
     ]
-    assert {"workers.storage", "workers.remote", "jobs.actors"}.isdisjoint(torch_loaders(tree))
+    assert {"workers.storage", "workers.remote"}.isdisjoint(torch_loaders(tree))
