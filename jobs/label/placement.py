@@ -17,6 +17,7 @@ from schemas.catalog import UnknownModel, model_gflops
 from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
 from workers.storage import open_storage
+from workers.training.artifacts import card_of
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def resolve_compile(
     if spec.model.compile != "auto":
         return explicit(spec.model.compile)
     try:
-        gflops = model_gflops(spec.model, spec.storage)
+        gflops = model_gflops(spec.model, card_of(spec.model, spec.storage))
     except UnknownModel:  # an artifact whose card names weights the registry lacks: no figure, eager
         gflops = None
     device = "gpu" if placement.gpus_per_worker else "cpu"

@@ -29,6 +29,7 @@ from schemas.outcome import Outcome
 from schemas.shards import ShardJob, ShardResult, ShardTask, StageSeconds, WorkerSpec
 from schemas.specs import LabelJobSpec
 from workers.storage import open_storage
+from workers.training.artifacts import card_of
 
 log = logging.getLogger(__name__)
 COUNT_REST_S = 30.0  # a cancelled job counts the rest of its plan (a listing) for at most this long
@@ -237,7 +238,7 @@ def _summarise(
 def check_top_k(spec: LabelJobSpec) -> None:
     """An explicit top_k must not exceed the model's classes (also checks the model and weights names); the
     default is capped to the classes by the predictor, so a 3-class fine-tuned model needs no --top-k."""
-    classes = len(class_names(spec.model, spec.storage))
+    classes = len(class_names(spec.model, card_of(spec.model, spec.storage)))
     if spec.top_k > classes and "top_k" in spec.model_fields_set:
         raise PlanError(f"top_k={spec.top_k} exceeds the {classes} classes of model {spec.model.name!r}")
 

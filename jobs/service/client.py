@@ -25,6 +25,7 @@ from jobs.locations import absolute_locations
 from jobs.service.config import SERVICE_NAME, SERVICE_NAMESPACE, ServiceConfig
 from jobs.service.records import JobRecord, JobState
 from schemas.catalog import class_names
+from workers.training.artifacts import card_of
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def submit(spec, priority: int = 0, max_workers: int | None = None) -> str:
     connect()
     if spec.kind == "label":
         refuse_unshared_local_paths(spec, ensure_ray())  # local paths other nodes cannot see: refused now
-        classes = len(class_names(spec.model, spec.storage))
+        classes = len(class_names(spec.model, card_of(spec.model, spec.storage)))
         if spec.top_k > classes and "top_k" in spec.model_fields_set:
             raise BadInput(f"top_k={spec.top_k} exceeds the {classes} classes of model {spec.model.name!r}")
     return _call("submit", spec, priority, max_workers, start=True, retry=False)

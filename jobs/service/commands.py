@@ -78,7 +78,7 @@ def _submit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _spec_from_file(args: argparse.Namespace):
-    from schemas.specs import load_job_spec
+    from schemas.jobspecs import load_job_spec
 
     return load_job_spec(args.spec)
 

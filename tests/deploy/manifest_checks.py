@@ -24,7 +24,7 @@ import kubernetes_validate
 import yaml
 from pydantic import ValidationError
 
-from schemas.specs import SpecError, load_job_spec
+from schemas.jobspecs import SpecError, load_job_spec
 from workers.compile_cache import CACHE_ENV as COMPILE_CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from schemas.catalog import UnknownModel, catalog, check_model, class_names, model_gflops
-from schemas.finetune import MODEL_CARD_NAME
+from schemas.finetune import MODEL_CARD_NAME, ModelCard
 from schemas.specs import ModelSpec
 from workers.models import model_categories, registry_catalog
+from workers.training.artifacts import ArtifactError, card_of
 
 
 def test_catalog_file_matches_the_installed_registry():
@@ -49,9 +50,17 @@ def test_bad_names_are_refused_naming_what_exists(spec, message):
 def test_an_artifact_reads_its_classes_from_the_model_card(tmp_path):
     (tmp_path / MODEL_CARD_NAME).write_text(json.dumps({"class_names": ["a"]}))
     with pytest.raises(Exception, match="class_names|validation"):  # a card missing its other fields is refused
-        class_names(ModelSpec(name=str(tmp_path)))
-    with pytest.raises(UnknownModel, match="not a fine-tuned artifact"):
-        class_names(ModelSpec(name=str(tmp_path / "nothing-here")))
+        card_of(ModelSpec(name=str(tmp_path)))
+    with pytest.raises(ArtifactError, match="no model card at"):
+        card_of(ModelSpec(name=str(tmp_path / "nothing-here")))
+    # Only what the catalog reads of a card (the whole card is tested in tests/workers/training/test_artifacts.py).
+    card = ModelCard.model_construct(architecture="resnet18", base_weights="IMAGENET1K_V1", class_names=["cat", "dog"])
+    spec = ModelSpec(name=str(tmp_path))
+    assert class_names(spec, card) == ["cat", "dog"]
+    assert model_gflops(spec, card) == model_gflops(ModelSpec(name=card.architecture, weights=card.base_weights))
+    with pytest.raises(TypeError, match="pass its model card"):  # schemas reads no storage: the caller reads it
+        class_names(spec)
+    assert card_of(ModelSpec(name="resnet50")) is None  # a registry model has no card
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ from schemas.finetune import (
     Recipe,
     TrainingState,
 )
-from schemas.specs import StorageOptions
+from schemas.specs import ModelSpec, StorageOptions
 from workers.storage import Storage, join, local_scratch_dir, normalise_uri, open_storage, relative_key
 from workers.training.dataplan import DataPlan
 
@@ -360,30 +360,7 @@ def read_card(location: str, options: StorageOptions | None = None) -> ModelCard
     return ModelCard.model_validate_json(storage.read_bytes(uri))
 
 
-def load_artifact_model(location: str, options: StorageOptions, cache_dir: Path):
-    """A LoadedModel (workers.models) from an artifact: architecture, class names and preprocessing from its card,
-    weights from its safetensors file, checked against the card's sha256."""
-    import torch  # noqa: F401 - safetensors' torch loader needs torch imported
-    from safetensors.torch import load_file
-    from torch import nn
-    from torchvision.models import get_model
-
-    from workers.models import LoadedModel, split_head
-    from workers.weights import fetch_location
-
-    location = normalise_uri(location).rstrip("/").removesuffix(f"/{MODEL_CARD_NAME}")
-    card = read_card(location, options)
-    path = fetch_location(join(location, card.weights_file), options, cache_dir)
-    actual = sha256_of(path)
-    if actual != card.weights_sha256:
-        raise ArtifactError(f"{path}: sha256 is {actual[:16]}…, the model card says {card.weights_sha256[:16]}…")
-    model = get_model(card.architecture, weights=None, num_classes=len(card.class_names))
-    backbone, head = split_head(model)
-    try:
-        nn.ModuleDict({"backbone": backbone, "head": head}).load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{path} does not fit {card.architecture} with {len(card.class_names)} classes") from exc
-    backbone.eval()
-    log.info("loaded %s (%s, %d classes) from %s", card.artifact_id, card.architecture, len(card.class_names),
-             location)  # fmt: skip
-    return LoadedModel(backbone, head.eval(), list(card.class_names), card.preprocess, card.artifact_id)
+def card_of(spec: ModelSpec, options: StorageOptions | None = None) -> ModelCard | None:
+    """The model card of a spec naming a fine-tuned artifact, None for a registry model: what the driver's checks
+    (schemas.catalog's class_names, model_gflops) need of an artifact, read without torch."""
+    return read_card(spec.name, options) if is_artifact_location(spec.name) else None
