@@ -19,7 +19,8 @@ from jobs.flags import Flag, SpecFlags, field_at, spec_data
 from jobs.kind_flags import FINETUNE_FLAGS, LABEL_FLAGS
 from jobs.service.commands import normalise_argv
 from schemas.finetune import FinetuneMethod
-from schemas.specs import Spec, load_job_spec
+from schemas.jobspecs import load_job_spec
+from schemas.specs import Spec
 
 # What each kind's required flags are given in every case, as flags and as the spec file's fields.
 _BASE = {
