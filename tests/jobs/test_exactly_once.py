@@ -311,4 +311,4 @@ def test_two_jobs_started_together_one_wins_the_output(tmp_path, ray_cluster_env
     owner = json.loads((out / OWNER_NAME).read_text())["job_id"]
     table = ds.dataset(out, format="parquet").to_table(columns=["key", "job_id"])
     assert set(table.column("job_id").to_pylist()) == {owner} and table.num_rows == 4
-    record_property("measured", f"exit codes {codes}; loser: {loser.strip()[:100]}; 4/4 rows, all of the winner")
+    record_property("measured", f"exit codes {codes}; loser: {said[0][:100]}; 4/4 rows, all of the winner")
