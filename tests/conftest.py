@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,30 @@ def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> StorageRoot:
     else:
         uri, options = request.getfixturevalue("s3_prefix"), request.getfixturevalue("s3_server").options()
     return StorageRoot(uri=uri, options=options, storage=open_storage(uri, options))
+
+
+# ---------------------------------------------------------------------------------------- generated weights
+
+
+@pytest.fixture(scope="session")
+def torchvision_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """weights(arch) → a generated torchvision-format `<arch>-<sha8>.pth` (tests.support.write_torchvision_weights),
+    made once per session and shared: VGG-16's takes seconds to make and is 528 MB. Treat the file as read-only.
+    Deleted at the end of the session."""
+    from tests.support import write_torchvision_weights
+
+    folder = tmp_path_factory.mktemp("torchvision-weights")
+    made: dict[str, Path] = {}
+
+    def weights(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = write_torchvision_weights(arch, folder / arch)
+        return made[arch]
+
+    try:
+        yield weights
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------- Ray
