@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,30 @@ def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> StorageRoot:
     return StorageRoot(uri=uri, options=options, storage=open_storage(uri, options))
 
 
+# ---------------------------------------------------------------------------------------- generated weights
+
+
+@pytest.fixture(scope="session")
+def torchvision_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """weights(arch) → a generated torchvision-format `<arch>-<sha8>.pth` (tests.support.write_torchvision_weights),
+    made once per session and shared: VGG-16's takes seconds to make and is 528 MB. Treat the file as read-only.
+    Deleted at the end of the session."""
+    from tests.support import write_torchvision_weights
+
+    folder = tmp_path_factory.mktemp("torchvision-weights")
+    made: dict[str, Path] = {}
+
+    def weights(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = write_torchvision_weights(arch, folder / arch)
+        return made[arch]
+
+    try:
+        yield weights
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------------------- Ray
 
 
@@ -174,3 +198,11 @@ def ray_cluster() -> Iterator[Any]:
             else:
                 os.environ[key] = value
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster_env(ray_cluster: Any) -> dict[str, str]:
+    """The environment for a subprocess driver (`bulklabel label`, `python -m jobs.cli`) that joins the session's
+    cluster through $RAY_ADDRESS instead of starting a private one: a private cluster costs seconds per command on
+    2 cores. Only for tests that do not kill the cluster (killing a driver is fine: Ray ends its job's workers)."""
+    return {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["address"]}

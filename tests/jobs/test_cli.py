@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -69,21 +68,18 @@ def test_schema_command_prints_json_schema(capsys):
 
 
 @pytest.mark.slow
-def test_label_command_resolves_real_weights_offline(tmp_path):
-    """The README's promise: after set-up, this command works with no network, on its own local Ray."""
+def test_label_command_resolves_real_weights_offline(tmp_path, ray_cluster_env):
+    """The README's promise: after set-up, this command works with no network. It joins the session's cluster (a
+    private one costs seconds here); the command on its own local Ray is tested in tests/jobs/test_cluster.py
+    (the stale address file) and tests/jobs/test_interruptions.py (the cluster stopped)."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for row in imagenet_labels()[:6]:
         shutil.copy(IMAGENET_SAMPLE / row["file"], photos)
-    ray_tmp = tempfile.mkdtemp(prefix="blc-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
     cli = Path(sys.executable).with_name("bulklabel")
     args = [str(cli), "label", "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--quiet",
             "--input", str(photos), "--output", str(tmp_path / "out")]  # fmt: skip
-    try:
-        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    done = subprocess.run(args, env=ray_cluster_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "succeeded" in done.stdout
     table = ds.dataset(tmp_path / "out", format="parquet").to_table()

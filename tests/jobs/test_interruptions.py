@@ -1,7 +1,8 @@
 """The driver or the whole Ray cluster dies mid-job; running the same command again finishes only what is missing.
 
-These run the real CLI in a subprocess with its own local Ray cluster, so killing it cannot harm the
-test session's cluster.
+These run the real CLI in a subprocess. A driver that is killed joins the test session's cluster (killing a driver
+leaves its cluster running; Ray ends the job's workers); a cluster that is killed is the driver's own private one,
+so killing it cannot harm the session's. Re-runs join the session's cluster: a private cluster costs seconds.
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ def _label_command(photos: Path, out: Path) -> list[str]:
 
 
 def _start(command: list[str], ray_tmp: str) -> subprocess.Popen:
+    """The command on a private local cluster with its temp dir in `ray_tmp`."""
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled",
            # A driver whose cluster is gone gives up after 10 s instead of Ray's default minute.
            "RAY_gcs_rpc_server_reconnect_timeout_s": "10"}  # fmt: skip
+    return _start_in(command, env)
+
+
+def _start_in(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -69,8 +75,8 @@ def _ray_processes(ray_tmp: str) -> list[psutil.Process]:
     return list(found.values())
 
 
-def _finish(command: list[str], ray_tmp: str) -> str:
-    rerun = _start(command, ray_tmp)
+def _finish(command: list[str], env: dict[str, str]) -> str:
+    rerun = _start_in(command, env)
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr[-3000:]
     return stdout
@@ -87,19 +93,18 @@ def _kill_tree_leftovers(ray_tmp: str) -> None:
     injected="SIGKILL to the `bulklabel label` process after 3 of 16 shards were committed",
     expected="the re-run skips committed shards and labels only the missing ones; rows in = rows out",
 )
-def test_driver_killed_then_rerun_finishes_only_missing_shards(photos, tmp_path, record_property):
-    out, ray_tmp = tmp_path / "out", tempfile.mkdtemp(prefix="bld-", dir="/tmp")
+def test_driver_killed_then_rerun_finishes_only_missing_shards(photos, tmp_path, ray_cluster_env, record_property):
+    out = tmp_path / "out"
     command = _label_command(photos, out)
+    driver = _start_in(command, ray_cluster_env)
     try:
-        driver = _start(command, ray_tmp)
         _wait_for_markers(out, 3, driver)
+    finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-        committed_before = len(list((out / "_done").glob("*.json")))
-        assert committed_before < 16 and not (out / "_job.json").exists()
-        stdout = _finish(command, tempfile.mkdtemp(prefix="bld-", dir="/tmp"))
-    finally:
-        _kill_tree_leftovers(ray_tmp)
+    committed_before = len(list((out / "_done").glob("*.json")))
+    assert committed_before < 16 and not (out / "_job.json").exists()
+    stdout = _finish(command, ray_cluster_env)
     # Workers may still commit the shards they held for a moment after their driver died: those count as done.
     skipped = int(re.search(r"(\d+) already done before this run", stdout).group(1))
     assert "succeeded" in stdout and committed_before <= skipped < 16
@@ -113,7 +118,7 @@ def test_driver_killed_then_rerun_finishes_only_missing_shards(photos, tmp_path,
     injected="SIGKILL to every process of the driver's local cluster (GCS, raylet, workers) after 3 of 16 shards",
     expected="the driver exits with an error; the re-run labels only the missing shards; rows in = rows out",
 )
-def test_ray_cluster_stopped_then_rerun_finishes(photos, tmp_path, record_property):
+def test_ray_cluster_stopped_then_rerun_finishes(photos, tmp_path, ray_cluster_env, record_property):
     out, ray_tmp = tmp_path / "out", tempfile.mkdtemp(prefix="blr-", dir="/tmp")
     command = _label_command(photos, out)
     try:
@@ -133,7 +138,7 @@ def test_ray_cluster_stopped_then_rerun_finishes(photos, tmp_path, record_proper
         noticed = time.monotonic() - killed_at
         committed_before = len(list((out / "_done").glob("*.json")))
         assert committed_before < 16 and not (out / "_job.json").exists()
-        stdout = _finish(command, tempfile.mkdtemp(prefix="blr-", dir="/tmp"))
+        stdout = _finish(command, ray_cluster_env)
     finally:
         _kill_tree_leftovers(ray_tmp)
     skipped = int(re.search(r"(\d+) already done before this run", stdout).group(1))

@@ -17,7 +17,7 @@ import ray
 from jobs.label.runner import run_label_job
 from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
-from tests.support import IMAGENET_SAMPLE, imagenet_labels, webdataset_key, write_tar_shards, write_torchvision_weights
+from tests.support import IMAGENET_SAMPLE, imagenet_labels, webdataset_key, write_tar_shards
 from workers.storage import join, open_storage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -149,8 +149,9 @@ def test_rerun_of_half_done_job_labels_only_missing_shards(photo_folder, tmp_pat
 
 
 @pytest.mark.parametrize(("arch", "width"), [("resnet50", 2048), ("vgg16", 4096), ("efficientnet_b0", 1280)])
-def test_torchvision_format_weight_files_label_with_right_embedding_width(arch, width, photo_folder, tmp_path):
-    weights = write_torchvision_weights(arch, tmp_path / "weights")
+def test_torchvision_format_weight_files_label_with_right_embedding_width(arch, width, photo_folder, tmp_path,
+                                                                         torchvision_weights):  # fmt: skip
+    weights = torchvision_weights(arch)  # the session's file, which tests/workers/test_models.py builds too
     spec = LabelJobSpec(
         input={"uri": str(photo_folder), "format": "files"},
         output=str(tmp_path / "out"),

@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models import get_model
 
 from schemas.specs import ModelSpec, StorageOptions
-from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_torchvision_weights
+from tests.support import IMAGENET_SAMPLE, imagenet_labels
 from workers.decode import decode
 from workers.inference import Predictor, PredictorOptions
 from workers.models import (
@@ -77,17 +77,16 @@ def test_mobilenet_v2_labels_real_photos(mobilenet):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """build(arch) → LoadedModel from a generated `<arch>-<sha8>.pth` given as a path; each arch built once."""
+def built(tmp_path_factory, torchvision_weights):
+    """build(arch) → LoadedModel from a generated `<arch>-<sha8>.pth` given as a path; each arch built once (the
+    file is the session's, which tests/jobs/test_label_job.py labels with too)."""
     cache: dict[str, tuple[LoadedModel, str]] = {}
 
     def build(arch: str) -> tuple[LoadedModel, str]:
         if arch not in cache:
-            folder = tmp_path_factory.mktemp(arch)
-            path = write_torchvision_weights(arch, folder)
-            loaded = build_model(ModelSpec(name=arch, weights=str(path)), StorageOptions(), folder / "cache")
-            path.unlink()  # VGG-16's file is 528 MB; the model is in memory now
-            cache[arch] = (loaded, path.name)
+            path = torchvision_weights(arch)
+            cached = tmp_path_factory.mktemp(arch) / "cache"
+            cache[arch] = (build_model(ModelSpec(name=arch, weights=str(path)), StorageOptions(), cached), path.name)
         return cache[arch]
 
     return build

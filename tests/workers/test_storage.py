@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -264,3 +266,55 @@ def test_local_list_follows_file_links_not_folder_links(tmp_path: Path):
     listed = list(LocalStorage().list(str(tmp_path / "root")))
 
     assert [(o.uri, o.size) for o in listed] == [(str(tmp_path / "root" / "link.txt"), 1)]
+
+
+class _OutageClock:
+    """An injected clock for S3Storage's retries: its `sleep` advances the clock instead of waiting, and it stands
+    in for the boto3 client, refusing connections until the clock passes the outage's end, so outages of many
+    seconds are tested in milliseconds."""
+
+    def __init__(self, outage_s: float):
+        self.now, self.outage_s, self.calls = 0.0, outage_s, 0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def get_object(self, Bucket: str, Key: str) -> dict:  # noqa: N803 - boto3's parameter names
+        from botocore.exceptions import EndpointConnectionError
+
+        self.calls += 1
+        if self.now < self.outage_s:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        return {"Body": io.BytesIO(f"{Bucket}/{Key}".encode())}
+
+
+def _storage_on(clock: _OutageClock, jitter: float, monkeypatch: pytest.MonkeyPatch) -> S3Storage:
+    """An S3Storage whose retries sleep on `clock` and whose jitter factor is always `jitter` (0.5 to 1)."""
+    import workers.storage as storage_module
+
+    monkeypatch.setattr(storage_module, "time", SimpleNamespace(sleep=clock.sleep))
+    monkeypatch.setattr(storage_module, "random", SimpleNamespace(uniform=lambda low, high: jitter))
+    storage = S3Storage(StorageOptions())
+    storage._client = clock
+    return storage
+
+
+@pytest.mark.parametrize(("jitter", "outage_s"), [(0.5, 0.1), (0.5, 15.0), (1.0, 30.0)])
+def test_s3_retries_ride_out_an_outage(jitter, outage_s, monkeypatch):
+    """tests/jobs/test_storage_outage.py stops SeaweedFS for a few seconds for real; how long an outage one call
+    outlasts (about 15 s at the shortest jittered backoff, 30 s at the longest) is checked here on a clock."""
+    clock = _OutageClock(outage_s)
+    storage = _storage_on(clock, jitter, monkeypatch)
+    assert storage.read_bytes("s3://bucket/key") == b"bucket/key"
+    assert clock.now >= outage_s and 1 < clock.calls <= S3Storage.RETRY_ATTEMPTS
+
+
+def test_s3_retries_are_bounded_and_end_in_store_unavailable(monkeypatch):
+    from workers.storage import StoreUnavailable
+
+    clock = _OutageClock(outage_s=3600)
+    storage = _storage_on(clock, 1.0, monkeypatch)
+    with pytest.raises(StoreUnavailable, match="s3://bucket/key"):
+        storage.read_bytes("s3://bucket/key")
+    assert clock.calls == S3Storage.RETRY_ATTEMPTS
+    assert 25 < clock.now < 60  # backoff grows, then is capped: a dead store is given up on in under a minute

@@ -5,10 +5,8 @@ and run again leaves one row per image."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from jobs.output.table import app_id, delta_storage_options
 from schemas.output import LABEL_SCHEMA_VERSION
 from schemas.specs import LabelJobSpec
 from tests.jobs.output.test_compact import DIM, JOB, ROWS, write_output
-from tests.jobs.test_interruptions import _finish, _kill_tree_leftovers, _start
+from tests.jobs.test_interruptions import _finish, _start_in
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
 
 SHARDS = 12
@@ -95,14 +93,6 @@ def _label_script(photos: Path, out: Path) -> str:
             f"print(run_label_job(LabelJobSpec.model_validate({spec!r}), show_progress=False).status)")  # fmt: skip
 
 
-def _restore(saved: dict[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 @pytest.mark.fault(
     fault="a job into a Delta table output: the driver SIGKILLed after a shard's done-marker, just before that "
     "shard's table commit (or just after it); then the job run again",
@@ -112,7 +102,9 @@ def _restore(saved: dict[str, str | None]) -> None:
     "the table holds exactly one row per image, as the folder does",
 )
 @pytest.mark.parametrize("point", ["table:commit", "table:committed"])
-def test_a_job_into_a_table_killed_between_marker_and_table_commit_then_rerun(tmp_path, record_property, point):
+def test_a_job_into_a_table_killed_between_marker_and_table_commit_then_rerun(tmp_path, ray_cluster_env,
+                                                                            record_property, point):  # fmt: skip
+    """The killed driver and its re-run join the session's cluster (the fault point kills the driver alone)."""
     photos, out = tmp_path / "photos", tmp_path / "out"
     photos.mkdir()
     for row in imagenet_labels()[:12]:
@@ -120,23 +112,17 @@ def test_a_job_into_a_table_killed_between_marker_and_table_commit_then_rerun(tm
     command = [sys.executable, "-c", _label_script(photos, out)]
     faults = {"BULKLABEL_FAULTS": json.dumps([{"shard": point, "attempt": 3, "action": "exit"}]),
               "BULKLABEL_FAULTS_ACKNOWLEDGE": "I-AM-TESTING"}  # fmt: skip
-    ray_tmp, rerun_tmp = (tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("blt-", "blu-"))
-    saved = {k: os.environ.get(k) for k in faults}
+    driver = _start_in(command, {**ray_cluster_env, **faults})
     try:
-        os.environ.update(faults)
-        driver = _start(command, ray_tmp)
         driver.communicate(timeout=300)
-        _restore(saved)  # the re-run is a plain run
-        assert driver.returncode == -9  # SIGKILL
-        markers = len(list((out / "_done").glob("*.json")))
-        in_table = len(set(_table_keys(out / "table")))
-        committed = 2 if point == "table:commit" else 3  # shards whose table commits were made before the kill
-        assert in_table == 2 * committed and markers >= 3 and not (out / "_job.json").exists()
-        assert "succeeded" in _finish(command, rerun_tmp)
     finally:
-        _restore(saved)
-        _kill_tree_leftovers(ray_tmp)
-        _kill_tree_leftovers(rerun_tmp)
+        driver.kill()  # a no-op once it has ended
+    assert driver.returncode == -9  # SIGKILL
+    markers = len(list((out / "_done").glob("*.json")))
+    in_table = len(set(_table_keys(out / "table")))
+    committed = 2 if point == "table:commit" else 3  # shards whose table commits were made before the kill
+    assert in_table == 2 * committed and markers >= 3 and not (out / "_job.json").exists()
+    assert "succeeded" in _finish(command, ray_cluster_env)  # the re-run is a plain run
     keys = _table_keys(out / "table")
     assert keys == sorted(p.name for p in photos.iterdir()) == _folder_keys(out)  # each image once, none lost
     record_property("measured", f"killed at {point} with {markers} shard markers and {in_table} rows in the table; "
