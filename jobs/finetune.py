@@ -134,23 +134,37 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
         probe = _fit_probe(embedder, listing, plan, recipe) if spec.training.method.fits_probe else None
         recipe = _with_probe_steps(recipe, probe)
         if not spec.training.method.trains:
-            location, card = _publish_probe(out, spec, job_id, plan, recipe, embedder, probe, embedded)
+            run = _Run(out, spec, job_id, plan, recipe, cluster, show_progress)
+            location, card = _publish_probe(run, embedder, probe, embedded)
             return FinetuneSummary(job_id, Outcome.SUCCEEDED, location, card, time.perf_counter() - clock)
-    _claim_checkpoints(out, spec, job_id, plan)
+    run = _Run(out, spec, job_id, plan, recipe, cluster, show_progress)
+    _claim_checkpoints(run)
     planned = time.perf_counter()
 
     # Train, then publish into a version claimed for this job alone (or the one it claimed before dying mid-publish).
-    location, card = _train_and_publish(out, spec, job_id, plan, recipe, probe, cluster, show_progress)
+    location, card = _train_and_publish(run, probe)
     done = time.perf_counter()
     log.info("job %s: checked, embedded and planned in %.1fs, trained and published in %.1fs", job_id,
              planned - clock, done - planned)  # fmt: skip
     return FinetuneSummary(job_id, Outcome.SUCCEEDED, location, card, done - clock)
 
 
-def _train_and_publish(out: Storage, spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe,
-                       probe: ProbeFit | None, cluster: ClusterResources, show_progress: bool
-                       ) -> tuple[str, ModelCard]:  # fmt: skip
-    trainer = _trainer(spec, job_id, plan, recipe, probe, cluster, show_progress)
+@dataclass(frozen=True)
+class _Run:
+    """One fine-tune run once planned: where it publishes, what it trains on, how, and on what cluster."""
+
+    out: Storage
+    spec: FinetuneJobSpec
+    job_id: str
+    plan: DataPlan
+    recipe: Recipe
+    cluster: ClusterResources
+    show_progress: bool
+
+
+def _train_and_publish(run: _Run, probe: ProbeFit | None) -> tuple[str, ModelCard]:
+    out, spec, job_id = run.out, run.spec, run.job_id
+    trainer = _trainer(run, probe)
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:  # raised once max_failures restarts are spent
@@ -163,7 +177,7 @@ def _train_and_publish(out: Storage, spec: FinetuneJobSpec, job_id: str, plan: D
     with result.checkpoint.as_directory() as folder:
         state = TrainingState.model_validate_json((Path(folder) / STATE_FILE).read_text())
         try:
-            location, card = publish(out, spec, job_id, plan, Path(folder) / BEST_FILE, state, recipe)
+            location, card = publish(out, spec, job_id, run.plan, Path(folder) / BEST_FILE, state, run.recipe)
         except VersionClaimFailed as exc:
             raise FinetuneFailed(str(exc)) from exc
     remove_checkpoints(out, spec.output, job_id)
@@ -247,8 +261,7 @@ def _with_probe_steps(recipe: Recipe, probe: ProbeFit | None) -> Recipe:
     return recipe.model_copy(update={"stages": stages})
 
 
-def _publish_probe(out: Storage, spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe, embedder,
-                   probe: ProbeFit, embedded: Embedded) -> tuple[str, ModelCard]:  # fmt: skip
+def _publish_probe(run: _Run, embedder, probe: ProbeFit, embedded: Embedded) -> tuple[str, ModelCard]:
     """`linear-probe`: the base model with the fitted head, published as any trained run is."""
     metrics = EpochMetrics(epoch=0, train_loss=probe.train_loss, train_accuracy=probe.train_accuracy,
                            val_loss=probe.val_loss, val_accuracy=probe.val_accuracy, learning_rate=0.0,
@@ -261,16 +274,17 @@ def _publish_probe(out: Storage, spec: FinetuneJobSpec, job_id: str, plan: DataP
         weights = scratch / BEST_FILE
         weights.write_bytes(embedder("artifact_weights", probe.head))
         try:
-            return publish(out, spec, job_id, plan, weights, state, recipe)
+            return publish(run.out, run.spec, run.job_id, run.plan, weights, state, run.recipe)
         except VersionClaimFailed as exc:
             raise FinetuneFailed(str(exc)) from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _claim_checkpoints(storage: Storage, spec: FinetuneJobSpec, job_id: str, plan: DataPlan) -> None:
+def _claim_checkpoints(run: _Run) -> None:
     """Record what this job trains on beside its checkpoints, and refuse to resume checkpoints of other data or
     another spec (possible when a job id is given by hand and the spec or the data changed since)."""
+    storage, spec, job_id, plan = run.out, run.spec, run.job_id, run.plan
     identity = {
         "spec": spec.training_identity(),
         "data": plan.fingerprint,
@@ -289,22 +303,22 @@ def _claim_checkpoints(storage: Storage, spec: FinetuneJobSpec, job_id: str, pla
         storage.write_bytes(uri, json.dumps(identity).encode())
 
 
-def _trainer(spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe, probe: ProbeFit | None,
-             cluster: ClusterResources, show_progress: bool):  # fmt: skip
+def _trainer(run: _Run, probe: ProbeFit | None):
+    spec, recipe = run.spec, run.recipe
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cpus = _cpus_per_worker(spec, cluster)
+    cpus = _cpus_per_worker(spec, run.cluster)
     resources = {"CPU": cpus, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
     storage_path, filesystem = run_storage(spec)
     log_level = logging.getLogger("workers").getEffectiveLevel()
     config = {
         "spec": spec,  # the pydantic object, pickled: a JSON dump would mask the storage secrets
-        "plan": plan,
+        "plan": run.plan,
         "recipe": recipe,
         "probe": probe if spec.training.method.trains_from_probe else None,
         "torch_threads": max(1, math.floor(cpus)),
-        "show_progress": show_progress,
+        "show_progress": run.show_progress,
         "log_level": log_level,
     }
     log.info("training %s on %d worker(s) with %s each", spec.base.name, spec.num_workers, resources)
@@ -315,7 +329,7 @@ def _trainer(spec: FinetuneJobSpec, job_id: str, plan: DataPlan, recipe: Recipe,
             num_workers=spec.num_workers, use_gpu=spec.gpus_per_worker > 0, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=job_id,
+            name=run.job_id,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.max_failures),
