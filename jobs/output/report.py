@@ -22,7 +22,7 @@ import duckdb
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 
-from jobs.label.commit import read_committed
+from jobs.output.markers import read_committed
 from jobs.output.query import VIEW, connect
 from jobs.output.reader import LabelOutput
 from schemas.specs import InputSpec, StorageOptions

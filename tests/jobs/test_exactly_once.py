@@ -15,9 +15,10 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.label.commit import OWNER_NAME, OutputConflict
 from jobs.label.plan import PlanError
 from jobs.label.runner import JobFailed, run_label_job
+from jobs.output.errors import OutputConflict
+from schemas.layout import OWNER_NAME
 from schemas.specs import LabelJobSpec
 from tests.jobs.test_storage_outage import run_through_a_restart
 from tests.s3server import S3Server, WeedServer

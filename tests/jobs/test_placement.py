@@ -22,7 +22,7 @@ from jobs.label.placement import (
     resolve_compile,
 )
 from jobs.label.plan import shard_id_for
-from jobs.output.layout import data_uri, marker_uri
+from schemas.layout import data_uri, marker_uri
 from schemas.shards import ShardResult, WorkerSpec
 from schemas.specs import LabelJobSpec
 

@@ -217,6 +217,7 @@ def _as_layout_1(output: Path, written_at: Path) -> None:
 
 def test_a_layout_1_output_still_reads_but_a_run_into_it_is_refused_naming_the_versions(labelled, copied):
     from jobs.label.commit import OutputConflict, check_output, read_committed
+
     from workers.storage import open_storage
 
     _as_layout_1(copied, labelled)

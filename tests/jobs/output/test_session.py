@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.label.commit import OutputConflict, read_failure
-from jobs.output.layout import FAILED_NAME, LEASE_NAMES, MANIFEST_NAME, OWNER_NAME, temp_uri
+from jobs.output.errors import OutputConflict
+from jobs.output.failure import read_failure
 from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
+from schemas.layout import FAILED_NAME, LEASE_NAMES, MANIFEST_NAME, OWNER_NAME, temp_uri
 from schemas.specs import LabelJobSpec
 from workers.storage import join
 
