@@ -234,7 +234,7 @@ def test_a_job_of_mostly_missing_images_fails_naming_the_error(tmp_path, record_
 
     summary = failed.value.summary
     assert (summary.status, summary.images, summary.errors) == ("failed", 6, 6)
-    assert "above max_error_fraction=0.5" in summary.failure_reason and "'missing'" in summary.failure_reason
+    assert "above max_error_fraction=0.5" in summary.failure_reason and "'read_failed'" in summary.failure_reason
     assert "nope-" in summary.failure_reason
     assert not (tmp_path / "out" / "_job.json").exists()  # no manifest: nothing reads it as a finished job
     record_property("measured", f"failed: {summary.failure_reason}")

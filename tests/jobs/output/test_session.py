@@ -74,7 +74,7 @@ def test_a_real_job_that_fails_leaves_a_record_saying_why(tmp_path, ray_cluster)
     assert not (out / MANIFEST_NAME).exists()
     record = json.loads((out / FAILED_NAME).read_text())
     assert record["status"] == "failed" and record["job_id"] == spec.resolved_job_id()
-    assert "above max_error_fraction" in record["reason"] and "'missing'" in record["reason"]
+    assert "above max_error_fraction" in record["reason"] and "'read_failed'" in record["reason"]
     assert record["shards_committed"] == 1
     unfinished = open_output(str(out))  # the reader says so too, beside the rows that were committed
     assert not unfinished.complete and unfinished.failure.reason == record["reason"]
