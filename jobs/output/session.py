@@ -167,6 +167,8 @@ class OutputSession:
         compaction merged by its compacted file's)."""
         moved = {shard: relative_key(self.uri, uri) for shard, uri in self.committed.locations.items()}
         shards = sorted(results.values(), key=lambda r: r.shard_id)
+        entries = [ManifestShard(shard=r.shard_id, data=moved.get(r.shard_id) or r.data_name(self.uri), rows=r.rows,
+                                 errors=r.errors) for r in shards]  # fmt: skip
         return JobManifest(
             job_id=self.job_id,
             status="succeeded" if not failures else "partial",
@@ -178,10 +180,13 @@ class OutputSession:
             columns=tuple(ManifestColumn(name=f.name, type=str(f.type)) for f in LABEL_SCHEMA),
             started_at=self.started_at,
             finished_at=datetime.now(UTC),
-            totals=ManifestTotals(shards=len(shards), rows=sum(r.rows for r in shards),
-                                  errors=sum(r.errors for r in shards), failed_shards=len(failures)),  # fmt: skip
-            shards=tuple(ManifestShard(shard=r.shard_id, data=moved.get(r.shard_id) or r.data_name(self.uri),
-                                       rows=r.rows, errors=r.errors) for r in shards),  # fmt: skip
+            totals=ManifestTotals(
+                shards=len(shards),
+                rows=sum(r.rows for r in shards),
+                errors=sum(r.errors for r in shards),
+                failed_shards=len(failures),
+            ),
+            shards=tuple(entries),
             failed_shards=tuple(ManifestFailedShard(shard=s, error=e) for s, e in sorted(failures.items())),
         )
 

@@ -14,6 +14,7 @@ import textwrap
 import time
 
 import pytest
+
 from jobs.output.errors import OutputConflict
 from jobs.output.markers import error_summary, read_committed
 from jobs.output.ownership import check_output, claim_output

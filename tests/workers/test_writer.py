@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from schemas.layout import data_uri, marker_uri
 from schemas.output import LABEL_SCHEMA
 from schemas.shards import ShardResult, ShardTask
 from workers.storage import LocalStorage
-from schemas.layout import data_uri, marker_uri
 from workers.writer import ShardWriter
 
 CATEGORIES = [f"class_{i}" for i in range(10)]
