@@ -138,7 +138,7 @@ class JobManifest(_ManifestPart):
     """A finished label job's manifest: every shard it lists is committed (its data written before the manifest).
 
     Written whole with `model_dump_json(by_alias=True)`; a compaction derives its manifest from the one it replaces
-    (`model_copy`), so fields it does not know of are never dropped by a rewrite of its own.
+    (`model_copy`: every field as it was but the shards it merged and the generation), never rebuilds it.
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import main
+from jobs.output.compact import compact_output
 from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
 from schemas.layout import MANIFEST_NAME
@@ -96,6 +97,15 @@ def test_an_output_of_layout_2_reads_and_resumes_where_written_and_once_moved(tm
     moved = Path(shutil.move(written, tmp_path / "moved"))
     assert main(["query", str(moved), COUNT_SQL, "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0]) == {"n": SHARDS * ROWS, "keys": SHARDS * ROWS}
+    # A compaction of a copy derives its manifest from the layout 2 one: merged files, relative names, nothing lost.
+    copy = Path(shutil.copytree(moved, tmp_path / "copy"))
+    assert compact_output(str(copy), 1 << 20).generation == 1
+    compacted, before = (json.loads((folder / MANIFEST_NAME).read_text()) for folder in (copy, moved))
+    assert compacted["layout_version"] == 3 and {e["data"] for e in compacted["shards"]} == {
+        "data/compact-1-00000.parquet"
+    }
+    assert (compacted["started_at"], compacted["model"]) == (before["started_at"], before["model"])
+    assert open_output(str(copy)).to_table().num_rows == SHARDS * ROWS
     (moved / MANIFEST_NAME).rename(tmp_path / "layout-2-manifest.json")  # unfinished: read through its markers
     assert open_output(str(moved)).to_table().num_rows == SHARDS * ROWS
 
