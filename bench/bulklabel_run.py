@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime
 
 from bench.models import BenchModel
 from bench.s3server import S3Server
@@ -59,16 +58,17 @@ def label_spec(server: S3Server, input_uri: str, output_uri: str, model: BenchMo
 
 def commit_times(server: S3Server, output_uri: str) -> CommitTimes:
     """The committed shards' times (and the manifest's) of the label output at `output_uri`."""
-    from jobs.label.commit import read_committed, read_manifest
+    from jobs.output.manifest import read_manifest
+    from jobs.output.markers import read_committed
     from workers.storage import open_storage
 
     storage = open_storage(output_uri, server.options())
     manifest = read_manifest(storage, output_uri)
     if manifest is None:
         raise RuntimeError(f"no manifest at {output_uri}")
-    markers = read_committed(storage, output_uri, manifest["job_id"]).done.values()
+    markers = read_committed(storage, output_uri, manifest.job_id, manifest=manifest).done.values()
     commits = sorted(m.committed_at.timestamp() for m in markers)
-    finished = datetime.fromisoformat(manifest["finished_at"]).timestamp()
+    finished = manifest.finished_at.timestamp()
     # Shards overlap (the next one's batches follow the last one's into the model), so their times are not summed.
     first_turn = min(m.committed_at.timestamp() - m.seconds for m in markers)
     return CommitTimes(first_turn, commits[0], commits[-1], tuple(commits), finished)

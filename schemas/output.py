@@ -12,6 +12,8 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.layout import RELATIVE_NAMES_SINCE, is_relative
+
 # Bump when a column is added, removed or changes meaning; readers check it in the job manifest. Version 2 added
 # image_id, error_kind, given_label, sidecar and probabilities (version 1 files read with those columns null).
 LABEL_SCHEMA_VERSION = 2
@@ -84,9 +86,9 @@ def error_kind_of(error: str | None) -> ErrorKind:
 
 
 # ----------------------------------------------------------------------------------------------- the job manifest
-# What `_job.json` holds (jobs.label.commit.write_manifest writes it), typed for readers (jobs.output.reader). Fields a
-# newer bulklabel adds to the manifest without changing the rows are ignored, so a reader keeps working; a change
-# to the rows bumps LABEL_SCHEMA_VERSION, which readers check before anything else.
+# What `_job.json` holds: written (jobs.output.manifest.write_manifest) and read (jobs.output.reader) as this record.
+# Fields a newer bulklabel adds to the manifest without changing the rows are ignored, so a reader keeps working; a
+# change to the rows bumps LABEL_SCHEMA_VERSION, which readers check before anything else.
 
 
 class _ManifestPart(BaseModel):
@@ -94,7 +96,8 @@ class _ManifestPart(BaseModel):
 
 
 class ManifestShard(_ManifestPart):
-    """One committed shard: its data file (a URI under the output the job wrote to) and its row counts."""
+    """One committed shard: its data file and its row counts. `data` is relative to the output (layout version 3),
+    or a URI under the output the job wrote to (before); schemas.layout.name_in reads both."""
 
     shard: str
     data: str
@@ -116,6 +119,7 @@ class ManifestModel(_ManifestPart):
     device: str | None = None
     compiled: bool | None = None  # whether the workers ran torch.compile'd (None in manifests from before)
     compile_decision: str | None = None  # `compile: auto → compiled (...)`: what the driver decided and why
+    preprocess: dict[str, Any] | None = None  # the transform the model's inputs went through
 
 
 class ManifestTotals(_ManifestPart):
@@ -125,8 +129,19 @@ class ManifestTotals(_ManifestPart):
     failed_shards: int = Field(ge=0)
 
 
+class ManifestColumn(_ManifestPart):
+    name: str
+    type: str
+
+
 class JobManifest(_ManifestPart):
-    """A finished label job's manifest: every shard it lists is committed (its data written before the manifest)."""
+    """A finished label job's manifest: every shard it lists is committed (its data written before the manifest).
+
+    Written whole with `model_dump_json(by_alias=True)`; a compaction derives its manifest from the one it replaces
+    (`model_copy`: every field as it was but the shards it merged and the generation), never rebuilds it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
     job_id: str
     kind: Literal["label"] = "label"
@@ -134,8 +149,9 @@ class JobManifest(_ManifestPart):
     spec: dict[str, Any]  # the job spec as dumped (secrets masked); kept loose so older specs still read
     model: ManifestModel
     schema_version: int
-    layout_version: int = 1  # absent in manifests of layout 1 (jobs.output.layout)
+    layout_version: int = 1  # absent in manifests of layout 1 (schemas.layout)
     generation: int = Field(default=0, ge=0)  # compaction generation: 0 until `bulklabel compact` merges files
+    columns: tuple[ManifestColumn, ...] = Field(default=(), alias="schema")  # the rows' Arrow schema, for people
     started_at: datetime
     finished_at: datetime
     totals: ManifestTotals
@@ -144,13 +160,32 @@ class JobManifest(_ManifestPart):
 
     @property
     def output(self) -> str:
-        """The output URI the job wrote to (the data URIs are under it, even if the output was moved since)."""
+        """The output URI the job wrote to (where the output is now may differ: it may have been copied or moved)."""
         return self.spec["output"]
 
     @property
     def embeddings(self) -> bool:
         """Whether the job stored embeddings (`embeddings: false` leaves the column null)."""
         return bool(self.spec.get("embeddings", True))
+
+    def names(self) -> dict[str, str]:
+        """Shard → its data file's name relative to the output. Raises ValueError for an entry outside it."""
+        if self.layout_version >= RELATIVE_NAMES_SINCE:
+            return {entry.shard: _relative_name(entry) for entry in self.shards}
+        # Layouts 1 and 2: URIs under the output the job wrote to (never anywhere else, even if it moved since).
+        recorded = str(self.spec.get("output", "")).rstrip("/") + "/"
+        names = {}
+        for entry in self.shards:
+            if not entry.data.startswith(recorded) or recorded == "/":
+                raise ValueError(f"{entry.data!r} (shard {entry.shard}) is outside the job's output {recorded[:-1]!r}")
+            names[entry.shard] = entry.data[len(recorded) :]
+        return names
+
+
+def _relative_name(entry: ManifestShard) -> str:
+    if not is_relative(entry.data) or entry.data.startswith("../") or "/../" in entry.data:
+        raise ValueError(f"{entry.data!r} (shard {entry.shard}) is not a name inside the output")
+    return entry.data
 
 
 class JobFailure(_ManifestPart):

@@ -7,13 +7,17 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from schemas.layout import join, name_in
 from schemas.specs import InputSpec, LabelJobSpec, ModelSpec, Spec, StorageOptions
 
 # Version of the done-marker layout. 1: markers written before shard ids carried a hash of their key and before
 # fingerprints covered sizes and ETags; outputs holding those are refused on resume (their ids would not match).
-MARKER_FORMAT = 2
+# 2: the data file as an absolute URI (`data_uri`). 3: the data file relative to the output (`data`), and the node
+# that wrote the marker. Format 2 markers are read and trusted as they are (schemas.layout.name_in places them).
+MARKER_FORMAT = 3
+OLDEST_MARKER_FORMAT = 2  # the oldest format a run resumes from
 
 
 class ShardTask(Spec):
@@ -141,7 +145,9 @@ class ShardResult(Spec):
     shard_id: str
     job_id: str
     fingerprint: str
-    data_uri: str
+    # The shard's data file relative to the output ("data/part-<shard>.parquet"); in format 2 markers its absolute URI
+    # (`data_uri`), read through `data_in`.
+    data: str = Field(validation_alias=AliasChoices("data", "data_uri"))
     rows: int = Field(ge=0)
     errors: int = Field(ge=0)
     bytes_read: int = Field(ge=0)
@@ -155,6 +161,19 @@ class ShardResult(Spec):
     data_bytes: int | None = Field(default=None, ge=0)  # size of the committed Parquet file, checked on resume
     first_key: str | None = None  # the shard's first and last keys: the key range a loose-files shard covers
     last_key: str | None = None
-    error_kinds: dict[str, int] = Field(default_factory=dict)  # error rows by kind (the text before the first ':')
-    error_examples: dict[str, str] = Field(default_factory=dict)  # kind → one key that had it
+    # Error rows by schemas.output.ErrorKind value, as the rows' `error_kind` column counts them (markers of format 2
+    # and before: by the text before the error's first ':'), and kind → one key that had it.
+    error_kinds: dict[str, int] = Field(default_factory=dict)
+    error_examples: dict[str, str] = Field(default_factory=dict)
     stages: StageSeconds | None = None  # None in markers written before per-stage timings
+    host: str | None = None  # the machine whose worker wrote the marker (None before format 3)
+    node_id: str | None = None  # its Ray node (None outside Ray, and before format 3)
+
+    def data_name(self, output: str) -> str:
+        """The data file's name relative to `output` (the output this marker is in, wherever it was written).
+        Raises ValueError for a name that no output of this layout holds."""
+        return name_in(output, self.data, shard_id=self.shard_id)
+
+    def data_in(self, output: str) -> str:
+        """The data file's URI under `output`: the output this marker is in now, even if copied or moved since."""
+        return join(output, self.data_name(output))

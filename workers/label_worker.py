@@ -45,7 +45,7 @@ from workers.models import build_model
 from workers.pipeline import Batch, Prefetched, StageClock, Turn, Turns, decoded_batches
 from workers.readers import ShardSource, StorageByScheme, bounded_map, read_shard
 from workers.storage import Storage, local_scratch_dir, open_storage
-from workers.writer import ShardWriter
+from workers.writer import ShardWriter, node_id
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +67,6 @@ class _JobContext:
     input_storage: Storage
     output_storage: Storage
     predictor: Predictor
-
-
-def _node_id() -> str | None:
-    """The Ray node this worker runs on (None outside Ray, as in-process tests run it)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except ImportError:
-        return None
 
 
 class LabelWorker:
@@ -127,7 +117,7 @@ class LabelWorker:
             "num_classes": len(self.categories),
             "preprocess": self.preprocess.model_dump(),
             "pid": os.getpid(),
-            "node_id": _node_id(),
+            "node_id": node_id(),
             "models_loaded": MODELS_LOADED,  # in this process: 1 for a worker that never reloaded its model
             "jobs_served": len(self._jobs),
             "shards_labelled": self.shards_labelled,

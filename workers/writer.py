@@ -3,9 +3,11 @@
 Commit order for shard S of an output prefix O:
 1. write the Parquet file locally, upload it to `O/_tmp/S.<attempt>.<nonce>.partial`
    (not a .parquet name, so `O/*.parquet` globs never match it);
-2. move it to `O/part-S.parquet` (local: os.replace; S3: server-side copy, itself atomic);
-3. write `O/_done/S.json`, the shard's done-marker with its row counts, error kinds, key range and the data
-   file's size (a resume checks the file is still there at that size).
+2. move it to `O/data/part-S.parquet` (local: os.replace; S3: server-side copy, itself atomic);
+3. write `O/_done/S.json`, the shard's done-marker with its row counts, error kinds (schemas.output.ErrorKind, as
+   the rows' `error_kind` column), key range, the data file's name relative to O and size (a resume checks the file
+   is still there at that size; a copied output reads whole) and the node that wrote it.
+The names are schemas.layout's, which the driver reads by (the driver's modules are never imported here).
 A crash between steps leaves at worst a stray temp object, or a complete data file that the
 retry overwrites byte-for-byte with the same rows: never a duplicate, never a half file.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import uuid
 from datetime import UTC, datetime
@@ -24,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.output.layout import data_uri, marker_uri, temp_uri
-from schemas.output import LABEL_SCHEMA, error_kind_of
+from schemas.layout import data_name, join, marker_uri, temp_uri
+from schemas.output import LABEL_SCHEMA, ErrorKind, error_kind_of
 from schemas.shards import MARKER_FORMAT, ShardResult, ShardTask
 from workers.storage import Storage
 
@@ -140,15 +143,15 @@ class ShardWriter:
             storage.upload_file(local, temp)
         finally:
             os.unlink(local)
-        final = data_uri(output, shard_id)
-        storage.move(temp, final)
+        final = data_name(shard_id)
+        storage.move(temp, join(output, final))
         if stats.get("stages") is not None:  # the commit, up to the marker, is the shard's write stage too
             stats = {**stats, "stages": stats["stages"].plus("write", time.perf_counter() - started)}
         result = ShardResult(
             shard_id=shard_id,
             job_id=self.job_id,
             fingerprint=self.task.fingerprint(),
-            data_uri=final,
+            data=final,
             rows=table.num_rows,
             errors=table.num_rows - int(pc.sum(table["error"].is_null()).as_py() or 0),
             attempt=attempt,
@@ -158,27 +161,35 @@ class ShardWriter:
             first_key=self.task.keys[0] if self.task.keys else None,
             last_key=self.task.keys[-1] if self.task.keys else None,
             **error_counts(self._columns["key"], self._columns["error"]),
+            host=socket.gethostname(),
+            node_id=node_id(),
             **stats,
         )
         storage.write_bytes(marker_uri(output, shard_id), result.model_dump_json().encode())
         return result
 
 
-def error_kind(error: str) -> str:
-    """The kind of an error row: its text before the first ':' ("missing", "UnidentifiedImageError", "refused")."""
-    return error.split(":", 1)[0].strip()[:80] or "error"
-
-
 def error_counts(keys: list[str], errors: list[str | None]) -> dict:
-    """`error_kinds` (kind → rows) and `error_examples` (kind → one key) of a shard, for its done-marker."""
+    """`error_kinds` (ErrorKind value → rows) and `error_examples` (kind → one key) of a shard, for its done-marker:
+    the same kinds as its rows' `error_kind` column."""
     kinds: dict[str, int] = {}
     examples: dict[str, str] = {}
     for key, error in zip(keys, errors, strict=True):
         if error is not None:
-            kind = error_kind(error)
-            kinds[kind] = kinds.get(kind, 0) + 1
-            examples.setdefault(kind, key)
+            kind: ErrorKind = error_kind_of(error)
+            kinds[kind.value] = kinds.get(kind.value, 0) + 1
+            examples.setdefault(kind.value, key)
     return {"error_kinds": kinds, "error_examples": examples}
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray, as in-process tests run the writer)."""
+    try:
+        import ray  # here, not at the top: the writer runs without Ray in tests and on the driver's compaction path
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
 
 
 def _stack(arrays: list[np.ndarray], dtype) -> np.ndarray:

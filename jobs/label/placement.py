@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 from jobs.cluster import ClusterResources, ensure_ray, joins_existing_cluster
 from jobs.errors import BadInput
-from jobs.label.commit import read_committed
 from jobs.label.compile_policy import CompileDecision, ImageCount, count_images, decide_compile, explicit, images_needed
 from jobs.label.plan import plan_shards
 from jobs.locations import is_weights_file
+from jobs.output.markers import read_committed
 from schemas.catalog import UnknownModel, model_gflops
 from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec

@@ -15,17 +15,18 @@ import ray
 
 from jobs.cluster import ensure_ray
 from jobs.label.actors import start_label_worker
-from jobs.label.commit import CommittedShards, error_summary
 from jobs.label.compile_policy import CompileDecision
 from jobs.label.dispatch import PrivateWorkers, ShardDispatcher, WorkerSource
 from jobs.label.ledger import LedgerLimits
 from jobs.label.placement import Placement, check_locations_reachable, place_workers, resolve_compile
 from jobs.label.plan import PlanError, PlanStats, plan_shards
 from jobs.locations import absolute_locations
+from jobs.output.markers import CommittedShards, error_summary
 from jobs.output.session import OutputSession
 from jobs.progress import JobSummary, Progress, ProgressListener, Skipped
 from schemas.catalog import class_names
 from schemas.outcome import Outcome
+from schemas.output import JobManifest
 from schemas.shards import ShardJob, ShardResult, ShardTask, StageSeconds, WorkerSpec
 from schemas.specs import LabelJobSpec
 from workers.storage import open_storage
@@ -83,11 +84,11 @@ def _run_in(session: OutputSession, spec: LabelJobSpec, job_id: str, run: LabelR
     plan = _check_plan(spec, committed)
     # A finished job run again writes nothing, not even the writer lease: it is read, not written.
     manifest = session.manifest() if not plan.todo else None
-    if manifest and manifest.get("status") == Outcome.SUCCEEDED:
+    if manifest and manifest.status == Outcome.SUCCEEDED:
         log.info("job %s already complete at %s; nothing to do", job_id, spec.output)
         return _summary_of_manifest(manifest, spec.output, plan.stats)
     manifest = session.start()  # the first write: only once the input and the output have checked out
-    if not plan.todo and manifest and manifest.get("status") == Outcome.SUCCEEDED:
+    if not plan.todo and manifest and manifest.status == Outcome.SUCCEEDED:
         log.info("job %s completed at %s by another run meanwhile; nothing to do", job_id, spec.output)
         return _summary_of_manifest(manifest, spec.output, plan.stats)
 
@@ -291,16 +292,16 @@ def _limits(spec: LabelJobSpec, placement: Placement) -> LedgerLimits:
     )
 
 
-def _summary_of_manifest(manifest: dict, output: str, stats: PlanStats) -> JobSummary:
-    totals = manifest["totals"]
+def _summary_of_manifest(manifest: JobManifest, output: str, stats: PlanStats) -> JobSummary:
+    totals = manifest.totals
     return JobSummary(
-        job_id=manifest["job_id"],
+        job_id=manifest.job_id,
         status=Outcome.ALREADY_COMPLETE,
         output=output,
-        shards=totals["shards"],
-        shards_skipped=totals["shards"],
-        images=totals["rows"],
-        errors=totals["errors"],
+        shards=totals.shards,
+        shards_skipped=totals.shards,
+        images=totals.rows,
+        errors=totals.errors,
         failed_shards={},
         seconds=0.0,
         images_this_run=0,

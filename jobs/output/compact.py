@@ -23,7 +23,6 @@ open a merged file after step 3 read again once, on the new generation (jobs.out
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -33,21 +32,16 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.label.commit import manifest_locations, read_manifest
+from jobs.output.errors import OutputError
 from jobs.output.faultpoints import crash_point
-from jobs.output.layout import (
-    DATA_FILE,
-    PART_FILE,
-    compacted_uri,
-    compaction_temp_uri,
-    data_dir,
-    manifest_uri,
-)
 from jobs.output.lease import Lease, Writer, WriterKind, acquire
-from jobs.output.reader import LabelOutput, OutputError, open_output, read_rows
-from schemas.output import LABEL_SCHEMA
+from jobs.output.listing import OutputListing, list_output
+from jobs.output.manifest import manifest_locations, read_manifest, switched, write_manifest
+from jobs.output.reader import LabelOutput, open_output, read_rows
+from schemas.layout import DATA_DIR, DATA_FILE, PART_FILE, compacted_uri, compaction_temp_uri, data_dir
+from schemas.output import LABEL_SCHEMA, JobManifest
 from schemas.specs import StorageOptions
-from workers.storage import Storage, join, normalise_uri, open_storage, relative_key
+from workers.storage import Storage, normalise_uri, open_storage, relative_key
 from workers.writer import DICTIONARY_COLUMNS, PARQUET_COMPRESSION
 
 log = logging.getLogger(__name__)
@@ -91,10 +85,10 @@ def compact_output(
     """
     uri = normalise_uri(uri).rstrip("/")
     storage = open_storage(uri, storage_options)
-    raw = _finished_manifest(storage, uri)  # before the lease: a folder that is no output gets no `_lease/` either
+    manifest = _finished_manifest(storage, uri)  # before the lease: a folder that is no output gets no `_lease/`
     if lease is not None:
         return _compact(storage, uri, target_bytes, storage_options, lease)
-    writer = Writer(WriterKind.COMPACTION, str(raw["job_id"]))
+    writer = Writer(WriterKind.COMPACTION, manifest.job_id)
     advice = "run the compaction once it has finished (or give --wait SECONDS)"
     with acquire(storage, uri, writer, wait_s, advice=advice) as own:
         return _compact(storage, uri, target_bytes, storage_options, own)
@@ -104,20 +98,20 @@ def _compact(
     storage: Storage, uri: str, target_bytes: int, storage_options: StorageOptions | None, lease: Lease
 ) -> Compaction:
     clock = time.perf_counter()
-    raw = _finished_manifest(storage, uri)  # again, under the lease: a job may have finished since
-    remove_superseded(storage, uri, raw)  # a crashed compaction's leftovers, before anything new is written
+    manifest = _finished_manifest(storage, uri)  # again, under the lease: a job may have finished since
+    remove_superseded(storage, uri, manifest)  # a crashed compaction's leftovers, before anything new is written
     output = open_output(uri, storage_options)
     sizes = {o.uri: o.size for o in storage.list(data_dir(uri))}
     small = small_files([(f, sizes[f]) for f in output.files], target_bytes)
     before = sum(sizes[f] for f in output.files)
-    generation = int(raw.get("generation", 0))
+    generation = manifest.generation
     if not small:
         log.info("output %s: nothing to compact (%d files)", uri, len(output.files))
         return Compaction(generation, len(output.files), len(output.files), 0, 0, before, before, 0.0)
     generation += 1
     rows, moved = _write_generation(storage, output, small, generation, target_bytes)
     lease.ensure_held()  # the switch is the commit: never made by a writer that may no longer be the only one
-    _switch(storage, uri, raw, moved, generation)
+    _switch(storage, uri, manifest, moved, generation)
     crash_point("compact:switched")
     for old in moved:
         storage.delete(old)
@@ -147,37 +141,40 @@ def small_files(files: list[tuple[str, int]], target_bytes: int) -> list[str]:
     return small if len(small) > 1 else []
 
 
-def remove_superseded(storage: Storage, uri: str, raw: dict | None) -> int:
+def remove_superseded(
+    storage: Storage, uri: str, manifest: JobManifest | None, listing: OutputListing | None = None
+) -> int:
     """Delete data files the manifest does not name and never will again: a crashed compaction's new files (before
     its switch) or merged files (after it). A shard's own file is kept unless the manifest places that shard in
-    another file: without a manifest entry it may belong to a run in progress. Returns how many were deleted."""
-    if raw is None:
+    another file: without a manifest entry it may belong to a run in progress. `listing`: the output's listing this
+    phase made (else `data/` is listed now). Returns how many were deleted."""
+    if manifest is None:
         return 0
-    placed = manifest_locations(raw, uri)
+    placed = manifest.names()
     named = set(placed.values())
+    names = listing.data if listing is not None else list_output(storage, uri, under=DATA_DIR).data
     deleted = 0
-    for obj in storage.list(data_dir(uri)):
-        name = relative_key(uri, obj.uri)
-        if obj.uri in named or not DATA_FILE.fullmatch(name):
+    for name in list(names):
+        if name in named or not DATA_FILE.fullmatch(name) or not name.startswith(DATA_DIR + "/"):
             continue
         own = PART_FILE.fullmatch(name)  # else a compacted file no manifest names: never read again
-        if own is None or placed.get(own.group(1), obj.uri) != obj.uri:
-            log.info("removing superseded data file %s", obj.uri)
-            storage.delete(obj.uri)
+        if own is None or placed.get(own.group(1), name) != name:
+            log.info("removing superseded data file %s/%s", uri, name)
+            storage.delete(f"{uri.rstrip('/')}/{name}")
             deleted += 1
     return deleted
 
 
-def _finished_manifest(storage: Storage, uri: str) -> dict:
-    raw = read_manifest(storage, uri)
-    if raw is None:
+def _finished_manifest(storage: Storage, uri: str) -> JobManifest:
+    manifest = read_manifest(storage, uri)
+    if manifest is None:
         raise OutputError(
             f"output {uri} has no manifest: only a finished job's output is compacted (a running job's files still "
             "change; an interrupted one resumes first)"
         )
-    if int(raw.get("layout_version", 1)) < 2:
+    if manifest.layout_version < 2:
         raise OutputError(f"output {uri} is in output layout version 1 (data files at the top): not compacted")
-    return raw
+    return manifest
 
 
 def _write_generation(
@@ -260,14 +257,9 @@ def _upload(storage: Storage, rolling: _RollingFile, output: str, generation: in
     return temp
 
 
-def _switch(storage: Storage, uri: str, raw: dict, moved: dict[str, str], generation: int) -> None:
-    """The one atomic step: the manifest names each merged shard's new file (under the output the job wrote to, as
-    every manifest entry is) and the new generation."""
-    recorded = normalise_uri(str(raw["spec"]["output"])).rstrip("/")
-    placed = manifest_locations(raw, uri)
-    shards = []
-    for entry in raw["shards"]:
-        new = moved.get(placed.get(entry["shard"], ""))
-        shards.append({**entry, "data": join(recorded, relative_key(uri, new))} if new else entry)
-    switched = {**raw, "shards": shards, "generation": generation}
-    storage.write_bytes(manifest_uri(uri), json.dumps(switched, indent=2).encode())
+def _switch(storage: Storage, uri: str, manifest: JobManifest, moved: dict[str, str], generation: int) -> None:
+    """The one atomic step: the manifest, derived from the one it replaces, names each merged shard's new file
+    (relative to the output) and the new generation."""
+    placed = manifest_locations(manifest, uri)
+    names = {shard: relative_key(uri, moved[old]) for shard, old in placed.items() if old in moved}
+    write_manifest(storage, uri, switched(manifest, names, generation))

@@ -6,7 +6,7 @@ start (after its read-only checks) to its manifest (its own end-of-job compactio
 bounded time, then is refused in one line naming the holder (OutputBusy, exit 3); a run of another job finding the
 lease held is refused at once as the ownership conflict it is (exit 2).
 
-The lease is a sequence of generation files `_lease/<n>.json` (jobs.output.layout); the highest one is the lease's
+The lease is a sequence of generation files `_lease/<n>.json` (schemas.layout); the highest one is the lease's
 state. Taking it means creating generation n+1 with the storage's atomic create-if-absent (S3 `If-None-Match: *`,
 a local `link()`), which is allowed only when generation n is free: released, expired, or held by a process of this
 host that is gone. Of two writers taking over the same free (or expired) generation, exactly one creates n+1; the
@@ -41,7 +41,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from jobs.errors import InfrastructureError
-from jobs.output.layout import LEASE_FILE, lease_prefix, lease_uri
+from schemas.layout import LEASE_FILE, lease_prefix, lease_uri
 from workers.storage import ObjectMissing, Storage, relative_key
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
 """Reading a label job's output: the committed rows only, with a typed manifest and the schema version checked.
 
-The layout is jobs.output.layout, its writer jobs.output.session; this is the reader every command goes through
+The layout is schemas.layout, its writer jobs.output.session; this is the reader every command goes through
 (`bulklabel query`, `similar`, `report`, `compact`). What counts as committed:
 - an output with a manifest (`_job.json`, written last; rewritten by a compaction, the one atomic switch): exactly the
   data files it lists, `complete=True`;
 - an output without one (a job still running, or interrupted): the data files of valid done-markers (parsed,
-  of the owning job, data file present at the recorded size: jobs.label.commit.read_committed), `complete=False`.
+  of the owning job, data file present at the recorded size: jobs.output.markers.read_committed), `complete=False`.
 Anything else under the prefix (a part file whose marker was never written, a temporary upload, another tool's
 Parquet file, the files a compaction merged or a crashed compaction left behind) is never read. Both layout versions
 read: 1 (data files at the top of the prefix) and 2 (under `data/`).
@@ -15,8 +15,10 @@ then deletes the merged ones, so a reader that read the manifest just before the
 reads once more, on the new generation; a file gone without a new generation is a damaged output, said as such
 (never an error blaming the reader's SQL).
 
-Data files are found by their name relative to the output the job wrote to, so an output copied or moved to
-another folder or bucket (with its manifest) reads the same. Driver-side: no torch, no Ray.
+Data files are found by their name relative to the output (the manifest and markers record them so since layout
+version 3; older ones relative to the output the job wrote to), so an output copied or moved to another folder or
+bucket, finished or not, reads the same. The output is listed once per open (jobs.output.listing). Driver-side: no
+torch, no Ray.
 """
 
 from __future__ import annotations
@@ -33,26 +35,21 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
-from pydantic import ValidationError
 
-from jobs.errors import BadInput
-from jobs.label.commit import read_committed, read_failure, read_manifest
-from jobs.output.layout import FAILED_NAME, MANIFEST_NAME, OWNER_NAME
-from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION, JobFailure, JobManifest, error_kind_of
+from jobs.output.errors import OutputError, UnsupportedSchemaVersion
+from jobs.output.failure import read_failure
+from jobs.output.listing import OutputListing, list_output
+from jobs.output.manifest import check_schema_version, manifest_locations, read_manifest
+from jobs.output.markers import read_committed
+from schemas.layout import MANIFEST_NAME, OWNER_NAME
+from schemas.output import LABEL_SCHEMA, JobFailure, JobManifest, error_kind_of
 from schemas.specs import StorageOptions
-from workers.storage import ObjectMissing, join, normalise_uri, open_storage, relative_key, split_s3
+from workers.storage import ObjectMissing, join, normalise_uri, open_storage, split_s3
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION_KEY = b"bulklabel.schema_version"
-
-
-class OutputError(BadInput):
-    """The location is not a readable bulklabel label output (none there, damaged, or not a label job's)."""
-
-
-class UnsupportedSchemaVersion(OutputError):
-    """The output was written with a schema version this bulklabel cannot read (newer, or unknown)."""
+__all__ = ["OutputError", "UnsupportedSchemaVersion"]  # raised here, defined in jobs.output.errors: importers use both
 
 
 class FilesVanished(OutputError):
@@ -110,20 +107,18 @@ def open_output(uri: str, storage_options: StorageOptions | None = None) -> Labe
     """
     uri = normalise_uri(uri).rstrip("/")
     storage = open_storage(uri, storage_options)
-    raw = read_manifest(storage, uri)
-    # (a file named as the output lists as itself: not below it, so not one of its files)
-    sizes = {relative_key(uri, o.uri): o.size for o in storage.list(uri) if o.uri.startswith(uri + "/")}
-    if raw is not None:
-        manifest = _parse_manifest(raw, join(uri, MANIFEST_NAME))
-        files = _manifest_files(manifest, uri, sizes)
+    manifest = read_manifest(storage, uri)
+    listing = list_output(storage, uri)
+    if manifest is not None:
+        files = _manifest_files(manifest, uri, listing)
         job_id, complete = manifest.job_id, True
     else:
-        manifest, complete = None, False
-        job_id = _owner(storage, uri, sizes)
-        committed = read_committed(storage, uri, job_id)
-        files = [committed.locations.get(s, committed.done[s].data_uri) for s in sorted(committed.done)]
+        complete = False
+        job_id = _owner(storage, uri, listing)
+        committed = read_committed(storage, uri, job_id, listing)
+        files = [committed.files[s] for s in sorted(committed.done)]
         if committed.redo:
-            # Said aloud: an unfinished output copied elsewhere lands here (its markers name the old location).
+            # Said aloud: data files removed or damaged behind bulklabel's back land here.
             shard, why = next(iter(sorted(committed.redo.items())))
             log.warning("output %s: %d shard(s) whose done-markers cannot be trusted are not read (e.g. shard %s: %s)",
                         uri, len(committed.redo), shard, why)  # fmt: skip
@@ -131,7 +126,7 @@ def open_output(uri: str, storage_options: StorageOptions | None = None) -> Labe
     if manifest is None and files:
         _check_file_version(files[0], filesystem)
     log.debug("output %s: %d committed file(s), complete=%s", uri, len(files), complete)
-    failure = read_failure(storage, uri) if FAILED_NAME in sizes else None
+    failure = read_failure(storage, uri) if listing.has_failure else None
     return LabelOutput(uri, job_id, complete, manifest, tuple(dict.fromkeys(files)), filesystem, failure)
 
 
@@ -176,55 +171,20 @@ def _cause(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _parse_manifest(raw: dict, where: str) -> JobManifest:
-    kind = raw.get("kind", "label")
-    if kind != "label":
-        raise OutputError(f"{where} is the manifest of a {kind!r} job, not of a label job")
-    _check_version(raw.get("schema_version"), where)
-    try:
-        return JobManifest.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(manifest)"
-        raise OutputError(f"job manifest {where} is damaged: {field}: {err['msg']}") from exc
-
-
-def _check_version(version: object, where: str) -> None:
-    """Refuse rows whose meaning this bulklabel does not know: a newer version, or no usable version at all."""
-    if isinstance(version, bytes):
-        version = version.decode(errors="replace")
-    if isinstance(version, str) and version.isdigit():
-        version = int(version)
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= LABEL_SCHEMA_VERSION:
-        newer = isinstance(version, int) and version > LABEL_SCHEMA_VERSION
-        raise UnsupportedSchemaVersion(
-            f"{where} was written in label schema version {version!r}; this bulklabel reads version "
-            f"{LABEL_SCHEMA_VERSION}" + (": upgrade bulklabel to read it" if newer else " (unknown version)")
-        )
-
-
-def _manifest_files(manifest: JobManifest, uri: str, sizes: dict[str, int]) -> list[str]:
-    recorded = normalise_uri(manifest.output).rstrip("/")
+def _manifest_files(manifest: JobManifest, uri: str, listing: OutputListing) -> list[str]:
+    located = manifest_locations(manifest, uri)
     files = []
-    for entry in sorted(manifest.shards, key=lambda s: s.shard):
-        try:
-            name = relative_key(recorded, entry.data)
-        except ValueError:
-            raise OutputError(
-                f"job manifest {join(uri, MANIFEST_NAME)} lists {entry.data} for shard {entry.shard}, outside the "
-                f"job's output {recorded}: the manifest is damaged"
-            ) from None
-        if name not in sizes:
-            raise OutputError(
-                f"output {uri} is damaged: its manifest lists {name} (shard {entry.shard}), which is not there"
-            )
-        files.append(join(uri, name))
+    for shard in sorted(located):
+        name = located[shard][len(uri) + 1 :]
+        if name not in listing.data:
+            raise OutputError(f"output {uri} is damaged: its manifest lists {name} (shard {shard}), which is not there")
+        files.append(located[shard])
     return files
 
 
-def _owner(storage, uri: str, sizes: dict[str, int]) -> str:
-    if OWNER_NAME not in sizes:
-        what = "is empty or missing" if not sizes else f"has no {OWNER_NAME} or {MANIFEST_NAME}"
+def _owner(storage, uri: str, listing: OutputListing) -> str:
+    if not listing.has_owner:
+        what = "is empty or missing" if not listing.objects else f"has no {OWNER_NAME} or {MANIFEST_NAME}"
         raise OutputError(f"{uri} is not a bulklabel label output: it {what}")
     try:
         return json.loads(storage.read_bytes(join(uri, OWNER_NAME)))["job_id"]
@@ -235,7 +195,7 @@ def _owner(storage, uri: str, sizes: dict[str, int]) -> str:
 def _check_file_version(uri: str, filesystem: pafs.FileSystem) -> None:
     """Without a manifest, the version the writer put in the file's Arrow metadata."""
     metadata = pq.read_schema(fs_path(uri), filesystem=filesystem).metadata or {}
-    _check_version(metadata.get(SCHEMA_VERSION_KEY), uri)
+    check_schema_version(metadata.get(SCHEMA_VERSION_KEY), uri)
 
 
 # ----------------------------------------------------------------------------------------------- filesystems

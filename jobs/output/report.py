@@ -22,7 +22,7 @@ import duckdb
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 
-from jobs.label.commit import read_committed
+from jobs.output.markers import read_committed
 from jobs.output.query import VIEW, connect
 from jobs.output.reader import LabelOutput
 from schemas.specs import InputSpec, StorageOptions
@@ -58,8 +58,8 @@ class ShardTiming:
 
 
 @dataclass(frozen=True)
-class ErrorKind:
-    """Error rows of one kind (the text before the first ':'), with a few (key, message) examples."""
+class ErrorRows:
+    """Error rows of one kind (their `error_kind`, a schemas.output.ErrorKind), with a few (key, message) examples."""
 
     kind: str
     rows: int
@@ -94,7 +94,7 @@ class ReportData:
     labels: tuple[tuple[str, int], ...]  # the commonest, most first
     other_labels: tuple[int, int]  # (distinct labels, rows) not listed
     score_bins: tuple[int, ...]  # SCORE_BINS counts over [0, 1]
-    error_kinds: tuple[ErrorKind, ...]
+    error_kinds: tuple[ErrorRows, ...]
     timings: tuple[ShardTiming, ...]  # every committed shard, by commit time
     failed_shards: tuple[tuple[str, str], ...]
     thumbnails: dict[str, tuple[Thumbnail, ...]] = field(default_factory=dict)  # label → least confident first
@@ -151,14 +151,16 @@ def _score_bins(con: duckdb.DuckDBPyConnection) -> tuple[int, ...]:
     return tuple(found.get(i, 0) for i in range(SCORE_BINS))
 
 
-def _error_kinds(con: duckdb.DuckDBPyConnection) -> tuple[ErrorKind, ...]:
-    # The kind as workers.writer.error_kind names it in the done-markers: the text before the first ':'.
+def _error_kinds(con: duckdb.DuckDBPyConnection) -> tuple[ErrorRows, ...]:
+    # The rows' own kind (schemas.output.ErrorKind, as the done-markers count them too); files of label schema 1
+    # have no error_kind column: the text before the error's first ':' stands for it there.
     rows = con.execute(
-        f"""SELECT coalesce(nullif(left(trim(split_part(error, ':', 1)), 80), ''), 'error') AS kind, count(*) AS n,
+        f"""SELECT coalesce(nullif(error_kind, ''), nullif(left(trim(split_part(error, ':', 1)), 80), ''), 'error')
+                       AS kind, count(*) AS n,
                    list([key, error] ORDER BY key)[1:{ERROR_EXAMPLES}] AS examples
             FROM {VIEW} WHERE error IS NOT NULL GROUP BY kind ORDER BY n DESC, kind"""
     ).fetchall()
-    return tuple(ErrorKind(kind, n, tuple((key, error) for key, error in examples)) for kind, n, examples in rows)
+    return tuple(ErrorRows(kind, n, tuple((key, error) for key, error in examples)) for kind, n, examples in rows)
 
 
 def _least_confident(con: duckdb.DuckDBPyConnection, labels: list[str]) -> list[Thumbnail]:

@@ -1,13 +1,15 @@
-"""The driver's side of writing a label output, in explicit phases (the layout: jobs.output.layout).
+"""The driver's side of writing a label output, in explicit phases (the layout: schemas.layout).
 
-    check()                 before any write: the output is ours or free, what earlier runs committed holds
+    check()                 before any write: the output is ours or free (jobs.output.ownership), what earlier runs
+                            committed holds (jobs.output.markers), from one listing of the output
     start()                 the writer lease taken (jobs.output.lease: a second run of the job, or a compaction, is
                             refused naming this one) and what was committed read again under it; the ownership
                             claim, a write probe, stale partial uploads and the leftovers of a crashed compaction
-                            removed
+                            removed, all from one more listing (jobs.output.listing) taken under the lease
     shard_committed(result) a worker committed a shard (data file, then done-marker); format delta: its rows
                             appended to the table, exactly once (jobs.output.table)
-    complete(...)           every shard is done: the manifest, written last; then many small files compacted
+    complete(...)           every shard is done: the manifest (jobs.output.manifest), written last; then many small
+                            files compacted
     failed(reason, ...)     the run stops: `_failed.json` says why (a failed run used to leave no record)
     close()                 the lease released (complete and failed do it; the runner calls it whatever happened)
 
@@ -16,29 +18,36 @@ The job runner calls these and nothing else of the output; the workers write sha
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime
 
-from jobs.label.commit import (
-    CommittedShards,
-    OutputConflict,
-    check_output,
-    claim_output,
-    read_committed,
-    read_manifest,
-    remove_failure,
-    remove_partials,
-    write_failure,
-    write_manifest,
-)
 from jobs.output.compact import auto_compact, remove_superseded
+from jobs.output.errors import OutputConflict
+from jobs.output.failure import remove_failure, write_failure
 from jobs.output.faultpoints import crash_point
 from jobs.output.lease import Lease, LeaseRecord, Writer, WriterKind, acquire
+from jobs.output.listing import list_output
+from jobs.output.manifest import read_manifest, write_manifest
+from jobs.output.markers import CommittedShards, read_committed
+from jobs.output.ownership import check_output, claim_output
+from jobs.output.partials import remove_partials
 from jobs.output.table import DeltaSink
-from schemas.output import JobFailure, ManifestFailedShard
+from schemas.layout import LAYOUT_VERSION, TMP_DIR
+from schemas.output import (
+    LABEL_SCHEMA,
+    LABEL_SCHEMA_VERSION,
+    JobFailure,
+    JobManifest,
+    ManifestColumn,
+    ManifestFailedShard,
+    ManifestModel,
+    ManifestShard,
+    ManifestTotals,
+)
 from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
-from workers.storage import Storage, check_writable, open_storage
+from workers.storage import Storage, check_writable, open_storage, relative_key
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +75,16 @@ class OutputSession:
         Writes nothing. Returns the shards earlier runs committed (verified) and those to redo (with why); start()
         reads them again under the lease and updates this same object where another writer changed them meanwhile.
         """
-        check_output(self.storage, self.uri, self.job_id, self.spec.foreign_files)
-        self.committed = read_committed(self.storage, self.uri, self.job_id)
+        listing = list_output(self.storage, self.uri)
+        check_output(self.storage, self.uri, self.job_id, self.spec.foreign_files, listing)
+        self.committed = read_committed(self.storage, self.uri, self.job_id, listing)
         return self.committed
 
-    def manifest(self) -> dict | None:
+    def manifest(self) -> JobManifest | None:
         """The output's manifest as it is now (read only; None when there is none)."""
         return read_manifest(self.storage, self.uri)
 
-    def start(self) -> dict | None:
+    def start(self) -> JobManifest | None:
         """Claim the output (the first write), probe that it is writable, remove partial uploads of dead attempts.
 
         Returns the manifest of an earlier complete run, or None.
@@ -83,16 +93,19 @@ class OutputSession:
             self.lease = acquire(self.storage, self.uri, Writer(WriterKind.LABEL_JOB, self.job_id), LABEL_WAIT_S,
                                  advice="run the job again once that writer has finished",
                                  refuse=self._another_jobs)  # fmt: skip
-        fresh = read_committed(self.storage, self.uri, self.job_id)  # another run or a compaction may have ended since
+        # Listed again under the lease: another run or a compaction may have ended since check(). This one listing
+        # feeds what was committed, the partial uploads to remove and the superseded files to delete.
+        listing = list_output(self.storage, self.uri)
+        manifest = read_manifest(self.storage, self.uri) if listing.has_manifest else None
+        fresh = read_committed(self.storage, self.uri, self.job_id, listing, manifest)
         if fresh != self.committed:
             log.info("output %s changed since it was checked (another writer ended meanwhile): %d shard(s) done now",
                      self.uri, len(fresh.done))  # fmt: skip
             vars(self.committed).update(vars(fresh))  # the runner plans with this object
         claim_output(self.storage, self.uri, self.job_id)
         check_writable(self.storage, self.uri)
-        remove_partials(self.storage, self.uri)
-        manifest = read_manifest(self.storage, self.uri)
-        remove_superseded(self.storage, self.uri, manifest)
+        remove_partials(self.storage, self.uri, listing)
+        remove_superseded(self.storage, self.uri, manifest, listing)
         if self.table is not None:  # shards an earlier run committed whose table commit it did not live to make
             added = self.table.commit_shards(self.committed.done.values(), self.committed.locations)
             log.info("table %s: %d earlier shard(s) appended on start", self.table.uri, added)
@@ -100,22 +113,23 @@ class OutputSession:
 
     def shard_committed(self, result: ShardResult) -> None:
         """A worker committed `result`'s shard: its data file and done-marker are in place."""
-        log.debug("shard %s committed: %d rows in %s", result.shard_id, result.rows, result.data_uri)
+        log.debug("shard %s committed: %d rows in %s on %s", result.shard_id, result.rows, result.data, result.host)
         crash_point("session:shard_committed")
         if self.table is not None:
             self._held()
             self.table.commit_shard(result)
 
-    def complete(self, worker: dict, results: dict[str, ShardResult], failures: dict[str, str]) -> dict:
+    def complete(self, worker: dict, results: dict[str, ShardResult], failures: dict[str, str]) -> JobManifest:
         """Write the manifest last (every shard in `results` is committed), and drop an earlier run's failure record.
 
         Args: the worker's description (model id, embedding width), every committed shard, shards that failed.
         Returns the manifest as written (before a compaction, which rewrites only its file names). Releases the lease.
         """
         self._held()
-        remove_partials(self.storage, self.uri)
-        manifest = write_manifest(self.storage, self.spec, self.job_id, worker, results, failures, self.started_at,
-                                  self.committed.locations, self.committed.generation)  # fmt: skip
+        # Uploads this run's dead attempts left: only `_tmp/` is listed (the output was listed whole by start()).
+        remove_partials(self.storage, self.uri, list_output(self.storage, self.uri, under=TMP_DIR))
+        manifest = self._manifest(worker, results, failures)
+        write_manifest(self.storage, self.uri, manifest)
         remove_failure(self.storage, self.uri)
         options = self.spec.output_options
         if options.compact == "auto":
@@ -147,6 +161,34 @@ class OutputSession:
         except Exception as exc:  # noqa: BLE001 - the store may be why the job failed; keep the first error
             log.warning("could not record the failure of job %s at %s: %s", self.job_id, self.uri, exc)
         self.close()
+
+    def _manifest(self, worker: dict, results: dict[str, ShardResult], failures: dict[str, str]) -> JobManifest:
+        """The manifest of this run: every shard in `results` by its name relative to the output (a shard a
+        compaction merged by its compacted file's)."""
+        moved = {shard: relative_key(self.uri, uri) for shard, uri in self.committed.locations.items()}
+        shards = sorted(results.values(), key=lambda r: r.shard_id)
+        entries = [ManifestShard(shard=r.shard_id, data=moved.get(r.shard_id) or r.data_name(self.uri), rows=r.rows,
+                                 errors=r.errors) for r in shards]  # fmt: skip
+        return JobManifest(
+            job_id=self.job_id,
+            status="succeeded" if not failures else "partial",
+            spec=json.loads(self.spec.model_dump_json()),  # SecretStr fields dump as '**********'
+            model=ManifestModel.model_validate(worker),
+            schema_version=LABEL_SCHEMA_VERSION,
+            layout_version=LAYOUT_VERSION,
+            generation=self.committed.generation,
+            columns=tuple(ManifestColumn(name=f.name, type=str(f.type)) for f in LABEL_SCHEMA),
+            started_at=self.started_at,
+            finished_at=datetime.now(UTC),
+            totals=ManifestTotals(
+                shards=len(shards),
+                rows=sum(r.rows for r in shards),
+                errors=sum(r.errors for r in shards),
+                failed_shards=len(failures),
+            ),
+            shards=tuple(entries),
+            failed_shards=tuple(ManifestFailedShard(shard=s, error=e) for s, e in sorted(failures.items())),
+        )
 
     def close(self) -> None:
         """Release the writer lease (if taken): the next writer may start at once. Never raises."""

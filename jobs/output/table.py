@@ -29,9 +29,9 @@ import pyarrow.compute as pc
 
 from jobs.errors import InfrastructureError
 from jobs.output.faultpoints import crash_point
-from jobs.output.layout import table_uri
 from jobs.output.lease import Lease
 from jobs.output.reader import fs_path, pyarrow_filesystem, read_rows
+from schemas.layout import table_uri
 from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION
 from schemas.shards import ShardResult
 from schemas.specs import StorageOptions
@@ -75,6 +75,7 @@ class DeltaSink:
     """The Delta table of one label output. Args: the output URI, the job id, the job's storage options."""
 
     def __init__(self, output: str, job_id: str, storage_options: StorageOptions | None = None):
+        self.output = output
         self.uri = table_uri(output)
         self.job_id = job_id
         self.storage_options = storage_options
@@ -151,7 +152,7 @@ class DeltaSink:
                                   "writers; is a program other than bulklabel writing it?")  # fmt: skip
 
     def _rows(self, result: ShardResult, location: str | None) -> pa.Table:
-        path = fs_path(location or result.data_uri)
+        path = fs_path(location or result.data_in(self.output))
         rows = read_rows(path, self._filesystem)
         if location is not None:  # a compacted file holds several shards
             rows = rows.filter(pc.equal(rows["shard"], result.shard_id))

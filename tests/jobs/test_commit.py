@@ -1,4 +1,5 @@
-"""jobs.label.commit: the ownership claim, which files count as ours, and what a re-run trusts of the done-markers.
+"""jobs.output.ownership, markers, partials: the ownership claim, which files count as ours, and what a re-run
+trusts of the done-markers.
 
 Pure storage logic, on both backends (a local folder and SeaweedFS), without Ray.
 """
@@ -14,16 +15,11 @@ import time
 
 import pytest
 
-from jobs.label.commit import (
-    OWNER_NAME,
-    OutputConflict,
-    check_output,
-    claim_output,
-    error_summary,
-    read_committed,
-    remove_partials,
-)
-from jobs.output.layout import data_uri
+from jobs.output.errors import OutputConflict
+from jobs.output.markers import error_summary, read_committed
+from jobs.output.ownership import check_output, claim_output
+from jobs.output.partials import remove_partials
+from schemas.layout import OWNER_NAME, data_name, data_uri
 from schemas.shards import MARKER_FORMAT, ShardResult
 from tests.conftest import PROJECT_ROOT
 from workers.storage import join
@@ -32,7 +28,7 @@ RACERS = 6
 
 
 def _marker(output: str, shard: str, job: str = "job-a", **fields) -> ShardResult:
-    values = {"shard_id": shard, "job_id": job, "fingerprint": "f", "data_uri": data_uri(output, shard),
+    values = {"shard_id": shard, "job_id": job, "fingerprint": "f", "data": data_name(shard),
               "rows": 2, "errors": 0, "bytes_read": 1, "seconds": 0.1, "attempt": 1, "marker_format": MARKER_FORMAT,
               "data_bytes": 4}  # fmt: skip
     return ShardResult(**{**values, **fields})
@@ -40,7 +36,7 @@ def _marker(output: str, shard: str, job: str = "job-a", **fields) -> ShardResul
 
 def _commit(root, shard: str, job: str = "job-a", data: bytes = b"PAR1") -> ShardResult:
     marker = _marker(root.uri, shard, job, data_bytes=len(data))
-    root.storage.write_bytes(marker.data_uri, data)
+    root.storage.write_bytes(data_uri(root.uri, shard), data)
     root.storage.write_bytes(join(root.uri, "_done", f"{shard}.json"), marker.model_dump_json().encode())
     return marker
 
@@ -59,7 +55,8 @@ def test_a_fresh_output_is_claimed_and_then_only_by_its_job(storage_root):
 def _racer_script(uri: str, options_json: str, start_at: float) -> str:
     return textwrap.dedent(f"""
         import json, os, sys, time
-        from jobs.label.commit import OutputConflict, check_output, claim_output
+        from jobs.output.errors import OutputConflict
+        from jobs.output.ownership import check_output, claim_output
         from schemas.specs import StorageOptions
         from workers.storage import open_storage
         options = StorageOptions.model_validate_json({options_json!r}) if {options_json!r} else None

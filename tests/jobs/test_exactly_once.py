@@ -14,9 +14,10 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.label.commit import OWNER_NAME, OutputConflict
 from jobs.label.plan import PlanError
 from jobs.label.runner import JobFailed, run_label_job
+from jobs.output.errors import OutputConflict
+from schemas.layout import OWNER_NAME
 from schemas.specs import LabelJobSpec
 from tests.jobs.test_storage_outage import run_through_a_restart
 from tests.s3server import S3Server, WeedServer
@@ -232,7 +233,7 @@ def test_a_job_of_mostly_missing_images_fails_naming_the_error(tmp_path, record_
 
     summary = failed.value.summary
     assert (summary.status, summary.images, summary.errors) == ("failed", 6, 6)
-    assert "above max_error_fraction=0.5" in summary.failure_reason and "'missing'" in summary.failure_reason
+    assert "above max_error_fraction=0.5" in summary.failure_reason and "'read_failed'" in summary.failure_reason
     assert "nope-" in summary.failure_reason
     assert not (tmp_path / "out" / "_job.json").exists()  # no manifest: nothing reads it as a finished job
     record_property("measured", f"failed: {summary.failure_reason}")

@@ -17,8 +17,8 @@ import pytest
 
 from jobs.label.plan import files_shard_id
 from jobs.label.runner import JobFailed, run_label_job
-from jobs.output.layout import LEASE_FILE
 from jobs.output.lease import LeaseRecord
+from schemas.layout import LEASE_FILE
 from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels

@@ -22,7 +22,7 @@ from jobs.label.placement import (
     resolve_compile,
 )
 from jobs.label.plan import shard_id_for
-from jobs.output.layout import data_uri, marker_uri
+from schemas.layout import data_uri, marker_uri
 from schemas.shards import ShardResult, WorkerSpec
 from schemas.specs import LabelJobSpec
 
@@ -243,7 +243,8 @@ def test_auto_reads_the_outputs_done_markers_when_not_given_them(tmp_path):
     spec = _auto_spec(tmp_path)
     assert resolve_compile(spec, CPU_WORKER).compile  # nothing committed yet
     result = _committed(spec, "shard-00.tar", data_bytes=3)
-    for uri, data in ((result.data_uri, b"PAR"), (marker_uri(spec.output, result.shard_id), result.model_dump_json())):
+    marker = marker_uri(spec.output, result.shard_id)
+    for uri, data in ((result.data_in(spec.output), b"PAR"), (marker, result.model_dump_json())):
         os.makedirs(os.path.dirname(uri), exist_ok=True)
         with open(uri, "w" if isinstance(data, str) else "wb") as file:
             file.write(data)

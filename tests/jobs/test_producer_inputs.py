@@ -10,8 +10,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from jobs.label.runner import run_label_job
-from jobs.output.layout import markers_prefix
 from jobs.progress import JobSummary
+from schemas.layout import markers_prefix
 from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
 from tests.producers import png_bytes, write_hugging_face_parquet, write_img2dataset, write_webdataset_shards

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.label.commit import OutputConflict
 from jobs.label.plan import PlanError
 from jobs.label.runner import run_label_job
+from jobs.output.errors import OutputConflict
 from schemas.specs import LabelJobSpec, StorageOptions
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
 from workers.storage import StorageError, join, open_storage

@@ -22,8 +22,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from jobs.output.layout import LEASE_FILE
 from jobs.output.lease import LeaseRecord
+from schemas.layout import LEASE_FILE
 from tests.multinode.ray_nodes import MultiNodeCluster
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import socket
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,10 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from schemas.layout import data_uri, marker_uri
 from schemas.output import LABEL_SCHEMA
 from schemas.shards import ShardResult, ShardTask
 from workers.storage import LocalStorage
-from workers.writer import ShardWriter, data_uri, marker_uri
+from workers.writer import ShardWriter
 
 CATEGORIES = [f"class_{i}" for i in range(10)]
 K, D = 3, 6
@@ -131,7 +135,7 @@ def test_commit_local_writes_data_and_marker(writer, tmp_path):
     on_disk = ShardResult.model_validate(json.loads(marker.read_text()))
     assert on_disk == result
     assert (result.rows, result.errors, result.attempt) == (9, 9 - len(expected), 1)
-    assert result.fingerprint == writer.task.fingerprint() and result.data_uri == str(data)
+    assert result.fingerprint == writer.task.fingerprint() and result.data_in(str(out)) == str(data)
     assert (result.bytes_read, result.seconds) == (1234, 0.5)
     # Markers written before commit times were recorded still load (a job started by an older version resumes).
     old = json.loads(marker.read_text())
@@ -164,6 +168,25 @@ def test_commit_local_writes_data_and_marker(writer, tmp_path):
     assert re.search(layout, str(parquet.schema)), str(parquet.schema)
     arrow_meta = parquet.schema_arrow
     assert "fixed_size_list" not in str(arrow_meta.field("embedding").type)
+
+
+def test_marker_names_its_data_relative_to_the_output_its_node_and_the_rows_error_kinds(writer, tmp_path):
+    """The marker survives a copy of the output (its data file's name is relative), says which machine wrote it, and
+    counts errors by the same ErrorKind as the rows' `error_kind` column."""
+    _fill(writer)
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    scratch.mkdir()
+    result = _commit(writer, out, scratch, attempt=1)
+    on_disk = json.loads((out / "_done" / f"{SHARD}.json").read_text())
+    assert on_disk["data"] == f"data/part-{SHARD}.parquet" and "data_uri" not in on_disk
+    assert (result.host, result.node_id) == (socket.gethostname(), None)  # outside Ray: no node id
+    rows = pq.read_table(out / "data" / f"part-{SHARD}.parquet").to_pylist()
+    by_rows = Counter(row["error_kind"] for row in rows if row["error"] is not None)
+    assert result.error_kinds == dict(by_rows) == {"corrupt": 2, "not_an_image": 2}
+    moved = Path(shutil.copytree(out, tmp_path / "elsewhere"))
+    assert ShardResult.model_validate_json((moved / "_done" / f"{SHARD}.json").read_text()).data_in(str(moved)) == str(
+        moved / "data" / f"part-{SHARD}.parquet"
+    )
 
 
 def test_commit_twice_is_idempotent(writer, tmp_path):

@@ -21,11 +21,11 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.label.commit import read_committed
 from jobs.output.compact import compact_output, small_files
-from jobs.output.layout import PART_FILE
+from jobs.output.markers import read_committed
 from jobs.output.reader import OutputError, open_output
 from jobs.output.session import OutputSession
+from schemas.layout import PART_FILE
 from schemas.output import LABEL_SCHEMA_VERSION
 from schemas.shards import ShardTask
 from schemas.specs import LabelJobSpec

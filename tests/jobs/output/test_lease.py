@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from jobs.errors import EXIT_INFRASTRUCTURE, exit_code_for
-from jobs.output.layout import lease_uri
 from jobs.output.lease import (
     LeaseLost,
     LeaseRecord,
@@ -24,6 +23,7 @@ from jobs.output.lease import (
     read_current,
     standing,
 )
+from schemas.layout import lease_uri
 from workers.storage import LocalStorage
 
 JOB = Writer(WriterKind.LABEL_JOB, "job-a")

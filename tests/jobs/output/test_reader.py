@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from jobs.errors import exit_code_for
 from jobs.output.reader import OutputError, UnsupportedSchemaVersion, open_output
@@ -73,6 +74,10 @@ def test_open_output_gives_the_manifest_and_committed_files(labelled):
     assert table.num_rows == PHOTOS
     assert sorted(table.column("key").to_pylist()) == sorted(r["file"] for r in imagenet_labels()[:PHOTOS])
     assert table.equals(pq.read_table(_parts(labelled)).select(table.column_names))
+    # Each done-marker says which machine and Ray node wrote it, and names its file relative to the output.
+    markers = [json.loads(m.read_text()) for m in sorted((labelled / "_done").glob("*.json"))]
+    assert all(m["host"] and m["node_id"] and m["data"].startswith("data/part-") for m in markers), markers
+    assert {m["node_id"] for m in markers} <= {n["NodeID"] for n in ray.nodes()}
 
 
 def test_stray_part_and_foreign_parquet_are_not_read(copied):
@@ -198,17 +203,21 @@ def test_every_reader_pointed_at_the_folder_itself_reads_it_as_it_is(labelled):
 
 
 def _as_layout_1(output: Path, written_at: Path) -> None:
-    """Rewrite a finished output the way bulklabel before `data/` laid it out (data files at the top), as if it had
-    been written where it is now (its markers name the copy)."""
+    """Rewrite a finished output the way bulklabel before `data/` laid it out (data files at the top, markers and
+    manifest naming absolute URIs), as if it had been written where it is now (its markers name the copy)."""
     for part in sorted((output / "data").glob("*.parquet")):
         part.rename(output / part.name)
     (output / "data").rmdir()
     for marker in (output / "_done").glob("*.json"):
-        marker.write_text(marker.read_text().replace(f"{written_at}/data/part-", f"{output}/part-"))
+        data = json.loads(marker.read_text())
+        data["data_uri"] = f"{output}/{data.pop('data').removeprefix('data/')}"
+        data["marker_format"] = 2
+        del data["host"], data["node_id"]
+        marker.write_text(json.dumps(data))
     manifest = json.loads((output / "_job.json").read_text())
     manifest.pop("layout_version"), manifest.pop("generation")
     for entry in manifest["shards"]:
-        entry["data"] = entry["data"].replace("/data/part-", "/part-")
+        entry["data"] = f"{written_at}/{entry['data'].removeprefix('data/')}"
     (output / "_job.json").write_text(json.dumps(manifest))
     owner = json.loads((output / "_owner.json").read_text())
     owner.pop("layout_version")
@@ -216,7 +225,9 @@ def _as_layout_1(output: Path, written_at: Path) -> None:
 
 
 def test_a_layout_1_output_still_reads_but_a_run_into_it_is_refused_naming_the_versions(labelled, copied):
-    from jobs.label.commit import OutputConflict, check_output, read_committed
+    from jobs.output.errors import OutputConflict
+    from jobs.output.markers import read_committed
+    from jobs.output.ownership import check_output
     from workers.storage import open_storage
 
     _as_layout_1(copied, labelled)
@@ -226,6 +237,6 @@ def test_a_layout_1_output_still_reads_but_a_run_into_it_is_refused_naming_the_v
     (copied / "_job.json").unlink()  # and unfinished: read through its markers
     assert open_output(str(copied)).to_table().num_rows == PHOTOS
     storage = open_storage(str(copied))
-    with pytest.raises(OutputConflict, match=r"output layout version 1 .*writes layout version 2 .*new output prefix"):
+    with pytest.raises(OutputConflict, match=r"output layout version 1 .*writes layout version 3 .*new output prefix"):
         check_output(storage, str(copied), output.job_id, "refuse")
     assert len(read_committed(storage, str(copied), output.job_id).done) == PHOTOS // FILES_PER_SHARD

@@ -151,7 +151,7 @@ def test_report_in_chromium_shows_the_jobs_figures(labelled, rows, report, tmp_p
     assert [int(a["data-count"]) for a in dom.find("tr", **{"class": "error-kind"})] == [1]
     (corrupt,) = [r for r in rows if r["error"]]
     assert corrupt["key"] == "corrupt.jpg"
-    assert dom.find("tr", **{"class": "error-kind"})[0]["data-kind"] == corrupt["error"].split(":")[0]
+    assert dom.find("tr", **{"class": "error-kind"})[0]["data-kind"] == corrupt["error_kind"] == "corrupt"
     text = "".join(dom.text)
     assert corrupt["error"][:60] in text and HOSTILE[0] in text and HOSTILE[1] in text  # shown as text
     assert len(dom.find("tr", **{"class": "slow-shard"})) == open_output(str(labelled)).manifest.totals.shards == 4

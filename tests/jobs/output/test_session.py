@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.label.commit import OutputConflict, read_failure
-from jobs.output.layout import FAILED_NAME, LEASE_NAMES, MANIFEST_NAME, OWNER_NAME, temp_uri
+from jobs.output.errors import OutputConflict
+from jobs.output.failure import read_failure
 from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
+from schemas.layout import FAILED_NAME, LEASE_NAMES, MANIFEST_NAME, OWNER_NAME, temp_uri
 from schemas.specs import LabelJobSpec
 from workers.storage import join
 
@@ -73,7 +74,7 @@ def test_a_real_job_that_fails_leaves_a_record_saying_why(tmp_path, ray_cluster)
     assert not (out / MANIFEST_NAME).exists()
     record = json.loads((out / FAILED_NAME).read_text())
     assert record["status"] == "failed" and record["job_id"] == spec.resolved_job_id()
-    assert "above max_error_fraction" in record["reason"] and "'missing'" in record["reason"]
+    assert "above max_error_fraction" in record["reason"] and "'read_failed'" in record["reason"]
     assert record["shards_committed"] == 1
     unfinished = open_output(str(out))  # the reader says so too, beside the rows that were committed
     assert not unfinished.complete and unfinished.failure.reason == record["reason"]
@@ -99,3 +100,42 @@ def test_output_as_a_string_or_a_mapping_and_the_json_schema_says_both():
     jsonschema.validate({**base, "output": {"uri": "/out", "format": "delta"}}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**base, "output": {"uri": "/out", "format": "iceberg"}}, schema)
+
+
+class _CountingStorage:
+    """The output's storage, counting the listings of each prefix (one listing: one `list` call, however paged)."""
+
+    def __init__(self, storage):
+        self._storage = storage
+        self.listed: list[str] = []
+
+    def list(self, prefix: str):
+        self.listed.append(prefix)
+        return self._storage.list(prefix)
+
+    def __getattr__(self, name: str):
+        return getattr(self._storage, name)
+
+
+def test_each_phase_lists_the_output_once(tmp_path):
+    """check() lists the output once for ownership and markers; start() once more, under the lease, for markers,
+    partial uploads and superseded files; complete() only `_tmp/` (a run used to list the whole output 5 times)."""
+    from tests.jobs.output.test_compact import write_output
+    from workers.storage import LocalStorage
+
+    out = tmp_path / "out"
+    spec = write_output(str(out), tmp_path, shards=3)  # an earlier run's output, resumed below
+    (out / "_tmp").mkdir(exist_ok=True)
+    (out / "_tmp" / "files-000.2.0123abcd.partial").write_bytes(b"a dead attempt's upload")
+    storage = _CountingStorage(LocalStorage())
+    session = OutputSession(spec, spec.job_id, storage)
+
+    committed = session.check()
+    assert storage.listed == [spec.output] and len(committed.done) == 3
+    storage.listed.clear()
+    session.start()
+    assert [p for p in storage.listed if not p.startswith(join(spec.output, "_lease"))] == [spec.output]
+    assert not (out / "_tmp" / "files-000.2.0123abcd.partial").exists()
+    storage.listed.clear()
+    session.complete({"model_id": "m:x"}, committed.done, {})
+    assert spec.output not in storage.listed and join(spec.output, "_tmp") in storage.listed

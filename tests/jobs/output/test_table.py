@@ -140,7 +140,7 @@ def test_a_delta_output_on_s3(s3_prefix, s3_server, tmp_path):
 
 def _sinks_and_shards(tmp_path: Path, shards: int = 3):
     """Two drivers' sinks of one job's table (as two runs of the job had), and the job's committed shards."""
-    from jobs.label.commit import read_committed
+    from jobs.output.markers import read_committed
     from jobs.output.table import DeltaSink
     from workers.storage import LocalStorage
 

@@ -43,9 +43,9 @@ def test_a_label_jobs_output_proves_a_finished_run_only_with_its_own_manifest_wr
     import json
     from datetime import UTC, datetime, timedelta
 
-    from jobs.output.layout import MANIFEST_NAME
     from jobs.service.kinds import label_finished
     from jobs.service.records import JobState, advance, new_record
+    from schemas.layout import MANIFEST_NAME
     from schemas.output import LABEL_SCHEMA_VERSION
 
     started = datetime(2026, 12, 6, 23, 0, tzinfo=UTC)

@@ -20,9 +20,9 @@ import psutil
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.output.layout import DATA_FILE, DONE_DIR, LEASE_FILE, MANIFEST_NAME, OWNER_NAME
 from jobs.output.lease import LeaseRecord
 from jobs.service.store import JobStore
+from schemas.layout import DATA_FILE, DONE_DIR, LEASE_FILE, MANIFEST_NAME, OWNER_NAME
 from tests.jobs.service.test_service_cli import JOB_TIMEOUT_S, Service, _label_args
 from tests.jobs.test_faults import assert_exactly_once
 from tests.multinode.ray_nodes import MultiNodeCluster

@@ -17,19 +17,25 @@ Layout version 2 (this bulklabel writes it):
     _failed.json            the record of a failed run (its reason), removed when a later run completes
     table/                  format: delta only: a Delta Lake table holding the same rows, each shard committed
                             once (jobs.output.table)
-Layout version 1 (bulklabel before `data/`): data files `part-<shard>.parquet` at the top of the prefix, beside the
-markers. Outputs in it are still read (the reader follows the manifest's or markers' file names); a run is refused.
+Names recorded inside the output (a done-marker's data file, the manifest's files) are relative to the output since
+layout version 3, so an output copied or moved elsewhere (another folder, bucket or prefix) reads whole.
+Layout version 2: the same files, but markers and the manifest recorded absolute URIs under the output the job wrote
+to; such outputs are read (and extended by a run) through `name_in`, which finds each file under the output where it
+is now. Layout version 1 (bulklabel before `data/`): data files `part-<shard>.parquet` at the top of the prefix,
+beside the markers. Outputs in it are still read (the reader follows the manifest's or markers' file names); a run is
+refused.
 
-Driver and workers both import this module: no torch, no Ray.
+Driver (jobs.output) and workers (workers.writer) both import this module, which is why it lives in `schemas`:
+no torch, no Ray, no storage client; URIs are joined with plain slashes.
 """
 
 from __future__ import annotations
 
 import re
 
-from workers.storage import join
-
-LAYOUT_VERSION = 2  # 1: data files at the top of the prefix; 2: data files under data/
+# 1: data files at the top of the prefix; 2: data files under data/; 3: names in markers and manifest relative
+LAYOUT_VERSION = 3
+RELATIVE_NAMES_SINCE = 3  # the first layout version whose manifest records names relative to the output
 
 OWNER_NAME = "_owner.json"
 MANIFEST_NAME = "_job.json"
@@ -63,13 +69,53 @@ OWN_NAMES = re.compile(
 LITTER = re.compile(r"(?:.*/)?(?:\.DS_Store|\._[^/]*|Thumbs\.db|desktop\.ini)")
 
 
+def join(prefix: str, *parts: str) -> str:
+    """Join URI parts with single slashes (as workers.storage.join, which this package may not import)."""
+    out = prefix.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def is_relative(name: str) -> bool:
+    """Whether a recorded name is relative to the output (layout 3) rather than a URI or absolute path (before)."""
+    return "://" not in name and not name.startswith("/")
+
+
+def data_name(shard_id: str) -> str:
+    """A shard's own data file, relative to the output: what its done-marker records."""
+    return f"{DATA_DIR}/part-{shard_id}.parquet"
+
+
+def name_in(output: str, recorded: str, recorded_output: str | None = None, shard_id: str | None = None) -> str:
+    """The name relative to `output` of a data file a marker or manifest recorded as `recorded`.
+
+    Layout 3 records relative names: returned as they are. Before, absolute URIs under the output the job wrote to:
+    under `output` itself (not moved), that part; else below `recorded_output` (a manifest names the output it was
+    written to); else a marker's own data file, found by the layout's name for `shard_id` at the end of the URI.
+    Raises ValueError when none of these places it (a damaged record).
+    """
+    if is_relative(recorded):
+        if recorded.startswith("../") or "/../" in recorded:
+            raise ValueError(f"{recorded!r} climbs out of the output")
+        return recorded
+    for root in (output, recorded_output):
+        if root is not None and recorded.startswith(root.rstrip("/") + "/"):
+            return recorded[len(root.rstrip("/")) + 1 :]
+    if shard_id is not None:
+        for name in (data_name(shard_id), f"part-{shard_id}.parquet"):  # layout 2, then layout 1 (at the top)
+            if recorded.endswith("/" + name):
+                return name
+    raise ValueError(f"{recorded!r} is not under the output")
+
+
 def data_dir(output: str) -> str:
     """The folder of data files: what analytics engines are pointed at."""
     return join(output, DATA_DIR)
 
 
 def data_uri(output: str, shard_id: str) -> str:
-    return join(output, DATA_DIR, f"part-{shard_id}.parquet")
+    return join(output, data_name(shard_id))
 
 
 def compacted_uri(output: str, generation: int, index: int) -> str:
