@@ -19,7 +19,7 @@ from schemas.layout import data_uri, marker_uri
 from schemas.output import LABEL_SCHEMA
 from schemas.shards import ShardResult, ShardTask
 from workers.storage import LocalStorage
-from workers.writer import ShardWriter
+from workers.writer import ShardWriter, node_id
 
 CATEGORIES = [f"class_{i}" for i in range(10)]
 K, D = 3, 6
@@ -179,7 +179,8 @@ def test_marker_names_its_data_relative_to_the_output_its_node_and_the_rows_erro
     result = _commit(writer, out, scratch, attempt=1)
     on_disk = json.loads((out / "_done" / f"{SHARD}.json").read_text())
     assert on_disk["data"] == f"data/part-{SHARD}.parquet" and "data_uri" not in on_disk
-    assert (result.host, result.node_id) == (socket.gethostname(), None)  # outside Ray: no node id
+    # This process's Ray node when an earlier test of the session started Ray here, else none (outside Ray)
+    assert (result.host, result.node_id) == (socket.gethostname(), node_id())
     rows = pq.read_table(out / "data" / f"part-{SHARD}.parquet").to_pylist()
     by_rows = Counter(row["error_kind"] for row in rows if row["error"] is not None)
     assert result.error_kinds == dict(by_rows) == {"corrupt": 2, "not_an_image": 2}
