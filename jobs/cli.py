@@ -14,18 +14,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, exit_code_for
+from jobs.kinds import job_spec_json_schema, kind_of, load_job_spec, parse_job_spec
 from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
-from schemas.specs import (
-    LabelJobSpec,
-    ModelSpec,
-    OutputOptions,
-    StorageOptions,
-    job_spec_json_schema,
-    load_job_spec,
-    parse_job_spec,
-)
+from schemas.specs import LabelJobSpec, ModelSpec, OutputOptions, StorageOptions
 
 log = logging.getLogger("bulklabel")
 
@@ -342,14 +335,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _run(spec: LabelJobSpec | FinetuneJobSpec, quiet: bool) -> int:
-    if spec.kind == "finetune":
-        from jobs.finetune import run_finetune_job
-
-        summary = run_finetune_job(spec, show_progress=not quiet)
-    else:
-        from jobs.label.runner import run_label_job
-
-        summary = run_label_job(spec, show_progress=not quiet)
+    summary = kind_of(spec).run_here(spec, quiet)
     print("\n".join(summary.lines()))
     return 0
 

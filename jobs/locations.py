@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jobs.kinds import kind_of
 from schemas.specs import LabelJobSpec, ModelSpec
 from workers.storage import normalise_uri
 
@@ -26,12 +27,10 @@ _ENUM_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 def absolute_locations(spec: LabelJobSpec | FinetuneJobSpec) -> LabelJobSpec | FinetuneJobSpec:
     """The spec with its local paths absolute (label: input, allowed roots, output, model artifact, weights, weights
     folder; finetune: data, validation data, allowed roots, base weights, weights folder, output)."""
-    if isinstance(spec, LabelJobSpec):
-        return _label(spec)
-    return _finetune(spec)
+    return kind_of(spec).absolute_locations(spec)
 
 
-def _label(spec: LabelJobSpec) -> LabelJobSpec:
+def label_locations(spec: LabelJobSpec) -> LabelJobSpec:
     inp = spec.input.model_copy(
         update={"uri": _path(spec.input.uri), "allowed_roots": tuple(_path(r) for r in spec.input.allowed_roots)}
     )
@@ -41,7 +40,7 @@ def _label(spec: LabelJobSpec) -> LabelJobSpec:
     return spec.model_copy(update={"input": inp, "output": _path(spec.output), "model": model})
 
 
-def _finetune(spec: FinetuneJobSpec) -> FinetuneJobSpec:
+def finetune_locations(spec: FinetuneJobSpec) -> FinetuneJobSpec:
     val = spec.data.validation_uri
     data = spec.data.model_copy(update={"uri": _path(spec.data.uri), "validation_uri": _path(val) if val else val,
                                         "allowed_roots": tuple(_path(r) for r in spec.data.allowed_roots)})  # fmt: skip

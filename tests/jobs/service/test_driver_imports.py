@@ -9,7 +9,7 @@ import sys
 import pytest
 
 DRIVER_MODULES = ("jobs.cli", "jobs.service.service", "jobs.service.actor", "jobs.service.client",
-                  "jobs.service.kinds", "jobs.label.runner", "jobs.finetune")  # fmt: skip
+                  "jobs.service.runs", "jobs.service.core", "jobs.kinds", "jobs.label.runner", "jobs.finetune")  # fmt: skip
 
 
 @pytest.mark.parametrize("module", DRIVER_MODULES)

@@ -10,11 +10,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+from jobs.service.kinds import RUNNERS, Outcome
 
 from jobs.cluster import ClusterResources
 from jobs.service.admission import Resources
 from jobs.service.config import ServiceConfig
-from jobs.service.kinds import RUNNERS, Outcome
 from jobs.service.ownership import ClusterId, Liveness
 from jobs.service.records import Cancellation, JobKind, JobProgress, JobRecord, JobState, advance, new_record
 from jobs.service.service import TICK_S, JobService
