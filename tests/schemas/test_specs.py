@@ -7,7 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from schemas.specs import MAX_SPEC_BYTES, LabelJobSpec, SpecError, job_spec_json_schema, load_job_spec, parse_job_spec
+from jobs.kinds import job_spec_json_schema, load_job_spec, parse_job_spec
+from schemas.specs import MAX_SPEC_BYTES, LabelJobSpec, SpecError
 
 BASE = {"kind": "label", "input": {"uri": "s3://in/photos"}, "output": "s3://out/run-1", "model": {"name": "resnet50"}}
 
