@@ -147,6 +147,11 @@ def load_job_spec(path: str | Path):
     return parse_job_spec(read_spec_data(path))
 
 
+def absolute_locations(spec):
+    """The spec with its local paths made absolute on the driver, as its kind says (jobs.locations)."""
+    return kind_of(spec).absolute_locations(spec)
+
+
 def job_spec_json_schema() -> dict:
     """JSON Schema of every job kind, for editors and CI validation."""
     return _union().json_schema()

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.kinds import kind_of
 from schemas.specs import LabelJobSpec, ModelSpec
 from workers.storage import normalise_uri
 
@@ -24,13 +23,9 @@ _WEIGHTS_SUFFIXES = (".pth", ".pt", ".safetensors")
 _ENUM_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
 
-def absolute_locations(spec: LabelJobSpec | FinetuneJobSpec) -> LabelJobSpec | FinetuneJobSpec:
-    """The spec with its local paths absolute (label: input, allowed roots, output, model artifact, weights, weights
-    folder; finetune: data, validation data, allowed roots, base weights, weights folder, output)."""
-    return kind_of(spec).absolute_locations(spec)
-
-
 def label_locations(spec: LabelJobSpec) -> LabelJobSpec:
+    """A label spec with its local paths absolute: input, allowed roots, output, model artifact, weights, weights
+    folder. (Any kind's spec: jobs.kinds.absolute_locations.)"""
     inp = spec.input.model_copy(
         update={"uri": _path(spec.input.uri), "allowed_roots": tuple(_path(r) for r in spec.input.allowed_roots)}
     )
@@ -41,6 +36,8 @@ def label_locations(spec: LabelJobSpec) -> LabelJobSpec:
 
 
 def finetune_locations(spec: FinetuneJobSpec) -> FinetuneJobSpec:
+    """A fine-tune spec with its local paths absolute: data, validation data, allowed roots, base weights, weights
+    folder, output."""
     val = spec.data.validation_uri
     data = spec.data.model_copy(update={"uri": _path(spec.data.uri), "validation_uri": _path(val) if val else val,
                                         "allowed_roots": tuple(_path(r) for r in spec.data.allowed_roots)})  # fmt: skip

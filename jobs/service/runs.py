@@ -20,7 +20,6 @@ import ray
 
 from jobs.cluster import ClusterResources
 from jobs.errors import BadInput, InfrastructureError, exit_code_for
-from jobs.kinds import ServiceStart
 from jobs.label.compile_policy import CompileDecision
 from jobs.label.placement import Placement, PlacementError, place_workers, resolve_compile
 from jobs.service.admission import Needs, Resources
@@ -108,7 +107,7 @@ class LabelProgress:
 class LabelJobRun:
     """A label job running in a thread of the service on a warm pool."""
 
-    def __init__(self, start: ServiceStart):
+    def __init__(self, start):  # a jobs.kinds.ServiceStart (not imported: jobs.kinds imports this module)
         from jobs.label.runner import LabelRun  # the runner pulls in planning and commit: only once a job runs
         from jobs.service import metrics
 
@@ -154,7 +153,7 @@ class LabelJobRun:
 class FinetuneJobRun:
     """A fine-tune running as a Ray task; cancel kills the task (and the Ray Train workers it owns)."""
 
-    def __init__(self, start: ServiceStart):
+    def __init__(self, start):  # a jobs.kinds.ServiceStart (not imported: jobs.kinds imports this module)
         self._ref = _finetune_task.options(name=f"bulklabel-{start.job_id}").remote(start.spec, start.job_id,
                                                                                    start.state_uri)  # fmt: skip
         self._cancelled = False
