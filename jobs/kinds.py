@@ -63,7 +63,7 @@ class Kind:
     # None): what admission reserves for it
     needs: Callable[..., tuple[Any, Any]]
     run_here: Callable[[Any, bool], Any]  # (spec, quiet) → its summary (`.lines()`), in the CLI's own process
-    start_in_service: Callable[[ServiceStart], Any]  # → a running job (jobs.service.runs.RunningJob)
+    start_in_service: Callable[[ServiceStart], Any]  # → a running job (jobs.service.core.RunningJob)
     # Pooled kinds: (spec, compile decision) → the WorkerSpec of its warm pool; None: it holds its needs itself
     worker_spec: Callable[[Any, Any], Any] | None = None
     # (spec, ClusterResources, max_workers, warm pool keys) → its compile decision, made once at submit

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import ray
 
@@ -43,15 +42,6 @@ class RunEnd:
     outcome: Outcome | str
     summary: tuple[str, ...] = ()
     error: str | None = None
-
-
-class RunningJob(Protocol):
-    def outcome(self) -> RunEnd | None:
-        """How it ended, or None while it runs."""
-
-    def cancel(self) -> None: ...
-
-    def progress(self) -> JobProgress: ...
 
 
 class LabelProgress:
