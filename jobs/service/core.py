@@ -254,16 +254,16 @@ class ServiceCore:
         # Each step on its own: one that fails (a store hiccup, a damaged record) must not keep the others, admission
         # above all, from running.
         for step in (self._settle_running, self._admit, self._grow_pools, self._expire_pools, self.store.flush_logs):
-            self._guarded(step)
+            self.guarded(step)
         if self.clock.monotonic() - self._reconciled_at >= RECONCILE_S:
-            self._guarded(self._reconcile_others)
+            self.guarded(self._reconcile_others)
 
     def settle_stopped(self, sleep: Callable[[float], None] = time.sleep) -> None:
         """After `stop`: wait (at most STOP_WAIT_S) for the cancelled runs to end, then record each. One still
         running then is recorded as cancelled too: its pool closes next, and what it committed stays committed."""
         deadline = self.clock.monotonic() + STOP_WAIT_S
         while self.running and self.clock.monotonic() < deadline:
-            self._guarded(self._settle_running)
+            self.guarded(self._settle_running)
             sleep(TICK_S)
         for job_id in sorted(self.running):
             record = self._held_record(job_id)
@@ -275,7 +275,8 @@ class ServiceCore:
                                  cancelled_by=cancelled_by))  # fmt: skip
                 self.store.append_log(job_id, f"{now.isoformat()} cancelled: {cancelled_by.value}\n")
 
-    def _guarded(self, step) -> None:
+    def guarded(self, step) -> None:
+        """Run one step; its failure is logged (once while it repeats), never raised: the service lives on."""
         try:
             step()
         except Exception as exc:  # noqa: BLE001 - the service lives on; said once while the same error repeats

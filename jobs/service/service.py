@@ -109,7 +109,7 @@ class JobService:
                 self.core.tick()
             self._stopping.wait(TICK_S)
         with self._lock:
-            self.core.settle_stopped()
+            self.core.guarded(self.core.settle_stopped)
 
 
 # --------------------------------------------------------------------------------------------- cluster facts
