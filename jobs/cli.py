@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, exit_code_for
 from jobs.flags import SpecFlags
 from jobs.kind_flags import FINETUNE_SPEC_FLAGS, LABEL_SPEC_FLAGS
+from jobs.kinds import job_spec_json_schema, kind_of, load_job_spec
 from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneJobSpec
-from schemas.jobspecs import job_spec_json_schema, load_job_spec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
 from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec, OutputOptions, StorageOptions
@@ -214,14 +214,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _run(spec: LabelJobSpec | FinetuneJobSpec, quiet: bool) -> int:
-    if spec.kind == "finetune":
-        from jobs.finetune import run_finetune_job
-
-        summary = run_finetune_job(spec, show_progress=not quiet)
-    else:
-        from jobs.label.runner import run_label_job
-
-        summary = run_label_job(spec, show_progress=not quiet)
+    summary = kind_of(spec).run_here(spec, quiet)
     print("\n".join(summary.lines()))
     return exit_code_of(summary.status)
 

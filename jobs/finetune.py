@@ -27,7 +27,7 @@ from pathlib import Path
 from ray.train import TrainingFailedError
 
 from jobs.cluster import ClusterResources, ensure_ray
-from jobs.locations import absolute_locations
+from jobs.locations import finetune_locations
 from schemas.catalog import check_model
 from schemas.finetune import EpochMetrics, FinetuneJobSpec, ModelCard, Recipe, TrainingState
 from schemas.outcome import Outcome
@@ -105,7 +105,7 @@ class FinetuneSummary:
 
 def resolve_locations(spec: FinetuneJobSpec) -> FinetuneJobSpec:
     """Make local paths absolute, so workers in other processes (and the job id) see the same places."""
-    return absolute_locations(spec)
+    return finetune_locations(spec)
 
 
 def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> FinetuneSummary:

@@ -23,15 +23,9 @@ _WEIGHTS_SUFFIXES = (".pth", ".pt", ".safetensors")
 _ENUM_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
 
-def absolute_locations(spec: LabelJobSpec | FinetuneJobSpec) -> LabelJobSpec | FinetuneJobSpec:
-    """The spec with its local paths absolute (label: input, allowed roots, output, model artifact, weights, weights
-    folder; finetune: data, validation data, allowed roots, base weights, weights folder, output)."""
-    if isinstance(spec, LabelJobSpec):
-        return _label(spec)
-    return _finetune(spec)
-
-
-def _label(spec: LabelJobSpec) -> LabelJobSpec:
+def label_locations(spec: LabelJobSpec) -> LabelJobSpec:
+    """A label spec with its local paths absolute: input, allowed roots, output, model artifact, weights, weights
+    folder. (Any kind's spec: jobs.kinds.absolute_locations.)"""
     inp = spec.input.model_copy(
         update={"uri": _path(spec.input.uri), "allowed_roots": tuple(_path(r) for r in spec.input.allowed_roots)}
     )
@@ -41,7 +35,9 @@ def _label(spec: LabelJobSpec) -> LabelJobSpec:
     return spec.model_copy(update={"input": inp, "output": _path(spec.output), "model": model})
 
 
-def _finetune(spec: FinetuneJobSpec) -> FinetuneJobSpec:
+def finetune_locations(spec: FinetuneJobSpec) -> FinetuneJobSpec:
+    """A fine-tune spec with its local paths absolute: data, validation data, allowed roots, base weights, weights
+    folder, output."""
     val = spec.data.validation_uri
     data = spec.data.model_copy(update={"uri": _path(spec.data.uri), "validation_uri": _path(val) if val else val,
                                         "allowed_roots": tuple(_path(r) for r in spec.data.allowed_roots)})  # fmt: skip

@@ -20,7 +20,7 @@ from jobs.label.dispatch import PrivateWorkers, ShardDispatcher, WorkerSource
 from jobs.label.ledger import LedgerLimits
 from jobs.label.placement import Placement, check_locations_reachable, place_workers, resolve_compile
 from jobs.label.plan import PlanError, PlanStats, plan_shards
-from jobs.locations import absolute_locations
+from jobs.locations import label_locations
 from jobs.output.markers import CommittedShards, error_summary
 from jobs.output.session import OutputSession
 from jobs.progress import JobSummary, Progress, ProgressListener, Skipped
@@ -66,7 +66,7 @@ def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun 
     status "cancelled": the committed shards stay, and running the job again labels exactly the rest.
     """
     run = run or LabelRun(show_progress=show_progress)
-    spec = absolute_locations(spec)  # workers in other processes (and the job id) must see the same places
+    spec = label_locations(spec)  # workers in other processes (and the job id) must see the same places
     job_id = spec.resolved_job_id()
     clock = time.perf_counter()
     session = OutputSession(spec, job_id)  # every write to the output goes through its phases

@@ -21,8 +21,6 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from jobs.service.records import JobKind
-
 EPS = 1e-9  # Ray reports fractional resources; 0.1 + 0.2 must still fit in 0.3
 IDLE_S = 300.0  # a warm pool with no job is released after this long
 
@@ -107,7 +105,7 @@ class QueuedJob:
     priority: int
     seq: int
     needs: Needs
-    kind: JobKind = JobKind.LABEL
+    kind: str = ""  # its job kind's name (jobs.kinds), for people
     model_key: str | None = None  # jobs with a model key run on that model's warm pool
 
 

@@ -18,14 +18,11 @@ from collections.abc import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from jobs.cluster import ensure_ray, find_cluster
-from jobs.errors import BadInput, InfrastructureError
-from jobs.label.placement import refuse_unshared_local_paths
-from jobs.locations import absolute_locations
+from jobs.cluster import find_cluster
+from jobs.errors import InfrastructureError
+from jobs.kinds import kind_of
 from jobs.service.config import SERVICE_NAME, SERVICE_NAMESPACE, ServiceConfig
 from jobs.service.records import JobRecord, JobState
-from schemas.catalog import class_names
-from workers.training.artifacts import card_of
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +101,10 @@ def _call(method: str, *args, start: bool = False, retry: bool = True):
 def submit(spec, priority: int = 0, max_workers: int | None = None) -> str:
     """Queue a job (a LabelJobSpec or FinetuneJobSpec); returns its id at once. Checked here first: a bad model
     name or top_k fails now, not on the cluster."""
-    spec = absolute_locations(spec)
+    kind = kind_of(spec)
+    spec = kind.absolute_locations(spec)
     connect()
-    if spec.kind == "label":
-        refuse_unshared_local_paths(spec, ensure_ray())  # local paths other nodes cannot see: refused now
-        classes = len(class_names(spec.model, card_of(spec.model, spec.storage)))
-        if spec.top_k > classes and "top_k" in spec.model_fields_set:
-            raise BadInput(f"top_k={spec.top_k} exceeds the {classes} classes of model {spec.model.name!r}")
+    kind.check_submit(spec)
     return _call("submit", spec, priority, max_workers, start=True, retry=False)
 
 

@@ -78,7 +78,7 @@ def _submit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _spec_from_file(args: argparse.Namespace):
-    from schemas.jobspecs import load_job_spec
+    from jobs.kinds import load_job_spec
 
     return load_job_spec(args.spec)
 
@@ -209,7 +209,7 @@ def format_stopped(stopped: list[JobRecord], queued: list[str]) -> str:
 
 
 def format_status(record: JobRecord) -> str:
-    lines = [progress_line(record), f"  kind: {record.kind.value}, priority {record.priority}, "
+    lines = [progress_line(record), f"  kind: {record.kind}, priority {record.priority}, "
              f"attempts {record.attempts}, output {record.output}"]  # fmt: skip
     if record.waiting_reason and record.state is JobState.QUEUED:
         lines.append(f"  waiting: {record.waiting_reason}")
@@ -226,7 +226,7 @@ def format_jobs(records: list[JobRecord]) -> str:
     for r in records:
         total = "?" if r.progress.shards_total is None else r.progress.shards_total
         age = _age((now - r.submitted_at).total_seconds())
-        rows.append((r.job_id, r.kind.value, r.state.value, str(r.priority), f"{r.progress.shards_done}/{total}",
+        rows.append((r.job_id, r.kind, r.state.value, str(r.priority), f"{r.progress.shards_done}/{total}",
                      f"{r.progress.images_per_s:.1f}", age, r.output))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)

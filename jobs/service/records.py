@@ -1,17 +1,17 @@
 """A job as a typed record with an explicit state machine; every change of state goes through `advance`.
 
-Job kinds are registered once in `JOB_KINDS` (kind → spec class, human name), so neither the CLI nor the queue
-branches on `kind`. Records never hold credentials: specs enter them through `masked_spec`, and a record whose
+A record's `kind` is a name of jobs.kinds' registry; nothing here depends on which kinds there are. How a run ended
+(`schemas.outcome.Outcome`) becomes a job state through one table with no default (`job_state`). Records never
+hold credentials: specs enter them through `masked_spec`, and a record whose
 spec still holds a secret-looking value is refused when it is built.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, Field, SecretStr, field_validator
@@ -19,6 +19,7 @@ from pydantic import AwareDatetime, BaseModel, Field, SecretStr, field_validator
 from jobs.errors import BadInput
 from jobs.label.compile_policy import CompileDecision
 from schemas.masking import MASK, SECRET_KEY, mask_secrets, unmasked_secrets  # noqa: F401 - re-exported
+from schemas.outcome import Outcome
 from schemas.specs import Spec
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # as the specs' job_id: safe as a file name and a Ray name
@@ -58,6 +59,29 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+# How a run's outcome is recorded. No default: an outcome missing here (a new one, a misspelt status) is an internal
+# error, never a success.
+_STATE_OF_OUTCOME: Mapping[Outcome, JobState] = MappingProxyType({
+    Outcome.SUCCEEDED: JobState.SUCCEEDED,
+    Outcome.ALREADY_COMPLETE: JobState.SUCCEEDED,  # nothing was left to do: the job's output is complete
+    Outcome.PARTIAL: JobState.PARTIAL,
+    Outcome.FAILED: JobState.FAILED,
+    Outcome.CANCELLED: JobState.CANCELLED,
+})  # fmt: skip
+
+
+class UnmappedOutcome(Exception):  # noqa: N818 - named for what it is; exit code 4 (jobs.errors: not ours to fix)
+    """A run ended with an outcome the state table does not map: a bug, exit code 4."""
+
+
+def job_state(outcome: Outcome | str) -> JobState:
+    """The state a job is recorded in when its run ended with `outcome`; raises UnmappedOutcome for anything else."""
+    try:
+        return _STATE_OF_OUTCOME[outcome]
+    except (KeyError, TypeError):
+        raise UnmappedOutcome(f"a job run ended with {outcome!r}, which no job state maps") from None
+
+
 class IllegalTransition(BadInput):
     """A change of state the state machine does not allow (e.g. resuming a job that succeeded)."""
 
@@ -67,30 +91,6 @@ class Cancellation(StrEnum):
 
     BY_USER = "cancelled by `bulklabel cancel`"
     SERVICE_STOPPED = "the job service was stopped (`bulklabel service stop`)"
-
-
-class JobKind(StrEnum):
-    LABEL = "label"
-    FINETUNE = "finetune"
-
-
-@dataclass(frozen=True)
-class KindInfo:
-    """What the service knows about a job kind, as data: import paths, not imports (the driver stays light)."""
-
-    name: str  # for people: "label job"
-    spec_class: str  # "module:Class" of the job's pydantic spec
-    runner: str | None = None  # "module:callable" that runs it on the cluster (filled by the service side)
-
-    def load_spec_class(self) -> type[BaseModel]:
-        module, _, attr = self.spec_class.partition(":")
-        return getattr(importlib.import_module(module), attr)
-
-
-JOB_KINDS: dict[JobKind, KindInfo] = {
-    JobKind.LABEL: KindInfo(name="label job", spec_class="schemas.specs:LabelJobSpec"),
-    JobKind.FINETUNE: KindInfo(name="fine-tune job", spec_class="schemas.finetune:FinetuneJobSpec"),
-}
 
 
 class JobProgress(Spec):
@@ -109,7 +109,7 @@ class JobRecord(Spec):
     """One job, as the store keeps it: written whole at every change of state."""
 
     job_id: str = Field(pattern=JOB_ID_PATTERN)
-    kind: JobKind
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Its job kind's name (jobs.kinds).")
     spec: dict[str, Any] = Field(description="The job spec as JSON, secrets masked (see masked_spec).")
     priority: int = 0
     max_workers: int | None = Field(default=None, ge=1)
@@ -145,7 +145,7 @@ class JobRecord(Spec):
 
 
 def new_record(
-    job_id: str, kind: JobKind, spec: BaseModel | Mapping, *, output: str, seq: int, now: datetime, **fields
+    job_id: str, kind: str, spec: BaseModel | Mapping, *, output: str, seq: int, now: datetime, **fields
 ) -> JobRecord:
     """A queued record for a job just submitted; `spec` is masked on the way in."""
     return JobRecord(job_id=job_id, kind=kind, spec=masked_spec(spec), output=output, seq=seq, submitted_at=now,
@@ -197,14 +197,12 @@ def _replace(record: JobRecord, **fields) -> JobRecord:
     return JobRecord.model_validate(record.model_dump() | fields)
 
 
-def masked_spec(spec: BaseModel | Mapping) -> dict[str, Any]:
+def masked_spec(given: BaseModel | Mapping) -> dict[str, Any]:
     """The spec as JSON-ready data with every credential replaced by MASK: SecretStr fields wherever they are, and
     the values of secret-looking keys (secret, password, token, access_key, session). Absent (None) values stay
     None, so a record still shows that no key was given."""
-    if isinstance(spec, BaseModel):
-        data = _mask_secret_fields(spec, spec.model_dump(mode="json"))
-    else:
-        data = dict(spec)
+    # A spec model or its data as a mapping (of any kind: no kind is told apart here)
+    data = _mask_secret_fields(given, given.model_dump(mode="json")) if isinstance(given, BaseModel) else dict(given)
     return mask_secrets(data)  # the one rule for credentials (schemas.masking), as every error message uses it
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from pydantic import AwareDatetime, ValidationError
 
 from jobs.errors import BadInput
-from jobs.service.records import JOB_ID_PATTERN, JobKind, JobRecord, JobState
+from jobs.service.records import JOB_ID_PATTERN, JobRecord, JobState
 from schemas.specs import Spec, StorageOptions
 from workers.storage import ObjectMissing, Storage, join, normalise_uri, open_storage
 
@@ -50,11 +50,11 @@ def default_state_uri() -> str:
     return normalise_uri(os.environ.get(STATE_ENV) or "~/.bulklabel/state")
 
 
-def new_job_id(kind: JobKind | str, now: datetime | None = None) -> str:
+def new_job_id(kind: str, now: datetime | None = None) -> str:
     """A readable id that sorts by submission time, e.g. `label-20261202-0143-3f9a` (16 random bits; the store
     checks it is unused, see JobStore.new_job_id)."""
     now = now or datetime.now(UTC)
-    return f"{JobKind(kind)}-{now.astimezone(UTC):%Y%m%d-%H%M}-{secrets.token_hex(2)}"
+    return f"{kind}-{now.astimezone(UTC):%Y%m%d-%H%M}-{secrets.token_hex(2)}"
 
 
 class UnknownJob(BadInput, KeyError):
@@ -78,7 +78,7 @@ class CorruptRecord(RuntimeError):
 class IndexEntry(Spec):
     """What `bulklabel list` needs of a job without reading its record."""
 
-    kind: JobKind
+    kind: str
     state: JobState
     priority: int
     seq: int
@@ -160,7 +160,7 @@ class JobStore:
     def exists(self, job_id: str) -> bool:
         return self._storage.exists(self.record_uri(job_id))
 
-    def new_job_id(self, kind: JobKind | str, now: datetime | None = None) -> str:
+    def new_job_id(self, kind: str, now: datetime | None = None) -> str:
         """new_job_id(), retried until unused in this store (16 random bits per minute of submissions)."""
         for _ in range(32):
             job_id = new_job_id(kind, now)

@@ -24,7 +24,8 @@ import kubernetes_validate
 import yaml
 from pydantic import ValidationError
 
-from schemas.jobspecs import SpecError, load_job_spec
+from jobs.kinds import load_job_spec
+from schemas.spec_files import SpecError
 from workers.compile_cache import CACHE_ENV as COMPILE_CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[2]

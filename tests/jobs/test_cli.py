@@ -21,8 +21,8 @@ from jobs import cli
 from jobs.cli import main
 from jobs.errors import BadInput, InfrastructureError, WorkersLost, exit_code_for
 from jobs.label.placement import PlacementError
-from schemas.jobspecs import SpecError
 from schemas.outcome import Outcome
+from schemas.spec_files import SpecError
 from schemas.specs import LabelJobSpec
 from tests.schemas.test_specs import ALIAS_BOMB
 from tests.support import IMAGENET_SAMPLE, imagenet_labels

@@ -347,7 +347,7 @@ def test_a_labels_file_naming_files_outside_its_folder_is_refused(leaves, tmp_pa
 
 
 def test_a_spec_file_of_kind_finetune_parses_to_a_finetune_job(tmp_path):
-    from schemas.jobspecs import load_job_spec
+    from jobs.kinds import load_job_spec
 
     (tmp_path / "job.yaml").write_text(
         "kind: finetune\ndata: {uri: ./plants}\nbase: {name: resnet50, weights: IMAGENET1K_V2}\n"

@@ -17,9 +17,9 @@ from pydantic import Field
 from jobs.cli import JOB_COMMANDS, _parser, kind_arguments, spec_of
 from jobs.flags import Flag, SpecFlags, field_at, spec_data
 from jobs.kind_flags import FINETUNE_FLAGS, LABEL_FLAGS
+from jobs.kinds import load_job_spec
 from jobs.service.commands import normalise_argv
 from schemas.finetune import FinetuneMethod
-from schemas.jobspecs import load_job_spec
 from schemas.specs import Spec
 
 # What each kind's required flags are given in every case, as flags and as the spec file's fields.

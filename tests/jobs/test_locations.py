@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from jobs.finetune import resolve_locations
-from jobs.locations import absolute_locations, is_weights_file
+from jobs.kinds import absolute_locations
+from jobs.locations import is_weights_file
 from schemas.finetune import FinetuneJobSpec
 from schemas.specs import LabelJobSpec
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from schemas.jobspecs import MAX_SPEC_BYTES, SpecError, job_spec_json_schema, load_job_spec, parse_job_spec
+from jobs.kinds import job_spec_json_schema, load_job_spec, parse_job_spec
+from schemas.spec_files import MAX_SPEC_BYTES, SpecError
 from schemas.specs import LabelJobSpec
 
 BASE = {"kind": "label", "input": {"uri": "s3://in/photos"}, "output": "s3://out/run-1", "model": {"name": "resnet50"}}

@@ -83,7 +83,7 @@ def test_a_real_job_that_fails_leaves_a_record_saying_why(tmp_path, ray_cluster)
 def test_output_as_a_string_or_a_mapping_and_the_json_schema_says_both():
     import jsonschema
 
-    from schemas.jobspecs import job_spec_json_schema
+    from jobs.kinds import job_spec_json_schema
 
     base = {"kind": "label", "input": {"uri": "/in"}, "model": {"name": "mobilenet_v2"}}
     plain = LabelJobSpec.model_validate({**base, "output": "/out"})

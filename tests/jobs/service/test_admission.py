@@ -15,7 +15,6 @@ from jobs.service.admission import (
     pool_target,
     queue_order,
 )
-from jobs.service.records import JobKind
 
 CPU2 = Resources(cpus=2)
 GPU1 = Resources(cpus=1, gpus=1)
@@ -23,11 +22,11 @@ GPU1 = Resources(cpus=1, gpus=1)
 
 def job(job_id: str, per: Resources = CPU2, priority: int = 0, seq: int = 0, max_workers: int | None = 1,
         model: str | None = None) -> QueuedJob:  # fmt: skip
-    return QueuedJob(job_id, priority, seq, Needs.elastic(per, max_workers), JobKind.LABEL, model)
+    return QueuedJob(job_id, priority, seq, Needs.elastic(per, max_workers), "label", model)
 
 
 def gang(job_id: str, per: Resources, workers: int, priority: int = 0, seq: int = 0) -> QueuedJob:
-    return QueuedJob(job_id, priority, seq, Needs.gang(per, workers), JobKind.FINETUNE)
+    return QueuedJob(job_id, priority, seq, Needs.gang(per, workers), "finetune")
 
 
 def cluster(*free: float, nodes: tuple[float, ...] | None = None, autoscaler: bool = False) -> ClusterView:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from jobs.service.commands import format_jobs, format_status, format_stopped
-from jobs.service.records import Cancellation, JobKind, JobProgress, JobState, advance, new_record, with_progress
+from jobs.service.records import Cancellation, JobProgress, JobState, advance, new_record, with_progress
 from schemas.specs import LabelJobSpec
 
 T0 = datetime(2026, 12, 6, 23, 0, tzinfo=UTC)
@@ -13,7 +13,7 @@ T0 = datetime(2026, 12, 6, 23, 0, tzinfo=UTC)
 
 def cancelled(by: Cancellation):
     spec = LabelJobSpec(input={"uri": "/data/in"}, output="/data/out", model={"name": "mobilenet_v2"})
-    record = advance(new_record("label-a", JobKind.LABEL, spec, output=spec.output, seq=0, now=T0), JobState.RUNNING,
+    record = advance(new_record("label-a", "label", spec, output=spec.output, seq=0, now=T0), JobState.RUNNING,
                      T0)  # fmt: skip
     record = with_progress(record, JobProgress(shards_total=16, shards_done=7, images=14), T0)
     return advance(record, JobState.CANCELLED, T0, cancelled_by=by)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-DRIVER_MODULES = ("jobs.cli", "jobs.service.service", "jobs.service.actor", "jobs.service.client",
-                  "jobs.service.kinds", "jobs.label.runner", "jobs.finetune")  # fmt: skip
+DRIVER_MODULES = ("jobs.cli", "jobs.kinds", "jobs.service.service", "jobs.service.core", "jobs.service.actor",
+                  "jobs.service.client", "jobs.service.runs", "jobs.label.runner", "jobs.finetune")  # fmt: skip
 
 
 @pytest.mark.parametrize("module", DRIVER_MODULES)

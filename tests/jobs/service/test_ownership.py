@@ -16,7 +16,7 @@ from jobs.service.ownership import (
     judge,
     settled_state,
 )
-from jobs.service.records import JobKind, JobRecord, JobState, new_record
+from jobs.service.records import JobRecord, JobState, new_record
 from schemas.specs import LabelJobSpec
 
 T0 = datetime(2026, 12, 6, 23, 0, tzinfo=UTC)
@@ -26,7 +26,7 @@ OTHER = ClusterId("10.0.0.1:6380", "session_2026-12-06_22-30-00_000002_200")
 
 def record(state: JobState, cluster: ClusterId | str | None) -> JobRecord:
     spec = LabelJobSpec(input={"uri": "/data/in"}, output="/data/out", model={"name": "mobilenet_v2"})
-    base = new_record("label-20261206-2300-abcd", JobKind.LABEL, spec, output=spec.output, seq=0, now=T0)
+    base = new_record("label-20261206-2300-abcd", "label", spec, output=spec.output, seq=0, now=T0)
     return base.model_copy(update={"state": state, "cluster": None if cluster is None else str(cluster)})
 
 

@@ -8,22 +8,23 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from jobs.errors import EXIT_INTERNAL, exit_code_for
 from jobs.service.records import (
-    JOB_KINDS,
     MASK,
     TRANSITIONS,
     IllegalTransition,
-    JobKind,
     JobProgress,
     JobRecord,
     JobState,
+    UnmappedOutcome,
     advance,
+    job_state,
     masked_spec,
     new_record,
     with_progress,
     with_waiting,
 )
-from schemas.finetune import FinetuneJobSpec
+from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
 
 T0 = datetime(2026, 12, 2, 1, 43, tzinfo=UTC)
@@ -37,7 +38,7 @@ def label_spec(**storage) -> LabelJobSpec:
 
 def record(state: JobState = JobState.QUEUED, **fields) -> JobRecord:
     spec = label_spec()
-    base = new_record("label-20261202-0143-3f9a", JobKind.LABEL, spec, output=spec.output, seq=0, now=T0)
+    base = new_record("label-20261202-0143-3f9a", "label", spec, output=spec.output, seq=0, now=T0)
     return base.model_copy(update={"state": state, **fields})
 
 
@@ -150,16 +151,22 @@ def test_a_record_refuses_a_spec_with_credentials_in_it():
     with pytest.raises(ValidationError, match="unmasked credentials at spec.storage.access_key_id"):
         JobRecord.model_validate(record().model_dump() | {"spec": leaky})
 
-    stored = new_record("j1", JobKind.LABEL, spec, output=spec.output, seq=1, now=T0).model_dump_json()
+    stored = new_record("j1", "label", spec, output=spec.output, seq=1, now=T0).model_dump_json()
     assert KEY_ID not in stored and SECRET not in stored
 
 
-def test_every_kind_is_registered_with_its_spec_class():
-    assert set(JOB_KINDS) == set(JobKind)
-    assert JOB_KINDS[JobKind.LABEL].load_spec_class() is LabelJobSpec
-    assert JOB_KINDS[JobKind.FINETUNE].load_spec_class() is FinetuneJobSpec
-    for kind, info in JOB_KINDS.items():  # the spec class's own `kind` literal is the registry's key
-        assert info.load_spec_class().model_fields["kind"].default == kind
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_every_outcome_maps_to_the_job_state_of_its_name(outcome):
+    expected = JobState.SUCCEEDED if outcome is Outcome.ALREADY_COMPLETE else JobState(outcome.value)
+    assert job_state(outcome) is expected
+
+
+@pytest.mark.parametrize("status", ["succeded", "already-complete", "done", None])
+def test_an_outcome_the_table_does_not_map_is_an_internal_error_never_a_success(status):
+    # service/kinds.py recorded any status it did not know as succeeded.
+    with pytest.raises(UnmappedOutcome, match="which no job state maps") as raised:
+        job_state(status)
+    assert exit_code_for(raised.value) == EXIT_INTERNAL
 
 
 def test_job_ids_must_be_safe_file_names():
@@ -173,7 +180,7 @@ def test_the_pure_modules_import_neither_torch_nor_ray():
     import sys
 
     code = ("import sys, jobs.service.records, jobs.service.store, jobs.service.admission, jobs.service.ownership, "
-            "jobs.label.ledger; "
+            "jobs.service.core, jobs.kinds, jobs.label.ledger; "
             "print(sorted(m for m in ('torch', 'torchvision', 'ray') if m in sys.modules))")  # fmt: skip
     root = Path(__file__).resolve().parents[3]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout

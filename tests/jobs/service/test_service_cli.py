@@ -1,5 +1,6 @@
 """The job service end to end, through the CLI as a user drives it, on a real Ray cluster started with `ray start`
 (tests/multinode/ray_nodes.py): a head with no CPUs and a 2-CPU worker node, so jobs compete for one node's CPUs.
+What needs no real cluster (priorities, warm-pool sharing, refusals, ...) is tested on the core, test_core.py.
 
 Every command is a separate `bulklabel` process with RAY_ADDRESS at that head and BULKLABEL_STATE at the test's job
 store: the service outlives each of them, as it outlives a user's terminal.
@@ -21,7 +22,7 @@ import pytest
 
 from tests.jobs.test_faults import assert_exactly_once
 from tests.multinode.ray_nodes import MultiNodeCluster
-from tests.support import IMAGENET_SAMPLE, PLANTS, imagenet_labels
+from tests.support import IMAGENET_SAMPLE, imagenet_labels
 from workers.faults import ACK_ENV, ACK_VALUE, FAULTS_ENV
 
 pytestmark = pytest.mark.multinode
@@ -104,71 +105,6 @@ def _photos(folder: Path, count: int) -> Path:
 def _label_args(photos: Path, out: Path, *extra: str, per_shard: int = 2) -> list[str]:
     return ["label", *MODEL, "--input", str(photos), "--output", str(out), "--files-per-shard", str(per_shard),
             "--batch-size", "1", "--shared-storage", "--quiet", *extra]  # fmt: skip
-
-
-def _small_plants(folder: Path, per_class: int = 4) -> Path:
-    for name in ("Potato___Early_blight", "Potato___healthy"):
-        (folder / name).mkdir(parents=True)
-        for photo in sorted((PLANTS / name).iterdir())[:per_class]:
-            shutil.copy(photo, folder / name / photo.name)
-    return folder
-
-
-def test_jobs_queue_share_a_warm_pool_and_start_by_priority(service, tmp_path):
-    photos = _photos(tmp_path / "photos", 12)
-    first = service.submit(*_label_args(photos, tmp_path / "out-a"))
-    same_model = service.submit(*_label_args(photos, tmp_path / "out-b"))
-    other_model = service.submit("label", "--model", "mobilenet_v3_small", "--weights", "none", "--input",
-                                 str(photos), "--output", str(tmp_path / "out-c"), "--files-per-shard", "4",
-                                 "--shared-storage", "--quiet")  # fmt: skip
-    tune = service.submit("finetune", "--data", str(_small_plants(tmp_path / "plants")), "--base", "mobilenet_v2",
-                          "--weights", "IMAGENET1K_V1", "--output", str(tmp_path / "model"), "--method",
-                          "linear-probe", "--image-size", "64", "--quiet", "--priority", "5")  # fmt: skip
-    jobs = (first, same_model, other_model, tune)
-    seen: dict[str, set[str]] = {job: set() for job in jobs}
-    waiting_reasons: set[str] = set()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        records = service.jobs()
-        for job in jobs:
-            seen[job].add(records[job]["state"])
-            waiting_reasons.add(records[job]["waiting_reason"] or "")
-        if all(records[job]["state"] in ("succeeded", "failed", "partial") for job in jobs):
-            break
-        time.sleep(0.5)
-    assert {job: records[job]["state"] for job in jobs} == dict.fromkeys(jobs, "succeeded"), records
-    # The second job on the same model ran on the first one's warm worker: one worker started, one model loaded.
-    assert "running" in seen[same_model]
-    assert "queued" in seen[other_model] and any("CPU" in reason for reason in waiting_reasons), waiting_reasons
-    started = {job: records[job]["started_at"] for job in jobs}
-    assert started[tune] < started[other_model], "the fine-tune (priority 5) should start before the priority-0 job"
-    for out in ("out-a", "out-b"):
-        assert_exactly_once(tmp_path / out, photos)
-    assert (tmp_path / "model" / "v1").is_dir()
-    logs = service.cli("logs", same_model).stdout
-    assert "succeeded" in logs
-
-
-def test_a_second_job_on_a_warm_pool_loads_no_model(service, tmp_path):
-    photos = _photos(tmp_path / "photos", 4)
-    # The second asks for compile: auto, which on CPU stays eager (compiled measured slower): it joins the eager pool.
-    for name, extra in (("one", ()), ("two", ("--compile", "auto"))):
-        job = service.submit(*_label_args(photos, tmp_path / name, *extra))
-        assert service.wait_ended(job)["state"] == "succeeded"
-    decided = service.status(job)["compile"]
-    assert decided["compile"] is False and decided["reason"].startswith("compiled ran at 0.75x eager on CPU"), decided
-    pools = json.loads(service.cli("service", "status").stdout)["pools"]
-    assert len(pools) == 1 and pools[0]["workers_started"] == 1, pools
-    assert [w["models_loaded"] for w in pools[0]["worker_details"]] == [1], pools
-    assert pools[0]["worker_details"][0]["jobs_served"] == 2
-    # The service's own refusals reach the user as one line and exit code 2 (bad input), not as Ray's traceback.
-    unknown = service.cli("status", "label-20260101-0000-abcd", check=False)
-    again = service.cli("resume", job, check=False)
-    assert unknown.returncode == 2 and unknown.stderr.strip().endswith(
-        "error: no job 'label-20260101-0000-abcd' in the job store at "
-        f"{service.state}; `bulklabel list` shows the jobs there"
-    ), unknown.stderr
-    assert again.returncode == 2 and f"error: job {job} is succeeded: only an interrupted" in again.stderr, again.stderr
 
 
 @pytest.mark.fault(

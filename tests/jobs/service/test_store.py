@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from jobs.service import store as store_module
-from jobs.service.records import JobKind, JobProgress, JobState, advance, new_record, with_progress
+from jobs.service.records import JobProgress, JobState, advance, new_record, with_progress
 from jobs.service.store import CorruptRecord, JobStore, UnknownJob, default_state_uri, new_job_id
 from schemas.specs import LabelJobSpec
 from workers.storage import join
@@ -35,7 +35,7 @@ def spec(**storage) -> LabelJobSpec:
 
 def make(store: JobStore, job_id: str, priority: int = 0, **storage):
     s = spec(**storage)
-    return new_record(job_id, JobKind.LABEL, s, output=s.output, seq=store.next_seq(), now=T0, priority=priority)
+    return new_record(job_id, "label", s, output=s.output, seq=store.next_seq(), now=T0, priority=priority)
 
 
 @pytest.fixture
@@ -225,14 +225,14 @@ def test_s3_logs_upload_on_flush_interval_and_continue_after_a_restart(request):
 
 
 def test_job_ids_are_readable_sortable_and_unused(store, monkeypatch):
-    job_id = new_job_id(JobKind.LABEL, T0)
+    job_id = new_job_id("label", T0)
     assert re.fullmatch(r"label-20261202-0143-[0-9a-f]{4}", job_id)
     assert new_job_id("finetune", T0 + timedelta(minutes=1)) > new_job_id("finetune", T0)
 
     store.put(make(store, "label-20261202-0143-aaaa"))
     draws = iter(["aaaa", "bbbb"])
     monkeypatch.setattr(store_module.secrets, "token_hex", lambda n: next(draws))
-    assert store.new_job_id(JobKind.LABEL, T0) == "label-20261202-0143-bbbb"
+    assert store.new_job_id("label", T0) == "label-20261202-0143-bbbb"
 
 
 def test_default_state_location(monkeypatch, tmp_path):

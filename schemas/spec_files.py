@@ -1,55 +1,14 @@
-"""A job spec of any kind: the union of every kind (told apart by `kind`), validated from a decoded mapping or read
-from a YAML/JSON file within limits, and its JSON Schema.
-
-Apart from schemas/specs.py because it sits above every kind's module (schemas/finetune.py builds on specs.py), so
-no spec module imports another one back.
+"""Reading a job spec file within limits: its size, plain YAML or JSON only (no python tags), aliases bounded by
+what they expand to. Which kind a spec is, and its validation, are the kind registry's (jobs/kinds.py
+`load_job_spec`); this module only turns a file into a mapping or one line saying why it cannot.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
-from typing import Annotated, Union
-
-from pydantic import Field, TypeAdapter
 
 from schemas.errors import BadInput
-from schemas.finetune import FinetuneJobSpec
-from schemas.specs import LabelJobSpec, Spec
-
-
-@functools.cache
-def _job_kinds() -> dict[str, type[Spec]]:
-    """Every job spec class by its `kind`."""
-    return {"label": LabelJobSpec, "finetune": FinetuneJobSpec}
-
-
-@functools.cache
-def _job_spec_type():
-    """The union of every job kind, told apart by `kind`."""
-    return Annotated[Union[tuple(_job_kinds().values())], Field(discriminator="kind")]
-
-
-@functools.cache
-def _job_adapter() -> TypeAdapter:
-    return TypeAdapter(_job_spec_type())
-
-
-def __getattr__(name: str):
-    # `JobSpec` (the union of every job kind) is a module attribute built on first use, see _job_spec_type.
-    if name == "JobSpec":
-        return _job_spec_type()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def parse_job_spec(data: dict) -> LabelJobSpec | FinetuneJobSpec:
-    """Validate a decoded spec of any kind; raises pydantic.ValidationError naming each bad field."""
-    known = _job_kinds().get(data.get("kind")) if isinstance(data, dict) else None
-    # A known kind validates as its own class, so errors name `batch_size`, not `label.batch_size`; a missing or
-    # unknown kind goes through the union, whose error lists the kinds there are.
-    return known.model_validate(data) if known else _job_adapter().validate_python(data)
-
 
 MAX_SPEC_BYTES = 1 << 20
 # Values in a spec once YAML aliases are expanded, counted as pydantic will walk them. A real spec has tens; a
@@ -61,9 +20,9 @@ class SpecError(BadInput):
     """A spec file that cannot be read as a job spec: too large, not YAML/JSON, unsafe tags, alias bombs."""
 
 
-def load_job_spec(path: str | Path) -> LabelJobSpec | FinetuneJobSpec:
-    """Load a spec from a YAML or JSON file, within limits of size and of alias expansion; raises SpecError (one
-    line naming the file and the problem) or pydantic.ValidationError."""
+def read_spec_data(path: str | Path) -> dict:
+    """A spec file's decoded mapping, read within limits of size and of alias expansion; raises SpecError (one line
+    naming the file and the problem). Which kind it is and its validation are jobs.kinds' (`load_job_spec`)."""
     text = _read_spec_text(Path(path))
     try:
         data = json.loads(text) if str(path).endswith(".json") else _load_yaml(text)
@@ -75,7 +34,7 @@ def load_job_spec(path: str | Path) -> LabelJobSpec | FinetuneJobSpec:
         raise SpecError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a job spec must be a mapping, got {type(data).__name__}")
-    return parse_job_spec(data)
+    return data
 
 
 def _read_spec_text(path: Path) -> str:
@@ -153,8 +112,3 @@ def _expanded_size(root) -> int:
         stack.append((node, True))
         stack.extend((c, False) for c in children if id(c) not in sizes)
     return sizes[id(root)]
-
-
-def job_spec_json_schema() -> dict:
-    """JSON Schema of every job kind, for editors and CI validation."""
-    return _job_adapter().json_schema()

@@ -1,13 +1,13 @@
-"""jobs.service.kinds: a label job's compile decision at submit, and the pool key it leads to (no Ray started)."""
+"""jobs.service.runs: a label job's compile decision at submit, and the pool key it leads to (no Ray started)."""
 
 from __future__ import annotations
 
 import pytest
 
+from jobs import kinds
 from jobs.cluster import ClusterResources
 from jobs.label.compile_policy import explicit
-from jobs.service.kinds import RUNNERS, label_compile, label_worker_spec
-from jobs.service.records import JobKind
+from jobs.service.runs import label_compile, label_worker_spec
 from schemas.specs import LabelJobSpec
 
 TWO_CPUS = ClusterResources(cpus=2, gpus=0)
@@ -26,11 +26,11 @@ def test_a_small_job_goes_to_the_eager_pool_unless_a_compiled_one_is_warm(tmp_pa
     spec = _spec(tmp_path, "auto")
     decision = label_compile(spec, TWO_CPUS, None, warm_pools=set())
     assert not decision.compile and "job too small: 40 images on 1 CPU worker" in decision.reason
-    eager_key = RUNNERS[JobKind.LABEL].model_key(spec, decision)
+    eager_key = kinds.LABEL.pool_key(spec, decision)
     assert eager_key == label_worker_spec(_spec(tmp_path, False), None).pool_key()  # the same pool as compile: false
     compiled_key = label_worker_spec(_spec(tmp_path, True), None).pool_key()
     joined = label_compile(spec, TWO_CPUS, None, warm_pools={compiled_key})
-    assert joined.compile and RUNNERS[JobKind.LABEL].model_key(spec, joined) == compiled_key
+    assert joined.compile and kinds.LABEL.pool_key(spec, joined) == compiled_key
 
 
 def test_input_that_cannot_be_counted_leaves_the_job_eager_for_its_own_checks_to_report(tmp_path):
@@ -43,14 +43,14 @@ def test_a_label_jobs_output_proves_a_finished_run_only_with_its_own_manifest_wr
     import json
     from datetime import UTC, datetime, timedelta
 
-    from jobs.service.kinds import label_finished
     from jobs.service.records import JobState, advance, new_record
+    from jobs.service.runs import label_finished
     from schemas.layout import MANIFEST_NAME
     from schemas.output import LABEL_SCHEMA_VERSION
 
     started = datetime(2026, 12, 6, 23, 0, tzinfo=UTC)
     spec = _spec(tmp_path, False)
-    record = new_record("label-x", JobKind.LABEL, spec, output=spec.output, seq=0, now=started)
+    record = new_record("label-x", "label", spec, output=spec.output, seq=0, now=started)
     record = advance(record, JobState.RUNNING, started)
     assert not label_finished(record, None)  # no output at all
 
@@ -72,7 +72,7 @@ def test_a_label_jobs_output_proves_a_finished_run_only_with_its_own_manifest_wr
     assert not label_finished(record, None)
     manifest("label-other", "succeeded", started + timedelta(minutes=5))
     assert not label_finished(record, None)
-    assert not RUNNERS[JobKind.FINETUNE].finished(record, None)
+    assert not kinds.FINETUNE.finished(record, None)
 
 
 def test_a_cancelled_label_jobs_total_is_its_plans_shard_count_not_what_was_dispatched():
@@ -82,7 +82,7 @@ def test_a_cancelled_label_jobs_total_is_its_plans_shard_count_not_what_was_disp
 
     from jobs.label.runner import _count_the_rest, _not_yet_done
     from jobs.progress import Progress
-    from jobs.service.kinds import LabelProgress
+    from jobs.service.runs import LabelProgress
 
     listener = LabelProgress()
     progress = Progress(enabled=False, listener=listener)

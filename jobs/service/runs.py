@@ -1,6 +1,5 @@
-"""How the job service runs each kind of job: what it needs from the cluster, how it starts, how it ends.
-
-Registered once (RUNNERS, by JobKind): the service and the CLI never branch on a job's kind.
+"""How the job service runs the built-in kinds of job (registered in jobs.kinds): what each needs from the cluster,
+how it starts, how it ends, as a `RunEnd` with its `Outcome` (the service maps it to a job state, records.job_state).
 - A label job runs in a thread of the service, dispatching its shards to workers leased from its model's warm
   pool: the same runner (jobs.label.runner) as `bulklabel label`, with the pool as its worker source.
 - A fine-tune runs as a Ray task (its own process, so Ray Train's driver and torch stay out of the service), which
@@ -15,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import ray
 
@@ -24,11 +22,11 @@ from jobs.errors import BadInput, InfrastructureError, exit_code_for
 from jobs.label.compile_policy import CompileDecision
 from jobs.label.placement import Placement, PlacementError, place_workers, resolve_compile
 from jobs.service.admission import Needs, Resources
-from jobs.service.pools import PoolLease
-from jobs.service.records import JobKind, JobProgress, JobRecord, JobState
+from jobs.service.joblog import StoreLogHandler, set_current_job
+from jobs.service.records import JobProgress, JobRecord
 from schemas.finetune import FinetuneJobSpec
 from schemas.masking import mask_text
-from schemas.outcome import Outcome as RunOutcome  # this module's own Outcome is the service's (the lead merges)
+from schemas.outcome import Outcome
 from schemas.shards import ShardResult, WorkerSpec
 from schemas.specs import LabelJobSpec, StorageOptions
 from workers.storage import StorageError
@@ -37,19 +35,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Outcome:
-    state: JobState
-    summary: tuple[str, ...] = ()  # the job summary's lines, as `bulklabel label` prints them
+class RunEnd:
+    """How a run ended: its outcome (an `Outcome`; anything else is refused when mapped to a job state), the job
+    summary's lines as `bulklabel label` prints them, and the reason of a failure."""
+
+    outcome: Outcome | str
+    summary: tuple[str, ...] = ()
     error: str | None = None
-
-
-class RunningJob(Protocol):
-    def outcome(self) -> Outcome | None:
-        """How it ended, or None while it runs."""
-
-    def cancel(self) -> None: ...
-
-    def progress(self) -> JobProgress: ...
 
 
 class LabelProgress:
@@ -105,17 +97,17 @@ class LabelProgress:
 class LabelJobRun:
     """A label job running in a thread of the service on a warm pool."""
 
-    def __init__(self, spec: LabelJobSpec, lease: PoolLease, placement: Placement, progress: LabelProgress,
-                 job_id: str, compiling: CompileDecision):  # fmt: skip
+    def __init__(self, start):  # a jobs.kinds.ServiceStart (not imported: jobs.kinds imports this module)
         from jobs.label.runner import LabelRun  # the runner pulls in planning and commit: only once a job runs
+        from jobs.service import metrics
 
+        spec, job_id = start.spec, start.job_id
         self._cancel = threading.Event()
-        self._lease = lease
-        self._progress = progress
-        self._outcome: Outcome | None = None
-        self._planning_done = threading.Event()
-        run = LabelRun(show_progress=False, workers=lease, placement=placement, listener=progress,
-                       cancelled=self._cancel.is_set, compile=compiling)  # fmt: skip
+        self._lease = start.lease
+        self._progress = LabelProgress(on_shard=lambda r, m=spec.model.name: metrics.shard_done(r, m))
+        self._outcome: RunEnd | None = None
+        run = LabelRun(show_progress=False, workers=start.lease, placement=start.placement, listener=self._progress,
+                       cancelled=self._cancel.is_set, compile=start.compiling)  # fmt: skip
         self._thread = threading.Thread(target=self._run, args=(spec, run, job_id), name=f"job-{job_id}", daemon=True)
         self._thread.start()
 
@@ -125,21 +117,20 @@ class LabelJobRun:
         set_current_job(job_id)
         try:
             summary = run_label_job(spec, run=run)
-            if summary.status is RunOutcome.ALREADY_COMPLETE:
+            outcome = outcome_of(summary.status)
+            if outcome is Outcome.ALREADY_COMPLETE:
                 self._progress.already_complete(summary.shards, summary.images, summary.errors)
-            state = {"cancelled": JobState.CANCELLED, "partial": JobState.PARTIAL}.get(summary.status,
-                                                                                     JobState.SUCCEEDED)  # fmt: skip
-            self._outcome = Outcome(state, tuple(summary.lines()))
+            self._outcome = RunEnd(outcome, tuple(summary.lines()))
         except Exception as exc:  # noqa: BLE001 - every failure ends the job with its reason, the service lives on
             log.exception("job %s failed", job_id)
             summary = getattr(exc, "summary", None)
             lines = tuple(summary.lines()) if summary is not None else ()
-            self._outcome = Outcome(JobState.FAILED, lines, _one_line(exc))
+            self._outcome = RunEnd(Outcome.FAILED, lines, _one_line(exc))
         finally:
             self._lease.release([])  # also when the job failed before it had workers: the pool may go idle
             set_current_job(None)
 
-    def outcome(self) -> Outcome | None:
+    def outcome(self) -> RunEnd | None:
         return self._outcome if not self._thread.is_alive() else None
 
     def cancel(self) -> None:
@@ -152,20 +143,21 @@ class LabelJobRun:
 class FinetuneJobRun:
     """A fine-tune running as a Ray task; cancel kills the task (and the Ray Train workers it owns)."""
 
-    def __init__(self, spec: FinetuneJobSpec, job_id: str, state_uri: str):
-        self._ref = _finetune_task.options(name=f"bulklabel-{job_id}").remote(spec, job_id, state_uri)
+    def __init__(self, start):  # a jobs.kinds.ServiceStart (not imported: jobs.kinds imports this module)
+        self._ref = _finetune_task.options(name=f"bulklabel-{start.job_id}").remote(start.spec, start.job_id,
+                                                                                   start.state_uri)  # fmt: skip
         self._cancelled = False
-        self._outcome: Outcome | None = None
+        self._outcome: RunEnd | None = None
 
-    def outcome(self) -> Outcome | None:
+    def outcome(self) -> RunEnd | None:
         if self._outcome is None and ray.wait([self._ref], timeout=0)[0]:
             try:
-                state, lines = ray.get(self._ref)
-                self._outcome = Outcome(JobState(state), tuple(lines))
+                outcome, lines = ray.get(self._ref)
+                self._outcome = RunEnd(outcome_of(outcome), tuple(lines))
             except Exception as exc:  # noqa: BLE001 - a task killed by cancel, or a failed training
                 cause = getattr(exc, "cause", None) or exc
-                state = JobState.CANCELLED if self._cancelled else JobState.FAILED
-                self._outcome = Outcome(state, (), None if self._cancelled else _one_line(cause))
+                outcome = Outcome.CANCELLED if self._cancelled else Outcome.FAILED
+                self._outcome = RunEnd(outcome, (), None if self._cancelled else _one_line(cause))
         return self._outcome
 
     def cancel(self) -> None:
@@ -188,13 +180,13 @@ def _finetune_task(spec: FinetuneJobSpec, job_id: str, state_uri: str) -> tuple[
     logging.getLogger().setLevel(logging.INFO)
     try:
         summary = run_finetune_job(spec, show_progress=False)
-        return JobState.SUCCEEDED.value, list(summary.lines())
+        return str(summary.status), list(summary.lines())  # a Ray task's result: the outcome's value, a string
     finally:
         logging.getLogger().removeHandler(handler)
         store.close()
 
 
-# ------------------------------------------------------------------------------------------ needs and registry
+# ------------------------------------------------------------------------------------------------- needs
 
 
 def label_needs(spec: LabelJobSpec, cluster: ClusterResources, max_workers: int | None) -> tuple[Needs, Placement]:
@@ -253,52 +245,13 @@ def label_finished(record: JobRecord, storage: StorageOptions | None) -> bool:
             and (record.started_at is None or manifest.finished_at >= record.started_at))  # fmt: skip
 
 
-@dataclass(frozen=True)
-class KindRunner:
-    spec_class: type
-    model_key: Callable[[object, CompileDecision | None], str | None]  # (spec, compile decision) → its pool
-    # (record, storage options) → whether its output proves a run of it finished (a late success)
-    finished: Callable[[JobRecord, StorageOptions | None], bool] = lambda record, storage: False
-
-
-RUNNERS: dict[JobKind, KindRunner] = {
-    JobKind.LABEL: KindRunner(
-        LabelJobSpec, lambda spec, compiling: label_worker_spec(spec, compiling).pool_key(), finished=label_finished
-    ),  # fmt: skip
-    JobKind.FINETUNE: KindRunner(FinetuneJobSpec, lambda spec, compiling: None),
-}
-
-
-def kind_of(spec: LabelJobSpec | FinetuneJobSpec) -> JobKind:
-    return JobKind(spec.kind)
-
-
-# ------------------------------------------------------------------------------------------------------ logs
-
-_current = threading.local()
-
-
-def set_current_job(job_id: str | None) -> None:
-    """Log records from this thread belong to `job_id` (StoreLogHandler writes them to that job's log)."""
-    _current.job_id = job_id
-
-
-class StoreLogHandler(logging.Handler):
-    """Writes log records of a job (the thread's current job, or a fixed one) to its log in the job store."""
-
-    def __init__(self, store, job_id: str | None = None):
-        super().__init__(logging.INFO)
-        self.store, self.job_id = store, job_id
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        job_id = self.job_id or getattr(_current, "job_id", None)
-        if job_id is None:
-            return
-        try:
-            self.store.append_log(job_id, self.format(record) + "\n")
-        except Exception:  # noqa: BLE001 - a log that cannot be written must not fail the job
-            self.handleError(record)
+def outcome_of(status) -> Outcome | str:
+    """A summary's status (or a fine-tune task's string of it) as an `Outcome`; a status that names none is passed
+    on as it is, for records.job_state to refuse (never taken for a success)."""
+    try:
+        return Outcome(str(status))
+    except ValueError:
+        return status
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,0 +1,271 @@
+"""Every job kind, registered once: its spec class, what it needs from a cluster, how it runs in the CLI's process
+and in the job service, its warm pool, and its CLI flags. Nothing outside this module branches on a job's kind: the
+CLI, the client, the service and spec parsing look the kind up here, so adding a kind is one `register` call (the
+toy kind of tests/jobs/test_kinds.py is one, in the test suite alone).
+
+The record holds functions, imported by each function only when called: the driver that parses a spec loads no
+runner, and the service loads a fine-tune's training code only in the Ray task that runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from jobs.errors import BadInput
+from schemas.finetune import FinetuneJobSpec
+from schemas.spec_files import read_spec_data
+from schemas.specs import LabelJobSpec
+
+
+class UnknownKind(BadInput):
+    """A job kind no module registered (a spec's `kind`, a stored record's)."""
+
+
+@dataclass(frozen=True)
+class ServiceStart:
+    """What the job service hands a kind's run when it starts one job."""
+
+    spec: Any
+    job_id: str
+    state_uri: str  # the job store, for runs that log from another process
+    lease: Any = None  # pooled kinds: the job's lease on its model's warm pool (jobs.service.pools.PoolLease)
+    placement: Any = None  # pooled kinds: one worker's placement (the job starts on one; the pool grows)
+    compiling: Any = None  # the compile decision made at submit (jobs.label.compile_policy.CompileDecision)
+
+
+def _no_check(spec) -> None:
+    """Nothing to check before queueing beyond the spec's own validation."""
+
+
+def _never_finished(record, storage) -> bool:
+    """A kind whose output cannot prove a late success proves none."""
+    return False
+
+
+def _as_given(spec):
+    return spec
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One job kind. `name` is its specs' `kind` literal and its records' `kind`."""
+
+    name: str
+    title: str  # for people: "label job"
+    spec_class: type[BaseModel]
+    # (spec, ClusterResources, max_workers) → (jobs.service.admission.Needs, the placement its pool is built from or
+    # None): what admission reserves for it
+    needs: Callable[..., tuple[Any, Any]]
+    run_here: Callable[[Any, bool], Any]  # (spec, quiet) → its summary (`.lines()`), in the CLI's own process
+    start_in_service: Callable[[ServiceStart], Any]  # → a running job (jobs.service.core.RunningJob)
+    # Pooled kinds: (spec, compile decision) → the WorkerSpec of its warm pool; None: it holds its needs itself
+    worker_spec: Callable[[Any, Any], Any] | None = None
+    # (spec, ClusterResources, max_workers, warm pool keys) → its compile decision, made once at submit
+    decide_compile: Callable[..., Any] | None = None
+    finished: Callable[[Any, Any], bool] = _never_finished  # (record, storage) → its output proves a late success
+    check_submit: Callable[[Any], None] = _no_check  # in the submitting process, before the job is queued
+    absolute_locations: Callable[[Any], Any] = _as_given  # its local paths made absolute on the driver
+    flags: object = None  # its CLI flags (a flag table of jobs.flags), filled in by the CLI's registration
+
+    def pool_key(self, spec, compiling=None) -> str | None:
+        """The warm pool a job of this kind runs on (None: it runs on none)."""
+        return None if self.worker_spec is None else self.worker_spec(spec, compiling).pool_key()
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def register(kind: Kind) -> Kind:
+    """Add a kind; its spec class must say the same `kind` (it tells specs apart when they are parsed)."""
+    field = kind.spec_class.model_fields.get("kind")
+    if field is None or field.default != kind.name:
+        raise TypeError(f"{kind.spec_class.__name__} must have `kind: Literal[{kind.name!r}] = {kind.name!r}`")
+    if kind.name in _KINDS:
+        raise TypeError(f"job kind {kind.name!r} is registered already")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+@contextmanager
+def registered(kind: Kind) -> Iterator[Kind]:
+    """A kind registered for the length of the block (tests)."""
+    register(kind)
+    try:
+        yield kind
+    finally:
+        _KINDS.pop(kind.name, None)
+
+
+def kinds() -> tuple[Kind, ...]:
+    return tuple(_KINDS.values())
+
+
+def get(name: str) -> Kind:
+    """The kind called `name`; an unknown one is one line naming those there are."""
+    try:
+        return _KINDS[str(name)]
+    except KeyError:
+        raise UnknownKind(f"unknown job kind {name!r}; known: {', '.join(sorted(_KINDS))}") from None
+
+
+def kind_of(spec) -> Kind:
+    """The kind of a parsed spec."""
+    return get(spec.kind)
+
+
+# ------------------------------------------------------------------------------------------------- specs
+
+
+@functools.cache
+def _adapter(classes: tuple[type[BaseModel], ...]) -> TypeAdapter:
+    # The union of every registered kind, told apart by `kind`; cached per set of kinds (a test may add one).
+    if len(classes) == 1:
+        return TypeAdapter(classes[0])
+    return TypeAdapter(Annotated[Union[classes], Field(discriminator="kind")])  # noqa: UP007 - a runtime tuple
+
+
+def _union() -> TypeAdapter:
+    return _adapter(tuple(kind.spec_class for kind in _KINDS.values()))
+
+
+def parse_job_spec(data: dict):
+    """Validate a decoded spec of any registered kind; raises pydantic.ValidationError naming each bad field."""
+    known = _KINDS.get(data.get("kind")) if isinstance(data, dict) else None
+    # A known kind validates as its own class, so errors name `batch_size`, not `label.batch_size`; a missing or
+    # unknown kind goes through the union, whose error lists the kinds there are.
+    return known.spec_class.model_validate(data) if known else _union().validate_python(data)
+
+
+def load_job_spec(path: str | Path):
+    """Load a spec of any kind from a YAML or JSON file (schemas.spec_files.read_spec_data: its limits and errors)."""
+    return parse_job_spec(read_spec_data(path))
+
+
+def absolute_locations(spec):
+    """The spec with its local paths made absolute on the driver, as its kind says (jobs.locations)."""
+    return kind_of(spec).absolute_locations(spec)
+
+
+def job_spec_json_schema() -> dict:
+    """JSON Schema of every job kind, for editors and CI validation."""
+    return _union().json_schema()
+
+
+# --------------------------------------------------------------------------------------- the label job
+
+
+def _label_needs(spec, cluster, max_workers):
+    from jobs.service.runs import label_needs
+
+    return label_needs(spec, cluster, max_workers)
+
+
+def _run_label_here(spec, quiet: bool):
+    from jobs.label.runner import run_label_job
+
+    return run_label_job(spec, show_progress=not quiet)
+
+
+def _start_label(start: ServiceStart):
+    from jobs.service.runs import LabelJobRun
+
+    return LabelJobRun(start)
+
+
+def _label_worker_spec(spec, compiling):
+    from jobs.service.runs import label_worker_spec
+
+    return label_worker_spec(spec, compiling)
+
+
+def _label_compile(spec, cluster, max_workers, warm_pools):
+    from jobs.service.runs import label_compile
+
+    return label_compile(spec, cluster, max_workers, warm_pools)
+
+
+def _label_finished(record, storage) -> bool:
+    from jobs.service.runs import label_finished
+
+    return label_finished(record, storage)
+
+
+def _check_label(spec) -> None:
+    """Checked where the job is submitted, so a bad model name or top_k fails now, not on the cluster."""
+    from jobs.cluster import ensure_ray
+    from jobs.label.placement import refuse_unshared_local_paths
+    from schemas.catalog import class_names
+    from workers.training.artifacts import card_of
+
+    refuse_unshared_local_paths(spec, ensure_ray())  # local paths other nodes cannot see: refused now
+    classes = len(class_names(spec.model, card_of(spec.model, spec.storage)))
+    if spec.top_k > classes and "top_k" in spec.model_fields_set:
+        raise BadInput(f"top_k={spec.top_k} exceeds the {classes} classes of model {spec.model.name!r}")
+
+
+def _label_locations(spec):
+    from jobs.locations import label_locations
+
+    return label_locations(spec)
+
+
+# ------------------------------------------------------------------------------------------ the fine-tune
+
+
+def _finetune_needs(spec, cluster, max_workers):
+    from jobs.service.runs import finetune_needs
+
+    return finetune_needs(spec, cluster), None
+
+
+def _run_finetune_here(spec, quiet: bool):
+    from jobs.finetune import run_finetune_job
+
+    return run_finetune_job(spec, show_progress=not quiet)
+
+
+def _start_finetune(start: ServiceStart):
+    from jobs.service.runs import FinetuneJobRun
+
+    return FinetuneJobRun(start)
+
+
+def _finetune_locations(spec):
+    from jobs.locations import finetune_locations
+
+    return finetune_locations(spec)
+
+
+LABEL = register(
+    Kind(
+        name="label",
+        title="label job",
+        spec_class=LabelJobSpec,
+        needs=_label_needs,
+        run_here=_run_label_here,
+        start_in_service=_start_label,
+        worker_spec=_label_worker_spec,
+        decide_compile=_label_compile,
+        finished=_label_finished,
+        check_submit=_check_label,
+        absolute_locations=_label_locations,
+    )  # fmt: skip
+)
+FINETUNE = register(
+    Kind(
+        name="finetune",
+        title="fine-tune job",
+        spec_class=FinetuneJobSpec,
+        needs=_finetune_needs,
+        run_here=_run_finetune_here,
+        start_in_service=_start_finetune,
+        absolute_locations=_finetune_locations,
+    )  # fmt: skip
+)
