@@ -15,8 +15,7 @@ from pydantic import ValidationError
 
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, exit_code_for
 from jobs.flags import SpecFlags
-from jobs.kind_flags import FINETUNE_SPEC_FLAGS, LABEL_SPEC_FLAGS
-from jobs.kinds import job_spec_json_schema, kind_of, load_job_spec
+from jobs.kinds import job_spec_json_schema, kind_of, kinds, load_job_spec
 from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneJobSpec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
@@ -25,11 +24,6 @@ from schemas.specs import LabelJobSpec, OutputOptions, StorageOptions
 
 log = logging.getLogger("bulklabel")
 
-# The commands that run a job from flags, with their help and flags (jobs.kind_flags); `submit <name>` takes the same.
-JOB_COMMANDS: dict[str, tuple[str, SpecFlags]] = {
-    "label": ("label the images under --input, write Parquet to --output", LABEL_SPEC_FLAGS),
-    "finetune": ("fine-tune a torchvision model on labelled images → <output>/vN/", FINETUNE_SPEC_FLAGS),
-}
 EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
 # The exit code of each way a job run can end (jobs.errors). No default: an outcome missing here ends the command
 # as an internal error (exit 4), never as a success.
@@ -84,10 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    for name, (text, flags) in JOB_COMMANDS.items():
-        command = sub.add_parser(name, help=text)
-        kind_arguments(command, flags)
-        command.set_defaults(handler=_cmd_job, spec_flags=flags)
+    commands = {kind.name: kind for kind in kinds() if kind.flags is not None}  # `bulklabel label`, ...
+    for name, kind in commands.items():
+        command = sub.add_parser(name, help=kind.command_help)
+        kind_arguments(command, kind.flags)
+        command.set_defaults(handler=_cmd_job, spec_flags=kind.flags)
 
     run = sub.add_parser("run", help="run a job spec file (YAML or JSON), of any kind")
     run.add_argument("spec", type=Path)
@@ -136,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
-    add_service_commands(sub, {name: flags for name, (_, flags) in JOB_COMMANDS.items()}, kind_arguments, spec_of)
+    add_service_commands(sub, {name: kind.flags for name, kind in commands.items()}, kind_arguments, spec_of)
     return parser
 
 

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, Field, TypeAdapter
 
 from jobs.errors import BadInput
+from jobs.flags import SpecFlags
+from jobs.kind_flags import FINETUNE_SPEC_FLAGS, LABEL_SPEC_FLAGS
 from schemas.finetune import FinetuneJobSpec
 from schemas.spec_files import read_spec_data
 from schemas.specs import LabelJobSpec
@@ -72,7 +74,10 @@ class Kind:
     finished: Callable[[Any, Any], bool] = _never_finished  # (record, storage) → its output proves a late success
     check_submit: Callable[[Any], None] = _no_check  # in the submitting process, before the job is queued
     absolute_locations: Callable[[Any], Any] = _as_given  # its local paths made absolute on the driver
-    flags: object = None  # its CLI flags (a flag table of jobs.flags), filled in by the CLI's registration
+    # Its command (`bulklabel <name>`, `submit <name>`): flags derived from the spec's fields (jobs.flags) and the
+    # command's one-line help; None: spec files only (`bulklabel run`, `submit file`)
+    flags: SpecFlags | None = None
+    command_help: str = ""
 
     def pool_key(self, spec, compiling=None) -> str | None:
         """The warm pool a job of this kind runs on (None: it runs on none)."""
@@ -256,6 +261,8 @@ LABEL = register(
         finished=_label_finished,
         check_submit=_check_label,
         absolute_locations=_label_locations,
+        flags=LABEL_SPEC_FLAGS,
+        command_help="label the images under --input, write Parquet to --output",
     )  # fmt: skip
 )
 FINETUNE = register(
@@ -267,5 +274,7 @@ FINETUNE = register(
         run_here=_run_finetune_here,
         start_in_service=_start_finetune,
         absolute_locations=_finetune_locations,
+        flags=FINETUNE_SPEC_FLAGS,
+        command_help="fine-tune a torchvision model on labelled images → <output>/vN/",
     )  # fmt: skip
 )

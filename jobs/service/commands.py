@@ -12,9 +12,8 @@ from pathlib import Path
 
 from jobs.errors import EXIT_FAILED
 from jobs.flags import SpecFlags
+from jobs.kinds import kinds
 from jobs.service.records import JobRecord, JobState
-
-SUBMIT_KINDS = ("label", "finetune")
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
@@ -23,7 +22,7 @@ def normalise_argv(argv: list[str]) -> list[str]:
     for index, arg in enumerate(argv):
         if arg == "submit":
             rest = argv[index + 1 :]
-            if rest and not rest[0].startswith("-") and rest[0] not in (*SUBMIT_KINDS, "file"):
+            if rest and not rest[0].startswith("-") and rest[0] not in (*(k.name for k in kinds() if k.flags), "file"):
                 return [*argv[: index + 1], "file", *rest]
             return argv
         if not arg.startswith("-"):

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from pydantic import Field
 
-from jobs.cli import JOB_COMMANDS, _parser, kind_arguments, spec_of
+from jobs import kinds
+from jobs.cli import _parser, kind_arguments, spec_of
 from jobs.flags import Flag, SpecFlags, field_at, spec_data
 from jobs.kind_flags import FINETUNE_FLAGS, LABEL_FLAGS
 from jobs.kinds import load_job_spec
@@ -169,7 +170,7 @@ def _merged(kind: str) -> list[str]:
 @pytest.mark.parametrize("kind", ["label", "finetune"])
 def test_help_is_the_field_description_and_shows_its_default(kind):
     parser = argparse.ArgumentParser()
-    flags = JOB_COMMANDS[kind][1]
+    flags = kinds.get(kind).flags
     kind_arguments(parser, flags)
     spec = flags.spec
     for flag in _TABLES[kind]:

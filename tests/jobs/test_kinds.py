@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from jobs import cli, kinds
 from jobs.errors import EXIT_BAD_INPUT, exit_code_for
+from jobs.flags import SpecFlags
 from jobs.kinds import Kind, ServiceStart, UnknownKind
 from jobs.service.admission import Needs, Resources
 from jobs.service.commands import normalise_argv
@@ -76,6 +77,8 @@ TOY = Kind(
     needs=lambda spec, cluster, max_workers: (Needs.gang(Resources(1.0, 0.0), 1), None),
     run_here=lambda spec, quiet: run_toy(spec),
     start_in_service=ToyRun,
+    flags=SpecFlags(ToySpec, {"--output": "output", "--words": "words", "--job-id": "job_id"}),
+    command_help="write some words",
 )
 
 
@@ -99,6 +102,17 @@ def test_a_toy_kind_runs_from_a_spec_file_through_the_cli(toy, tmp_path, capsys)
     spec.write_text(json.dumps({"kind": "toy", "output": "x", "words": "many"}))
     assert cli.main(["run", str(spec)]) == EXIT_BAD_INPUT
     assert capsys.readouterr().err.startswith(f"invalid job spec {spec}: words: ")
+
+
+def test_a_toy_kind_gets_its_command_and_submit_command_from_its_flags(toy, tmp_path, capsys):
+    out = str(tmp_path / "words.txt")
+    assert cli.main(["toy", "--output", out, "--words", "2"]) == 0
+    assert Path(out).read_text() == "toy toy" and "2 words in" in capsys.readouterr().out
+    args = cli._parser().parse_args(normalise_argv(["submit", "toy", "--output", out]))
+    assert args.build(args) == ToySpec(output=out)  # --words absent: the spec's default decides
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["toy", "--output", out, "--words", "many"])
+    assert "--words: invalid int value: 'many'" in capsys.readouterr().err
 
 
 def test_a_toy_kind_runs_through_the_service_core(toy, tmp_path):
