@@ -13,6 +13,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.layout import RELATIVE_NAMES_SINCE, is_relative
+from schemas.outcome import Outcome
 
 # Bump when a column is added, removed or changes meaning; readers check it in the job manifest. Version 2 added
 # image_id, error_kind, given_label, sidecar and probabilities (version 1 files read with those columns null).
@@ -145,7 +146,7 @@ class JobManifest(_ManifestPart):
 
     job_id: str
     kind: Literal["label"] = "label"
-    status: Literal["succeeded", "partial"]
+    status: Literal[Outcome.SUCCEEDED, Outcome.PARTIAL]  # a job that failed leaves no manifest: a failure record
     spec: dict[str, Any]  # the job spec as dumped (secrets masked); kept loose so older specs still read
     model: ManifestModel
     schema_version: int
@@ -197,7 +198,7 @@ class JobFailure(_ManifestPart):
 
     job_id: str
     kind: Literal["label"] = "label"
-    status: Literal["failed"] = "failed"
+    status: Literal[Outcome.FAILED] = Outcome.FAILED
     reason: str
     started_at: datetime
     failed_at: datetime

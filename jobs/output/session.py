@@ -34,6 +34,7 @@ from jobs.output.ownership import check_output, claim_output
 from jobs.output.partials import remove_partials
 from jobs.output.table import DeltaSink
 from schemas.layout import LAYOUT_VERSION, TMP_DIR
+from schemas.outcome import Outcome
 from schemas.output import (
     LABEL_SCHEMA,
     LABEL_SCHEMA_VERSION,
@@ -171,7 +172,7 @@ class OutputSession:
                                  errors=r.errors) for r in shards]  # fmt: skip
         return JobManifest(
             job_id=self.job_id,
-            status="succeeded" if not failures else "partial",
+            status=Outcome.SUCCEEDED if not failures else Outcome.PARTIAL,
             spec=json.loads(self.spec.model_dump_json()),  # SecretStr fields dump as '**********'
             model=ManifestModel.model_validate(worker),
             schema_version=LABEL_SCHEMA_VERSION,

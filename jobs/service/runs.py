@@ -241,7 +241,7 @@ def label_finished(record: JobRecord, storage: StorageOptions | None) -> bool:
     except Exception as exc:  # noqa: BLE001 - whatever keeps the output from being read, it proves nothing
         log.info("job %s: its output %s proves no success (%s)", record.job_id, record.output, _one_line(exc))
         return False
-    return (manifest is not None and manifest.job_id == record.job_id and manifest.status == "succeeded"
+    return (manifest is not None and manifest.job_id == record.job_id and manifest.status is Outcome.SUCCEEDED
             and (record.started_at is None or manifest.finished_at >= record.started_at))  # fmt: skip
 
 
