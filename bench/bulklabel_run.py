@@ -60,7 +60,7 @@ def commit_times(server: S3Server, output_uri: str) -> CommitTimes:
     """The committed shards' times (and the manifest's) of the label output at `output_uri`."""
     from jobs.output.manifest import read_manifest
     from jobs.output.markers import read_committed
-    from workers.storage import open_storage
+    from workers.io.storage import open_storage
 
     storage = open_storage(output_uri, server.options())
     manifest = read_manifest(storage, output_uri)

@@ -5,7 +5,7 @@ nice 15) and environment as bulklabel's workers; only the forward passes are tim
 are timed and the faster one is the ceiling: one stream of batches with `cpus` torch threads, and `cpus` streams
 (threads) of one torch thread each, which is how bulklabel runs a CPU model. The ceiling is never lowered by
 picking the way that suits bulklabel. The forward pass also gets bulklabel's two allocator measures
-(`workers.inference.keep_freed_memory_for_reuse`, and batches run in chunks of `cpu_chunk_size` images): they make
+(`workers.label.inference.keep_freed_memory_for_reuse`, and batches run in chunks of `cpu_chunk_size` images): they make
 the forward pass itself faster, so a ceiling without them would not be the model's limit. The task's worker process
 exits afterwards (`max_calls=1`), so the allocator setting cannot leak into a later measurement.
 """
@@ -28,7 +28,7 @@ WARMUP_BATCHES = 1
 
 def forward_rates(model: BenchModel, photos: list[bytes], batch_size: int, batches: int, cpus: int) -> dict[str, float]:
     """Images per second of the forward pass, one stream of `cpus` threads and `cpus` streams of one thread."""
-    from workers.inference import keep_freed_memory_for_reuse
+    from workers.label.inference import keep_freed_memory_for_reuse
 
     keep_freed_memory_for_reuse()
     return {
@@ -44,7 +44,7 @@ def forward_rate(
     (channels_last, inference_mode)."""
     import torch
 
-    from workers.inference import cpu_chunk_size
+    from workers.label.inference import cpu_chunk_size
 
     torch.set_num_threads(threads)
     backbone, head = model.build()
@@ -73,7 +73,7 @@ def forward_rate(
 
 def _predecoded(photos: list[bytes], batch_size: int) -> np.ndarray:
     from schemas.specs import PreprocessSpec
-    from workers.decode import decode
+    from workers.label.decode import decode
 
     preset = PreprocessSpec(resize_size=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     out = [decode(photos[i % len(photos)], preset).pixels for i in range(batch_size)]

@@ -38,6 +38,6 @@ def local_ray(num_cpus: int) -> Iterator[None]:
 
 
 def _importable_without_help() -> bool:
-    check = subprocess.run([sys.executable, "-c", "import workers.storage, schemas.specs, bench"], cwd="/",
+    check = subprocess.run([sys.executable, "-c", "import workers.io.storage, schemas.specs, bench"], cwd="/",
                            env=os.environ, capture_output=True)  # fmt: skip
     return check.returncode == 0

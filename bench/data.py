@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from bench.s3server import S3Server
-from workers.storage import join, open_storage
+from workers.io.storage import join, open_storage
 
 log = logging.getLogger(__name__)
 

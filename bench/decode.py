@@ -25,7 +25,7 @@ BATCH = 32
 def _decoders():
     import torch
 
-    from workers.decoders import NvjpegDecoder, PillowDecoder, TorchvisionDecoder
+    from workers.label.decoders import NvjpegDecoder, PillowDecoder, TorchvisionDecoder
 
     decoders = {"pillow": PillowDecoder(MOBILENET_PRESET), "torchvision": TorchvisionDecoder(MOBILENET_PRESET)}
     if torch.cuda.is_available():
@@ -48,7 +48,7 @@ def _run(decoder, photos: list[bytes]) -> tuple[float, float, np.ndarray]:
 
 
 def _reference(photos: list[bytes]) -> np.ndarray:
-    from workers.decoders import PillowDecoder
+    from workers.label.decoders import PillowDecoder
 
     return _run(PillowDecoder(MOBILENET_PRESET), photos)[2]  # Pillow's pixels are the reference's (tested)
 

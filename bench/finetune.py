@@ -74,7 +74,7 @@ def list_plants(root: Path) -> list[tuple[str, str]]:
 def choose_held_out(photos: list[tuple[str, str]], args: argparse.Namespace) -> tuple[list, list]:
     """(held-out, pool): HELD_OUT photos a class as whole near-duplicate groups, and the rest."""
     from schemas.finetune import FinetuneJobSpec
-    from workers.training.embed import EmbeddingPass
+    from workers.finetune.embed import EmbeddingPass
 
     classes = sorted({label for _, label in photos})
     spec = FinetuneJobSpec(data={"uri": str(args.data)}, base={"name": args.model, "weights": args.weights},

@@ -141,7 +141,7 @@ def _spec(config: GpuBenchConfig, tmp: Path, weights: Path, decoder: str, compil
 
 def _worker(spec):
     from schemas.shards import WorkerSpec
-    from workers.label_worker import LabelWorker
+    from workers.label.label_worker import LabelWorker
 
     return LabelWorker(WorkerSpec.of(spec), torch_threads=os.cpu_count() or 1)
 

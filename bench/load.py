@@ -92,7 +92,7 @@ def _rows_and_distinct_keys(output: Path) -> tuple[int, int]:
 def plan_manifest(keys: int, per_shard: int) -> None:
     from jobs.label.plan import plan_shards
     from schemas.specs import InputSpec
-    from workers.storage import LocalStorage
+    from workers.io.storage import LocalStorage
 
     with tempfile.TemporaryDirectory(prefix="bench-manifest-") as tmp:
         manifest = Path(tmp, "manifest.parquet")

@@ -18,7 +18,7 @@ How it is tuned (fairly, on a 2-CPU Ray cluster; `RayDataTuning`):
 - The model runs under `torch.inference_mode`, in channels_last, normalising uint8 pixels inside the actor (so the
   object store carries uint8, 4x less than float32 tensors).
 - Progress bars are off (they cost a measurable share of 2 cores); everything else is Ray Data's defaults.
-- Not by default: bulklabel's allocator setting (`workers.inference.keep_freed_memory_for_reuse`), which no Ray
+- Not by default: bulklabel's allocator setting (`workers.label.inference.keep_freed_memory_for_reuse`), which no Ray
   guide mentions; `reuse_freed_memory=True` (`--raydata-reuse-freed-memory`) gives it to the actors too, to show how
   much of the difference it accounts for.
 """
@@ -92,7 +92,7 @@ class Classifier:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         torch.set_num_threads(torch_threads)
         if reuse_freed_memory:
-            from workers.inference import keep_freed_memory_for_reuse
+            from workers.label.inference import keep_freed_memory_for_reuse
 
             keep_freed_memory_for_reuse()
         self.torch = torch

@@ -133,7 +133,7 @@ def _wait_idle(cpus: int) -> None:
 def _commit_ms(server: S3Server, rows: int = 50, dim: int = 576) -> float:
     """Median time of one shard commit (Parquet write, upload, move, done-marker) to the S3 server."""
     from schemas.shards import ShardTask
-    from workers.writer import ShardWriter
+    from workers.io.writer import ShardWriter
 
     rng = np.random.default_rng(0)
     times = []
@@ -154,6 +154,6 @@ def _commit_ms(server: S3Server, rows: int = 50, dim: int = 576) -> float:
 
 
 def server_storage(server: S3Server, uri: str):
-    from workers.storage import open_storage
+    from workers.io.storage import open_storage
 
     return open_storage(uri, server.options())

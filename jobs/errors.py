@@ -33,9 +33,9 @@ _BY_NAME = {
     "jobs.finetune.FinetuneFailed": EXIT_FAILED,
     "jobs.finetune.ResumeConflict": EXIT_BAD_INPUT,
     "workers.weights.WeightsError": EXIT_BAD_INPUT,  # weights not found, hash mismatch, unsafe file
-    "workers.storage.StoreUnavailable": EXIT_INFRASTRUCTURE,
-    "workers.storage.AccessDenied": EXIT_INFRASTRUCTURE,
-    "workers.storage.StorageError": EXIT_BAD_INPUT,  # no bucket, bad scheme, unwritable output, missing input
+    "workers.io.storage.StoreUnavailable": EXIT_INFRASTRUCTURE,
+    "workers.io.storage.AccessDenied": EXIT_INFRASTRUCTURE,
+    "workers.io.storage.StorageError": EXIT_BAD_INPUT,  # no bucket, bad scheme, unwritable output, missing input
     "pydantic_core._pydantic_core.ValidationError": EXIT_BAD_INPUT,
     "yaml.error.YAMLError": EXIT_BAD_INPUT,
 }

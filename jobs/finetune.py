@@ -2,7 +2,7 @@
 
 Everything that can be checked is checked before a worker starts: the spec, the base model and weights names,
 the output location and the whole labelled data set (classes, keys outside the allowed locations, missing keys).
-Then one actor reads every image once (workers.training.embed): the unreadable ones are left out before the split;
+Then one actor reads every image once (workers.finetune.embed): the unreadable ones are left out before the split;
 where the split groups or a head is fitted, it also runs the frozen base model over them: content hashes and
 embeddings group near-duplicates, which the split keeps on one side; the embeddings give the linear probe by a
 convex fit, which is the whole `linear-probe` method and lp-ft's first stage. Ray Train checkpoints every epoch under
@@ -31,8 +31,7 @@ from jobs.locations import finetune_locations
 from schemas.catalog import check_model
 from schemas.finetune import EpochMetrics, FinetuneJobSpec, ModelCard, Recipe, TrainingState
 from schemas.outcome import Outcome
-from workers.storage import Storage, check_writable, join, local_scratch_dir, open_storage, split_s3
-from workers.training.artifacts import (
+from workers.finetune.artifacts import (
     ROUGH_BELOW,
     VersionClaimFailed,
     checkpoints_uri,
@@ -40,12 +39,13 @@ from workers.training.artifacts import (
     publish,
     remove_checkpoints,
 )
-from workers.training.dataplan import DataPlan, Listing, list_data, split_data
-from workers.training.recipe import PROBE_MAX_ITERATIONS, plan_recipe
-from workers.training.remote import EmbeddingActor, train_loop
-from workers.training.results import Embedded, ProbeFit
+from workers.finetune.dataplan import DataPlan, Listing, list_data, split_data
+from workers.finetune.recipe import PROBE_MAX_ITERATIONS, plan_recipe
+from workers.finetune.remote import EmbeddingActor, train_loop
+from workers.finetune.results import Embedded, ProbeFit
+from workers.io.storage import Storage, check_writable, join, local_scratch_dir, open_storage, split_s3
 
-# workers.training.loop's checkpoint file names, named here so that the driver need not import torch
+# workers.finetune.loop's checkpoint file names, named here so that the driver need not import torch
 BEST_FILE = "best.safetensors"
 STATE_FILE = "state.json"
 

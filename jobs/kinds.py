@@ -207,7 +207,7 @@ def _check_label(spec) -> None:
     from jobs.cluster import ensure_ray
     from jobs.label.placement import refuse_unshared_local_paths
     from schemas.catalog import class_names
-    from workers.training.artifacts import card_of
+    from workers.finetune.artifacts import card_of
 
     refuse_unshared_local_paths(spec, ensure_ray())  # local paths other nodes cannot see: refused now
     classes = len(class_names(spec.model, card_of(spec.model, spec.storage)))

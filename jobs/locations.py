@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from schemas.specs import LabelJobSpec, ModelSpec
-from workers.storage import normalise_uri
+from workers.io.storage import normalise_uri
 
 if TYPE_CHECKING:
     from schemas.finetune import FinetuneJobSpec

@@ -69,7 +69,7 @@ def _weights_name(spec: ModelSpec) -> str | None:
 
 def class_names(spec: ModelSpec, card: ModelCard | None = None) -> list[str]:
     """The classes the model will predict: from the registry's metadata, or a fine-tuned artifact's model card
-    (`card`, read by the caller: schemas reads no storage; workers.training.artifacts.card_of)."""
+    (`card`, read by the caller: schemas reads no storage; workers.finetune.artifacts.card_of)."""
     if is_artifact_location(spec.name):
         return list(_card_of(spec, card).class_names)
     check_model(spec)

@@ -25,7 +25,7 @@ is now. Layout version 1 (bulklabel before `data/`): data files `part-<shard>.pa
 beside the markers. Outputs in it are still read (the reader follows the manifest's or markers' file names); a run is
 refused.
 
-Driver (jobs.output) and workers (workers.writer) both import this module, which is why it lives in `schemas`:
+Driver (jobs.output) and workers (workers.io.writer) both import this module, which is why it lives in `schemas`:
 no torch, no Ray, no storage client; URIs are joined with plain slashes.
 """
 
@@ -70,7 +70,7 @@ LITTER = re.compile(r"(?:.*/)?(?:\.DS_Store|\._[^/]*|Thumbs\.db|desktop\.ini)")
 
 
 def join(prefix: str, *parts: str) -> str:
-    """Join URI parts with single slashes (as workers.storage.join, which this package may not import)."""
+    """Join URI parts with single slashes (as workers.io.storage.join, which this package may not import)."""
     out = prefix.rstrip("/")
     for part in parts:
         out = f"{out}/{part.strip('/')}"

@@ -58,8 +58,8 @@ class ErrorKind(StrEnum):
     DUPLICATE = "duplicate"  # a second image under one WebDataset key
 
 
-# Today's error messages (workers/readers.py, workers/decode.py, workers/decoders.py) by their start, checked in
-# order; anything else an image's decode raised is CORRUPT. The one place messages become kinds.
+# Today's error messages (workers/io/readers.py, workers/label/decode.py, workers/label/decoders.py) by their start,
+# checked in order; anything else an image's decode raised is CORRUPT. The one place messages become kinds.
 _ERROR_PREFIXES: tuple[tuple[str, ErrorKind], ...] = (
     ("refused:", ErrorKind.TOO_LARGE),
     ("not an image", ErrorKind.NOT_AN_IMAGE),

@@ -24,7 +24,7 @@ import pytest
 
 from schemas.specs import StorageOptions
 from tests.s3server import S3Server, WeedServer
-from workers.storage import Storage, open_storage
+from workers.io.storage import Storage, open_storage
 
 log = logging.getLogger("bulklabel.tests")
 
@@ -155,7 +155,7 @@ def torchvision_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ca
 def _project_importable_in_fresh_process() -> bool:
     """Whether a new interpreter (as a Ray worker is) can import the project without help: true when the project
     is installed (editable) or PYTHONPATH names it, because Ray's processes inherit this process's environment."""
-    check = subprocess.run([sys.executable, "-c", "import workers.storage, schemas.specs"], cwd="/", env=os.environ,
+    check = subprocess.run([sys.executable, "-c", "import workers.io.storage, schemas.specs"], cwd="/", env=os.environ,
                            capture_output=True)  # fmt: skip
     return check.returncode == 0
 

@@ -11,7 +11,7 @@ Rules, each with a self-test on a synthetic tree proving the checker catches its
   too): a module is torch-free when importing it loads no torch: neither it nor anything it imports within the
   project, at any depth (the parent packages an import runs count too), imports torch or torchvision when
   imported. An import inside a worker module's function is left out of that, since it runs where the function
-  runs: workers/remote.py is the actor's torch-free front, its __init__ importing the real worker in the actor's
+  runs: workers/label/remote.py is the actor's torch-free front, its __init__ importing the real worker in the actor's
   process. The set is derived from the imports, never kept by hand.
 Messages name each offending import by file:line.
 """
@@ -280,9 +280,9 @@ def test_the_driver_imports_only_torch_free_worker_modules(tree):
 
 def test_the_checker_reads_the_real_tree(tree):
     """Guards the checks above against passing on an empty or misread tree."""
-    assert {"jobs.cli", "workers.storage", "schemas.specs", "workers.training.artifacts"} <= set(tree.modules)
-    assert any(imp.target == "workers.storage" and imp.source.startswith("jobs.") for imp in tree.imports)
-    assert "workers.models" in torch_loaders(tree) and "workers.storage" not in torch_loaders(tree)
+    assert {"jobs.cli", "workers.io.storage", "schemas.specs", "workers.finetune.artifacts"} <= set(tree.modules)
+    assert any(imp.target == "workers.io.storage" and imp.source.startswith("jobs.") for imp in tree.imports)
+    assert "workers.models" in torch_loaders(tree) and "workers.io.storage" not in torch_loaders(tree)
 
 
 # ---------------------------------------------------------------------------------------------------- self-tests
@@ -342,17 +342,17 @@ def test_schemas_importing_jobs_or_workers_and_workers_importing_jobs_are_found(
         tmp_path,
         {
             "schemas/specs.py": "import pydantic\nfrom jobs.errors import BadInput\n",
-            "schemas/catalog.py": "def read():\n    from workers import storage\n",
-            "workers/storage.py": "import schemas.specs\n",
+            "schemas/catalog.py": "def read():\n    from workers.io import storage\n",
+            "workers/io/storage.py": "import schemas.specs\n",
             "jobs/output/layout.py": "",
-            "workers/writer.py": "try:\n    from jobs.output.layout import DATA\nexcept ImportError:\n    pass\n",
-            "jobs/errors.py": "import workers.storage\n",
+            "workers/io/writer.py": "try:\n    from jobs.output.layout import DATA\nexcept ImportError:\n    pass\n",
+            "jobs/errors.py": "import workers.io.storage\n",
         },
     )
     assert forbidden_imports(tree, LAYERS) == [  # jobs importing workers is the right way
-        "schemas/catalog.py:2: schemas.catalog imports workers.storage",
+        "schemas/catalog.py:2: schemas.catalog imports workers.io.storage",
         "schemas/specs.py:2: schemas.specs imports jobs.errors",
-        "workers/writer.py:2: workers.writer imports jobs.output.layout",
+        "workers/io/writer.py:2: workers.io.writer imports jobs.output.layout",
     ]
 
 
@@ -360,20 +360,20 @@ def test_the_driver_importing_torch_through_any_chain_is_found(tmp_path):
     tree = _write(
         tmp_path,
         {
-            "workers/storage.py": "import json\n",
+            "workers/io/storage.py": "import json\n",
             "workers/front.py": "from workers.model import Model\n",
             "workers/model.py": "from .weights import load\n",
             "workers/weights.py": "try:\n    import torch.nn\nexcept ImportError:\n    pass\n",
             "workers/heavy/__init__.py": "import torchvision\n",
             "workers/heavy/plan.py": "import json\n",  # torch-free itself, but its package loads torch
             "schemas/tensors.py": "from workers.weights import load\n",
-            "jobs/runner.py": "from workers import storage\nfrom workers.front import start\n",
+            "jobs/runner.py": "from workers.io import storage\nfrom workers.front import start\n",
             "jobs/cli.py": "def main():\n    import workers.heavy.plan\n    from torch import nn\n",
             # A front whose method imports the torch side where it runs (an actor), and a TYPE_CHECKING import:
             # neither loads torch on import.
-            "workers/remote.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n"
+            "workers/label/remote.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n"
             "class Actor:\n    def __init__(self):\n        from workers.model import Model\n",
-            "jobs/actors.py": "from workers.remote import Actor\nimport schemas.tensors\n",
+            "jobs/actors.py": "from workers.label.remote import Actor\nimport schemas.tensors\n",
         },
     )
     problems = driver_torch_imports(tree)
@@ -386,4 +386,4 @@ def test_the_driver_importing_torch_through_any_chain_is_found(tmp_path):
         "jobs/runner.py:2: jobs.runner imports workers.front, which loads torch (workers.front -> workers.model -> "
         "workers.weights; workers/weights.py:2: workers.weights imports torch.nn)",
     ]
-    assert {"workers.storage", "workers.remote"}.isdisjoint(torch_loaders(tree))
+    assert {"workers.io.storage", "workers.label.remote"}.isdisjoint(torch_loaders(tree))

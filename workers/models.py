@@ -19,8 +19,8 @@ from torchvision.models import get_model, get_model_weights, list_models
 from schemas.finetune import MODEL_CARD_NAME
 from schemas.specs import ModelSpec, PreprocessSpec, StorageOptions
 from workers import weights as weights_io
-from workers.storage import join, normalise_uri
-from workers.training.artifacts import ArtifactError, is_artifact_location, read_card, sha256_of
+from workers.finetune.artifacts import ArtifactError, is_artifact_location, read_card, sha256_of
+from workers.io.storage import join, normalise_uri
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _load_weights(model: nn.Module, spec: ModelSpec, entry, storage: StorageOpti
 
 def load_artifact_model(location: str, options: StorageOptions, cache_dir: Path) -> LoadedModel:
     """A LoadedModel from a fine-tuned artifact: architecture, class names and preprocessing from its card
-    (workers.training.artifacts, torch-free), weights from its safetensors file, checked against the card's sha256.
+    (workers.finetune.artifacts, torch-free), weights from its safetensors file, checked against the card's sha256.
     Here, on the model side, so that the artifact layout imports no torch."""
     from safetensors.torch import load_file  # torch, which its loader needs imported, is imported above
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from schemas.specs import ModelSpec, StorageOptions
-from workers.storage import normalise_uri, open_storage
+from workers.io.storage import normalise_uri, open_storage
 
 log = logging.getLogger(__name__)
 

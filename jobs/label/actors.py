@@ -7,7 +7,7 @@ import ray
 from jobs.label.placement import Placement
 from schemas.shards import WorkerSpec
 from workers import faults
-from workers.remote import LabelWorkerActor
+from workers.label.remote import LabelWorkerActor
 
 _ACTOR = ray.remote(LabelWorkerActor)
 

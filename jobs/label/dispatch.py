@@ -39,7 +39,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from jobs.label.ledger import Counts, LedgerLimits, Outcome, ShardLedger
 from schemas.shards import ShardJob, ShardResult, ShardTask
-from workers.storage import AccessDenied
+from workers.io.storage import AccessDenied
 
 log = logging.getLogger(__name__)
 

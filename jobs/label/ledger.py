@@ -32,7 +32,7 @@ from enum import StrEnum
 
 from jobs.errors import WorkersLost
 from schemas.shards import ShardResult, ShardTask
-from workers.storage import AccessDenied
+from workers.io.storage import AccessDenied
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from jobs.output.markers import read_committed
 from schemas.catalog import UnknownModel, model_gflops
 from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
-from workers.storage import open_storage
-from workers.training.artifacts import card_of
+from workers.finetune.artifacts import card_of
+from workers.io.storage import open_storage
 
 log = logging.getLogger(__name__)
 

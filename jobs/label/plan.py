@@ -14,7 +14,7 @@ Shard ids are unique by construction (a readable prefix plus a hash of the full 
 unchanged input, which is what makes resume possible; a repeated id refuses the plan rather than merging shards.
 Row keys are unique too, checked before the first task where the input can repeat one (jobs.label.keys): a
 manifest's keys, loose files keyed by `name`, a Parquet input's `key_column`; the others are unique by construction
-(loose files by path; Parquet rows `<path>#<row>`, workers.readers.parquet_row_key). A repeat refuses the plan
+(loose files by path; Parquet rows `<path>#<row>`, workers.io.readers.parquet_row_key). A repeat refuses the plan
 naming both rows. (Tar samples are keyed by WebDataset's `__key__` inside the archives, which planning does not
 read: a repeat inside one shard is an error row.)
 Listings skip only what the spec's `exclude` patterns name, and every skipped object is counted in `PlanStats`.
@@ -40,9 +40,9 @@ from jobs.errors import BadInput
 from jobs.label.keys import find_repeated_key
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import LABEL_COLUMN, InputSpec
-from workers.keys import KeyResolver
-from workers.rowkeys import PARQUET_SUFFIXES, TAR_SUFFIXES, check_key_column, row_key_of
-from workers.storage import (
+from workers.io.keys import KeyResolver
+from workers.io.rowkeys import PARQUET_SUFFIXES, TAR_SUFFIXES, check_key_column, row_key_of
+from workers.io.storage import (
     AccessDenied,
     ObjectInfo,
     Storage,

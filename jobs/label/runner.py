@@ -29,8 +29,8 @@ from schemas.outcome import Outcome
 from schemas.output import JobManifest
 from schemas.shards import ShardJob, ShardResult, ShardTask, StageSeconds, WorkerSpec
 from schemas.specs import LabelJobSpec
-from workers.storage import open_storage
-from workers.training.artifacts import card_of
+from workers.finetune.artifacts import card_of
+from workers.io.storage import open_storage
 
 log = logging.getLogger(__name__)
 COUNT_REST_S = 30.0  # a cancelled job counts the rest of its plan (a listing) for at most this long

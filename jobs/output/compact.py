@@ -41,8 +41,8 @@ from jobs.output.reader import LabelOutput, open_output, read_rows
 from schemas.layout import DATA_DIR, DATA_FILE, PART_FILE, compacted_uri, compaction_temp_uri, data_dir
 from schemas.output import LABEL_SCHEMA, JobManifest
 from schemas.specs import StorageOptions
-from workers.storage import Storage, normalise_uri, open_storage, relative_key
-from workers.writer import DICTIONARY_COLUMNS, PARQUET_COMPRESSION
+from workers.io.storage import Storage, normalise_uri, open_storage, relative_key
+from workers.io.writer import DICTIONARY_COLUMNS, PARQUET_COMPRESSION
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from schemas.layout import failed_uri
 from schemas.output import JobFailure
-from workers.storage import ObjectMissing, Storage
+from workers.io.storage import ObjectMissing, Storage
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from jobs.output.reader import LabelOutput
 from schemas.specs import StorageOptions
-from workers.storage import open_storage
+from workers.io.storage import open_storage
 
 log = logging.getLogger(__name__)
 

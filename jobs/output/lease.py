@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from jobs.errors import InfrastructureError
 from schemas.layout import LEASE_FILE, lease_prefix, lease_uri
-from workers.storage import ObjectMissing, Storage, relative_key
+from workers.io.storage import ObjectMissing, Storage, relative_key
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from schemas.layout import (
     PROBE,
     V1_DATA_FILE,
 )
-from workers.storage import Storage, join, relative_key
+from workers.io.storage import Storage, join, relative_key
 
 FOREIGN_EXAMPLES = 3
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from jobs.output.errors import OutputError, UnsupportedSchemaVersion
 from schemas.layout import LAYOUT_VERSION, manifest_uri
 from schemas.output import LABEL_SCHEMA_VERSION, JobManifest
-from workers.storage import ObjectMissing, Storage, join
+from workers.io.storage import ObjectMissing, Storage, join
 
 log = logging.getLogger(__name__)
 

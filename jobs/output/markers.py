@@ -21,7 +21,7 @@ from jobs.output.manifest import manifest_locations, read_manifest
 from schemas.layout import join
 from schemas.output import JobManifest
 from schemas.shards import OLDEST_MARKER_FORMAT, ShardResult
-from workers.storage import ObjectMissing, Storage
+from workers.io.storage import ObjectMissing, Storage
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from jobs.output.listing import OutputListing, list_output
 from jobs.output.manifest import manifest_job_id
 from schemas.layout import LAYOUT_VERSION, OWNER_NAME, join
 from schemas.shards import ShardResult
-from workers.storage import Storage, StorageError
+from workers.io.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

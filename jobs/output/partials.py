@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from jobs.output.listing import OutputListing, list_output
-from workers.storage import Storage, join
+from workers.io.storage import Storage, join
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from jobs.output.markers import read_committed
 from schemas.layout import MANIFEST_NAME, OWNER_NAME
 from schemas.output import LABEL_SCHEMA, JobFailure, JobManifest, error_kind_of
 from schemas.specs import StorageOptions
-from workers.storage import ObjectMissing, join, normalise_uri, open_storage, split_s3
+from workers.io.storage import ObjectMissing, join, normalise_uri, open_storage, split_s3
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The figures come from the committed rows (DuckDB over the `labels` view of jobs.
 jobs.output.reader calls committed) and from the shards' done-markers (timings, attempts, commit times); the
 thumbnails from the input itself, read back by each row's `source`: the image file of a loose-file row, or the shard
 (tar, plain or gzip, or Parquet) whose record has the row's key, read by the label job's own reader
-(workers.readers.read_source, with the job's input layout: tar members streamed, never extracted), so every format
+(workers.io.readers.read_source, with the job's input layout: tar members streamed, never extracted), so every format
 the job reads has thumbnails and its keys match. Rendering and writing are jobs.output.report_page's; this module
 only gathers typed figures. Driver-side: no torch, no Ray.
 """
@@ -26,9 +26,9 @@ from jobs.output.markers import read_committed
 from jobs.output.query import VIEW, connect
 from jobs.output.reader import LabelOutput
 from schemas.specs import InputSpec, StorageOptions
-from workers.readers import StorageByScheme, read_source
-from workers.rowkeys import shard_kind
-from workers.storage import StorageError, open_storage
+from workers.io.readers import StorageByScheme, read_source
+from workers.io.rowkeys import shard_kind
+from workers.io.storage import StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def _shard_records(
 
 def _shard_location(source: str, key: str) -> tuple[str, str]:
     """(base, shard key) as the job planned `source`: a Parquet row's key names its file relative to the input
-    (workers.readers.parquet_row_key), which the reader keys its rows by; a tar's samples are keyed by their
+    (workers.io.readers.parquet_row_key), which the reader keys its rows by; a tar's samples are keyed by their
     members alone, so its folder serves."""
     relative = key.rpartition("#")[0]
     if relative and source.endswith("/" + relative):

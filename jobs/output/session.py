@@ -13,7 +13,7 @@
     failed(reason, ...)     the run stops: `_failed.json` says why (a failed run used to leave no record)
     close()                 the lease released (complete and failed do it; the runner calls it whatever happened)
 
-The job runner calls these and nothing else of the output; the workers write shards (workers/writer.py).
+The job runner calls these and nothing else of the output; the workers write shards (workers/io/writer.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from schemas.output import (
 )
 from schemas.shards import ShardResult
 from schemas.specs import LabelJobSpec
-from workers.storage import Storage, check_writable, open_storage, relative_key
+from workers.io.storage import Storage, check_writable, open_storage, relative_key
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from schemas.masking import mask_text
 from schemas.outcome import Outcome
 from schemas.shards import ShardResult, WorkerSpec
 from schemas.specs import LabelJobSpec, StorageOptions
-from workers.storage import StorageError
+from workers.io.storage import StorageError
 
 log = logging.getLogger(__name__)
 

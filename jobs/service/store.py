@@ -33,7 +33,7 @@ from pydantic import AwareDatetime, ValidationError
 from jobs.errors import BadInput
 from jobs.service.records import JOB_ID_PATTERN, JobRecord, JobState
 from schemas.specs import Spec, StorageOptions
-from workers.storage import ObjectMissing, Storage, join, normalise_uri, open_storage
+from workers.io.storage import ObjectMissing, Storage, join, normalise_uri, open_storage
 
 log = logging.getLogger(__name__)
 

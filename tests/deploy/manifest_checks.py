@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from jobs.kinds import load_job_spec
 from schemas.spec_files import SpecError
-from workers.compile_cache import CACHE_ENV as COMPILE_CACHE_ENV
+from workers.label.compile_cache import CACHE_ENV as COMPILE_CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

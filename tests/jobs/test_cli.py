@@ -26,7 +26,7 @@ from schemas.spec_files import SpecError
 from schemas.specs import LabelJobSpec
 from tests.schemas.test_specs import ALIAS_BOMB
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
-from workers.storage import AccessDenied, ObjectMissing, StorageError, StoreUnavailable
+from workers.io.storage import AccessDenied, ObjectMissing, StorageError, StoreUnavailable
 
 
 def test_bad_spec_file_exits_2_naming_the_field(tmp_path, capsys):
@@ -201,7 +201,7 @@ def test_hostile_spec_files_are_refused_quickly_in_one_bounded_error(tmp_path, c
 def _cli_in_subprocess(args: list[str], attempts: int) -> tuple[subprocess.CompletedProcess, float]:
     """The command in its own process, as a user runs it, with S3 retries cut to `attempts` (the failure itself is
     real: nothing listens at the endpoint)."""
-    script = (f"import sys; from workers.storage import S3Storage; S3Storage.RETRY_ATTEMPTS = {attempts}; "
+    script = (f"import sys; from workers.io.storage import S3Storage; S3Storage.RETRY_ATTEMPTS = {attempts}; "
               "from jobs.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": "", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret"}
     started = time.perf_counter()

@@ -22,7 +22,7 @@ from jobs.output.partials import remove_partials
 from schemas.layout import OWNER_NAME, data_name, data_uri
 from schemas.shards import MARKER_FORMAT, ShardResult
 from tests.conftest import PROJECT_ROOT
-from workers.storage import join
+from workers.io.storage import join
 
 RACERS = 6
 
@@ -58,7 +58,7 @@ def _racer_script(uri: str, options_json: str, start_at: float) -> str:
         from jobs.output.errors import OutputConflict
         from jobs.output.ownership import check_output, claim_output
         from schemas.specs import StorageOptions
-        from workers.storage import open_storage
+        from workers.io.storage import open_storage
         options = StorageOptions.model_validate_json({options_json!r}) if {options_json!r} else None
         storage = open_storage({uri!r}, options)
         job = "job-" + sys.argv[1]

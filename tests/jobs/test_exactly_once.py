@@ -22,7 +22,7 @@ from schemas.specs import LabelJobSpec
 from tests.jobs.test_storage_outage import run_through_a_restart
 from tests.s3server import S3Server, WeedServer
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
-from workers.storage import AccessDenied, join, open_storage
+from workers.io.storage import AccessDenied, join, open_storage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 MODEL = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}

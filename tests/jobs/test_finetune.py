@@ -30,10 +30,10 @@ from schemas.finetune import FinetuneJobSpec
 from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec, ModelSpec
 from tests.support import PLANTS, write_torchvision_weights
+from workers.finetune.artifacts import SPLIT_NAME, find_job_artifact, publish, read_card, sha256_of, versions
+from workers.finetune.data import Example, FinetuneDataError, plan_data, stratified_split
+from workers.io.storage import join, open_storage
 from workers.models import build_model
-from workers.storage import join, open_storage
-from workers.training.artifacts import SPLIT_NAME, find_job_artifact, publish, read_card, sha256_of, versions
-from workers.training.data import Example, FinetuneDataError, plan_data, stratified_split
 
 CLASSES = ("Potato___Early_blight", "Potato___healthy")
 RESUME_JOB_ID = "resume-test"
@@ -188,7 +188,7 @@ def test_copies_and_an_unreadable_image_never_fake_a_validation_score(leaves, tm
             b"<html>not found</html>" if name == bad else (leaves / plain / name).read_bytes()
         )
     spec = _spec(str(data), str(tmp_path / "models" / "twice"), training={"method": "linear-probe"})
-    planner = logging.getLogger("workers.training.dataplan")  # its warning, whether or not "workers" propagates
+    planner = logging.getLogger("workers.finetune.dataplan")  # its warning, whether or not "workers" propagates
     planner.addHandler(caplog.handler)
     try:
         summary = run_finetune_job(spec, show_progress=False)
@@ -217,7 +217,7 @@ def test_copies_and_an_unreadable_image_never_fake_a_validation_score(leaves, tm
 
 
 def _local():
-    from workers.storage import LocalStorage
+    from workers.io.storage import LocalStorage
 
     return LocalStorage()
 
@@ -441,8 +441,8 @@ def _finished_run(spec: FinetuneJobSpec, folder: Path):
     size a real run publishes), the real data plan, the best weights file and a one-epoch training state."""
     from schemas.finetune import EpochMetrics, TrainingState
     from schemas.specs import PreprocessSpec
+    from workers.finetune.loop import Classifier, save_weights
     from workers.models import split_head
-    from workers.training.loop import Classifier, save_weights
 
     torch.manual_seed(spec.training.seed)
     backbone, old_head = split_head(get_model("mobilenet_v2", weights=None))

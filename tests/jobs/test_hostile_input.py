@@ -14,7 +14,7 @@ from PIL import Image
 from jobs.label.runner import run_label_job
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
-from workers.storage import join, open_storage
+from workers.io.storage import join, open_storage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 PHOTO = IMAGENET_SAMPLE / "n01440764_tench.JPEG"

@@ -18,7 +18,7 @@ from jobs.label.runner import run_label_job
 from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, webdataset_key, write_tar_shards
-from workers.storage import join, open_storage
+from workers.io.storage import join, open_storage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

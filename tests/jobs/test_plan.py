@@ -20,7 +20,7 @@ from jobs.label import plan
 from jobs.label.plan import KeyResolver, PlanError, PlanStats, files_shard_id, is_excluded, plan_shards, shard_id_for
 from schemas.shards import ShardResult, ShardTask
 from schemas.specs import InputSpec, StorageOptions
-from workers.storage import AccessDenied, ObjectInfo, StoreUnavailable, join, open_storage
+from workers.io.storage import AccessDenied, ObjectInfo, StoreUnavailable, join, open_storage
 
 ID_PATTERN = r"^[A-Za-z0-9._=-]+$"
 

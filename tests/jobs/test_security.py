@@ -12,7 +12,7 @@ from jobs.label.runner import run_label_job
 from jobs.output.errors import OutputConflict
 from schemas.specs import LabelJobSpec, StorageOptions
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
-from workers.storage import StorageError, join, open_storage
+from workers.io.storage import StorageError, join, open_storage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

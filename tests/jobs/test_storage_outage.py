@@ -1,6 +1,6 @@
 """The S3 server goes away for a few seconds in the middle of a job and comes back: one real outage per input kind
 (tar shards, loose files). How long an outage one store call outlasts is tested on an injected clock in
-tests/workers/test_storage.py, so these need not wait out 20 s each."""
+tests/workers/io/test_storage.py, so these need not wait out 20 s each."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from jobs.label.runner import run_label_job
 from schemas.specs import LabelJobSpec
 from tests.s3server import WeedServer
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
-from workers.storage import join, open_storage
+from workers.io.storage import join, open_storage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 OUTAGE_S = 5  # longer than the first few backoffs (0.25-0.5, 0.5-1, 1-2, 2-4 s): calls fail and are retried

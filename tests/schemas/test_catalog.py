@@ -12,8 +12,8 @@ import pytest
 from schemas.catalog import UnknownModel, catalog, check_model, class_names, model_gflops
 from schemas.finetune import MODEL_CARD_NAME, ModelCard
 from schemas.specs import ModelSpec
+from workers.finetune.artifacts import ArtifactError, card_of
 from workers.models import model_categories, registry_catalog
-from workers.training.artifacts import ArtifactError, card_of
 
 
 def test_catalog_file_matches_the_installed_registry():
@@ -53,7 +53,7 @@ def test_an_artifact_reads_its_classes_from_the_model_card(tmp_path):
         card_of(ModelSpec(name=str(tmp_path)))
     with pytest.raises(ArtifactError, match="no model card at"):
         card_of(ModelSpec(name=str(tmp_path / "nothing-here")))
-    # Only what the catalog reads of a card (the whole card is tested in tests/workers/training/test_artifacts.py).
+    # Only what the catalog reads of a card (the whole card is tested in tests/workers/finetune/test_artifacts.py).
     card = ModelCard.model_construct(architecture="resnet18", base_weights="IMAGENET1K_V1", class_names=["cat", "dog"])
     spec = ModelSpec(name=str(tmp_path))
     assert class_names(spec, card) == ["cat", "dog"]

@@ -12,8 +12,8 @@ from torchvision.models import get_model
 
 from schemas.specs import ModelSpec, StorageOptions
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
-from workers.decode import decode
-from workers.inference import Predictor, PredictorOptions
+from workers.label.decode import decode
+from workers.label.inference import Predictor, PredictorOptions
 from workers.models import (
     LoadedModel,
     ModelError,

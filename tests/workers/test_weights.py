@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from schemas.specs import ModelSpec, StorageOptions
 from tests.support import write_torchvision_weights
+from workers.io.storage import open_storage
 from workers.models import build_model
-from workers.storage import open_storage
 from workers.weights import (
     WEIGHTS_DIR_ENV,
     WeightsError,

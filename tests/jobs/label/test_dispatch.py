@@ -18,7 +18,7 @@ from jobs.label.dispatch import PrivateWorkers, ShardDispatcher
 from jobs.label.ledger import LedgerLimits
 from schemas.shards import ShardJob, ShardResult, ShardTask
 from schemas.specs import InputSpec
-from workers.storage import AccessDenied
+from workers.io.storage import AccessDenied
 
 # The scripted actor below is defined in this test module, which Ray's worker processes cannot import by name.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -7,7 +7,7 @@ import pytest
 from jobs.errors import WorkersLost
 from jobs.label.ledger import Counts, LedgerLimits, Outcome, ShardLedger
 from schemas.shards import ShardResult, ShardTask
-from workers.storage import AccessDenied, StoreUnavailable
+from workers.io.storage import AccessDenied, StoreUnavailable
 
 LIMITS = LedgerLimits(max_attempts=3, shard_timeout_s=100.0, max_actor_restarts=2)
 

@@ -1,7 +1,7 @@
 """jobs.output.compact: small per-shard files merged into target-size files through one manifest switch; resume,
 readers and exactly-once unchanged; a compaction SIGKILLed at each step loses and duplicates nothing.
 
-Outputs here are written by the real writer (workers/writer.ShardWriter) and the real session phases, without Ray or
+Outputs here are written by the real writer (workers/io/writer.ShardWriter) and the real session phases, without Ray or
 a model, so 100 shards take about a second; tests/jobs/output/test_compact_job.py compacts a real label job's output.
 """
 
@@ -30,8 +30,8 @@ from schemas.output import LABEL_SCHEMA_VERSION
 from schemas.shards import ShardTask
 from schemas.specs import LabelJobSpec
 from tests.conftest import PROJECT_ROOT
-from workers.storage import open_storage
-from workers.writer import ShardWriter
+from workers.io.storage import open_storage
+from workers.io.writer import ShardWriter
 
 SHARDS = 100
 ROWS = 6

@@ -24,7 +24,7 @@ from jobs.output.lease import (
     standing,
 )
 from schemas.layout import lease_uri
-from workers.storage import LocalStorage
+from workers.io.storage import LocalStorage
 
 JOB = Writer(WriterKind.LABEL_JOB, "job-a")
 COMPACTION = Writer(WriterKind.COMPACTION, "job-a")

@@ -1,7 +1,7 @@
 """An output copied or moved elsewhere (another folder, another S3 prefix) reads whole: markers and manifest name
 their files relative to the output (layout 3). Outputs written before (layout 2: absolute names under the output the
 job wrote to) still read and resume, where they were written and once moved. Without Ray: the outputs are written
-by jobs.output.session and workers.writer as a job writes them (tests.jobs.output.test_compact.write_output)."""
+by jobs.output.session and workers.io.writer as a job writes them (tests.jobs.output.test_compact.write_output)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
 from schemas.layout import MANIFEST_NAME
 from tests.jobs.output.test_compact import JOB, ROWS, write_output
-from workers.storage import join, relative_key
+from workers.io.storage import join, relative_key
 
 SHARDS = 3
 COUNT_SQL = "SELECT count(*) AS n, count(DISTINCT key) AS keys FROM labels"

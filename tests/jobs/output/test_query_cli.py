@@ -20,7 +20,7 @@ from jobs.cli import main
 from jobs.output.query import NoEmbeddings, similar
 from schemas.output import LABEL_SCHEMA_VERSION
 from tests.jobs.output.test_reader import PHOTOS, label_photos
-from workers.storage import join, open_storage
+from workers.io.storage import join, open_storage
 
 
 @pytest.fixture(scope="module")

@@ -228,7 +228,7 @@ def test_a_layout_1_output_still_reads_but_a_run_into_it_is_refused_naming_the_v
     from jobs.output.errors import OutputConflict
     from jobs.output.markers import read_committed
     from jobs.output.ownership import check_output
-    from workers.storage import open_storage
+    from workers.io.storage import open_storage
 
     _as_layout_1(copied, labelled)
     output = open_output(str(copied))

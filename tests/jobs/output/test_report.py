@@ -24,7 +24,7 @@ from jobs.output.report import THUMB_LABELS, THUMBS_PER_LABEL
 from jobs.output.report_page import CSP, write_report
 from tests.conftest import PROJECT_ROOT
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
-from workers.storage import join, open_storage
+from workers.io.storage import join, open_storage
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 CHROMIUM_NOTE = PROJECT_ROOT / ".venv" / ".chromium-unavailable"  # deploy/setup.sh: why apt could not install it

@@ -14,7 +14,7 @@ from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
 from schemas.layout import FAILED_NAME, LEASE_NAMES, MANIFEST_NAME, OWNER_NAME, temp_uri
 from schemas.specs import LabelJobSpec
-from workers.storage import join
+from workers.io.storage import join
 
 
 def _spec(output: str, tmp_path: Path, **fields) -> LabelJobSpec:
@@ -121,7 +121,7 @@ def test_each_phase_lists_the_output_once(tmp_path):
     """check() lists the output once for ownership and markers; start() once more, under the lease, for markers,
     partial uploads and superseded files; complete() only `_tmp/` (a run used to list the whole output 5 times)."""
     from tests.jobs.output.test_compact import write_output
-    from workers.storage import LocalStorage
+    from workers.io.storage import LocalStorage
 
     out = tmp_path / "out"
     spec = write_output(str(out), tmp_path, shards=3)  # an earlier run's output, resumed below

@@ -142,7 +142,7 @@ def _sinks_and_shards(tmp_path: Path, shards: int = 3):
     """Two drivers' sinks of one job's table (as two runs of the job had), and the job's committed shards."""
     from jobs.output.markers import read_committed
     from jobs.output.table import DeltaSink
-    from workers.storage import LocalStorage
+    from workers.io.storage import LocalStorage
 
     out = tmp_path / "out"
     write_output(str(out), tmp_path, shards=shards, fmt="parquet")

@@ -15,7 +15,7 @@ from jobs.service import store as store_module
 from jobs.service.records import JobProgress, JobState, advance, new_record, with_progress
 from jobs.service.store import CorruptRecord, JobStore, UnknownJob, default_state_uri, new_job_id
 from schemas.specs import LabelJobSpec
-from workers.storage import join
+from workers.io.storage import join
 
 T0 = datetime(2026, 12, 2, 1, 43, tzinfo=UTC)
 
