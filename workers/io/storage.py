@@ -221,7 +221,7 @@ class S3Storage:
 
     RETRY_ATTEMPTS = 8
     RETRY_BASE_S = 0.5
-    RETRY_MAX_S = 8.0  # 0.5 + 1 + 2 + 4 + 8 + 8 + 8 ≈ 31 s of backoff before a call gives up
+    RETRY_MAX_S = 8.0  # 0.5 + 1 + 2 + 4 + 8 + 8 + 8 = 31.5 s of backoff at most, 15.75 s at least (jitter 0.5-1x)
 
     def __init__(self, options: StorageOptions):
         self._options = options
