@@ -22,7 +22,7 @@ import pytest
 
 from tests.jobs.test_faults import assert_exactly_once
 from tests.multinode.ray_nodes import MultiNodeCluster
-from tests.support import IMAGENET_SAMPLE, imagenet_labels
+from tests.support import IMAGENET_SAMPLE, PLANTS, imagenet_labels
 from workers.faults import ACK_ENV, ACK_VALUE, FAULTS_ENV
 
 pytestmark = pytest.mark.multinode
@@ -298,9 +298,18 @@ def test_a_job_waits_for_a_node_then_runs_on_it(tmp_path, record_property):
                                 f"(shards {labelled}); {rows}/12 rows")  # fmt: skip
 
 
+def _small_plants(folder: Path, per_class: int = 4) -> Path:
+    for name in ("Potato___Early_blight", "Potato___healthy"):
+        (folder / name).mkdir(parents=True)
+        for photo in sorted((PLANTS / name).iterdir())[:per_class]:
+            shutil.copy(photo, folder / name / photo.name)
+    return folder
+
+
 def test_token_auth_cluster_metrics_and_no_credentials_in_records(tmp_path):
     """On a cluster with Ray token authentication: the CLI with the token works, without it is refused; the
-    service's metrics reach the nodes' Prometheus endpoints; job records, logs and status hold no credentials."""
+    service's metrics reach the nodes' Prometheus endpoints; job records, logs and status hold no credentials.
+    A fine-tune runs there too, as the service runs one (a Ray task of the service), to its published version."""
     token, secret = "bl-test-" + os.urandom(16).hex(), "SECRET-" + os.urandom(8).hex()
     cluster = MultiNodeCluster(env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     try:
@@ -313,16 +322,20 @@ def test_token_auth_cluster_metrics_and_no_credentials_in_records(tmp_path):
                                     "shared_storage": True, "storage": {"access_key_id": "AKIA" + secret[:8],
                                                                         "secret_access_key": secret}}))  # fmt: skip
         job = svc.submit("file", str(spec))
-        record = svc.wait_ended(job)
+        tune = svc.submit("finetune", "--data", str(_small_plants(tmp_path / "plants")), "--base", "mobilenet_v2",
+                          "--weights", "IMAGENET1K_V1", "--output", str(tmp_path / "model"), "--method",
+                          "linear-probe", "--image-size", "64", "--quiet")  # fmt: skip
+        record, tuned = svc.wait_ended(job), svc.wait_ended(tune)
         without = {k: v for k, v in svc.env().items() if k != "RAY_AUTH_TOKEN"}
         refused = subprocess.run([CLI, "list"], env=without, capture_output=True, text=True, timeout=120)
-        texts = [svc.cli("status", job, "--json").stdout, svc.cli("logs", job).stdout,
+        texts = [svc.cli("status", job, "--json").stdout, svc.cli("logs", job).stdout, svc.cli("logs", tune).stdout,
                  *(p.read_text() for p in (tmp_path / "state").rglob("*") if p.is_file())]  # fmt: skip
         metrics = _scrape(cluster, "bulklabel_images_labelled")
         svc.stop()
     finally:
         cluster.stop()
     assert record["state"] == "succeeded", record
+    assert tuned["state"] == "succeeded" and (tmp_path / "model" / "v1").is_dir(), tuned
     assert refused.returncode != 0
     assert not any(secret in text or token in text for text in texts)
     assert any(f'job="{job}"' in line and line.rstrip().endswith(" 4.0") for line in metrics), metrics
