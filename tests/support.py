@@ -8,8 +8,12 @@ import io
 import tarfile
 from pathlib import Path
 
+import pyarrow.dataset as ds
 import torch
 from torchvision.models import get_model
+
+from jobs.output.lease import LeaseRecord
+from schemas.layout import LEASE_FILE
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 IMAGENET_SAMPLE = SHARED_DATA / "imagenet-sample"
@@ -62,3 +66,25 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
+
+
+def assert_exactly_once(out: Path, photos: Path) -> int:
+    """One row per input image, no duplicates, and nothing partial or stray under the output prefix."""
+    keys = ds.dataset(out, format="parquet").to_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(p.name for p in photos.iterdir())
+    leftovers = [p for p in out.rglob("*") if p.is_file() and not _is_committed(out, p)]
+    assert leftovers == []
+    # The writer lease: one generation left (the history below it pruned), released by the run that finished.
+    leases = [p for p in out.rglob("*") if p.is_file() and LEASE_FILE.fullmatch(p.relative_to(out).as_posix())]
+    assert len(leases) <= 1 and all(LeaseRecord.model_validate_json(p.read_text()).released for p in leases)
+    return len(keys)
+
+
+def _is_committed(out: Path, path: Path) -> bool:
+    rel = path.relative_to(out).as_posix()
+    return (
+        rel in ("_job.json", "_owner.json")  # the manifest, and the job's claim on the output prefix
+        or LEASE_FILE.fullmatch(rel) is not None  # the writer lease (jobs.output.lease), checked by the caller
+        or (rel.startswith("data/part-") and rel.endswith(".parquet"))
+        or (rel.startswith("_done/") and rel.endswith(".json"))
+    )

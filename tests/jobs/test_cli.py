@@ -71,7 +71,7 @@ def test_schema_command_prints_json_schema(capsys):
 def test_label_command_resolves_real_weights_offline(tmp_path, ray_cluster_env):
     """The README's promise: after set-up, this command works with no network. It joins the session's cluster (a
     private one costs seconds here); the command on its own local Ray is tested in tests/jobs/test_cluster.py
-    (the stale address file) and tests/jobs/test_interruptions.py (the cluster stopped)."""
+    (the stale address file) and tests/scenarios/test_interruptions.py (the cluster stopped)."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for row in imagenet_labels()[:6]:

@@ -16,9 +16,8 @@ import psutil
 import pytest
 
 from jobs.cluster import ClusterSource, ClusterUnreachable, choose_cluster, gcs_reachable
-from tests.jobs.test_faults import assert_exactly_once
 from tests.multinode.ray_nodes import MultiNodeCluster
-from tests.support import IMAGENET_SAMPLE, imagenet_labels
+from tests.support import IMAGENET_SAMPLE, assert_exactly_once, imagenet_labels
 
 CLI = str(Path(sys.executable).with_name("bulklabel"))
 # A refused connection is answered at once; the bound is for a loaded 2-core machine starting Python and the CLI.

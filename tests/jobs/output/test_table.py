@@ -22,7 +22,7 @@ from jobs.output.table import app_id, delta_storage_options
 from schemas.output import LABEL_SCHEMA_VERSION
 from schemas.specs import LabelJobSpec
 from tests.jobs.output.test_compact import DIM, JOB, ROWS, write_output
-from tests.jobs.test_interruptions import _finish, _start_in
+from tests.scenarios.test_interruptions import _finish, _start_in
 from tests.support import IMAGENET_SAMPLE, imagenet_labels
 
 SHARDS = 12

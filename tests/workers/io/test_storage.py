@@ -301,7 +301,7 @@ def _storage_on(clock: _OutageClock, jitter: float, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize(("jitter", "outage_s"), [(0.5, 0.1), (0.5, 15.0), (1.0, 30.0)])
 def test_s3_retries_ride_out_an_outage(jitter, outage_s, monkeypatch):
-    """tests/jobs/test_storage_outage.py stops SeaweedFS for a few seconds for real; how long an outage one call
+    """tests/scenarios/test_storage_outage.py stops SeaweedFS for a few seconds for real; how long an outage one call
     outlasts (about 15 s at the shortest jittered backoff, 30 s at the longest) is checked here on a clock."""
     clock = _OutageClock(outage_s)
     storage = _storage_on(clock, jitter, monkeypatch)

@@ -20,8 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.jobs.test_faults import assert_exactly_once
-from tests.support import IMAGENET_SAMPLE, imagenet_labels
+from tests.support import IMAGENET_SAMPLE, assert_exactly_once, imagenet_labels
 
 
 @pytest.fixture

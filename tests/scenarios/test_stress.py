@@ -23,10 +23,9 @@ import pytest
 from jobs.output.lease import LeaseRecord
 from jobs.service.store import JobStore
 from schemas.layout import DATA_FILE, DONE_DIR, LEASE_FILE, MANIFEST_NAME, OWNER_NAME
-from tests.jobs.service.test_service_cli import JOB_TIMEOUT_S, Service, _label_args
-from tests.jobs.test_faults import assert_exactly_once
 from tests.multinode.ray_nodes import MultiNodeCluster
-from tests.support import IMAGENET_SAMPLE, imagenet_labels
+from tests.scenarios.test_service_cli import JOB_TIMEOUT_S, Service, _label_args
+from tests.support import IMAGENET_SAMPLE, assert_exactly_once, imagenet_labels
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
@@ -65,7 +64,7 @@ def test_load_a_hundred_jobs_at_once(tmp_path, record_property):
     svc = Service(cluster, tmp_path / "state")
     started = time.monotonic()
     try:
-        done = subprocess.run([sys.executable, "-m", "tests.jobs.service.stress_driver", str(tmp_path / "plan.json"),
+        done = subprocess.run([sys.executable, "-m", "tests.scenarios.stress_driver", str(tmp_path / "plan.json"),
                                str(tmp_path / "result.json")], env=svc.env(), capture_output=True, text=True,
                               timeout=900)  # fmt: skip
         seconds = time.monotonic() - started

@@ -3,7 +3,7 @@ a plan at once through the Python API (`from jobs import submit, ...`), polls `s
 ends, and writes each job's final record and every call's latency as JSON. Its own process: the test session's Ray
 connection (tests/conftest.py's `ray_cluster`) is one cluster, this is another.
 
-    python -m tests.jobs.service.stress_driver PLAN.json RESULT.json
+    python -m tests.scenarios.stress_driver PLAN.json RESULT.json
 """
 
 from __future__ import annotations

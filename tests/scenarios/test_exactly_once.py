@@ -19,8 +19,8 @@ from jobs.label.runner import JobFailed, run_label_job
 from jobs.output.errors import OutputConflict
 from schemas.layout import OWNER_NAME
 from schemas.specs import LabelJobSpec
-from tests.jobs.test_storage_outage import run_through_a_restart
 from tests.s3server import S3Server, WeedServer
+from tests.scenarios.test_storage_outage import run_through_a_restart
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
 from workers.io.storage import AccessDenied, join, open_storage
 

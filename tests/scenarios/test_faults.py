@@ -17,11 +17,9 @@ import pytest
 
 from jobs.label.plan import files_shard_id
 from jobs.label.runner import JobFailed, run_label_job
-from jobs.output.lease import LeaseRecord
-from schemas.layout import LEASE_FILE
 from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
-from tests.support import IMAGENET_SAMPLE, imagenet_labels
+from tests.support import IMAGENET_SAMPLE, assert_exactly_once, imagenet_labels
 from workers import faults
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -57,28 +55,6 @@ def _shard(photos: Path, index: int, per_shard: int = 2) -> str:
 def _inject(monkeypatch, *rules: dict) -> None:
     monkeypatch.setenv(faults.FAULTS_ENV, json.dumps(list(rules)))
     monkeypatch.setenv(faults.ACK_ENV, faults.ACK_VALUE)
-
-
-def assert_exactly_once(out: Path, photos: Path) -> int:
-    """One row per input image, no duplicates, and nothing partial or stray under the output prefix."""
-    keys = ds.dataset(out, format="parquet").to_table(columns=["key"]).column("key").to_pylist()
-    assert sorted(keys) == sorted(p.name for p in photos.iterdir())
-    leftovers = [p for p in out.rglob("*") if p.is_file() and not _is_committed(out, p)]
-    assert leftovers == []
-    # The writer lease: one generation left (the history below it pruned), released by the run that finished.
-    leases = [p for p in out.rglob("*") if p.is_file() and LEASE_FILE.fullmatch(p.relative_to(out).as_posix())]
-    assert len(leases) <= 1 and all(LeaseRecord.model_validate_json(p.read_text()).released for p in leases)
-    return len(keys)
-
-
-def _is_committed(out: Path, path: Path) -> bool:
-    rel = path.relative_to(out).as_posix()
-    return (
-        rel in ("_job.json", "_owner.json")  # the manifest, and the job's claim on the output prefix
-        or LEASE_FILE.fullmatch(rel) is not None  # the writer lease (jobs.output.lease), checked by the caller
-        or (rel.startswith("data/part-") and rel.endswith(".parquet"))
-        or (rel.startswith("_done/") and rel.endswith(".json"))
-    )
 
 
 @pytest.mark.fault(

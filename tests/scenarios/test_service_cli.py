@@ -20,9 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.jobs.test_faults import assert_exactly_once
 from tests.multinode.ray_nodes import MultiNodeCluster
-from tests.support import IMAGENET_SAMPLE, PLANTS, imagenet_labels
+from tests.support import IMAGENET_SAMPLE, PLANTS, assert_exactly_once, imagenet_labels
 from workers.faults import ACK_ENV, ACK_VALUE, FAULTS_ENV
 
 pytestmark = pytest.mark.multinode
