@@ -3,9 +3,9 @@
     check()                 before any write: the output is ours or free (jobs.output.ownership), what earlier runs
                             committed holds (jobs.output.markers), from one listing of the output
     start()                 the writer lease taken (jobs.output.lease: a second run of the job, or a compaction, is
-                            refused naming this one) and what was committed read again under it; the ownership
-                            claim, a write probe, stale partial uploads and the leftovers of a crashed compaction
-                            removed, all from one more listing (jobs.output.listing) taken under the lease
+                            refused naming this one); the ownership claim, a write probe, stale partial uploads and
+                            the leftovers of a crashed compaction removed, from check()'s listing, unless another
+                            writer held the lease since check() read it: then from a new listing under the lease
     shard_committed(result) a worker committed a shard (data file, then done-marker); format delta: its rows
                             appended to the table, exactly once (jobs.output.table)
     complete(...)           every shard is done: the manifest (jobs.output.manifest), written last; then many small
@@ -26,8 +26,8 @@ from jobs.output.compact import auto_compact, remove_superseded
 from jobs.output.errors import OutputConflict
 from jobs.output.failure import remove_failure, write_failure
 from jobs.output.faultpoints import crash_point
-from jobs.output.lease import Lease, LeaseRecord, Writer, WriterKind, acquire
-from jobs.output.listing import list_output
+from jobs.output.lease import Lease, LeaseRecord, Writer, WriterKind, acquire, read_current
+from jobs.output.listing import OutputListing, list_output
 from jobs.output.manifest import read_manifest, write_manifest
 from jobs.output.markers import CommittedShards, read_committed
 from jobs.output.ownership import check_output, claim_output
@@ -69,6 +69,8 @@ class OutputSession:
         self.committed = CommittedShards()
         self.table = DeltaSink(self.uri, job_id, spec.storage) if spec.output_options.format == "delta" else None
         self.lease: Lease | None = None
+        self._lease_seen: LeaseRecord | None = None  # the lease as check() read it, before it listed the output
+        self._checked: OutputListing | None = None  # check()'s listing: start() reuses it when no writer came between
 
     def check(self) -> CommittedShards:
         """Refuse an output another job owns or that holds foreign files; read and verify earlier done-markers.
@@ -76,9 +78,12 @@ class OutputSession:
         Writes nothing. Returns the shards earlier runs committed (verified) and those to redo (with why); start()
         reads them again under the lease and updates this same object where another writer changed them meanwhile.
         """
+        # The lease read first, then the output: a writer that takes the lease after this read is seen by start().
+        self._lease_seen = read_current(self.storage, self.uri)
         listing = list_output(self.storage, self.uri)
         check_output(self.storage, self.uri, self.job_id, self.spec.foreign_files, listing)
         self.committed = read_committed(self.storage, self.uri, self.job_id, listing)
+        self._checked = listing
         return self.committed
 
     def manifest(self) -> JobManifest | None:
@@ -94,15 +99,19 @@ class OutputSession:
             self.lease = acquire(self.storage, self.uri, Writer(WriterKind.LABEL_JOB, self.job_id), LABEL_WAIT_S,
                                  advice="run the job again once that writer has finished",
                                  refuse=self._another_jobs)  # fmt: skip
-        # Listed again under the lease: another run or a compaction may have ended since check(). This one listing
-        # feeds what was committed, the partial uploads to remove and the superseded files to delete.
-        listing = list_output(self.storage, self.uri)
+        # Every writer holds the lease while it writes. When this run's generation is the one after a lease that was
+        # released when check() read it, no writer came between, and check()'s listing still holds. Else another run
+        # or a compaction may have written since: listed again, under the lease. The listing feeds what was
+        # committed, the partial uploads to remove and the superseded files to delete.
+        unchanged = self._unchanged_since_check()
+        listing = self._checked if unchanged else list_output(self.storage, self.uri)
         manifest = read_manifest(self.storage, self.uri) if listing.has_manifest else None
-        fresh = read_committed(self.storage, self.uri, self.job_id, listing, manifest)
-        if fresh != self.committed:
-            log.info("output %s changed since it was checked (another writer ended meanwhile): %d shard(s) done now",
-                     self.uri, len(fresh.done))  # fmt: skip
-            vars(self.committed).update(vars(fresh))  # the runner plans with this object
+        if not unchanged:  # the done-markers read again too
+            fresh = read_committed(self.storage, self.uri, self.job_id, listing, manifest)
+            if fresh != self.committed:
+                log.info("output %s changed since it was checked (another writer ended meanwhile): %d shard(s) done "
+                         "now", self.uri, len(fresh.done))  # fmt: skip
+                vars(self.committed).update(vars(fresh))  # the runner plans with this object
         claim_output(self.storage, self.uri, self.job_id)
         check_writable(self.storage, self.uri)
         remove_partials(self.storage, self.uri, listing)
@@ -111,6 +120,12 @@ class OutputSession:
             added = self.table.commit_shards(self.committed.done.values(), self.committed.locations)
             log.info("table %s: %d earlier shard(s) appended on start", self.table.uri, added)
         return manifest
+
+    def _unchanged_since_check(self) -> bool:
+        if self._checked is None or self.lease is None:
+            return False
+        seen = self._lease_seen
+        return (seen is None or seen.released) and self.lease.record.generation == (seen.generation if seen else 0) + 1
 
     def shard_committed(self, result: ShardResult) -> None:
         """A worker committed `result`'s shard: its data file and done-marker are in place."""

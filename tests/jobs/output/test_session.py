@@ -30,9 +30,9 @@ def _names(root) -> set[str]:
 def test_phases_claim_record_a_failure_then_complete(storage_root, tmp_path):
     spec = _spec(storage_root.uri, tmp_path, **({"storage": storage_root.options} if storage_root.options else {}))
     session = OutputSession(spec, "job-a", storage_root.storage)
-    assert not session.check().done and not _names(storage_root)  # check writes nothing
     leftover = temp_uri(storage_root.uri, "s1", 1, "0123abcd")
     storage_root.storage.write_bytes(leftover, b"half an upload")
+    assert not session.check().done and _names(storage_root) == {leftover.removeprefix(storage_root.uri + "/")}
     assert session.start() is None
     assert _names(storage_root) == {OWNER_NAME}  # claimed; the partial of a dead attempt removed
 
@@ -131,11 +131,33 @@ def test_each_phase_lists_the_output_once(tmp_path):
     session = OutputSession(spec, spec.job_id, storage)
 
     committed = session.check()
-    assert storage.listed == [spec.output] and len(committed.done) == 3
-    storage.listed.clear()
-    session.start()
     assert [p for p in storage.listed if not p.startswith(join(spec.output, "_lease"))] == [spec.output]
+    assert len(committed.done) == 3
+    storage.listed.clear()
+    session.start()  # no writer came between: check()'s listing serves, only the lease's folder is listed
+    assert [p for p in storage.listed if not p.startswith(join(spec.output, "_lease"))] == []
     assert not (out / "_tmp" / "files-000.2.0123abcd.partial").exists()
     storage.listed.clear()
     session.complete({"model_id": "m:x"}, committed.done, {})
     assert spec.output not in storage.listed and join(spec.output, "_tmp") in storage.listed
+
+
+def test_a_writer_between_check_and_start_makes_start_list_again(tmp_path):
+    """Another writer took and released the lease after check(): what it did is read under this run's lease, so a
+    shard it removed is planned again, not trusted from check()'s listing."""
+    from jobs.output.lease import Writer, WriterKind, acquire
+    from tests.jobs.output.test_compact import write_output
+    from workers.io.storage import LocalStorage
+
+    out = tmp_path / "out"
+    spec = write_output(str(out), tmp_path, shards=3)
+    storage = _CountingStorage(LocalStorage())
+    session = OutputSession(spec, spec.job_id, storage)
+    assert len(session.check().done) == 3
+    with acquire(storage, spec.output, Writer(WriterKind.COMPACTION, spec.job_id)):
+        victim = sorted((out / "_done").glob("*.json"))[0]
+        victim.unlink()  # as a writer may: its shard is no longer committed
+    storage.listed.clear()
+    session.start()
+    assert spec.output in storage.listed
+    assert len(session.committed.done) == 2
