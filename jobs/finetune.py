@@ -27,6 +27,7 @@ from pathlib import Path
 from ray.train import TrainingFailedError
 
 from jobs.cluster import ClusterResources, ensure_ray
+from jobs.label.warm import release_kept
 from jobs.locations import finetune_locations
 from schemas.catalog import check_model
 from schemas.finetune import EpochMetrics, FinetuneJobSpec, ModelCard, Recipe, TrainingState
@@ -124,6 +125,7 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
     check_writable(out, spec.output)
     listing = _list(spec)
     cluster = ensure_ray()
+    release_kept("released for a fine-tune")  # this process's idle label workers would hold the CPUs it trains on
 
     # Read every image once: unreadable ones are left out before the split; the embeddings give the split's
     # near-duplicate groups and the linear probe (the whole of `linear-probe`).

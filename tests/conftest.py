@@ -169,7 +169,8 @@ def ray_cluster() -> Iterator[Any]:
 
     temp_dir = tempfile.mkdtemp(prefix="blr-", dir="/tmp")
     # RAY_AUTH_MODE=disabled: otherwise ray.init turns on token auth and writes a token to ~/.ray/auth_token.
-    env_overrides = {"RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env_overrides = {"RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+                     KEEP_ENV: os.environ.get(KEEP_ENV, KEEP_WORKERS_S)}  # fmt: skip
     saved = {key: os.environ.get(key) for key in env_overrides}
     os.environ.update(env_overrides)
     runtime_env = None
@@ -198,6 +199,23 @@ def ray_cluster() -> Iterator[Any]:
             else:
                 os.environ[key] = value
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# Label jobs this process runs keep their workers for the next test's job on the same model (jobs.label.warm): a
+# worker process importing torch and loading a model is most of a small job's time on 2 cores.
+KEEP_ENV, KEEP_WORKERS_S = "BULKLABEL_KEEP_WORKERS_S", "20"  # jobs.label.warm.KEEP_ENV (not imported: it loads Ray)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """Release this process's kept label workers unless the next test runs jobs on the session cluster in this
+    process: they hold the cluster's CPUs, which a subprocess driver, another cluster or a fine-tune would wait for."""
+    yield
+    if "jobs.label.warm" not in sys.modules:
+        return
+    names = getattr(nextitem, "fixturenames", ())
+    if "ray_cluster" not in names or "ray_cluster_env" in names:
+        sys.modules["jobs.label.warm"].release_kept("released between tests")
 
 
 @pytest.fixture

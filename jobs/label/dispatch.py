@@ -268,6 +268,10 @@ class WorkerSource(Protocol):
         """Workers that became available to this job since it last asked (asked every dispatch round: keep it
         cheap and non-blocking); [] when none."""
 
+    def ended_cleanly(self) -> None:
+        """Every shard the job dispatched has settled: its workers are idle (a source that keeps workers for
+        later jobs keeps only such ones)."""
+
     def release(self, actors: list[ray.actor.ActorHandle]) -> None:
         """The job is done with these workers."""
 
@@ -290,6 +294,9 @@ class PrivateWorkers:
     def grow(self) -> list[ray.actor.ActorHandle]:
         """A job's own workers are placed once, at its start: none come later."""
         return []
+
+    def ended_cleanly(self) -> None:
+        """Nothing to keep: they are killed all the same."""
 
     def release(self, actors: list[ray.actor.ActorHandle]) -> None:
         for actor in actors:

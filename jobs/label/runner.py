@@ -11,15 +11,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-import ray
-
 from jobs.cluster import ensure_ray
 from jobs.label.actors import start_label_worker
 from jobs.label.compile_policy import CompileDecision
-from jobs.label.dispatch import PrivateWorkers, ShardDispatcher, WorkerSource
+from jobs.label.dispatch import ShardDispatcher, WorkerSource
 from jobs.label.ledger import LedgerLimits
 from jobs.label.placement import Placement, check_locations_reachable, place_workers, resolve_compile
 from jobs.label.plan import PlanError, PlanStats, plan_shards
+from jobs.label.warm import keep_seconds_from_env, workers_for
 from jobs.locations import label_locations
 from jobs.output.markers import CommittedShards, error_summary
 from jobs.output.session import OutputSession
@@ -57,6 +56,9 @@ class LabelRun:
     # How the workers compile (`compile: auto` decided): the service's, made when it chose the pool; None: decided
     # here from the placement and the plan (jobs.label.placement.resolve_compile).
     compile: CompileDecision | None = None
+    # Seconds the job's own workers are kept after it, for the next job in this process on the same model
+    # (jobs.label.warm); None: $BULKLABEL_KEEP_WORKERS_S, unset meaning 0 (killed at the job's end).
+    keep_workers_s: float | None = None
 
 
 def run_label_job(spec: LabelJobSpec, show_progress: bool = True, run: LabelRun | None = None) -> JobSummary:
@@ -105,7 +107,7 @@ def _run_in(session: OutputSession, spec: LabelJobSpec, job_id: str, run: LabelR
         session.shard_committed(result)
         progress.done(result)
 
-    workers = run.workers or PrivateWorkers(_actor_factory(spec, job_id, placement, compiling))
+    workers = run.workers or _own_workers(spec, job_id, placement, compiling, run)
     scheduler = ShardDispatcher(workers, placement.workers, _limits(spec, placement), ShardJob.of(spec, job_id))
     failures: dict[str, str] = {}
     try:
@@ -114,6 +116,7 @@ def _run_in(session: OutputSession, spec: LabelJobSpec, job_id: str, run: LabelR
             log.info("%d worker(s): %s on %s", placement.workers, worker["model_id"], worker["device"])
             pending = _not_yet_done(tasks, committed.done, results, progress)
             failures = scheduler.run(pending, on_done, run.cancelled)
+            workers.ended_cleanly()
     except BaseException as exc:
         session.failed(f"{type(exc).__name__}: {exc}", results)
         raise
@@ -277,11 +280,14 @@ def _count_the_rest(pending: Iterator[ShardTask]) -> None:
         log.info("cancelled: the rest of the plan not counted (%s)", exc)
 
 
-def _actor_factory(
-    spec: LabelJobSpec, job_id: str, placement: Placement, compiling: CompileDecision
-) -> Callable[[int], ray.actor.ActorHandle]:
+def _own_workers(
+    spec: LabelJobSpec, job_id: str, placement: Placement, compiling: CompileDecision, run: LabelRun
+) -> WorkerSource:
+    """Workers started for this job (or kept from one before it in this process, jobs.label.warm)."""
     worker = WorkerSpec.of(spec, compile=compiling.compile)
-    return lambda index: start_label_worker(worker, placement, name=f"bulklabel-{job_id}-{index}")
+    keep_s = keep_seconds_from_env() if run.keep_workers_s is None else run.keep_workers_s
+    name = f"bulklabel-{job_id}-{{}}"  # a kept worker keeps the name of the job that started it
+    return workers_for(worker, placement, lambda i: start_label_worker(worker, placement, name.format(i)), keep_s)
 
 
 def _limits(spec: LabelJobSpec, placement: Placement) -> LedgerLimits:

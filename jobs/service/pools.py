@@ -148,5 +148,8 @@ class PoolLease:
         resources free up), up to the job's cap; asked every dispatch round, so it is cheap and never blocks."""
         return self.pool._offer(self.job_id, self.cap)
 
+    def ended_cleanly(self) -> None:
+        """The pool keeps its workers whatever the job's end: a dead or hung one was replaced already."""
+
     def release(self, actors: list[ray.actor.ActorHandle]) -> None:
         self.pool._release(self.job_id)

@@ -52,13 +52,23 @@ class Service:
     def status(self, job: str) -> dict:
         return json.loads(self.cli("status", job, "--json").stdout)
 
+    def record(self, job: str) -> dict:
+        """The job's record as the store holds it, which is what `status --json` prints (the service answers status
+        from the store): waiting reads it here, so a poll is not a `bulklabel` process competing for the 2 CPUs."""
+        path = self.state / "jobs" / f"{job}.json"
+        for _ in range(50):  # written by rename: whole or absent (absent only before the submit returned)
+            if path.exists():
+                return json.loads(path.read_text())
+            time.sleep(0.1)
+        raise AssertionError(f"no record of job {job} under {self.state}")
+
     def jobs(self) -> dict[str, dict]:
         return {r["job_id"]: r for r in json.loads(self.cli("list", "--json").stdout)}
 
     def wait_for(self, job: str, predicate, timeout: float = JOB_TIMEOUT_S, what: str = "") -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            record = self.status(job)
+            record = self.record(job)
             if predicate(record):
                 return record
             time.sleep(0.5)
