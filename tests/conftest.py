@@ -218,6 +218,21 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
         sys.modules["jobs.label.warm"].release_kept("released between tests")
 
 
+@pytest.fixture(autouse=True)
+def _kept_workers_released_for_other_drivers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver process this test starts on a Ray cluster (`bulklabel label`, `python -m jobs.cli run`) first gets
+    the CPUs this process's kept workers hold: else its workers wait until they are released as idle."""
+    popen_init = subprocess.Popen.__init__
+
+    def init(self, *args, **kwargs):
+        warm = sys.modules.get("jobs.label.warm")
+        if warm is not None and "RAY_ADDRESS" in (kwargs.get("env") or os.environ):
+            warm.release_kept("released for a driver process")
+        popen_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", init)
+
+
 @pytest.fixture
 def ray_cluster_env(ray_cluster: Any) -> dict[str, str]:
     """The environment for a subprocess driver (`bulklabel label`, `python -m jobs.cli`) that joins the session's

@@ -96,14 +96,13 @@ def workers_for(
 ) -> WorkerSource:
     """The job's workers: its own (killed at its end) when keeping is off or faults are armed; else kept ones of a
     job before it where they fit, new ones for the rest, all kept after a clean end."""
-    if keep_s <= 0 or faults.forwarded_environment():
-        return PrivateWorkers(make_actor)
     key = WarmKey(spec.pool_key(), placement)
+    keep = keep_s > 0 and not faults.forwarded_environment()
     with _lock:
-        stale = _kept is not None and _kept.key != key
-    if stale:  # another model or shape: its workers would hold the resources this job's need
-        release_kept("released for a job on another model or placement")
-    return KeptWorkers(key, make_actor, keep_s)
+        stale = _kept is not None and (_kept.key != key or not keep)
+    if stale:  # workers this job will not use would hold the resources its own need
+        release_kept("released for a job that cannot use them")
+    return KeptWorkers(key, make_actor, keep_s) if keep else PrivateWorkers(make_actor)
 
 
 def _kill(actor: ray.actor.ActorHandle) -> None:
