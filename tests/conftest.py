@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,8 +58,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         fh.write(json.dumps(row) + "\n")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): a test process per core, at most 4 (each starts its own Ray cluster and S3
+    server; past that, memory rather than cores runs out on a laptop)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _heavy_first(item: pytest.Item) -> int:
+    """Modules that start clusters of their own (`multinode`) go out first, then `slow` ones: test processes take
+    whole modules (`--dist loadfile`, so a module's cluster starts once), and a long one taken last would leave the
+    other processes idle while it runs."""
+    return 0 if item.get_closest_marker("multinode") else 1 if item.get_closest_marker("slow") else 2
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `gpu` tests on machines without CUDA; torch is imported only when such tests were collected."""
+    """Heavy modules first (a stable sort: the order within a module stays); skip `gpu` tests on machines without
+    CUDA, importing torch only when such tests were collected."""
+    items.sort(key=_heavy_first)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
@@ -160,6 +176,12 @@ def _project_importable_in_fresh_process() -> bool:
     return check.returncode == 0
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
     """A local Ray cluster (2 CPUs) for the session; yields ray.init's context. Its temp dir is short because Ray
@@ -183,6 +205,7 @@ def ray_cluster() -> Iterator[Any]:
             address="local",  # always a fresh cluster: never join one named by RAY_ADDRESS or left by `ray start`
             num_cpus=2,
             include_dashboard=True,
+            dashboard_port=_free_port(),  # not 8265: a user's cluster, or another test process's, may hold it
             _temp_dir=temp_dir,
             namespace="bulklabel-tests",
             log_to_driver=True,

@@ -35,6 +35,8 @@ from workers.finetune.data import Example, FinetuneDataError, plan_data, stratif
 from workers.io.storage import join, open_storage
 from workers.models import build_model
 
+pytestmark = pytest.mark.slow  # Ray Train runs: among the suite's longest
+
 CLASSES = ("Potato___Early_blight", "Potato___healthy")
 RESUME_JOB_ID = "resume-test"
 

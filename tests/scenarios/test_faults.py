@@ -22,7 +22,7 @@ from schemas.specs import LabelJobSpec
 from tests.support import IMAGENET_SAMPLE, assert_exactly_once, imagenet_labels
 from workers import faults
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
 
 @pytest.fixture
