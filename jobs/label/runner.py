@@ -136,7 +136,8 @@ def _run_in(session: OutputSession, spec: LabelJobSpec, job_id: str, run: LabelR
     if summary.status is Outcome.FAILED:
         session.failed(summary.failure_reason or f"{len(failures)} shard(s) failed", results, failures)
         raise JobFailed(summary)
-    session.complete(worker | {"compiled": compiling.compile, "compile_decision": compiling.line()}, results, failures)
+    session.complete(worker | {"compiled": compiling.compile, "compile_decision": compiling.line()}, results, failures,
+                     workers_died=scheduler.restarts > 0)  # fmt: skip
     return summary
 
 

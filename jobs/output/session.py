@@ -135,15 +135,20 @@ class OutputSession:
             self._held()
             self.table.commit_shard(result)
 
-    def complete(self, worker: dict, results: dict[str, ShardResult], failures: dict[str, str]) -> JobManifest:
+    def complete(self, worker: dict, results: dict[str, ShardResult], failures: dict[str, str],
+                 workers_died: bool = False) -> JobManifest:  # fmt: skip
         """Write the manifest last (every shard in `results` is committed), and drop an earlier run's failure record.
 
-        Args: the worker's description (model id, embedding width), every committed shard, shards that failed.
+        Args: the worker's description (model id, embedding width), every committed shard, shards that failed, and
+        whether a worker of this run died or was killed (hung) while it ran.
         Returns the manifest as written (before a compaction, which rewrites only its file names). Releases the lease.
         """
         self._held()
-        # Uploads this run's dead attempts left: only `_tmp/` is listed (the output was listed whole by start()).
-        remove_partials(self.storage, self.uri, list_output(self.storage, self.uri, under=TMP_DIR))
+        # Uploads this run's dead attempts left: only `_tmp/` is listed (start() saw the rest), unless a worker died:
+        # a process killed mid-write leaves its hidden temporary beside the marker or data file it was writing
+        # (LocalStorage), and only a listing of the whole output finds it.
+        remove_partials(self.storage, self.uri, list_output(self.storage, self.uri,
+                                                            under=None if workers_died else TMP_DIR))  # fmt: skip
         manifest = self._manifest(worker, results, failures)
         write_manifest(self.storage, self.uri, manifest)
         remove_failure(self.storage, self.uri)

@@ -94,7 +94,7 @@ def test_load_a_hundred_jobs_at_once(tmp_path, record_property):
 
 CHAOS_SHARDS = 200
 CHAOS_WORKERS = 3  # a kill takes one worker of three: the job moves on the others while Ray starts a new one
-KILL_EVERY_SHARDS = 8  # a kill each time this many more shards were committed: paced by the job, not the clock
+KILL_EVERY_SHARDS = 4  # a kill each time this many more shards were committed: paced by the job, not the clock
 
 
 class WorkerKiller(threading.Thread):
@@ -144,7 +144,7 @@ class WorkerKiller(threading.Thread):
 
 @pytest.mark.fault(
     fault="chaos: label workers SIGKILLed all through a 200-shard job, and the job service once",
-    injected="SIGKILL to a random live label worker (of 3) each time 8 more shards were committed (pids from "
+    injected="SIGKILL to a random live label worker (of 3) each time 4 more shards were committed (pids from "
     "Ray's State API), until the job ends; SIGKILL to the service's process once 1/4 of the shards were committed",
     expected="the job succeeds: its record says succeeded with 200/200 shards; every image's row exactly once",
 )

@@ -161,3 +161,21 @@ def test_a_writer_between_check_and_start_makes_start_list_again(tmp_path):
     session.start()
     assert spec.output in storage.listed
     assert len(session.committed.done) == 2
+
+
+def test_a_run_whose_worker_died_removes_what_it_left_beside_markers_and_data(tmp_path):
+    """Found by the chaos row: a worker SIGKILLed while writing a done-marker left `_done/.<marker>.<nonce>.tmp`
+    (LocalStorage writes through a hidden file beside the target), and the run completed with it in the output."""
+    from tests.jobs.output.test_compact import write_output
+
+    out = tmp_path / "out"
+    spec = write_output(str(out), tmp_path, shards=2)
+    session = OutputSession(spec, spec.job_id)
+    committed = session.check()
+    session.start()
+    marker = sorted((out / "_done").glob("*.json"))[0]
+    litter = [marker.with_name(f".{marker.name}.0123abcd.tmp"), out / "data" / ".part-x.parquet.89abcdef.tmp"]
+    for path in litter:
+        path.write_bytes(b"half a write")
+    session.complete({"model_id": "m:x"}, committed.done, {}, workers_died=True)
+    assert not any(path.exists() for path in litter)
