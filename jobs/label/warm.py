@@ -121,12 +121,10 @@ class KeptWorkers:
         self._make_actor = make_actor
         self._made = 0
         self._clean = False
-        self.reused = 0
 
     def acquire(self) -> ray.actor.ActorHandle:
         with _lock:
             if _kept is not None and _kept.key == self.key and _kept.actors:
-                self.reused += 1
                 if _kept.timer is not None:  # busy again: idle time counts from its next release
                     _kept.timer.cancel()
                     _kept.timer = None

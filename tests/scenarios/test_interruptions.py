@@ -22,6 +22,8 @@ import pytest
 
 from tests.support import IMAGENET_SAMPLE, assert_exactly_once, imagenet_labels
 
+pytestmark = pytest.mark.slow  # real processes killed and clusters stopped: long, so sent out first
+
 
 @pytest.fixture
 def photos(tmp_path) -> Path:

@@ -18,7 +18,7 @@ from tests.s3server import WeedServer
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
 from workers.io.storage import join, open_storage
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 OUTAGE_S = 5  # longer than the first few backoffs (0.25-0.5, 0.5-1, 1-2, 2-4 s): calls fail and are retried
 
 

@@ -176,10 +176,13 @@ def test_read_tar_hostile_names_are_only_keys(tmp_path, monkeypatch):
         ("/tmp/bulklabel-abs-evil.jpg", payload("abs")),
         ("ok.jpg", payload("ok")),
     ]
-    task = local_tar(tmp_path, members)
-    watched = tmp_path.parent
+    # Two levels below the watched folder, so that `../../` from the shards' folder still lands inside it: watching
+    # pytest's shared base folder instead saw the session's S3 server write its own files there.
+    root = tmp_path / "a" / "b"
+    task = local_tar(root, members)
+    watched = tmp_path
     before = sorted(str(p) for p in watched.rglob("*"))
-    monkeypatch.chdir(tmp_path / "shards")  # a relative extraction would land under `watched`
+    monkeypatch.chdir(root / "shards")  # a relative extraction would land under `watched`
 
     records = read_all_tar(task)
 

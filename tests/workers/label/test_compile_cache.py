@@ -10,7 +10,11 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from workers.label.compile_cache import CACHE_ENV, CacheCounts, cache_dir
+
+pytestmark = pytest.mark.slow  # two processes compiling with inductor: long, so sent out first
 
 # A small conv net through the product's Predictor (a registry model's cold inductor compile takes a minute or more
 # on 2 cores; the cache does not care what it holds): the test pays for compiling a few kernels, not a model.
