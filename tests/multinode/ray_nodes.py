@@ -32,10 +32,19 @@ OBJECT_STORE_BYTES = 100 * 1024 * 1024
 START_TIMEOUT_S = 120
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now and not handed out before by this process: the OS may give a just-closed port again, and two
+    components of one node on the same port fail `ray start` (seen: the GCS and the dashboard agent)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass
