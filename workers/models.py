@@ -12,15 +12,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torchvision
 from torch import nn
-from torchvision.models import get_model, get_model_weights, list_models
 
 from schemas.finetune import MODEL_CARD_NAME
 from schemas.specs import ModelSpec, PreprocessSpec, StorageOptions
 from workers import weights as weights_io
 from workers.finetune.artifacts import ArtifactError, is_artifact_location, read_card, sha256_of
 from workers.io.storage import join, normalise_uri
+from workers.vision import models as tv_models
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class LoadedModel:
 
 def classification_models() -> list[str]:
     """Names of torchvision's image classification models (the registry, not a hand-kept list)."""
-    return list_models(module=torchvision.models)
+    return tv_models.list_models(module=tv_models)
 
 
 def check_model_name(name: str) -> None:
@@ -63,7 +62,7 @@ def weights_entry(spec: ModelSpec):
     """The torchvision weights enum entry named by the spec, or None for a file or random init."""
     if spec.weights is None or weights_io.looks_like_location(spec.weights) or is_artifact_location(spec.name):
         return None
-    enum = get_model_weights(spec.name)
+    enum = tv_models.get_model_weights(spec.name)
     try:
         return enum.verify(spec.weights)
     except (KeyError, ValueError) as exc:
@@ -76,7 +75,7 @@ def model_categories(spec: ModelSpec, storage: StorageOptions | None = None) -> 
     if is_artifact_location(spec.name):
         return list(read_card(spec.name, storage).class_names)
     check_model_name(spec.name)
-    return list((weights_entry(spec) or get_model_weights(spec.name).DEFAULT).meta["categories"])
+    return list((weights_entry(spec) or tv_models.get_model_weights(spec.name).DEFAULT).meta["categories"])
 
 
 def preprocess_of(weights_enum_entry) -> PreprocessSpec:
@@ -99,9 +98,9 @@ def build_model(spec: ModelSpec, storage: StorageOptions, cache_dir: Path) -> Lo
     entry = weights_entry(spec)
     # Category names and preprocessing come from weights metadata; files in torchvision's format
     # are assumed to share the architecture's default (ImageNet) metadata.
-    meta_entry = entry or get_model_weights(spec.name).DEFAULT
+    meta_entry = entry or tv_models.get_model_weights(spec.name).DEFAULT
     categories = list(meta_entry.meta["categories"])
-    model = get_model(spec.name, weights=None, num_classes=len(categories))
+    model = tv_models.get_model(spec.name, weights=None, num_classes=len(categories))
     weights_id = _load_weights(model, spec, entry, storage, cache_dir)
     model.eval()
     backbone, head = split_head(model)
@@ -140,7 +139,7 @@ def load_artifact_model(location: str, options: StorageOptions, cache_dir: Path)
     actual = sha256_of(path)
     if actual != card.weights_sha256:
         raise ArtifactError(f"{path}: sha256 is {actual[:16]}…, the model card says {card.weights_sha256[:16]}…")
-    model = get_model(card.architecture, weights=None, num_classes=len(card.class_names))
+    model = tv_models.get_model(card.architecture, weights=None, num_classes=len(card.class_names))
     backbone, head = split_head(model)
     try:
         nn.ModuleDict({"backbone": backbone, "head": head}).load_state_dict(load_file(str(path)), strict=True)
@@ -174,7 +173,7 @@ def registry_catalog() -> dict:
     sets: dict[tuple[str, ...], str] = {}
     models = {}
     for name in classification_models():
-        enum = get_model_weights(name)
+        enum = tv_models.get_model_weights(name)
         weights, gflops = {}, {}
         for entry in enum:
             categories = entry.meta.get("categories")

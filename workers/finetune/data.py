@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from schemas.specs import PreprocessSpec
 from workers.finetune.dataplan import (  # noqa: F401 - re-exported: the planning half of the data, torch-free
@@ -32,6 +31,7 @@ from workers.finetune.dataplan import (  # noqa: F401 - re-exported: the plannin
 )
 from workers.io.storage import Storage
 from workers.label.decode import decode
+from workers.vision import transforms_v2
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class AugmentedImages(Dataset):
 
     def __init__(self, images: DecodedImages, crop_size: int, min_scale: float):
         self.images = images
+        v2 = transforms_v2()
         self.transform = v2.Compose(
             [v2.RandomResizedCrop(crop_size, scale=(min_scale, 1.0), antialias=True), v2.RandomHorizontalFlip()]
         )

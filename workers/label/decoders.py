@@ -102,11 +102,11 @@ class TorchvisionDecoder:
     name = "torchvision"
 
     def __init__(self, preprocess: PreprocessSpec):
-        from torchvision.transforms import InterpolationMode
+        from workers.vision import torchvision
 
         self.preprocess = preprocess
         self.pillow = PillowDecoder(preprocess)
-        self.interpolation = InterpolationMode(preprocess.interpolation)
+        self.interpolation = torchvision.transforms.InterpolationMode(preprocess.interpolation)
 
     def decode(self, data: bytes) -> Decoded:
         size = fast_jpeg(data)
@@ -126,7 +126,10 @@ class TorchvisionDecoder:
 def decode_jpeg_tensor(data: bytes, device: str):
     """(3, h, w) uint8, EXIF orientation applied (as Pillow's exif_transpose), greyscale expanded to RGB."""
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from workers.vision import torchvision
+
+    ImageReadMode, decode_jpeg = torchvision.io.ImageReadMode, torchvision.io.decode_jpeg
 
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a copy: frombuffer on read-only bytes warns
     return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
@@ -134,7 +137,9 @@ def decode_jpeg_tensor(data: bytes, device: str):
 
 def resize_crop_tensor(image, preprocess: PreprocessSpec, interpolation):
     """torchvision's Resize(resize_size, antialias=True) then CenterCrop(crop_size) on a (3, h, w) uint8 tensor."""
-    from torchvision.transforms.v2 import functional as F
+    from workers.vision import transforms_v2
+
+    F = transforms_v2().functional
 
     resized = F.resize(image, [preprocess.resize_size], interpolation=interpolation, antialias=True)
     return F.center_crop(resized, [preprocess.crop_size])
@@ -146,12 +151,12 @@ class NvjpegDecoder:
     name = "nvjpeg"
 
     def __init__(self, preprocess: PreprocessSpec, device: torch.device):
-        from torchvision.transforms import InterpolationMode
+        from workers.vision import torchvision
 
         self.preprocess = preprocess
         self.device = device
         self.pillow = PillowDecoder(preprocess)
-        self.interpolation = InterpolationMode(preprocess.interpolation)
+        self.interpolation = torchvision.transforms.InterpolationMode(preprocess.interpolation)
 
     def decode(self, data: bytes) -> Decoded:
         size = fast_jpeg(data)
@@ -200,7 +205,10 @@ class NvjpegDecoder:
 
 def decode_jpeg_batch(jpegs: list[bytes], device: torch.device) -> list:
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from workers.vision import torchvision
+
+    ImageReadMode, decode_jpeg = torchvision.io.ImageReadMode, torchvision.io.decode_jpeg
 
     raws = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
     return decode_jpeg(raws, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
