@@ -30,7 +30,8 @@ from schemas.finetune import FinetuneJobSpec
 from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec, ModelSpec
 from tests.support import PLANTS, write_torchvision_weights
-from workers.finetune.artifacts import SPLIT_NAME, find_job_artifact, publish, read_card, sha256_of, versions
+from tests.workers.finetune.racers import publish_when_released
+from workers.finetune.artifacts import SPLIT_NAME, find_job_artifact, read_card, sha256_of, versions
 from workers.finetune.data import Example, FinetuneDataError, plan_data, stratified_split
 from workers.io.storage import join, open_storage
 from workers.models import build_model
@@ -405,7 +406,7 @@ def test_two_fine_tunes_publishing_at_the_same_moment_get_two_versions(storage_r
         racers[job_id] = (spec, *_finished_run(spec, tmp_path / job_id))
     context = multiprocessing.get_context("spawn")  # fork would copy this process's torch and Ray threads
     start, listed = context.Barrier(len(racers) + 1), context.Barrier(len(racers))
-    processes = {job_id: context.Process(target=_publish_in_process, args=(spec, plan, weights, state, start, listed,
+    processes = {job_id: context.Process(target=publish_when_released, args=(spec, plan, weights, state, start, listed,
                                                                            tmp_path / f"{job_id}.log"))
                  for job_id, (spec, _, plan, weights, state) in racers.items()}  # fmt: skip
     for process in processes.values():
@@ -459,33 +460,6 @@ def _finished_run(spec: FinetuneJobSpec, folder: Path):
                           preprocess=PreprocessSpec(resize_size=73, crop_size=64, mean=(0.485, 0.456, 0.406),
                                                     std=(0.229, 0.224, 0.225)))  # fmt: skip
     return model, plan, folder / "best.safetensors", state
-
-
-class _ListTogether:
-    """A racer's storage whose first listing returns only once every racer has listed (a cross-process barrier)."""
-
-    def __init__(self, storage, listed):
-        self._storage, self._listed, self._waited = storage, listed, False
-
-    def list(self, prefix: str):
-        found = list(self._storage.list(prefix))
-        if not self._waited:
-            self._waited = True
-            self._listed.wait(timeout=120)
-        return iter(found)
-
-    def __getattr__(self, name: str):
-        return getattr(self._storage, name)
-
-
-def _publish_in_process(spec: FinetuneJobSpec, plan, weights: Path, state, start, listed, log_file: Path) -> None:
-    """One racing publisher in its own process, as a finished run's driver publishes."""
-    import logging
-
-    logging.basicConfig(filename=log_file, level=logging.INFO)
-    storage = _ListTogether(open_storage(spec.output, spec.storage), listed)
-    start.wait(timeout=120)
-    publish(storage, spec, spec.resolved_job_id(), plan, weights, state)
 
 
 def test_the_fine_tune_driver_imports_no_torch():

@@ -18,6 +18,7 @@ from torchvision.models import get_model
 
 from schemas.finetune import MODEL_CARD_NAME, EpochMetrics, FinetuneJobSpec, Metrics, TrainingState
 from schemas.specs import ModelSpec, PreprocessSpec
+from tests.workers.finetune.racers import ListTogether, publish_when_released
 from workers.finetune.artifacts import (
     CLAIM_NAME,
     WEIGHTS_NAME,
@@ -159,24 +160,6 @@ def test_versions_are_never_overwritten_and_incomplete_ones_are_skipped(storage_
     assert find_job_artifact(storage, output, "ft-c") is None
 
 
-class _ListTogether:
-    """A racer's storage whose first listing returns only once every racer has listed: all of them see the same
-    versions before any of them writes, the interleaving that made two runs pick one number, made certain."""
-
-    def __init__(self, storage, barrier: threading.Barrier):
-        self._storage, self._barrier, self._waited = storage, barrier, False
-
-    def list(self, prefix: str):
-        listed = list(self._storage.list(prefix))
-        if not self._waited:
-            self._waited = True
-            self._barrier.wait()
-        return iter(listed)
-
-    def __getattr__(self, name: str):
-        return getattr(self._storage, name)
-
-
 def _assert_each_card_beside_its_own_weights(root, published: dict[str, str], models: dict[str, Classifier],
                                              cache: Path) -> None:  # fmt: skip
     """Each job's version holds that job's card, weights whose sha256 is the card's, and loads as that job's model."""
@@ -202,7 +185,7 @@ def test_two_publishers_racing_get_two_versions_each_with_its_own_weights(storag
     errors: list[BaseException] = []
 
     def race(job_id: str) -> None:
-        storage = _ListTogether(open_storage(storage_root.uri, storage_root.options), barrier)
+        storage = ListTogether(open_storage(storage_root.uri, storage_root.options), barrier)
         try:
             job = _job(storage_root.uri, storage_root.options, job_id)
             published[job_id] = publish(storage, job, job_id, PLAN, racers[job_id][1], STATE)[0]
@@ -223,13 +206,6 @@ def test_two_publishers_racing_get_two_versions_each_with_its_own_weights(storag
                                              tmp_path)  # fmt: skip
 
 
-def _publish_in_process(uri: str, options, job_id: str, weights: Path, barrier) -> None:
-    """One racing publisher in its own process: every process is released by the barrier at the same moment."""
-    storage = open_storage(uri, options)
-    barrier.wait(timeout=120)
-    publish(storage, _job(uri, options, job_id), job_id, PLAN, weights, STATE)
-
-
 @pytest.mark.slow
 def test_two_processes_publishing_at_the_same_moment_get_two_versions(storage_root, trained, other_trained, tmp_path,
                                                                       record_property):  # fmt: skip
@@ -238,7 +214,10 @@ def test_two_processes_publishing_at_the_same_moment_get_two_versions(storage_ro
     barrier = context.Barrier(3)
     racers = {"ft-a": trained, "ft-b": other_trained}
     processes = [
-        context.Process(target=_publish_in_process, args=(storage_root.uri, storage_root.options, job_id, w, barrier))
+        context.Process(
+            target=publish_when_released,
+            args=(_job(storage_root.uri, storage_root.options, job_id), PLAN, w, STATE, barrier),
+        )
         for job_id, (_, w) in racers.items()
     ]
     for process in processes:
