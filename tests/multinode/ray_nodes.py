@@ -52,6 +52,9 @@ class MultiNodeCluster:
     """Start with start(); `address` (GCS) is what RAY_ADDRESS takes, `dashboard` the State API's URL."""
 
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every node (credentials, ...)
+    # The State API (nodes, actors, tasks below) needs the dashboard: about 7 s of CPU on 2 cores for its head and
+    # nine module processes. Clusters driven through the CLI alone (the job service) go without it.
+    dashboard_on: bool = True
     temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="blm-", dir="/tmp"))  # short: unix sockets
     address: str = ""
     dashboard: str = ""
@@ -68,11 +71,12 @@ class MultiNodeCluster:
 
     def start(self, worker_nodes: int, cpus_per_node: int = 1) -> MultiNodeCluster:
         port, dashboard_port = _free_port(), _free_port()
-        self._ray_start("head", ["--head", "--num-cpus", "0", "--num-gpus", "0", "--port", str(port),
-                                 "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                                 "--dashboard-port", str(dashboard_port),
+        dashboard = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                     str(dashboard_port)] if self.dashboard_on else ["--include-dashboard", "false"]  # fmt: skip
+        self._ray_start("head", ["--head", "--num-cpus", "0", "--num-gpus", "0", "--port", str(port), *dashboard,
                                  "--ray-client-server-port", str(_free_port())])  # fmt: skip
-        self.address, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
+        self.address = f"127.0.0.1:{port}"
+        self.dashboard = f"http://127.0.0.1:{dashboard_port}" if self.dashboard_on else ""
         # One at a time: each node names its sockets in the shared session folder (raylet, raylet.1, ...) by
         # picking the first free name, which two nodes starting at once could both pick.
         for index in range(worker_nodes):
@@ -99,25 +103,30 @@ class MultiNodeCluster:
         """The cluster's nodes as the State API reports them (node_id, state, is_head_node, resources_total)."""
         from ray.util.state import list_nodes
 
-        return list_nodes(address=self.dashboard, detail=True)
+        return list_nodes(address=self._state_api(), detail=True)
 
     def worker_actors(self, state: str | None = None) -> list:
         """The label worker actors this cluster ever ran (dead ones too, unless `state` is given)."""
         from ray.util.state import list_actors
 
         filters = [("class_name", "=", "LabelWorkerActor")] + ([("state", "=", state)] if state else [])
-        return list_actors(address=self.dashboard, filters=filters, detail=True, limit=1000)
+        return list_actors(address=self._state_api(), filters=filters, detail=True, limit=1000)
 
     def finished_shard_tasks_by_node(self) -> dict[str, int]:
         """How many `label_shard` calls finished on each node (node id → count), from the State API."""
         from ray.util.state import list_tasks
 
         counts: dict[str, int] = {}
-        tasks = list_tasks(address=self.dashboard, filters=[("state", "=", "FINISHED")], detail=True, limit=10000)
+        tasks = list_tasks(address=self._state_api(), filters=[("state", "=", "FINISHED")], detail=True, limit=10000)
         for task in tasks:
             if task.name.endswith("LabelWorkerActor.label_shard"):
                 counts[task.node_id] = counts.get(task.node_id, 0) + 1
         return counts
+
+    def _state_api(self) -> str:
+        if not self.dashboard:
+            raise AssertionError("this cluster was started without its dashboard (dashboard_on=False): no State API")
+        return self.dashboard
 
     def kill_node(self, node_id: str) -> list[int]:
         """SIGKILL a worker node as a machine would die: its raylet and every process under it (its workers, its

@@ -88,7 +88,7 @@ SLOW = {FAULTS_ENV: json.dumps([{"action": "slow", "seconds": 0.5}]), ACK_ENV: A
 
 @pytest.fixture(scope="module")
 def cluster():
-    nodes = MultiNodeCluster(env=SLOW)
+    nodes = MultiNodeCluster(env=SLOW, dashboard_on=False)
     try:
         yield nodes.start(worker_nodes=1, cpus_per_node=2)
     finally:
@@ -186,7 +186,7 @@ def test_a_second_cluster_on_the_same_store_leaves_a_live_clusters_job_alone(ser
     # first finished it, but the record stayed interrupted for ever and `wait` exited 1.
     # One worker, 32 shards of about a second: the job still runs when the second cluster's service has started.
     photos = _photos(tmp_path / "photos", 64)
-    second = MultiNodeCluster().start(worker_nodes=0)
+    second = MultiNodeCluster(dashboard_on=False).start(worker_nodes=0)
     try:
         job = service.submit(*_label_args(photos, tmp_path / "out"), "--max-workers", "1")
         service.wait_for(job, lambda r: r["progress"]["shards_done"] >= 2, what="2 shards")
@@ -251,7 +251,7 @@ def test_cluster_lost_mid_job_is_interrupted_then_resumed(tmp_path, record_prope
     # One worker, 16 shards of about a second: the cluster is gone well before the job could finish (a job that
     # did finish first is recorded as the success its manifest proves, not as interrupted).
     photos, state = _photos(tmp_path / "photos", 32), tmp_path / "state"
-    old = MultiNodeCluster(env=SLOW).start(worker_nodes=1, cpus_per_node=2)
+    old = MultiNodeCluster(env=SLOW, dashboard_on=False).start(worker_nodes=1, cpus_per_node=2)
     try:
         svc = Service(old, state)
         job = svc.submit(*_label_args(photos, tmp_path / "out"), "--max-workers", "1")
@@ -259,7 +259,7 @@ def test_cluster_lost_mid_job_is_interrupted_then_resumed(tmp_path, record_prope
     finally:
         old.stop()
     assert not (tmp_path / "out" / "_job.json").exists(), "the job finished before its cluster was stopped"
-    new = MultiNodeCluster().start(worker_nodes=1, cpus_per_node=2)
+    new = MultiNodeCluster(dashboard_on=False).start(worker_nodes=1, cpus_per_node=2)
     try:
         svc = Service(new, state)
         listed = svc.jobs()[job]
@@ -284,7 +284,7 @@ def test_cluster_lost_mid_job_is_interrupted_then_resumed(tmp_path, record_prope
 )
 def test_a_job_waits_for_a_node_then_runs_on_it(tmp_path, record_property):
     photos = _photos(tmp_path / "photos", 12)
-    cluster = MultiNodeCluster(env=SLOW)
+    cluster = MultiNodeCluster(env=SLOW, dashboard_on=False)
     try:
         cluster.start(worker_nodes=0)
         svc = Service(cluster, tmp_path / "state")

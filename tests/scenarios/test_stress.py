@@ -60,7 +60,7 @@ def test_load_a_hundred_jobs_at_once(tmp_path, record_property):
                       "model": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}, "batch_size": 1,
                       "shared_storage": True})  # fmt: skip
     (tmp_path / "plan.json").write_text(json.dumps({"specs": specs}))
-    cluster = MultiNodeCluster().start(worker_nodes=1, cpus_per_node=2)
+    cluster = MultiNodeCluster(dashboard_on=False).start(worker_nodes=1, cpus_per_node=2)
     svc = Service(cluster, tmp_path / "state")
     started = time.monotonic()
     try:
