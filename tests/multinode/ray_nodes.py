@@ -35,6 +35,10 @@ START_TIMEOUT_S = 120
 _HANDED_OUT: set[int] = set()
 
 
+class NodeStartFailed(RuntimeError):
+    """`ray start` of a node exited with an error."""
+
+
 def _free_port() -> int:
     """A port free now and not handed out before by this process: the OS may give a just-closed port again, and two
     components of one node on the same port fail `ray start` (seen: the GCS and the dashboard agent)."""
@@ -69,7 +73,23 @@ class MultiNodeCluster:
         return {**env, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": self.temp_dir, "PYTHONPATH": pythonpath,
                 **self.env}  # fmt: skip
 
-    def start(self, worker_nodes: int, cpus_per_node: int = 1) -> MultiNodeCluster:
+    def start(self, worker_nodes: int, cpus_per_node: int = 1, attempts: int = 2) -> MultiNodeCluster:
+        """The head and `worker_nodes` nodes; a cluster of which a node did not start is stopped and started again
+        once, from a new temp dir (seen under load: a raylet not registered within Ray's fixed 30 s)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(worker_nodes, cpus_per_node)
+            except NodeStartFailed as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("Ray cluster start failed, starting it again from scratch: %s", str(exc)[:500])
+                self.stop()
+                self.temp_dir = tempfile.mkdtemp(prefix="blm-", dir="/tmp")
+                self.start_seconds.clear()
+                self.metrics_ports.clear()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, worker_nodes: int, cpus_per_node: int) -> MultiNodeCluster:
         port, dashboard_port = _free_port(), _free_port()
         dashboard = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
                      str(dashboard_port)] if self.dashboard_on else ["--include-dashboard", "false"]  # fmt: skip
@@ -84,7 +104,10 @@ class MultiNodeCluster:
         return self
 
     def add_worker_node(self, name: str, cpus: int = 1) -> None:
-        self._ray_start(name, ["--address", self.address, "--num-cpus", str(cpus), "--num-gpus", "0"])
+        # Every node of this cluster logs into one folder on this one machine: the head's log monitor forwards all of
+        # it, and one per worker node would forward each line again (Ray: one log monitor per physical host).
+        self._ray_start(name, ["--address", self.address, "--num-cpus", str(cpus), "--num-gpus", "0",
+                               "--include-log-monitor", "false"])  # fmt: skip
 
     def _ray_start(self, name: str, args: list[str]) -> None:
         self.metrics_ports[name] = _free_port()
@@ -95,9 +118,19 @@ class MultiNodeCluster:
         started = time.monotonic()
         done = subprocess.run(command, env=self.node_env(), capture_output=True, text=True, timeout=START_TIMEOUT_S)
         if done.returncode != 0:
-            raise RuntimeError(f"`ray start` of {name} failed ({done.returncode}): {done.stderr[-3000:]}")
+            raise NodeStartFailed(f"`ray start` of {name} failed ({done.returncode}): {done.stderr[-2000:]}"
+                                  f"{self._newest_raylet_log()}")  # fmt: skip
         self.start_seconds[name] = round(time.monotonic() - started, 1)
         log.info("Ray node %s started in %.1f s", name, self.start_seconds[name])
+
+    def _newest_raylet_log(self) -> str:
+        """The end of the most recently written raylet log: why a node did not register, when `ray start` cannot
+        say (its own error names only the timeout)."""
+        logs = sorted(Path(self.temp_dir).glob("session_*/logs/raylet*.out"), key=lambda p: p.stat().st_mtime)
+        if not logs:
+            return ""
+        return f"\n--- {logs[-1].name} (last lines) ---\n" + "\n".join(logs[-1].read_text(errors="replace")
+                                                                      .splitlines()[-15:])  # fmt: skip
 
     def nodes(self) -> list:
         """The cluster's nodes as the State API reports them (node_id, state, is_head_node, resources_total)."""
