@@ -96,9 +96,11 @@ class ShardJob(Spec):
     probabilities: bool = False
     batch_size: int = Field(gt=0)
     decoder: Literal["auto", "pillow", "torchvision", "nvjpeg"] = "auto"
+    # Test-only fault rules (workers/faults.py, JSON), set by a driver whose environment armed them; "" otherwise.
+    faults: str = ""
 
     @classmethod
-    def of(cls, spec: LabelJobSpec, job_id: str) -> ShardJob:
+    def of(cls, spec: LabelJobSpec, job_id: str, faults: str = "") -> ShardJob:
         return cls(
             job_id=job_id,
             input=spec.input,
@@ -109,6 +111,7 @@ class ShardJob(Spec):
             probabilities=spec.probabilities,
             batch_size=spec.batch_size,
             decoder=spec.decoder,
+            faults=faults,
         )
 
 

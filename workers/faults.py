@@ -4,8 +4,10 @@ Off unless BOTH environment variables are set in the driver's environment:
     BULKLABEL_FAULTS='[{"shard": "files-000003", "attempt": 1, "action": "exit", "after_rows": 8}]'
     BULKLABEL_FAULTS_ACKNOWLEDGE=I-AM-TESTING
 The second one exists so that a stray BULKLABEL_FAULTS in a production environment does nothing
-but log a warning. The driver forwards both to its workers (jobs/label/runner.py), so faults are scoped
-to the job that was started with them.
+but log a warning. The driver sends the rules with its job's shards (ShardJob.faults, jobs/label/runner.py), so
+faults are scoped to the job that was started with them, and a worker kept from an earlier job (jobs/label/warm.py)
+serves a faulted job as a fresh one would. A worker also obeys rules in its own environment: a whole test cluster's
+nodes can be slowed that way.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
@@ -62,6 +65,21 @@ def forwarded_environment() -> dict[str, str]:
     return {}
 
 
+def forwarded_rules() -> str:
+    """The rules to send with this driver's job (ShardJob.faults) as JSON, or "" when faults are off here."""
+    return forwarded_environment().get(FAULTS_ENV, "")
+
+
+@cache
+def rules_of(raw: str) -> tuple[FaultRule, ...]:
+    """The rules a job was sent with, or, for a job sent none, this process's own (its environment)."""
+    if not raw:
+        return active_rules()
+    rules = _RULES.validate_python(json.loads(raw))
+    log.warning("FAULT INJECTION ACTIVE for this job: %s", rules)
+    return rules
+
+
 @cache
 def active_rules() -> tuple[FaultRule, ...]:
     raw = os.environ.get(FAULTS_ENV)
@@ -75,9 +93,25 @@ def active_rules() -> tuple[FaultRule, ...]:
     return rules
 
 
-def inject(shard: str, attempt: int, rows: int) -> None:
-    """Fire the first matching exit/hang/raise rule (called between batches); "slow" rules only pause."""
-    for rule in active_rules():
+@dataclass(frozen=True)
+class FaultPoint:
+    """One attempt at one shard and the rules it runs under: what the worker asks at each point a fault can fire."""
+
+    shard: str
+    attempt: int
+    rules: tuple[FaultRule, ...]
+
+    def between_batches(self, rows: int) -> None:
+        inject(self.shard, self.attempt, rows, self.rules)
+
+    def before_predict(self, rows: int, batch_len: int) -> None:
+        inject_oom(self.shard, self.attempt, rows, batch_len, self.rules)
+
+
+def inject(shard: str, attempt: int, rows: int, rules: tuple[FaultRule, ...] | None = None) -> None:
+    """Fire the first matching exit/hang/raise rule (called between batches); "slow" rules only pause. `rules`:
+    the job's; by default this process's own."""
+    for rule in active_rules() if rules is None else rules:
         if rule.action == "slow" and rule.matches(shard, attempt, rows):
             time.sleep(rule.seconds)
             continue
@@ -90,9 +124,9 @@ def inject(shard: str, attempt: int, rows: int) -> None:
             raise InjectedFault(f"injected failure at shard {shard} attempt {attempt}")
 
 
-def inject_oom(shard: str, attempt: int, rows: int, batch_len: int) -> None:
+def inject_oom(shard: str, attempt: int, rows: int, batch_len: int, rules: tuple[FaultRule, ...] | None = None) -> None:
     """Raise an out-of-memory error (of the rule's `oom_kind`) for batches above a matching rule's `oom_above`."""
-    for rule in active_rules():
+    for rule in active_rules() if rules is None else rules:
         if rule.action == "oom" and rule.matches(shard, attempt, rows) and batch_len > rule.oom_above:
             raise out_of_memory_error(rule.oom_kind, batch_len, rule.oom_above)
 

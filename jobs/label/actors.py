@@ -6,7 +6,6 @@ import ray
 
 from jobs.label.placement import Placement
 from schemas.shards import WorkerSpec
-from workers import faults
 from workers.label.remote import LabelWorkerActor
 
 _ACTOR = ray.remote(LabelWorkerActor)
@@ -14,12 +13,10 @@ _ACTOR = ray.remote(LabelWorkerActor)
 
 def start_label_worker(spec: WorkerSpec, placement: Placement, name: str | None = None) -> ray.actor.ActorHandle:
     """A new worker; Ray queues it until a node can hold it (so the autoscaler sees the demand)."""
-    fault_env = faults.forwarded_environment()  # empty unless a test turned fault injection on
     return _ACTOR.options(
         name=name,
         num_cpus=placement.cpus_per_worker,
         num_gpus=placement.gpus_per_worker,
         max_restarts=0,  # whoever dispatches to it replaces a dead worker itself, and counts it
         max_task_retries=0,
-        runtime_env={"env_vars": fault_env} if fault_env else None,
     ).remote(spec, placement.torch_threads)

@@ -28,6 +28,7 @@ from schemas.outcome import Outcome
 from schemas.output import JobManifest
 from schemas.shards import ShardJob, ShardResult, ShardTask, StageSeconds, WorkerSpec
 from schemas.specs import LabelJobSpec
+from workers import faults
 from workers.finetune.artifacts import card_of
 from workers.io.storage import open_storage
 
@@ -108,7 +109,8 @@ def _run_in(session: OutputSession, spec: LabelJobSpec, job_id: str, run: LabelR
         progress.done(result)
 
     workers = run.workers or _own_workers(spec, job_id, placement, compiling, run)
-    scheduler = ShardDispatcher(workers, placement.workers, _limits(spec, placement), ShardJob.of(spec, job_id))
+    shard_job = ShardJob.of(spec, job_id, faults.forwarded_rules())  # test faults go with the shards, to any worker
+    scheduler = ShardDispatcher(workers, placement.workers, _limits(spec, placement), shard_job)
     failures: dict[str, str] = {}
     try:
         worker = scheduler.first_ready(run.cancelled)

@@ -6,7 +6,7 @@ needs other workers (another model, another placement, a fine-tune), and at exit
 
 Off unless asked for (`LabelRun.keep_workers_s`, or $BULKLABEL_KEEP_WORKERS_S for the process): a CLI command runs one
 job and exits, and on a shared cluster idle workers would hold CPUs that other users' jobs could have.
-Workers that inject faults are never kept: a fault armed in a process must meet a fresh process next time.
+A job with test faults armed takes kept workers too: its rules travel with its shards (workers/faults.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from jobs.label.dispatch import PrivateWorkers, WorkerSource
 from jobs.label.placement import Placement
 from schemas.errors import BadInput
 from schemas.shards import WorkerSpec
-from workers import faults
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +93,10 @@ def kept_count() -> int:
 def workers_for(
     spec: WorkerSpec, placement: Placement, make_actor: Callable[[int], ray.actor.ActorHandle], keep_s: float
 ) -> WorkerSource:
-    """The job's workers: its own (killed at its end) when keeping is off or faults are armed; else kept ones of a
+    """The job's workers: its own (killed at its end) when keeping is off; else kept ones of a
     job before it where they fit, new ones for the rest, all kept after a clean end."""
     key = WarmKey(spec.pool_key(), placement)
-    keep = keep_s > 0 and not faults.forwarded_environment()
+    keep = keep_s > 0
     with _lock:
         stale = _kept is not None and (_kept.key != key or not keep)
     if stale:  # workers this job will not use would hold the resources its own need

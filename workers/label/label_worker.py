@@ -174,7 +174,8 @@ class LabelWorker:
                 turn.wait()
                 started = time.perf_counter()  # the shard's own time: from its turn to its commit
                 bytes_read = 0
-                for batch, preds in self._predicted(clock.timed("wait", batches), task, attempt, writer, turn,
+                point = faults.FaultPoint(task.shard_id, attempt, faults.rules_of(job.faults))
+                for batch, preds in self._predicted(clock.timed("wait", batches), point, writer, turn,
                                                     clock.timing("infer", context.predictor)):  # fmt: skip
                     with clock.stage("write"):
                         writer.add(
@@ -193,8 +194,7 @@ class LabelWorker:
         return result
 
     def _predicted(
-        self, batches: Iterator[Batch], task: ShardTask, attempt: int, writer: ShardWriter, turn: Turn,
-        predictor: Predictor,
+        self, batches: Iterator[Batch], point: faults.FaultPoint, writer: ShardWriter, turn: Turn, predictor: Predictor
     ) -> Iterator[tuple[Batch, Predictions | None]]:  # fmt: skip
         """(batch, predictions) in batch order, up to `lanes` batches in the model at once.
 
@@ -207,7 +207,7 @@ class LabelWorker:
         def submitted() -> Iterator[tuple[Batch, int]]:
             rows = 0  # the shard's rows before this batch
             for batch in batches:
-                faults.inject(task.shard_id, attempt, writer.rows)
+                point.between_batches(writer.rows)
                 yield batch, rows
                 rows += len(batch.meta)
             turn.end()
@@ -216,7 +216,7 @@ class LabelWorker:
             batch, rows = item
             if batch.pixels is None:
                 return batch, None
-            return batch, self._predict(predictor, batch.pixels, task, attempt, rows)
+            return batch, self._predict(predictor, batch.pixels, point, rows)
 
         if self.lanes == 1:
             return map(run, submitted())
@@ -224,12 +224,10 @@ class LabelWorker:
         # its neighbour's batch, which comes first in order.
         return bounded_map(self.lane_pool, run, submitted(), window=2 * self.lanes)
 
-    def _predict(
-        self, predictor: Predictor, pixels: np.ndarray, task: ShardTask, attempt: int, rows: int
-    ) -> Predictions:
+    def _predict(self, predictor: Predictor, pixels: np.ndarray, point: faults.FaultPoint, rows: int) -> Predictions:
         """Predict a batch; out of memory (on any device), split it in halves and try again, down to single images."""
         try:
-            faults.inject_oom(task.shard_id, attempt, rows, len(pixels))
+            point.before_predict(rows, len(pixels))
             return predictor(pixels)
         except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc) or len(pixels) == 1:
@@ -237,9 +235,9 @@ class LabelWorker:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(pixels) // 2
-            log.warning("shard %s: out of memory on a batch of %d; splitting it", task.shard_id, len(pixels))
-            first = self._predict(predictor, pixels[:half], task, attempt, rows)
-            second = self._predict(predictor, pixels[half:], task, attempt, rows + half)
+            log.warning("shard %s: out of memory on a batch of %d; splitting it", point.shard, len(pixels))
+            first = self._predict(predictor, pixels[:half], point, rows)
+            second = self._predict(predictor, pixels[half:], point, rows + half)
             return Predictions(
                 topk_indices=np.concatenate([first.topk_indices, second.topk_indices]),
                 topk_scores=np.concatenate([first.topk_scores, second.topk_scores]),

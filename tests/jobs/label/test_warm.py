@@ -13,6 +13,7 @@ from jobs.label import warm
 from jobs.label.dispatch import PrivateWorkers
 from jobs.label.placement import Placement
 from jobs.label.runner import LabelRun, run_label_job
+from jobs.label.warm import KeptWorkers
 from schemas.errors import BadInput
 from schemas.shards import WorkerSpec
 from schemas.specs import LabelJobSpec, ModelSpec
@@ -57,11 +58,13 @@ def _job(actors: Actors, spec: WorkerSpec = MOBILENET, placement: Placement = ON
     return held
 
 
-def test_off_by_default_and_with_faults_armed_the_job_has_its_own_workers(actors, monkeypatch):
+def test_off_by_default_and_faults_armed_do_not_stop_keeping(actors, monkeypatch):
     assert isinstance(warm.workers_for(MOBILENET, ONE, actors.make, 0), PrivateWorkers)
+    # A faulted job's rules travel with its shards (ShardJob.faults), not in its workers' environment: a kept worker
+    # serves it as a fresh one would, and one that a fault killed is replaced like any dead worker.
     monkeypatch.setenv(FAULTS_ENV, '[{"action": "slow", "seconds": 0.1}]')
     monkeypatch.setenv(ACK_ENV, ACK_VALUE)
-    assert isinstance(warm.workers_for(MOBILENET, ONE, actors.make, 60), PrivateWorkers)
+    assert isinstance(warm.workers_for(MOBILENET, ONE, actors.make, 60), KeptWorkers)
 
 
 def test_the_next_job_on_the_same_model_and_placement_takes_the_kept_workers(actors):
