@@ -78,10 +78,10 @@ def test_the_next_shard_enters_the_lanes_before_this_one_commits(tar_shards, tmp
     second_predicting = threading.Event()
     predict = worker._predict
 
-    def watching(predictor, pixels, task, attempt, rows):
-        if task.shard_id == second.shard_id:
+    def watching(predictor, pixels, point, rows):
+        if point.shard == second.shard_id:
             second_predicting.set()
-        return predict(predictor, pixels, task, attempt, rows)
+        return predict(predictor, pixels, point, rows)
 
     commit = ShardWriter.commit
     overlapped = []
