@@ -81,6 +81,11 @@ class Service:
     def stop(self) -> None:
         self.cli("service", "stop", check=False)
 
+    def unfinished(self) -> list[str]:
+        """Jobs in the store that have not ended (queued, running)."""
+        records = (json.loads(p.read_text()) for p in (self.state / "jobs").glob("*.json"))
+        return [r["job_id"] for r in records if r["state"] in ("queued", "running")]
+
 
 # Every batch pauses a moment, so a job lasts long enough (about 1 s a shard) to be cancelled or killed mid-way.
 SLOW = {FAULTS_ENV: json.dumps([{"action": "slow", "seconds": 0.5}]), ACK_ENV: ACK_VALUE}
@@ -95,13 +100,23 @@ def cluster():
         nodes.stop()
 
 
-@pytest.fixture
-def service(cluster, tmp_path):
-    svc = Service(cluster, tmp_path / "state")
+@pytest.fixture(scope="module")
+def module_service(cluster, tmp_path_factory):
+    svc = Service(cluster, tmp_path_factory.mktemp("state"))
     try:
         yield svc
     finally:
         svc.stop()
+
+
+@pytest.fixture
+def service(module_service):
+    """The module cluster's service, one job store for its tests: the warm pool a test's job leaves serves the next
+    test's job, as it serves a user's next one (a new service per test started two workers each time). A test that
+    leaves a job unfinished stops the service, so the next one starts with the cluster's CPUs free."""
+    yield module_service
+    if module_service.unfinished():
+        module_service.stop()
 
 
 def _photos(folder: Path, count: int) -> Path:
