@@ -70,11 +70,13 @@ def forwarded_rules() -> str:
     return forwarded_environment().get(FAULTS_ENV, "")
 
 
-@cache
 def rules_of(raw: str) -> tuple[FaultRule, ...]:
     """The rules a job was sent with, or, for a job sent none, this process's own (its environment)."""
-    if not raw:
-        return active_rules()
+    return _sent_rules(raw) if raw else active_rules()
+
+
+@cache
+def _sent_rules(raw: str) -> tuple[FaultRule, ...]:
     rules = _RULES.validate_python(json.loads(raw))
     log.warning("FAULT INJECTION ACTIVE for this job: %s", rules)
     return rules
