@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # faiss's loader says at INFO which CPU build it tried, a traceback's worth of lines on every machine without AVX2
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

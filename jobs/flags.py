@@ -36,12 +36,15 @@ class Flag:
     """One flag's field, and what the command line spells differently from a spec file.
 
     `path`: the field's dotted path in the spec. `none`: a word that stands for null (`--weights none`).
-    `metavar`: the value's name in the usage line.
+    `metavar`: the value's name in the usage line. `positional`: given without a flag (the table's key is then
+    its name in the usage line, `OUTPUT`). `short`: a one-letter spelling besides the long one (`-n`).
     """
 
     path: str
     none: str | None = None
     metavar: str | None = None
+    positional: bool = False
+    short: str | None = None
 
 
 # A table: each flag (its long name; a boolean's positive spelling) → its field's path, or a Flag.
@@ -92,12 +95,21 @@ class _Shape:
     convert: Callable[[str], Any] | None
     choices: tuple[str, ...] | None = None
     switch: bool = False
+    many: bool = False  # a tuple of values: one or more
 
 
 def _shape(annotation: Any) -> _Shape:
     """The argparse shape of a field's type: str, int, float, bool, a Literal, an Enum, or a union of those with
     None (left out: a flag cannot give null unless its Flag names a word for it) or with bool (`true`/`false`)."""
     members = [m for m in (_union_members(annotation) or (annotation,)) if m is not type(None)]
+    if len(members) == 1 and typing.get_origin(members[0]) is tuple:
+        item, *rest = typing.get_args(members[0])
+        if rest != [Ellipsis]:
+            raise TypeError(f"no command-line form for a field of type {annotation!r} (a fixed-length tuple)")
+        one = _shape(typing.get_args(item)[0] if typing.get_origin(item) is typing.Annotated else item)
+        if one.switch or one.many:
+            raise TypeError(f"no command-line form for a field of type {annotation!r}")
+        return _Shape(one.convert, one.choices, many=True)
     if members == [bool]:
         return _Shape(None, switch=True)
     choices: list[str] = []
@@ -146,7 +158,13 @@ def add_flags(parser: argparse.ArgumentParser, spec: type[BaseModel], table: Fla
             continue
         words = (*shape.choices, *((flag.none,) if flag.none else ())) if shape.choices else None
         metavar = flag.metavar or ("{" + ",".join(words) + "}" if words else name.lstrip("-").upper())
-        parser.add_argument(name, required=required, metavar=metavar, type=_reader(shape, flag), **common)
+        many = {"nargs": "+" if required else "*"} if shape.many else {}
+        if flag.positional:
+            dest = common.pop("dest")
+            parser.add_argument(dest, metavar=metavar, type=_reader(shape, flag), **many, **common)
+            continue
+        names = (flag.short, name) if flag.short else (name,)
+        parser.add_argument(*names, required=required, metavar=metavar, type=_reader(shape, flag), **many, **common)
 
 
 def _reader(shape: _Shape, flag: Flag) -> Callable[[str], Any]:

@@ -1,4 +1,4 @@
-"""The label and fine-tune commands' flags: each flag's field in its job spec (jobs.flags derives the rest).
+"""The label, fine-tune and curation commands' flags: each flag's field in its job spec (jobs.flags derives the rest).
 
 Every flag name users typed before these tables is kept; a boolean's table name is its positive spelling, and
 `--no-x` comes with it (`--no-embeddings`, `--no-group-duplicates`).
@@ -7,6 +7,7 @@ Every flag name users typed before these tables is kept; a boolean's table name 
 from __future__ import annotations
 
 from jobs.flags import Flag, FlagTable, SpecFlags
+from schemas.curation import DedupeJobSpec, ReviewQueueJobSpec
 from schemas.finetune import FinetuneJobSpec
 from schemas.specs import LabelJobSpec
 
@@ -64,6 +65,29 @@ FINETUNE_FLAGS: FlagTable = {
     "--name": "name",
 }
 
+DEDUPE_FLAGS: FlagTable = {
+    "OUTPUT": Flag("sources", positional=True, metavar="OUTPUT"),
+    "--out": Flag("output", metavar="URI"),
+    "--threshold": "threshold",
+    "--split": Flag("split", metavar="ARTIFACT"),
+    "--index": "index",
+    "--endpoint-url": "storage.endpoint_url",
+    "--job-id": "job_id",
+}
+
+REVIEW_QUEUE_FLAGS: FlagTable = {
+    "OUTPUT": Flag("source", positional=True, metavar="OUTPUT"),
+    "--out": Flag("output", metavar="URI"),
+    "--strategy": "strategy",
+    "--size": Flag("size", short="-n"),
+    "--per-label": "per_label",
+    "--sheet": "sheet",
+    "--endpoint-url": "storage.endpoint_url",
+    "--job-id": "job_id",
+}
+
 # What the job kind registry (jobs.kinds) takes as each kind's `flags`.
 LABEL_SPEC_FLAGS = SpecFlags(LabelJobSpec, LABEL_FLAGS)
 FINETUNE_SPEC_FLAGS = SpecFlags(FinetuneJobSpec, FINETUNE_FLAGS)
+DEDUPE_SPEC_FLAGS = SpecFlags(DedupeJobSpec, DEDUPE_FLAGS)
+REVIEW_QUEUE_SPEC_FLAGS = SpecFlags(ReviewQueueJobSpec, REVIEW_QUEUE_FLAGS)

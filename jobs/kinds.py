@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from jobs.errors import BadInput
 from jobs.flags import SpecFlags
-from jobs.kind_flags import FINETUNE_SPEC_FLAGS, LABEL_SPEC_FLAGS
+from jobs.kind_flags import DEDUPE_SPEC_FLAGS, FINETUNE_SPEC_FLAGS, LABEL_SPEC_FLAGS, REVIEW_QUEUE_SPEC_FLAGS
+from schemas.curation import DedupeJobSpec, ReviewQueueJobSpec
 from schemas.finetune import FinetuneJobSpec
 from schemas.spec_files import read_spec_data
 from schemas.specs import LabelJobSpec
@@ -237,15 +238,59 @@ def _run_finetune_here(spec, quiet: bool):
 
 
 def _start_finetune(start: ServiceStart):
-    from jobs.service.runs import FinetuneJobRun
+    from jobs.service.runs import TaskJobRun
 
-    return FinetuneJobRun(start)
+    return TaskJobRun(start, _run_finetune_here)
 
 
 def _finetune_locations(spec):
     from jobs.locations import finetune_locations
 
     return finetune_locations(spec)
+
+
+# ------------------------------------------------------------------------------------- the curation jobs
+
+
+def _curation_needs(spec, cluster, max_workers):
+    from jobs.service.runs import curation_needs
+
+    return curation_needs(), None
+
+
+def _curation_task(run_here: Callable[[Any, bool], Any]) -> Callable[[ServiceStart], Any]:
+    """A curation kind's start in the service: its run as a Ray task on a CPU."""
+
+    def start(service_start: ServiceStart):
+        from jobs.service.runs import CURATION_CPUS, TaskJobRun
+
+        return TaskJobRun(service_start, run_here, cpus=CURATION_CPUS)
+
+    return start
+
+
+def _curation_finished(record, storage) -> bool:
+    from jobs.service.runs import curation_finished
+
+    return curation_finished(record, storage)
+
+
+def _run_dedupe_here(spec, quiet: bool):
+    from jobs.curate.dedupe import run_dedupe_job
+
+    return run_dedupe_job(spec)
+
+
+def _run_review_queue_here(spec, quiet: bool):
+    from jobs.curate.queue import run_review_queue_job
+
+    return run_review_queue_job(spec)
+
+
+def _curation_locations(spec):
+    from jobs.locations import curation_locations
+
+    return curation_locations(spec)
 
 
 LABEL = register(
@@ -276,5 +321,33 @@ FINETUNE = register(
         absolute_locations=_finetune_locations,
         flags=FINETUNE_SPEC_FLAGS,
         command_help="fine-tune a torchvision model on labelled images → <output>/vN/",
+    )  # fmt: skip
+)
+DEDUPE = register(
+    Kind(
+        name="dedupe",
+        title="dedupe job",
+        spec_class=DedupeJobSpec,
+        needs=_curation_needs,
+        run_here=_run_dedupe_here,
+        start_in_service=_curation_task(_run_dedupe_here),
+        finished=_curation_finished,
+        absolute_locations=_curation_locations,
+        flags=DEDUPE_SPEC_FLAGS,
+        command_help="exact and near-duplicate images across label outputs (and leakage across a split) → a table",
+    )  # fmt: skip
+)
+REVIEW_QUEUE = register(
+    Kind(
+        name="review-queue",
+        title="review queue",
+        spec_class=ReviewQueueJobSpec,
+        needs=_curation_needs,
+        run_here=_run_review_queue_here,
+        start_in_service=_curation_task(_run_review_queue_here),
+        finished=_curation_finished,
+        absolute_locations=_curation_locations,
+        flags=REVIEW_QUEUE_SPEC_FLAGS,
+        command_help="the images of a label output a person should review first → a ranked table and sheet.html",
     )  # fmt: skip
 )

@@ -44,6 +44,17 @@ def finetune_locations(spec: FinetuneJobSpec) -> FinetuneJobSpec:
     return spec.model_copy(update={"data": data, "base": _weights(spec.base), "output": _path(spec.output)})
 
 
+def curation_locations(spec):
+    """A curation spec (schemas.curation) with its local paths absolute: what it reads, its split, its output."""
+    update = {"output": _path(spec.output)}
+    for name in ("source", "split"):
+        if getattr(spec, name, None):
+            update[name] = _path(getattr(spec, name))
+    if hasattr(spec, "sources"):
+        update["sources"] = tuple(_path(s) for s in spec.sources)
+    return spec.model_copy(update=update)
+
+
 def _weights(model: ModelSpec) -> ModelSpec:
     weights, folder = model.weights, model.weights_dir
     return model.model_copy(

@@ -15,6 +15,8 @@ Layout version 2 (this bulklabel writes it):
     _job.json               the job manifest, written last, after every shard (rewritten by a compaction: the pointer
                             readers and resume go through)
     _failed.json            the record of a failed run (its reason), removed when a later run completes
+    sheet.html              a curation job's HTML sheet (its table is data/part-<table>.parquet, its manifest a
+                            schemas.curation.ResultManifest)
     table/                  format: delta only: a Delta Lake table holding the same rows, each shard committed
                             once (jobs.output.table)
 Names recorded inside the output (a done-marker's data file, the manifest's files) are relative to the output since
@@ -45,6 +47,7 @@ TMP_DIR = "_tmp"
 DATA_DIR = "data"
 TABLE_DIR = "table"  # format: delta: the Delta Lake table (its _delta_log and data files)
 LEASE_DIR = "_lease"
+SHEET_NAME = "sheet.html"  # a curation job's HTML sheet (schemas.curation), beside its table
 
 SHARD = r"[A-Za-z0-9._=-]+"
 MARKER = re.compile(rf"{DONE_DIR}/({SHARD})\.json")
@@ -62,7 +65,7 @@ LEASE_NAMES = re.compile(rf"{LEASE_DIR}/.+")  # its generations and their create
 # Every name a label job writes under its output prefix, relative to it.
 OWN_NAMES = re.compile(
     rf"(?:{OWNER_NAME}|{MANIFEST_NAME}|{FAILED_NAME}|{_DATA_FILE}|{DONE_DIR}/{SHARD}\.json|{PARTIAL.pattern}"
-    rf"|{PROBE.pattern}|{LEASE_NAMES.pattern}|{TABLE_DIR}/.+)"
+    rf"|{PROBE.pattern}|{LEASE_NAMES.pattern}|{TABLE_DIR}/.+|{SHEET_NAME})"
 )
 # What file browsers drop into any folder they show (Finder, Explorer): never parsed, never deleted, and no reason
 # to refuse an output, since opening the output folder to look at it is enough to create one.

@@ -62,6 +62,7 @@ class LeaseLost(InfrastructureError):
 class WriterKind(StrEnum):
     LABEL_JOB = "label job"
     COMPACTION = "compaction"
+    CURATION_JOB = "curation job"
 
 
 class LeaseRecord(BaseModel):

@@ -1,6 +1,7 @@
 """SQL and nearest neighbours over a label output's committed rows, with DuckDB in process.
 
-`bulklabel query OUTPUT "SQL"` runs the SQL against a view `labels`: the committed rows only (jobs.output.reader
+`bulklabel query OUTPUT "SQL"` runs the SQL against a view `labels` (a curation job's output: a view named after its
+table, `duplicates`, `queue`; jobs.output.results): the committed rows only (jobs.output.reader
 decides which files those are), with `embedding` as `FLOAT[d]` so DuckDB's array functions
 (`array_cosine_similarity`, `array_distance`) work on it directly. The files are handed to DuckDB as a pyarrow
 dataset, local and S3 alike: DuckDB's own S3 support (the httpfs extension) is downloaded on first use, which an
@@ -26,6 +27,7 @@ import duckdb
 
 from jobs.errors import BadInput
 from jobs.output.reader import FilesVanished, LabelOutput, OutputError, files_vanished, read_pinned
+from jobs.output.results import ResultOutput, open_result
 from schemas.output import LABEL_SCHEMA
 from schemas.specs import StorageOptions
 
@@ -93,7 +95,39 @@ def run_query(
     if out is not None and fmt == "table":
         raise QueryError("--out writes csv, json or parquet: add --format csv|json|parquet")
     stream = _Counted(stream or sys.stdout)
+    result = open_result(uri, options)
+    if result is not None:  # a curation job's table (jobs.output.results), as a view named after it
+        return _query_result(result, sql, fmt, out, stream)
     return read_pinned(uri, options, lambda output: _query(output, sql, fmt, out, stream))
+
+
+def _query_result(result: ResultOutput, sql: str, fmt: str, out: Path | None, stream: _Counted) -> int:
+    con = duckdb.connect(config={"autoinstall_known_extensions": False})
+    try:
+        con.register(result.manifest.table, result.to_table())
+        return _execute(con, sql, fmt, out, stream, result.manifest.table)
+    except duckdb.Error as exc:
+        raise QueryError(f"query failed: {exc}") from exc
+    finally:
+        con.close()
+
+
+def _execute(con: duckdb.DuckDBPyConnection, sql: str, fmt: str, out: Path | None, stream: _Counted,
+             view: str) -> int:  # fmt: skip
+    rel = con.sql(sql)
+    if rel is None:
+        raise QueryError(f"the SQL returned no result: give a query (SELECT ..., SUMMARIZE {view}, ...)")
+    if fmt == "table":
+        text = f"{rel}\n"  # rendered whole before anything is written: a retry never prints twice
+        stream.write(text)
+        return len(rel)
+    if fmt == "parquet":
+        rel.write_parquet(str(out), compression="zstd")
+        return len(rel)
+    if out is not None:
+        with open(out, "w", newline="") as fh:
+            return _write_rows(rel, fmt, fh)
+    return _write_rows(rel, fmt, stream)
 
 
 def _query(output: LabelOutput, sql: str, fmt: str, out: Path | None, stream: _Counted) -> int:
@@ -102,20 +136,7 @@ def _query(output: LabelOutput, sql: str, fmt: str, out: Path | None, stream: _C
                     "far", output.uri, len(output.files))  # fmt: skip
     con = connect(output)
     try:
-        rel = con.sql(sql)
-        if rel is None:
-            raise QueryError("the SQL returned no result: give a query (SELECT ..., SUMMARIZE labels, ...)")
-        if fmt == "table":
-            text = f"{rel}\n"  # rendered whole before anything is written: a retry never prints twice
-            stream.write(text)
-            return len(rel)
-        if fmt == "parquet":
-            rel.write_parquet(str(out), compression="zstd")
-            return len(rel)
-        if out is not None:
-            with open(out, "w", newline="") as fh:
-                return _write_rows(rel, fmt, fh)
-        return _write_rows(rel, fmt, stream)
+        return _execute(con, sql, fmt, out, stream, VIEW)
     except duckdb.Error as exc:
         if files_vanished(exc):  # the output, not the SQL: read_pinned reads the new generation
             if stream.written:  # rows already streamed cannot be taken back: no silent duplicates

@@ -231,8 +231,25 @@ def _max_bytes(output: LabelOutput) -> int:
 def _thumbnails(
     wanted: list[Thumbnail], options: StorageOptions | None, max_bytes: int, layout: InputSpec | None = None
 ) -> dict[str, tuple[Thumbnail, ...]]:
-    """Read each wanted image back from its source (each shard in one pass) and make its thumbnail; the order
-    of `wanted` (by label, least confident first) is kept."""
+    """Each wanted image's thumbnail (made_from_sources), by label, in the order of `wanted` (least confident
+    first within a label)."""
+    result: dict[str, list[Thumbnail]] = {}
+    for thumb in made_from_sources(wanted, options, max_bytes, layout):
+        result.setdefault(thumb.label, []).append(thumb)
+    return {label: tuple(thumbs) for label, thumbs in result.items()}
+
+
+def thumbnails_of(
+    output: LabelOutput, wanted: list[Thumbnail], options: StorageOptions | None = None
+) -> list[Thumbnail]:
+    """`wanted` (images of `output`'s rows) with their thumbnails, read back as the job read its input, in order."""
+    return made_from_sources(wanted, _source_options(output, options), _max_bytes(output), _layout(output))
+
+
+def made_from_sources(
+    wanted: list[Thumbnail], options: StorageOptions | None, max_bytes: int, layout: InputSpec | None = None
+) -> list[Thumbnail]:
+    """Read each wanted image back from its source (each shard in one pass) and make its thumbnail, in order."""
     stores = StorageByScheme(options)
     by_source: dict[str, list[tuple[int, Thumbnail]]] = {}
     for i, thumb in enumerate(wanted):
@@ -240,10 +257,7 @@ def _thumbnails(
     with ThreadPoolExecutor(_READ_THREADS) as pool:
         made = [one for batch in pool.map(lambda s: _from_source(stores, s, by_source[s], max_bytes, layout),
                                           by_source) for one in batch]  # fmt: skip
-    result: dict[str, list[Thumbnail]] = {}
-    for _, thumb in sorted(made, key=lambda pair: pair[0]):
-        result.setdefault(thumb.label, []).append(thumb)
-    return {label: tuple(thumbs) for label, thumbs in result.items()}
+    return [thumb for _, thumb in sorted(made, key=lambda pair: pair[0])]
 
 
 def _from_source(

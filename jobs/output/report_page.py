@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 _BAR = "#3b6ea5"
-_STYLE = """
+STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 1px solid #eee; text-align: left;
@@ -37,7 +37,7 @@ svg text { font: 11px system-ui, sans-serif; fill: #333; }
 """
 
 
-def _t(value: object) -> str:
+def escape(value: object) -> str:
     """Untrusted text, escaped for HTML content and attribute values alike."""
     return html.escape(str(value), quote=True)
 
@@ -65,23 +65,23 @@ def render(data: ReportData) -> str:
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
-        f"<title>bulklabel report: {_t(data.job_id)}</title><style>{_STYLE}</style></head>\n<body>\n"
+        f"<title>bulklabel report: {escape(data.job_id)}</title><style>{STYLE}</style></head>\n<body>\n"
         + "\n".join(sections)
         + "\n</body></html>\n"
     )
 
 
 def _section(ident: str, title: str, body: str) -> str:
-    return f"<section id='{ident}'><h2>{_t(title)}</h2>\n{body}\n</section>"
+    return f"<section id='{ident}'><h2>{escape(title)}</h2>\n{body}\n</section>"
 
 
 def _summary(data: ReportData) -> str:
     labelled = data.rows - data.errors
     facts = [
-        ("output", f"<code>{_t(data.uri)}</code>"),
-        ("job", f"<code>{_t(data.job_id)}</code>"),
-        ("model", _t(data.model)),
-        ("status", _t(data.status) + ("" if data.complete else " (no manifest: the shards committed so far)")),
+        ("output", f"<code>{escape(data.uri)}</code>"),
+        ("job", f"<code>{escape(data.job_id)}</code>"),
+        ("model", escape(data.model)),
+        ("status", escape(data.status) + ("" if data.complete else " (no manifest: the shards committed so far)")),
         ("images", f"<span id='rows'>{data.rows}</span>"),
         ("labelled", f"<span id='labelled'>{labelled}</span>"),
         ("errors", f"<span id='error-rows'>{data.errors}</span>" + _percent(data.errors, data.rows)),
@@ -91,7 +91,7 @@ def _summary(data: ReportData) -> str:
     rows = "".join(f"<tr><td>{name}</td><td>{value}</td></tr>" for name, value in facts)
     failed = ""
     if data.failed_shards:
-        items = "".join(f"<li><code>{_t(s)}</code>: {_t(e)}</li>" for s, e in data.failed_shards)
+        items = "".join(f"<li><code>{escape(s)}</code>: {escape(e)}</li>" for s, e in data.failed_shards)
         failed = f"<h2>Failed shards</h2><ul id='failed'>{items}</ul>"
     generated = data.generated_at.strftime("%Y-%m-%d %H:%M:%S UTC")
     return (
@@ -117,8 +117,8 @@ def _label_chart(data: ReportData) -> str:
     for i, (label, n) in enumerate(data.labels):
         y, w = i * row, max(1.0, width * n / top)
         parts.append(
-            f"<g class='label-bar' data-label='{_t(label)}' data-count='{n}'>"
-            f"<text x='{left - 6}' y='{y + 14}' text-anchor='end'>{_t(_short(label, 34))}</text>"
+            f"<g class='label-bar' data-label='{escape(label)}' data-count='{n}'>"
+            f"<text x='{left - 6}' y='{y + 14}' text-anchor='end'>{escape(_short(label, 34))}</text>"
             f"<rect x='{left}' y='{y + 3}' width='{w:.1f}' height='{row - 6}' fill='{_BAR}'/>"
             f"<text x='{left + w + 4:.1f}' y='{y + 14}'>{n}</text></g>"
         )
@@ -198,10 +198,11 @@ def _errors(data: ReportData) -> str:
     rows = []
     for kind in data.error_kinds:
         examples = "".join(
-            f"<li><code>{_t(key)}</code>: {_t(_short(message, 300))}</li>" for key, message in kind.examples
+            f"<li><code>{escape(key)}</code>: {escape(_short(message, 300))}</li>" for key, message in kind.examples
         )
         rows.append(
-            f"<tr class='error-kind' data-kind='{_t(kind.kind)}' data-count='{kind.rows}'><td><b>{_t(kind.kind)}</b>"
+            f"<tr class='error-kind' data-kind='{escape(kind.kind)}' data-count='{kind.rows}'><td>"
+            f"<b>{escape(kind.kind)}</b>"
             f"</td><td class='n'>{kind.rows}</td><td><ul>{examples}</ul></td></tr>"
         )
     return f"<table><tr><th>kind</th><th>rows</th><th>examples</th></tr>{''.join(rows)}</table>"
@@ -212,7 +213,7 @@ def _slowest(timings: Sequence[ShardTiming]) -> str:
         return "<p class='muted'>No done-markers.</p>"
     slow = sorted(timings, key=lambda t: (-t.seconds, t.shard))[:SLOWEST_SHARDS]
     rows = "".join(
-        f"<tr class='slow-shard'><td><code>{_t(t.shard)}</code></td><td class='n'>{t.seconds:.2f}</td>"
+        f"<tr class='slow-shard'><td><code>{escape(t.shard)}</code></td><td class='n'>{t.seconds:.2f}</td>"
         f"<td class='n'>{t.rows}</td><td class='n'>{t.rows / t.seconds if t.seconds else 0:.1f}</td>"
         f"<td class='n'>{t.errors}</td><td class='n'>{t.attempt}</td><td class='n'>{t.bytes_read / 1e6:.1f}</td>"
         f"<td>{t.committed_at.strftime('%H:%M:%S') if t.committed_at else '-'}</td></tr>"
@@ -230,18 +231,18 @@ def _thumbnail_grid(thumbnails: dict[str, tuple[Thumbnail, ...]]) -> str:
     blocks = []
     for label, thumbs in thumbnails.items():
         figures = "".join(_figure(t) for t in thumbs)
-        blocks.append(f"<h3 data-label='{_t(label)}'>{_t(label)}</h3><div class='grid'>{figures}</div>")
+        blocks.append(f"<h3 data-label='{escape(label)}'>{escape(label)}</h3><div class='grid'>{figures}</div>")
     return "\n".join(blocks)
 
 
 def _figure(thumb: Thumbnail) -> str:
     if thumb.jpeg is not None:
         src = "data:image/jpeg;base64," + base64.b64encode(thumb.jpeg).decode("ascii")
-        picture = f"<img class='thumb' alt='{_t(thumb.key)}' data-key='{_t(thumb.key)}' src='{src}'>"
+        picture = f"<img class='thumb' alt='{escape(thumb.key)}' data-key='{escape(thumb.key)}' src='{src}'>"
     else:
-        picture = f"<div class='missing' data-key='{_t(thumb.key)}'>no thumbnail: {_t(thumb.problem)}</div>"
-    others = ", ".join(f"{_t(label)} {score:.2f}" for label, score in thumb.runners_up)
+        picture = f"<div class='missing' data-key='{escape(thumb.key)}'>no thumbnail: {escape(thumb.problem)}</div>"
+    others = ", ".join(f"{escape(label)} {score:.2f}" for label, score in thumb.runners_up)
     return (
-        f"<figure>{picture}<figcaption><code>{_t(thumb.key)}</code><br>{thumb.score:.3f}"
+        f"<figure>{picture}<figcaption><code>{escape(thumb.key)}</code><br>{thumb.score:.3f}"
         f"{f' · then {others}' if others else ''}</figcaption></figure>"
     )

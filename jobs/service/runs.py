@@ -3,7 +3,8 @@ how it starts, how it ends, as a `RunEnd` with its `Outcome` (the service maps i
 - A label job runs in a thread of the service, dispatching its shards to workers leased from its model's warm
   pool: the same runner (jobs.label.runner) as `bulklabel label`, with the pool as its worker source.
 - A fine-tune runs as a Ray task (its own process, so Ray Train's driver and torch stay out of the service), which
-  a cancel kills; its checkpoints let `resume` continue from the last epoch.
+  a cancel kills; its checkpoints let `resume` continue from the last epoch. A curation job runs so too, on a CPU;
+  its output is committed once, so `resume` after a kill computes it again.
 """
 
 from __future__ import annotations
@@ -140,12 +141,15 @@ class LabelJobRun:
         return self._progress.snapshot()
 
 
-class FinetuneJobRun:
-    """A fine-tune running as a Ray task; cancel kills the task (and the Ray Train workers it owns)."""
+class TaskJobRun:
+    """A job running as a Ray task in its own process (a fine-tune: Ray Train's driver and torch stay out of the
+    service; a curation job: its reading and search); cancel kills the task (and the Ray Train workers it owns).
+    `run(spec, quiet)`: the kind's run in the CLI's process (jobs.kinds.Kind.run_here), a module-level function
+    (Ray sends it by name). `cpus`: what the task itself holds (a fine-tune's are its Ray Train workers', so 0)."""
 
-    def __init__(self, start):  # a jobs.kinds.ServiceStart (not imported: jobs.kinds imports this module)
-        self._ref = _finetune_task.options(name=f"bulklabel-{start.job_id}").remote(start.spec, start.job_id,
-                                                                                   start.state_uri)  # fmt: skip
+    def __init__(self, start, run: Callable, cpus: float = 0):  # start: a jobs.kinds.ServiceStart
+        self._ref = _kind_task.options(name=f"bulklabel-{start.job_id}", num_cpus=cpus).remote(
+            run, start.spec, start.job_id, start.state_uri)  # fmt: skip
         self._cancelled = False
         self._outcome: RunEnd | None = None
 
@@ -154,7 +158,7 @@ class FinetuneJobRun:
             try:
                 outcome, lines = ray.get(self._ref)
                 self._outcome = RunEnd(outcome_of(outcome), tuple(lines))
-            except Exception as exc:  # noqa: BLE001 - a task killed by cancel, or a failed training
+            except Exception as exc:  # noqa: BLE001 - a task killed by cancel, or a failed run
                 cause = getattr(exc, "cause", None) or exc
                 outcome = Outcome.CANCELLED if self._cancelled else Outcome.FAILED
                 self._outcome = RunEnd(outcome, (), None if self._cancelled else _one_line(cause))
@@ -169,9 +173,8 @@ class FinetuneJobRun:
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _finetune_task(spec: FinetuneJobSpec, job_id: str, state_uri: str) -> tuple[str, list[str]]:
-    """Run a fine-tune in its own process; its log lines go to the job's log in the store."""
-    from jobs.finetune import run_finetune_job
+def _kind_task(run: Callable, spec, job_id: str, state_uri: str) -> tuple[str, list[str]]:
+    """Run a job in its own process, as its CLI command would; its log lines go to the job's log."""
     from jobs.service.store import JobStore
 
     store = JobStore(state_uri, getattr(spec, "storage", None))
@@ -179,7 +182,7 @@ def _finetune_task(spec: FinetuneJobSpec, job_id: str, state_uri: str) -> tuple[
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
     try:
-        summary = run_finetune_job(spec, show_progress=False)
+        summary = run(spec, True)
         return str(summary.status), list(summary.lines())  # a Ray task's result: the outcome's value, a string
     finally:
         logging.getLogger().removeHandler(handler)
@@ -229,6 +232,27 @@ def finetune_needs(spec: FinetuneJobSpec, cluster: ClusterResources) -> Needs:
     cpus_per_worker, else an even split of the cluster's CPUs, at least 1)."""
     cpus = spec.cpus_per_worker or max(1.0, math.floor(cluster.cpus / spec.num_workers))
     return Needs.gang(Resources(cpus, spec.gpus_per_worker), spec.num_workers)
+
+
+CURATION_CPUS = 1.0  # a curation task's reading and index search: numpy and faiss on one core
+
+
+def curation_needs() -> Needs:
+    """A curation job is one task on one CPU."""
+    return Needs.gang(Resources(CURATION_CPUS, 0.0), 1)
+
+
+def curation_finished(record: JobRecord, storage: StorageOptions | None) -> bool:
+    """Whether the curation output holds this job's manifest, written since the record's last start."""
+    from jobs.output.results import open_result
+
+    try:
+        result = open_result(record.output, storage)
+    except Exception as exc:  # noqa: BLE001 - whatever keeps the output from being read, it proves nothing
+        log.info("job %s: its output %s proves no success (%s)", record.job_id, record.output, _one_line(exc))
+        return False
+    return (result is not None and result.manifest.job_id == record.job_id
+            and (record.started_at is None or result.manifest.finished_at >= record.started_at))  # fmt: skip
 
 
 def label_finished(record: JobRecord, storage: StorageOptions | None) -> bool:

@@ -17,7 +17,7 @@ from pydantic import Field
 from jobs import kinds
 from jobs.cli import _parser, kind_arguments, spec_of
 from jobs.flags import Flag, SpecFlags, field_at, spec_data
-from jobs.kind_flags import FINETUNE_FLAGS, LABEL_FLAGS
+from jobs.kind_flags import DEDUPE_FLAGS, FINETUNE_FLAGS, LABEL_FLAGS, REVIEW_QUEUE_FLAGS
 from jobs.kinds import load_job_spec
 from jobs.service.commands import normalise_argv
 from schemas.finetune import FinetuneMethod
@@ -31,6 +31,10 @@ _BASE = {
     "finetune": (["--data", "/data/plants", "--base", "mobilenet_v2", "--output", "/data/models"],
                  {"kind": "finetune", "data": {"uri": "/data/plants"}, "base": {"name": "mobilenet_v2"},
                   "output": "/data/models"}),
+    "dedupe": (["/data/labels", "--out", "/data/dupes"],
+               {"kind": "dedupe", "sources": ["/data/labels"], "output": "/data/dupes"}),
+    "review-queue": (["/data/labels", "--out", "/data/queue"],
+                     {"kind": "review-queue", "source": "/data/labels", "output": "/data/queue"}),
 }  # fmt: skip
 
 # Per flag: what is typed (never the field's default) and the value a spec file gives its field.
@@ -85,6 +89,25 @@ _SAMPLES = {
         "--job-id": (["--job-id", "tune-1"], "tune-1"),
         "--name": (["--name", "plants"], "plants"),
     },
+    "dedupe": {
+        "OUTPUT": (["/data/a", "/data/b"], ["/data/a", "/data/b"]),
+        "--out": (["--out", "/data/dupes-2"], "/data/dupes-2"),
+        "--threshold": (["--threshold", "0.9"], 0.9),
+        "--split": (["--split", "/models/plants/v3"], "/models/plants/v3"),
+        "--index": (["--index", "ivf"], "ivf"),
+        "--endpoint-url": (["--endpoint-url", "http://127.0.0.1:8333"], "http://127.0.0.1:8333"),
+        "--job-id": (["--job-id", "dupes-1"], "dupes-1"),
+    },
+    "review-queue": {
+        "OUTPUT": (["/data/other"], "/data/other"),
+        "--out": (["--out", "/data/queue-2"], "/data/queue-2"),
+        "--strategy": (["--strategy", "diverse"], "diverse"),
+        "--size": (["-n", "50"], 50),
+        "--per-label": (["--per-label"], True),
+        "--sheet": (["--no-sheet"], False),
+        "--endpoint-url": (["--endpoint-url", "http://127.0.0.1:8333"], "http://127.0.0.1:8333"),
+        "--job-id": (["--job-id", "queue-1"], "queue-1"),
+    },
 }
 # A few flags whose other values take another path (a weights name rather than `none`, `auto` rather than a bool).
 _MORE = [
@@ -93,7 +116,8 @@ _MORE = [
     ("finetune", "--method", ["--method", "linear-probe"], "linear-probe"),
     ("finetune", "--weights", ["--weights", "IMAGENET1K_V1"], "IMAGENET1K_V1"),
 ]
-_TABLES = {"label": LABEL_FLAGS, "finetune": FINETUNE_FLAGS}
+_TABLES = {"label": LABEL_FLAGS, "finetune": FINETUNE_FLAGS, "dedupe": DEDUPE_FLAGS,
+           "review-queue": REVIEW_QUEUE_FLAGS}  # fmt: skip
 _CASES = [(kind, flag, *sample) for kind, samples in _SAMPLES.items() for flag, sample in samples.items()] + _MORE
 
 
@@ -124,6 +148,8 @@ def _by_flags(kind: str, typed: list[str], replaces: str | None = None):
     base = list(_BASE[kind][0])
     if replaces in base:  # a required flag's sample replaces the base value
         del base[base.index(replaces) : base.index(replaces) + 2]
+    elif replaces is not None and not replaces.startswith("-"):  # a positional's: the base's first word
+        base = base[1:]
     return spec_of(_parser().parse_args([kind, *base, *typed]))
 
 
@@ -131,6 +157,7 @@ def test_every_flag_of_the_tables_has_a_sample():
     """A flag added to a table without a case here fails this test, so the id test below covers every flag."""
     assert {kind: set(samples) for kind, samples in _SAMPLES.items()} == {k: set(t) for k, t in _TABLES.items()}
     assert len(_SAMPLES["label"]) + len(_SAMPLES["finetune"]) == 46  # 48 flags of issue 22 less the two --quiet
+    assert len(_SAMPLES["dedupe"]) + len(_SAMPLES["review-queue"]) == 15
 
 
 @pytest.mark.parametrize(("kind", "flag", "typed", "value"), _CASES, ids=[f"{c[0]}{c[1]}={c[3]}" for c in _CASES])
@@ -143,7 +170,7 @@ def test_a_job_by_flags_is_the_job_of_its_spec_file(tmp_path, kind, flag, typed,
     assert by_flags.model_dump(mode="json") != _spec_file(tmp_path, kind).model_dump(mode="json")
 
 
-@pytest.mark.parametrize("kind", ["label", "finetune"])
+@pytest.mark.parametrize("kind", list(_BASE))
 def test_absent_flags_leave_the_spec_defaults(tmp_path, kind):
     args = _parser().parse_args([kind, *_BASE[kind][0]])
     given = spec_data(args, _TABLES[kind])
@@ -154,7 +181,7 @@ def test_absent_flags_leave_the_spec_defaults(tmp_path, kind):
     assert by_flags.resolved_job_id() == by_file.resolved_job_id()
 
 
-@pytest.mark.parametrize("kind", ["label", "finetune"])
+@pytest.mark.parametrize("kind", list(_BASE))
 def test_submit_takes_the_same_flags_and_builds_the_same_spec(kind):
     typed = _merged(kind)
     run = spec_of(_parser().parse_args([kind, *typed]))
@@ -256,11 +283,25 @@ def test_a_table_naming_a_missing_field_or_an_unreadable_type_fails_when_the_par
     with pytest.raises(KeyError, match="inner.speed"):
         SpecFlags(_Toy, {"--speed": "inner.speed"}).add_to(argparse.ArgumentParser())
 
-    class Listy(Spec):
-        items: tuple[str, ...] = Field(default=(), description="Not a flag's type yet.")
+    class Pairs(Spec):
+        items: tuple[str, str] = Field(default=("a", "b"), description="A fixed-length tuple has no flag form.")
 
     with pytest.raises(TypeError, match="no command-line form"):
-        SpecFlags(Listy, {"--items": "items"}).add_to(argparse.ArgumentParser())
+        SpecFlags(Pairs, {"--items": "items"}).add_to(argparse.ArgumentParser())
+
+
+def test_a_tuple_field_takes_one_or_more_values_as_a_positional_or_a_flag():
+    class Listy(Spec):
+        items: tuple[str, ...] = Field(min_length=1, description="What to read.")
+        tags: tuple[str, ...] = Field(default=(), description="Tags.")
+
+    flags = SpecFlags(Listy, {"ITEM": Flag("items", positional=True, metavar="ITEM"), "--tags": "tags",
+                              "--count": Flag("tags", short="-t")})  # fmt: skip
+    parser = argparse.ArgumentParser()
+    flags.add_to(parser)
+    assert flags.build(parser.parse_args(["a", "b", "--tags", "x", "y"])) == Listy(items=("a", "b"), tags=("x", "y"))
+    assert flags.build(parser.parse_args(["a", "-t", "z"])).tags == ("z",)
+    assert flags.build(parser.parse_args(["a"])).tags == ()  # absent: the spec's default
 
 
 @pytest.mark.parametrize("command", [["label"], ["finetune"], ["submit", "label"], ["submit", "finetune"]], ids=str)

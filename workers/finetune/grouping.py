@@ -2,12 +2,12 @@
 
 Two images are joined when their bytes are identical (same sha256, whatever their labels) or when, within one
 class, the cosine of their frozen-backbone embeddings reaches a threshold; groups are the connected components
-(union-find), so a chain of near-copies is one group. Plain numpy, no torch: the embeddings come from the
-embedding pass (workers.finetune.embed), the split from workers.finetune.dataplan.
+(union-find), so a chain of near-copies is one group. The cosine search and the components are
+workers.curate.neighbours', the one implementation `bulklabel dedupe` uses too. No torch: the embeddings come from
+the embedding pass (workers.finetune.embed), the split from workers.finetune.dataplan.
 
-Cost: the cosine search is per class, in blocks of BLOCK rows, so it is O(n^2 / classes) dot products and never
-holds more than BLOCK x n_class similarities: 600 plants images take milliseconds; 100,000 images in 100 classes
-about 1e8 dot products of length d, seconds on a CPU.
+Cost: the search is per class (exact, in blocks), O(n^2 / classes) dot products: 600 plants images take
+milliseconds; 100,000 images in 100 classes about 1e8 dot products of length d, seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK = 2048
+from workers.curate.neighbours import UnionFind, similar_pairs, unit_rows
 
 
 @dataclass(frozen=True)
@@ -47,22 +47,6 @@ class Groups:
         return sum(n for n in self.sizes().values() if n > 1)
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def near_duplicate_groups(
     labels: Sequence[int],
     sha256s: Sequence[str | None],
@@ -72,35 +56,16 @@ def near_duplicate_groups(
     """Group images by identical content (sha256; None = unreadable, never joined) and, within a class, by
     embedding cosine >= `threshold` (rows of `embeddings` that are all zero, e.g. unreadable images, join none)."""
     n = len(labels)
-    uf = _UnionFind(n)
+    uf = UnionFind(n)
     first_with: dict[str, int] = {}
     for i, digest in enumerate(sha256s):
         if digest is not None:
             uf.union(first_with.setdefault(digest, i), i)
-    content = _numbered(uf, n)
+    content = tuple(uf.numbered().tolist())
     if embeddings is not None and n:
-        _join_similar(uf, np.asarray(labels), _unit_rows(embeddings), threshold)
-    return Groups(_numbered(uf, n), content)
-
-
-def _numbered(uf: _UnionFind, n: int) -> tuple[int, ...]:
-    numbering: dict[int, int] = {}
-    return tuple(numbering.setdefault(uf.find(i), len(numbering)) for i in range(n))
-
-
-def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
-    x = np.asarray(embeddings, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-
-
-def _join_similar(uf: _UnionFind, labels: np.ndarray, unit: np.ndarray, threshold: float) -> None:
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        x = unit[members]
-        for start in range(0, len(members), BLOCK):
-            sims = x[start : start + BLOCK] @ x.T
-            rows, cols = np.nonzero(sims >= threshold)
-            for r, c in zip(rows + start, cols, strict=True):
-                if r < c:  # each pair once; the diagonal (an image with itself) never
-                    uf.union(int(members[r]), int(members[c]))
+        unit, by_label = unit_rows(embeddings), np.asarray(labels)
+        for label in np.unique(by_label):
+            members = np.flatnonzero(by_label == label)
+            pairs = similar_pairs(unit[members], threshold, method="exact")
+            uf.union_pairs(members[pairs.left], members[pairs.right])
+    return Groups(tuple(uf.numbered().tolist()), content)

@@ -1,0 +1,206 @@
+"""Curation jobs: their specs, the Arrow schemas of the tables they write, and the typed manifest of such an output.
+
+A curation job reads what other jobs wrote (label outputs, a fine-tune's split) and writes one table of findings:
+`dedupe` (near-duplicate groups and the leakage they cause across a split), `review-queue` (the images a person
+should look at first). Its output follows the label output's layout (schemas.layout: `_owner.json`, `data/`, the
+lease, `_job.json` written last), so it is committed once and read by `bulklabel query`, DuckDB and Polars alike;
+its manifest is a `ResultManifest` (kind, table, files), not a label job's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.outcome import Outcome
+from schemas.specs import Spec, StorageOptions, _as_prefix, not_blank
+
+RESULT_SCHEMA_VERSION = 1
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def _job_id_of(kind: str, spec: BaseModel, fields: set[str]) -> str:
+    """A job id from the fields that decide the output's rows (those at their defaults left out, so a field added
+    later keeps the ids, and resumes, of existing jobs)."""
+    identity = spec.model_dump(mode="json", include=fields, exclude_defaults=True)
+    return f"{kind}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+class _CurationSpec(Spec):
+    job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN,
+                               description="Defaults to a hash of what determines the output, so a re-run is the "
+                                           "same job.")  # fmt: skip
+    output: Annotated[str, not_blank("output")] = Field(description="Local folder or s3://bucket/prefix for the "
+                                                                    "result table and its manifest.")  # fmt: skip
+    storage: StorageOptions = StorageOptions()
+
+    def _refuse_output_among(self, inputs: tuple[str, ...]) -> None:
+        out = _as_prefix(self.output)
+        for uri in inputs:
+            inp = _as_prefix(uri)
+            if out.startswith(inp) or inp.startswith(out):
+                raise ValueError(f"output {self.output!r} must not overlap input {uri!r}")
+
+
+class DedupeJobSpec(_CurationSpec):
+    """Exact and near-duplicate images across label outputs, and the leakage they cause across a train/validation
+    split: one row per image with its group and the group's representative."""
+
+    kind: Literal["dedupe"] = "dedupe"
+    sources: tuple[Annotated[str, not_blank("source")], ...] = Field(
+        min_length=1, description="Label outputs (folders or s3:// prefixes) whose images are compared, with "
+        "embeddings stored (the label job's default).")  # fmt: skip
+    threshold: float = Field(default=0.95, gt=0, le=1,
+                             description="Embedding cosine from which two images are near-duplicates (1: only "
+                                         "identical embeddings; identical bytes always are).")  # fmt: skip
+    split: str | None = Field(
+        default=None,
+        description="A fine-tune artifact's version folder (models/x/v3): each image's side of its split.csv, and "
+        "the groups that span train and validation.",
+    )
+    index: Literal["auto", "exact", "ivf"] = Field(
+        default="auto",
+        description="Neighbour search: exact inner products, an approximate faiss IVF index, or auto by size.",
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct(cls, sources: tuple[str, ...]) -> tuple[str, ...]:
+        seen = [_as_prefix(s) for s in sources]
+        if len(set(seen)) != len(seen):
+            raise ValueError("a label output is named twice")
+        return sources
+
+    @model_validator(mode="after")
+    def _output_apart(self) -> DedupeJobSpec:
+        self._refuse_output_among(self.sources + ((self.split,) if self.split else ()))
+        return self
+
+    def resolved_job_id(self) -> str:
+        return self.job_id or _job_id_of("dedupe", self, {"sources", "output", "threshold", "split"})
+
+
+class QueueStrategy(StrEnum):
+    """How a review queue ranks images: the uncertainty measure, or it weighted by coverage (`diverse`)."""
+
+    MARGIN = "margin"  # 1 - (p1 - p2): two classes nearly tied
+    ENTROPY = "entropy"  # of the class distribution, normalised to [0, 1]
+    LEAST_CONFIDENCE = "least-confidence"  # 1 - p1
+    DIVERSE = "diverse"  # margin, taken in the order of a k-center greedy cover of the embeddings
+
+
+class ReviewQueueJobSpec(_CurationSpec):
+    """The images of a label output a person should look at first: a ranked queue (Parquet) and its contact sheet."""
+
+    kind: Literal["review-queue"] = "review-queue"
+    source: Annotated[str, not_blank("source")] = Field(description="The label output to rank.")
+    strategy: QueueStrategy = Field(default=QueueStrategy.MARGIN, description="How images are ranked.")
+    size: int = Field(default=500, gt=0, le=1_000_000, description="Images in the queue.")
+    per_label: bool = Field(default=False,
+                            description="Split the queue evenly over the predicted labels (stratified).")  # fmt: skip
+    sheet: bool = Field(default=True, description="Also write sheet.html: thumbnails, top-3 with scores, given "
+                                                  "label.")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _output_apart(self) -> ReviewQueueJobSpec:
+        self._refuse_output_among((self.source,))
+        return self
+
+    def resolved_job_id(self) -> str:
+        return self.job_id or _job_id_of("review-queue", self, {"source", "output", "strategy", "size", "per_label"})
+
+
+# -------------------------------------------------------------------------------------------------- tables
+
+DUPLICATES_TABLE = "duplicates"
+DUPLICATES_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),  # the label output the row came from
+        pa.field("key", pa.string(), nullable=False),  # its key there
+        pa.field("image", pa.string(), nullable=False),  # the object the image came from (label row's `source`)
+        pa.field("image_id", pa.string()),  # sha256 of the bytes
+        pa.field("label", pa.string()),  # the label output's top-1
+        pa.field("given_label", pa.string()),
+        pa.field("group", pa.int64(), nullable=False),  # numbered from 0; an image alone is a group of one
+        pa.field("group_size", pa.int32(), nullable=False),
+        pa.field("representative", pa.bool_(), nullable=False),  # the group's largest image (ties: first by key)
+        pa.field("representative_source", pa.string(), nullable=False),
+        pa.field("representative_key", pa.string(), nullable=False),
+        pa.field("cosine", pa.float32()),  # to the representative (1 for itself; null without an embedding)
+        pa.field("exact", pa.bool_(), nullable=False),  # the same bytes as the representative
+        pa.field("split", pa.string()),  # train | val per the split.csv given; null when not in it
+        pa.field("leaks", pa.bool_(), nullable=False),  # the group spans train and validation (or several sources)
+    ],
+    metadata={"bulklabel.schema_version": str(RESULT_SCHEMA_VERSION)},
+)
+
+QUEUE_TABLE = "queue"
+QUEUE_SCHEMA = pa.schema(
+    [
+        pa.field("rank", pa.int32(), nullable=False),  # 1 first
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("topk_labels", pa.list_(pa.string())),
+        pa.field("topk_scores", pa.list_(pa.float32())),
+        pa.field("given_label", pa.string()),
+        pa.field("uncertainty", pa.float32(), nullable=False),  # of the strategy's measure, higher first
+        pa.field("strategy", pa.string(), nullable=False),
+        pa.field("measured_on", pa.string(), nullable=False),  # probabilities | topk: what the measure was taken on
+    ],
+    metadata={"bulklabel.schema_version": str(RESULT_SCHEMA_VERSION)},
+)
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {DUPLICATES_TABLE: DUPLICATES_SCHEMA, QUEUE_TABLE: QUEUE_SCHEMA}
+
+
+# -------------------------------------------------------------------------------------------------- manifest
+
+
+class ResultFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str  # relative to the output: data/<table>.parquet
+    rows: int
+
+
+class ResultSource(BaseModel):
+    """What the job read: an input and the job (and manifest generation) that wrote it, for an audit."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    uri: str
+    job_id: str | None = None
+    generation: int | None = None
+    rows: int = 0
+
+
+class ResultManifest(BaseModel):
+    """The `_job.json` of a curation job's output, written last: its one table's files, what it read, its figures."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    job_id: str
+    kind: str  # the job kind ("dedupe", "review-queue")
+    status: Literal[Outcome.SUCCEEDED]
+    table: str  # the table's name: `bulklabel query`'s view
+    schema_version: int = RESULT_SCHEMA_VERSION
+    layout_version: int
+    spec: dict[str, Any]  # as dumped (secrets masked)
+    sources: tuple[ResultSource, ...] = ()
+    files: tuple[ResultFile, ...]
+    sheet: str | None = None  # the HTML sheet's name relative to the output, when one was written
+    figures: dict[str, Any] = {}  # the kind's summary figures (groups, leaking groups, ...)
+    started_at: datetime
+    finished_at: datetime
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
