@@ -56,9 +56,12 @@ class DedupeJobSpec(_CurationSpec):
     sources: tuple[Annotated[str, not_blank("source")], ...] = Field(
         min_length=1, description="Label outputs (folders or s3:// prefixes) whose images are compared, with "
         "embeddings stored (the label job's default).")  # fmt: skip
-    threshold: float = Field(default=0.95, gt=0, le=1,
-                             description="Embedding cosine from which two images are near-duplicates (1: only "
-                                         "identical embeddings; identical bytes always are).")  # fmt: skip
+    threshold: float = Field(
+        default=0.83, gt=0, le=1,
+        description="Embedding cosine from which two images are near-duplicates (identical bytes always are). On the "
+        "ImageNet sample (MobileNetV2), copies halved in size, re-encoded at JPEG quality 35 or cropped 4% scored "
+        "0.847-0.986 against their originals; the closest two distinct photos 0.769.",
+    )  # fmt: skip
     split: str | None = Field(
         default=None,
         description="A fine-tune artifact's version folder (models/x/v3): each image's side of its split.csv, and "

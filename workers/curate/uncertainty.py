@@ -1,5 +1,6 @@
 """Which images a person should look at first: uncertainty measures over a model's class scores, and a k-center
-greedy cover of the embeddings so a queue is not hundreds of near-copies of one hard case. Plain numpy.
+greedy cover of the most uncertain images' embeddings, so a queue is not hundreds of near-copies of one hard case.
+Plain numpy.
 
 Measures (higher: more uncertain), on the full softmax where a label job stored it (`probabilities: true`), else on
 its top-k scores with the mass outside them as one more class (an approximation, said in each row's `measured_on`):
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 MARGIN, ENTROPY, LEAST_CONFIDENCE = "margin", "entropy", "least-confidence"
-POOL_PER_PICK = 10  # diverse: the cover chooses among this many times the queue's size of the most uncertain
+POOL_PER_PICK = 3  # diverse: the cover chooses among this many times the queue's size of the most uncertain
 
 
 def with_rest(topk_scores: np.ndarray) -> np.ndarray:
@@ -47,24 +48,20 @@ def ranked(scores: np.ndarray) -> np.ndarray:
 
 
 def diverse(scores: np.ndarray, unit: np.ndarray, size: int) -> np.ndarray:
-    """`size` indices chosen greedily among the most uncertain: first the most uncertain, then each time the image
-    whose uncertainty times its cosine distance to the nearest one chosen is largest (a k-center cover weighted by
-    uncertainty: a near-copy of a chosen image scores about 0). Rows of `unit` are unit vectors (zero: no
-    embedding, treated as far from everything)."""
+    """`size` indices covering the most uncertain images: among the POOL_PER_PICK x size most uncertain, first the
+    most uncertain, then each time the one farthest (cosine distance) from every one chosen so far: a k-center
+    greedy cover (Sener & Savarese 2018's core-set selection) of the uncertain pool, so a near-copy of a chosen
+    image is taken only once the pool has nothing farther. Rows of `unit` are unit vectors (zero: no embedding)."""
     pool = ranked(scores)[: max(size, min(len(scores), size * POOL_PER_PICK))]
     if len(pool) == 0:
         return pool
-    x, u = unit[pool], np.asarray(scores, dtype=np.float64)[pool]
-    nearest = np.full(len(pool), 2.0)  # cosine distance to the nearest chosen: at most 2
+    x = unit[pool]
+    nearest = np.full(len(pool), np.inf)  # cosine distance to the nearest chosen
     chosen = [0]
-    taken = np.zeros(len(pool), dtype=bool)
-    taken[0] = True
     for _ in range(min(size, len(pool)) - 1):
         nearest = np.minimum(nearest, 1.0 - x @ x[chosen[-1]])
-        weight = np.where(taken, -np.inf, u * np.maximum(nearest, 0.0))
-        best = int(np.argmax(weight))  # first of equals: the more uncertain (the pool is in rank order)
-        chosen.append(best)
-        taken[best] = True
+        nearest[chosen[-1]] = -np.inf  # never again
+        chosen.append(int(np.argmax(nearest)))  # first of equals: the more uncertain (the pool is in rank order)
     return pool[np.array(chosen)]
 
 

@@ -12,22 +12,20 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageStat
+from PIL import Image
 
 from jobs.cli import main
 from jobs.output.reader import open_output
 from jobs.output.report import THUMB_LABELS, THUMBS_PER_LABEL
 from jobs.output.report_page import CSP, write_report
 from tests.conftest import PROJECT_ROOT
+from tests.pages import PROBE, Dom, render, screenshot_kept
 from tests.support import IMAGENET_SAMPLE, imagenet_labels, write_tar_shards
 from workers.io.storage import join, open_storage
 
-ARTIFACTS = PROJECT_ROOT / "test-artifacts"
-CHROMIUM_NOTE = PROJECT_ROOT / ".venv" / ".chromium-unavailable"  # deploy/setup.sh: why apt could not install it
 # Names that would run script (or add elements) if the page put them in unescaped: '/' cannot be in a file name.
 HOSTILE = ["<img src=x onerror=window.__pwned=1>.jpg", "\"'><svg onload=window.__pwned=2>.jpg"]
 PHOTOS = 8
@@ -82,63 +80,14 @@ def report(labelled, tmp_path_factory) -> Path:
     return out
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if CHROMIUM_NOTE.exists():
-        pytest.skip(f"chromium could not be installed by deploy/setup.sh: {CHROMIUM_NOTE.read_text().strip()}")
-    pytest.fail("chromium is not installed: run `bash deploy/setup.sh` (it installs Debian's chromium)")
-
-
-def _render(page: Path, tmp_path: Path, *args: str) -> str:
-    """Headless Chromium on `page` (file://), offline; returns its stdout (the DOM, for --dump-dom)."""
-    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-default-apps", "--disable-sync", "--no-first-run",
-               "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-               "--virtual-time-budget=5000", *args, page.as_uri()]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-class _Dom(HTMLParser):
-    """The elements of a dumped DOM as (tag, attributes), and its text."""
-
-    def __init__(self, text: str):
-        super().__init__(convert_charrefs=True)
-        self.elements: list[tuple[str, dict[str, str | None]]] = []
-        self.text: list[str] = []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        self.elements.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-    def find(self, tag: str, **attrs: str) -> list[dict[str, str | None]]:
-        return [a for t, a in self.elements if t == tag and all(a.get(k.replace("_", "-")) == v
-                                                                   for k, v in attrs.items())]  # fmt: skip
-
-
-_PROBE = """<script>
-window.addEventListener('load', () => {
-  for (const img of document.images) img.setAttribute('data-natural', img.naturalWidth + 'x' + img.naturalHeight);
-  document.body.setAttribute('data-pwned', String(window.__pwned || 0));
-  document.body.setAttribute('data-probed', 'yes');
-});
-</script>"""
-
-
 def test_report_in_chromium_shows_the_jobs_figures(labelled, rows, report, tmp_path):
     page = report.read_text()
     assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     # A copy with a probe script (the CSP lifted for it alone) writes what Chromium decoded into the DOM.
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace(CSP, CSP.replace("default-src 'none'", "script-src 'unsafe-inline'"))
-                      .replace("</body>", _PROBE + "</body>"))  # fmt: skip
-    dom = _Dom(_render(probed, tmp_path, "--dump-dom"))
+                      .replace("</body>", PROBE + "</body>"))  # fmt: skip
+    dom = Dom(render(probed, tmp_path, "--dump-dom"))
     body = dom.find("body")[0]
     assert body["data-probed"] == "yes" and body["data-pwned"] == "0"  # escaping alone stops the hostile names
 
@@ -168,18 +117,9 @@ def test_report_in_chromium_shows_the_jobs_figures(labelled, rows, report, tmp_p
 
 
 def test_report_page_runs_nothing_and_screenshot_is_kept(report, tmp_path):
-    dom = _Dom(_render(report, tmp_path, "--dump-dom"))  # the page as shipped: CSP on, no script
+    dom = Dom(render(report, tmp_path, "--dump-dom"))  # the page as shipped: CSP on, no script
     assert not dom.find("script") and dom.find("section", id="uncertain")
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "report.png"
-    shot.unlink(missing_ok=True)
-    _render(report, tmp_path, f"--screenshot={shot}", "--window-size=1280,3600")
-    with Image.open(shot) as image:
-        assert image.size == (1280, 3600)
-        stat = ImageStat.Stat(image.convert("L"))
-        colours = len(image.convert("RGB").getcolors(1 << 24) or [])
-    assert stat.stddev[0] > 20 and colours > 1000, (stat.stddev, colours)  # text, bars and photos, not a blank page
-    shutil.copy(report, ARTIFACTS / "report.html")
+    shot = screenshot_kept(report, tmp_path, "report", 3600)
     sys.stdout.write(f"\nreport screenshot: {shot}\n")
 
 
