@@ -382,3 +382,29 @@ def _scrape(cluster: MultiNodeCluster, name: str, timeout: float = 60) -> list[s
         if lines or time.monotonic() > deadline:
             return lines
         time.sleep(2)
+
+
+def test_curation_jobs_submitted_before_their_input_fail_in_one_line_then_resume(service, tmp_path):
+    """Each curation kind through `bulklabel submit` and `resume`: queued before the label output it reads exists, it
+    fails naming it; once the label job has run, `resume` runs it to its committed table."""
+    labels = tmp_path / "labels"
+    dedupe = service.submit("dedupe", str(labels), "--out", str(tmp_path / "dupes"))
+    queue = service.submit("review-queue", str(labels), "--out", str(tmp_path / "queue"), "-n", "4")
+    failed = {job: service.wait_ended(job) for job in (dedupe, queue)}
+    for record in failed.values():
+        assert record["state"] == "failed" and str(labels) in record["last_error"], record
+        assert "\n" not in record["last_error"]
+    photos = _photos(tmp_path / "photos", 6)
+    label = service.submit(*_label_args(photos, labels, per_shard=3))
+    assert service.wait_ended(label)["state"] == "succeeded"
+    for job in (dedupe, queue):
+        service.cli("resume", job)
+    ended = {job: service.wait_ended(job) for job in (dedupe, queue)}
+    assert {r["state"] for r in ended.values()} == {"succeeded"}, ended
+    assert ended[dedupe]["attempts"] == 2 and ended[queue]["kind"] == "review-queue"
+    counted = service.cli("query", str(tmp_path / "dupes"), "SELECT count(*) AS n, count(DISTINCT key) AS k FROM "
+                          "duplicates", "--format", "json").stdout  # fmt: skip
+    assert json.loads(counted) == {"n": 6, "k": 6}
+    ranked = service.cli("query", str(tmp_path / "queue"), "SELECT rank FROM queue ORDER BY rank", "--format", "json")
+    assert [json.loads(line)["rank"] for line in ranked.stdout.splitlines()] == [1, 2, 3, 4]
+    assert "table:    duplicates, 6 rows" in service.cli("logs", dedupe).stdout + service.cli("status", dedupe).stdout
