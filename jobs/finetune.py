@@ -123,7 +123,7 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
         log.info("job %s already published %s; nothing to do", job_id, published[1].artifact_id)
         return FinetuneSummary(job_id, Outcome.ALREADY_COMPLETE, published[0], published[1], 0.0)
     check_writable(out, spec.output)
-    listing = _list(spec)
+    listing = list_labelled(spec)
     cluster = ensure_ray()
     release_kept("released for a fine-tune")  # this process's idle label workers would hold the CPUs it trains on
 
@@ -193,7 +193,8 @@ def _needs_embeddings(spec: FinetuneJobSpec) -> bool:
     return grouped or spec.training.method.needs_embeddings
 
 
-def _list(spec: FinetuneJobSpec) -> Listing:
+def list_labelled(spec: FinetuneJobSpec) -> Listing:
+    """The labelled images of the spec's data (and validation set), every class checked usable."""
     data = spec.data
     val_storage = open_storage(data.validation_uri, spec.storage) if data.validation_uri else None
     return list_data(data, open_storage(data.uri, spec.storage), val_storage)

@@ -7,7 +7,7 @@ Every flag name users typed before these tables is kept; a boolean's table name 
 from __future__ import annotations
 
 from jobs.flags import Flag, FlagTable, SpecFlags
-from schemas.curation import DedupeJobSpec, ReviewQueueJobSpec
+from schemas.curation import DedupeJobSpec, LabelIssuesJobSpec, ReviewQueueJobSpec
 from schemas.finetune import FinetuneJobSpec
 from schemas.specs import LabelJobSpec
 
@@ -86,8 +86,26 @@ REVIEW_QUEUE_FLAGS: FlagTable = {
     "--job-id": "job_id",
 }
 
+LABEL_ISSUES_FLAGS: FlagTable = {
+    "--data": Flag("data.uri", metavar="URI"),
+    "--base": "base.name",
+    "--weights": Flag("base.weights", none=_NONE),
+    "--weights-dir": "base.weights_dir",
+    "--out": Flag("output", metavar="URI"),
+    "--folds": "folds",
+    "--seed": "seed",
+    "--image-size": "image_size",
+    "--key-column": "data.key_column",
+    "--label-column": "data.label_column",
+    "--cpus": "cpus",
+    "--sheet": "sheet",
+    "--endpoint-url": "storage.endpoint_url",
+    "--job-id": "job_id",
+}
+
 # What the job kind registry (jobs.kinds) takes as each kind's `flags`.
 LABEL_SPEC_FLAGS = SpecFlags(LabelJobSpec, LABEL_FLAGS)
 FINETUNE_SPEC_FLAGS = SpecFlags(FinetuneJobSpec, FINETUNE_FLAGS)
 DEDUPE_SPEC_FLAGS = SpecFlags(DedupeJobSpec, DEDUPE_FLAGS)
 REVIEW_QUEUE_SPEC_FLAGS = SpecFlags(ReviewQueueJobSpec, REVIEW_QUEUE_FLAGS)
+LABEL_ISSUES_SPEC_FLAGS = SpecFlags(LabelIssuesJobSpec, LABEL_ISSUES_FLAGS)

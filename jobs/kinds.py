@@ -20,8 +20,14 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from jobs.errors import BadInput
 from jobs.flags import SpecFlags
-from jobs.kind_flags import DEDUPE_SPEC_FLAGS, FINETUNE_SPEC_FLAGS, LABEL_SPEC_FLAGS, REVIEW_QUEUE_SPEC_FLAGS
-from schemas.curation import DedupeJobSpec, ReviewQueueJobSpec
+from jobs.kind_flags import (
+    DEDUPE_SPEC_FLAGS,
+    FINETUNE_SPEC_FLAGS,
+    LABEL_ISSUES_SPEC_FLAGS,
+    LABEL_SPEC_FLAGS,
+    REVIEW_QUEUE_SPEC_FLAGS,
+)
+from schemas.curation import DedupeJobSpec, LabelIssuesJobSpec, ReviewQueueJobSpec
 from schemas.finetune import FinetuneJobSpec
 from schemas.spec_files import read_spec_data
 from schemas.specs import LabelJobSpec
@@ -287,6 +293,24 @@ def _run_review_queue_here(spec, quiet: bool):
     return run_review_queue_job(spec)
 
 
+def _run_label_issues_here(spec, quiet: bool):
+    from jobs.curate.issues import run_label_issues_job
+
+    return run_label_issues_job(spec)
+
+
+def _label_issues_needs(spec, cluster, max_workers):
+    from jobs.service.runs import finetune_needs
+
+    return finetune_needs(spec.embedding_spec(), cluster), None  # its embedding actor's, as a fine-tune's pass
+
+
+def _start_label_issues(start: ServiceStart):
+    from jobs.service.runs import TaskJobRun
+
+    return TaskJobRun(start, _run_label_issues_here)  # the task holds nothing: its embedding actor holds the CPUs
+
+
 def _curation_locations(spec):
     from jobs.locations import curation_locations
 
@@ -349,5 +373,19 @@ REVIEW_QUEUE = register(
         absolute_locations=_curation_locations,
         flags=REVIEW_QUEUE_SPEC_FLAGS,
         command_help="the images of a label output a person should review first → a ranked table and sheet.html",
+    )  # fmt: skip
+)
+LABEL_ISSUES = register(
+    Kind(
+        name="label-issues",
+        title="label-issues job",
+        spec_class=LabelIssuesJobSpec,
+        needs=_label_issues_needs,
+        run_here=_run_label_issues_here,
+        start_in_service=_start_label_issues,
+        finished=_curation_finished,
+        absolute_locations=_curation_locations,
+        flags=LABEL_ISSUES_SPEC_FLAGS,
+        command_help="labels of a labelled set that are likely wrong (cross-validated probes, confident learning)",
     )  # fmt: skip
 )

@@ -52,6 +52,9 @@ def curation_locations(spec):
             update[name] = _path(getattr(spec, name))
     if hasattr(spec, "sources"):
         update["sources"] = tuple(_path(s) for s in spec.sources)
+    if hasattr(spec, "data"):  # a labelled set, as a fine-tune's
+        tuned = finetune_locations(spec.embedding_spec())
+        update |= {"data": tuned.data, "base": tuned.base}
     return spec.model_copy(update=update)
 
 

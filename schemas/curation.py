@@ -18,8 +18,9 @@ from typing import Annotated, Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
 from schemas.outcome import Outcome
-from schemas.specs import Spec, StorageOptions, _as_prefix, not_blank
+from schemas.specs import ModelSpec, Spec, StorageOptions, _as_prefix, not_blank
 
 RESULT_SCHEMA_VERSION = 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -119,6 +120,48 @@ class ReviewQueueJobSpec(_CurationSpec):
         return self.job_id or _job_id_of("review-queue", self, {"source", "output", "strategy", "size", "per_label"})
 
 
+class LabelIssuesJobSpec(_CurationSpec):
+    """Which labels of a labelled set are likely wrong: out-of-sample probabilities by k-fold cross-validation of a
+    linear probe on the frozen base model's embeddings, then confident learning (cleanlab's `find_label_issues`,
+    Northcutt et al. 2021, "Confident Learning: Estimating Uncertainty in Dataset Labels")."""
+
+    kind: Literal["label-issues"] = "label-issues"
+    data: FinetuneDataSpec = Field(description="The labelled images: class folders, or a labels file.")
+    base: ModelSpec = Field(description="The pre-trained model whose embeddings the probes are fitted on.")
+    folds: int = Field(default=5, ge=2, le=20, description="Cross-validation folds (each image is scored by a probe "
+                                                           "that never saw it).")  # fmt: skip
+    seed: int = Field(default=0, ge=0, description="Seeds the fold assignment.")
+    probe_l2: float | None = Field(
+        default=None, gt=0,
+        description="The probes' L2 penalty (as a fine-tune's: scikit-learn's C = 1/probe_l2 on standardised "
+        "features); default: of 1, 10, 100, 300 and 1000, the one whose out-of-sample log-likelihood of the given "
+        "labels is best.",
+    )  # fmt: skip
+    image_size: int | None = Field(default=None, ge=32, le=1024,
+                                   description="Embed at this size instead of the model's own crop.")  # fmt: skip
+    cpus: float = Field(default=0, ge=0, description="CPUs of the embedding actor; 0: the cluster's.")
+    sheet: bool = Field(default=True, description="Also write sheet.html of the flagged images: thumbnails, given "
+                                                  "and suggested labels.")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_set(self) -> LabelIssuesJobSpec:
+        if self.data.validation_uri:
+            raise ValueError("label-issues scores every image of data.uri; a separate validation set is not used")
+        self._refuse_output_among((self.data.uri,))
+        return self
+
+    def resolved_job_id(self) -> str:
+        return self.job_id or _job_id_of("label-issues", self, {"data", "base", "output", "folds", "seed", "probe_l2",
+                                                                "image_size"})  # fmt: skip
+
+    def embedding_spec(self) -> FinetuneJobSpec:
+        """The fine-tune spec whose embedding pass (workers.finetune.embed) reads and embeds the images."""
+        return FinetuneJobSpec(data=self.data, base=self.base, output=self.output, storage=self.storage,
+                               training={"method": "linear-probe", "image_size": self.image_size,
+                                         "seed": self.seed},
+                               cpus_per_worker=self.cpus)  # fmt: skip
+
+
 # -------------------------------------------------------------------------------------------------- tables
 
 DUPLICATES_TABLE = "duplicates"
@@ -161,7 +204,24 @@ QUEUE_SCHEMA = pa.schema(
     metadata={"bulklabel.schema_version": str(RESULT_SCHEMA_VERSION)},
 )
 
-TABLE_SCHEMAS: dict[str, pa.Schema] = {DUPLICATES_TABLE: DUPLICATES_SCHEMA, QUEUE_TABLE: QUEUE_SCHEMA}
+ISSUES_TABLE = "issues"
+ISSUES_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # the image's location relative to the data (or its URI)
+        pa.field("image", pa.string(), nullable=False),  # its location
+        pa.field("given_label", pa.string(), nullable=False),
+        pa.field("suggested_label", pa.string()),  # the out-of-sample argmax; null when unreadable
+        pa.field("self_confidence", pa.float32()),  # out-of-sample probability of the given label
+        pa.field("suggested_score", pa.float32()),  # ... of the suggested one
+        pa.field("flagged", pa.bool_(), nullable=False),  # confident learning finds its label likely wrong
+        pa.field("rank", pa.int32()),  # 1: the likeliest wrong label; null when not flagged
+        pa.field("error", pa.string()),  # why the image could not be read; null when it was
+    ],
+    metadata={"bulklabel.schema_version": str(RESULT_SCHEMA_VERSION)},
+)
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {DUPLICATES_TABLE: DUPLICATES_SCHEMA, QUEUE_TABLE: QUEUE_SCHEMA,
+                                       ISSUES_TABLE: ISSUES_SCHEMA}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------- manifest

@@ -118,9 +118,14 @@ def group_images(images: _Images, threshold: float, method: str) -> tuple[np.nda
     return uf.numbered(), len(pairs)
 
 
-def compute(spec: DedupeJobSpec) -> ComputedResult:
+def prepare(spec: DedupeJobSpec):
+    """Read and check the outputs and the split; the grouping is what is left to compute."""
     images = _read(spec)
     split = read_split(spec.split, spec.storage) if spec.split else None
+    return lambda: compute(spec, images, split)
+
+
+def compute(spec: DedupeJobSpec, images: _Images, split: dict[str, str] | None) -> ComputedResult:
     groups, pairs = group_images(images, spec.threshold, spec.index)
     n = len(groups)
     sizes = np.bincount(groups, minlength=int(groups.max()) + 1 if n else 0)
@@ -198,4 +203,4 @@ def describe(figures: dict) -> list[str]:
 
 
 def run_dedupe_job(spec: DedupeJobSpec, show_progress: bool = True) -> CurationSummary:
-    return run_curation(spec, spec.kind, lambda: compute(spec), describe)
+    return run_curation(spec, lambda: prepare(spec), describe)

@@ -49,8 +49,13 @@ def _rows(spec: ReviewQueueJobSpec) -> tuple[LabelOutput, dict, str]:
     return output, data, "probabilities" if with_probs else "topk"
 
 
-def compute(spec: ReviewQueueJobSpec) -> ComputedResult:
+def prepare(spec: ReviewQueueJobSpec):
+    """Read and check the label output; the ranking is what is left to compute."""
     output, data, measured_on = _rows(spec)
+    return lambda: compute(spec, output, data, measured_on)
+
+
+def compute(spec: ReviewQueueJobSpec, output: LabelOutput, data: dict, measured_on: str) -> ComputedResult:
     n = len(data["key"])
     if measured_on == "probabilities":
         dist = np.asarray(data["probabilities"], dtype=np.float64)
@@ -110,4 +115,4 @@ def describe(figures: dict) -> list[str]:
 
 
 def run_review_queue_job(spec: ReviewQueueJobSpec, show_progress: bool = True) -> CurationSummary:
-    return run_curation(spec, spec.kind, lambda: compute(spec), describe)
+    return run_curation(spec, lambda: prepare(spec), describe)

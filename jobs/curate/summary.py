@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobs.output.results import ComputedResult, commit_result
+from jobs.output.results import ComputedResult, commit_result, completed
 from schemas.curation import ResultManifest
 from schemas.outcome import Outcome
 
@@ -39,12 +39,18 @@ class CurationSummary:
         return out
 
 
-def run_curation(spec, kind: str, compute: Callable[[], ComputedResult],
+def run_curation(spec, prepare: Callable[[], Callable[[], ComputedResult]],
                  describe: Callable[[dict], list[str]]) -> CurationSummary:  # fmt: skip
-    """Commit what `compute` returns at the spec's output; `describe(figures)` → the summary's lines of figures."""
+    """Run a curation job: nothing when its output is complete already; else `prepare()` reads and checks its
+    input (bad input fails here, before anything is written) and returns the computation, whose result is
+    committed at the spec's output. `describe(figures)` → the summary's lines of figures."""
     started = time.monotonic()
     job_id = spec.resolved_job_id()
-    manifest, wrote = commit_result(spec.output, spec.storage, job_id, kind, spec, compute)
+    manifest = completed(spec.output, spec.storage, job_id)
+    wrote = False
+    if manifest is None:
+        compute = prepare()
+        manifest, wrote = commit_result(spec.output, spec.storage, job_id, spec.kind, spec, compute)
     status = Outcome.SUCCEEDED if wrote else Outcome.ALREADY_COMPLETE
-    return CurationSummary(job_id, kind, status, spec.output, manifest, time.monotonic() - started,
+    return CurationSummary(job_id, spec.kind, status, spec.output, manifest, time.monotonic() - started,
                            tuple(describe(manifest.figures)))  # fmt: skip

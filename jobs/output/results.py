@@ -82,6 +82,17 @@ def read_result_manifest(storage: Storage, output: str) -> ResultManifest | None
     return manifest
 
 
+def completed(output: str, options: StorageOptions | None, job_id: str) -> ResultManifest | None:
+    """The manifest of `job_id` at `output` when that job has committed there already (read without the lease: a
+    manifest is written last and whole), else None."""
+    output = normalise_uri(output).rstrip("/")
+    try:
+        manifest = read_result_manifest(open_storage(output, options), output)
+    except OutputError:  # not a curation output of ours: commit_result says why, under the lease
+        return None
+    return manifest if manifest is not None and manifest.job_id == job_id else None
+
+
 def commit_result(output: str, options: StorageOptions | None, job_id: str, kind: str, spec: BaseModel,
                   compute: Callable[[], ComputedResult]) -> tuple[ResultManifest, bool]:  # fmt: skip
     """Run `compute` and commit what it returns at `output` for `job_id`, under the output's lease.

@@ -17,7 +17,7 @@ from pydantic import Field
 from jobs import kinds
 from jobs.cli import _parser, kind_arguments, spec_of
 from jobs.flags import Flag, SpecFlags, field_at, spec_data
-from jobs.kind_flags import DEDUPE_FLAGS, FINETUNE_FLAGS, LABEL_FLAGS, REVIEW_QUEUE_FLAGS
+from jobs.kind_flags import DEDUPE_FLAGS, FINETUNE_FLAGS, LABEL_FLAGS, LABEL_ISSUES_FLAGS, REVIEW_QUEUE_FLAGS
 from jobs.kinds import load_job_spec
 from jobs.service.commands import normalise_argv
 from schemas.finetune import FinetuneMethod
@@ -35,6 +35,9 @@ _BASE = {
                {"kind": "dedupe", "sources": ["/data/labels"], "output": "/data/dupes"}),
     "review-queue": (["/data/labels", "--out", "/data/queue"],
                      {"kind": "review-queue", "source": "/data/labels", "output": "/data/queue"}),
+    "label-issues": (["--data", "/data/plants", "--base", "mobilenet_v2", "--out", "/data/issues"],
+                     {"kind": "label-issues", "data": {"uri": "/data/plants"}, "base": {"name": "mobilenet_v2"},
+                      "output": "/data/issues"}),
 }  # fmt: skip
 
 # Per flag: what is typed (never the field's default) and the value a spec file gives its field.
@@ -108,6 +111,22 @@ _SAMPLES = {
         "--endpoint-url": (["--endpoint-url", "http://127.0.0.1:8333"], "http://127.0.0.1:8333"),
         "--job-id": (["--job-id", "queue-1"], "queue-1"),
     },
+    "label-issues": {
+        "--data": (["--data", "/data/leaves"], "/data/leaves"),
+        "--base": (["--base", "resnet18"], "resnet18"),
+        "--weights": (["--weights", "none"], None),
+        "--weights-dir": (["--weights-dir", "/opt/weights"], "/opt/weights"),
+        "--out": (["--out", "/data/issues-2"], "/data/issues-2"),
+        "--folds": (["--folds", "10"], 10),
+        "--seed": (["--seed", "4"], 4),
+        "--image-size": (["--image-size", "160"], 160),
+        "--key-column": (["--key-column", "path"], "path"),
+        "--label-column": (["--label-column", "class"], "class"),
+        "--cpus": (["--cpus", "2"], 2.0),
+        "--sheet": (["--no-sheet"], False),
+        "--endpoint-url": (["--endpoint-url", "http://127.0.0.1:8333"], "http://127.0.0.1:8333"),
+        "--job-id": (["--job-id", "issues-1"], "issues-1"),
+    },
 }
 # A few flags whose other values take another path (a weights name rather than `none`, `auto` rather than a bool).
 _MORE = [
@@ -117,7 +136,7 @@ _MORE = [
     ("finetune", "--weights", ["--weights", "IMAGENET1K_V1"], "IMAGENET1K_V1"),
 ]
 _TABLES = {"label": LABEL_FLAGS, "finetune": FINETUNE_FLAGS, "dedupe": DEDUPE_FLAGS,
-           "review-queue": REVIEW_QUEUE_FLAGS}  # fmt: skip
+           "review-queue": REVIEW_QUEUE_FLAGS, "label-issues": LABEL_ISSUES_FLAGS}  # fmt: skip
 _CASES = [(kind, flag, *sample) for kind, samples in _SAMPLES.items() for flag, sample in samples.items()] + _MORE
 
 
@@ -157,7 +176,7 @@ def test_every_flag_of_the_tables_has_a_sample():
     """A flag added to a table without a case here fails this test, so the id test below covers every flag."""
     assert {kind: set(samples) for kind, samples in _SAMPLES.items()} == {k: set(t) for k, t in _TABLES.items()}
     assert len(_SAMPLES["label"]) + len(_SAMPLES["finetune"]) == 46  # 48 flags of issue 22 less the two --quiet
-    assert len(_SAMPLES["dedupe"]) + len(_SAMPLES["review-queue"]) == 15
+    assert len(_SAMPLES["dedupe"]) + len(_SAMPLES["review-queue"]) + len(_SAMPLES["label-issues"]) == 29
 
 
 @pytest.mark.parametrize(("kind", "flag", "typed", "value"), _CASES, ids=[f"{c[0]}{c[1]}={c[3]}" for c in _CASES])

@@ -135,6 +135,38 @@ class EmbeddingPass:
                  seconds, train_acc, val_acc)  # fmt: skip
         return ProbeFit(head, train_loss, train_acc, val_loss, val_acc, confusion, seconds)
 
+    def out_of_sample(self, folds: np.ndarray, num_classes: int, l2s: tuple[float, ...]) -> tuple[np.ndarray, float]:
+        """Each readable row's class probabilities from a probe fitted on the other folds' rows (`folds[i]`: row
+        i's fold), so no image is scored by a probe that saw it; unreadable rows (all zero) get a zero row. The
+        probes' L2 penalty is the one of `l2s` whose out-of-sample log-likelihood of the given labels is best
+        (noisy labels want more than a fine-tune's). Returns the probabilities and that penalty. What confident
+        learning needs (workers.curate.confident)."""
+        started = time.perf_counter()
+        readable = np.abs(self.embeddings).sum(1) > 0
+        best: tuple[float, np.ndarray, float] | None = None
+        for l2 in l2s:
+            probs = self._cross_validated(folds, readable, num_classes, l2)
+            given = probs[readable, self.labels[readable]]
+            loss = float(-np.log(np.clip(given, 1e-12, 1.0)).mean())
+            log.info("probes with L2 %g: out-of-sample log loss %.4f", l2, loss)
+            if best is None or loss < best[0]:
+                best = (loss, probs, l2)
+        log.info("out-of-sample probabilities: %d folds x %d penalties in %.2fs; L2 %g chosen",
+                 len(np.unique(folds[readable])), len(l2s), time.perf_counter() - started, best[2])  # fmt: skip
+        return best[1], best[2]
+
+    def _cross_validated(self, folds: np.ndarray, readable: np.ndarray, num_classes: int, l2: float) -> np.ndarray:
+        out = np.zeros((len(self.labels), num_classes), np.float64)
+        for fold in np.unique(folds[readable]):
+            held = readable & (folds == fold)
+            fitted = readable & ~held
+            head = fit_linear_head(self.embeddings[fitted], self.labels[fitted], num_classes, l2)
+            logits = head.logits(self.embeddings[held]).astype(np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            probs = np.exp(logits)
+            out[held] = probs / probs.sum(axis=1, keepdims=True)
+        return out
+
     def artifact_weights(self, head: LinearHead) -> bytes:
         """The safetensors state dict (`backbone.*`, `head.*`) of the base model with `head`: what label jobs load."""
         from safetensors.torch import save
