@@ -385,26 +385,34 @@ def _scrape(cluster: MultiNodeCluster, name: str, timeout: float = 60) -> list[s
 
 
 def test_curation_jobs_submitted_before_their_input_fail_in_one_line_then_resume(service, tmp_path):
-    """Each curation kind through `bulklabel submit` and `resume`: queued before the label output it reads exists, it
-    fails naming it; once the label job has run, `resume` runs it to its committed table."""
-    labels = tmp_path / "labels"
-    dedupe = service.submit("dedupe", str(labels), "--out", str(tmp_path / "dupes"))
-    queue = service.submit("review-queue", str(labels), "--out", str(tmp_path / "queue"), "-n", "4")
-    failed = {job: service.wait_ended(job) for job in (dedupe, queue)}
-    for record in failed.values():
-        assert record["state"] == "failed" and str(labels) in record["last_error"], record
+    """Each curation kind through `bulklabel submit` and `resume`: queued before what it reads exists (a label
+    output, a labelled set), it fails naming it; once that exists, `resume` runs it to its committed table."""
+    labels, plants = tmp_path / "labels", tmp_path / "plants"
+    jobs = {
+        "dedupe": service.submit("dedupe", str(labels), "--out", str(tmp_path / "dupes")),
+        "review-queue": service.submit("review-queue", str(labels), "--out", str(tmp_path / "queue"), "-n", "4"),
+        "label-issues": service.submit("label-issues", "--data", str(plants), "--base", "mobilenet_v2", "--weights",
+                                       "IMAGENET1K_V1", "--out", str(tmp_path / "issues"), "--no-sheet"),
+    }  # fmt: skip
+    for kind, job in jobs.items():
+        record = service.wait_ended(job)
+        assert record["state"] == "failed" and record["kind"] == kind, record
+        assert str(labels if kind != "label-issues" else plants) in record["last_error"], record
         assert "\n" not in record["last_error"]
-    photos = _photos(tmp_path / "photos", 6)
-    label = service.submit(*_label_args(photos, labels, per_shard=3))
+    label = service.submit(*_label_args(_photos(tmp_path / "photos", 6), labels, per_shard=3))
+    _small_plants(plants)
     assert service.wait_ended(label)["state"] == "succeeded"
-    for job in (dedupe, queue):
+    for job in jobs.values():
         service.cli("resume", job)
-    ended = {job: service.wait_ended(job) for job in (dedupe, queue)}
+    ended = {kind: service.wait_ended(job) for kind, job in jobs.items()}
     assert {r["state"] for r in ended.values()} == {"succeeded"}, ended
-    assert ended[dedupe]["attempts"] == 2 and ended[queue]["kind"] == "review-queue"
+    assert all(r["attempts"] == 2 for r in ended.values())
     counted = service.cli("query", str(tmp_path / "dupes"), "SELECT count(*) AS n, count(DISTINCT key) AS k FROM "
                           "duplicates", "--format", "json").stdout  # fmt: skip
     assert json.loads(counted) == {"n": 6, "k": 6}
     ranked = service.cli("query", str(tmp_path / "queue"), "SELECT rank FROM queue ORDER BY rank", "--format", "json")
     assert [json.loads(line)["rank"] for line in ranked.stdout.splitlines()] == [1, 2, 3, 4]
-    assert "table:    duplicates, 6 rows" in service.cli("logs", dedupe).stdout + service.cli("status", dedupe).stdout
+    scored = service.cli("query", str(tmp_path / "issues"), "SELECT count(*) AS n FROM issues WHERE self_confidence "
+                         "IS NOT NULL", "--format", "json").stdout  # fmt: skip
+    assert json.loads(scored) == {"n": 8}
+    assert "table:    duplicates, 6 rows" in service.cli("logs", jobs["dedupe"]).stdout
