@@ -66,7 +66,8 @@ def measure(share: float, seed: int, folds: int, work: Path) -> dict:
     top = {r["image"] for r in by_confidence[: len(truth)]}
     return {"seed": seed, "flipped": len(truth), "flagged": len(flagged), "precision": hits / max(len(flagged), 1),
             "recall": hits / len(truth), "fnr_at_k": 1 - len(top & truth) / len(truth), "seconds": seconds,
-            "oos_accuracy": summary.manifest.figures["out_of_sample_accuracy"]}  # fmt: skip
+            "oos_accuracy": summary.manifest.figures["out_of_sample_accuracy"],
+            "l2": summary.manifest.figures["probe_l2"]}  # fmt: skip
 
 
 def main() -> None:
@@ -84,7 +85,8 @@ def main() -> None:
             results.append(result)
             print(f"seed {seed}: {result['flipped']} flipped, {result['flagged']} flagged; precision "
                   f"{result['precision']:.3f}, recall {result['recall']:.3f}, FNR at k={result['flipped']} "
-                  f"{result['fnr_at_k']:.3f}; out-of-sample accuracy {result['oos_accuracy']:.3f}; "
+                  f"{result['fnr_at_k']:.3f}; L2 {result['l2']:g}, out-of-sample accuracy "
+                  f"{result['oos_accuracy']:.3f}; "
                   f"{result['seconds']:.1f} s (load average {load:.2f})", flush=True)  # fmt: skip
         mean = {k: sum(r[k] for r in results) / len(results) for k in ("precision", "recall", "fnr_at_k")}
         print(f"mean over {len(results)} seeds at {args.share:.0%} flipped: precision {mean['precision']:.3f}, "

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs.curate.summary import CurationSummary, run_curation
 from jobs.errors import BadInput
 from jobs.output.reader import open_output
 from jobs.output.results import ComputedResult
 from schemas.curation import DUPLICATES_SCHEMA, DedupeJobSpec, ResultSource
-from workers.curate.neighbours import UnionFind, similar_pairs, unit_rows
+from workers.curate.neighbours import components, same_content_pairs, similar_pairs, unit_rows
 from workers.finetune.artifacts import SPLIT_NAME
 from workers.io.storage import ObjectMissing, join, normalise_uri, open_storage
 
@@ -52,7 +53,7 @@ class _Images:
 
 
 def _read(spec: DedupeJobSpec) -> _Images:
-    tables, sources, width = [], [], None
+    outputs, width = [], None
     for uri in spec.sources:
         output = open_output(uri, spec.storage)
         if not output.complete:
@@ -65,29 +66,37 @@ def _read(spec: DedupeJobSpec) -> _Images:
             raise BadInput(f"label output {uri} has embeddings of width {output.embedding_dim}, the others "
                            f"{width}: near-duplicates are compared within one model's embeddings")  # fmt: skip
         width = output.embedding_dim
-        table = output.to_table(columns=_COLUMNS).sort_by("key")
-        tables.append((uri, table))
-        sources.append(ResultSource(uri=uri, job_id=output.job_id, generation=output.generation, rows=table.num_rows))
-    n = sum(t.num_rows for _, t in tables)
-    embeddings = np.zeros((n, width or 0), dtype=np.float32)
-    has = np.zeros(n, dtype=bool)
+        outputs.append((uri, output))
     cols: dict[str, list] = {name: [] for name in ("source", "key", "image", "image_id", "label", "given_label")}
-    pixels = np.zeros(n, dtype=np.int64)
-    row = 0
-    for uri, table in tables:
-        data = table.to_pydict()
-        pixels[row : row + table.num_rows] = [(w or 0) * (h or 0) for w, h in zip(data["width"], data["height"],
-                                                                                  strict=True)]  # fmt: skip
+    pixels, embeddings, has, sources = [], [], [], []
+    for uri, output in outputs:
+        table = output.to_table(columns=_COLUMNS)
+        table = table.take(pc.sort_indices(table, [("key", "ascending")]))
+        data = table.drop_columns(["embedding"]).to_pydict()
         cols["source"] += [uri] * table.num_rows
         cols["key"] += data["key"]
         cols["image"] += data["source"]
         for name in ("image_id", "label", "given_label"):
             cols[name] += data[name]
-        for vector in data["embedding"]:
-            if vector is not None:
-                embeddings[row], has[row] = vector, True
-            row += 1
-    return _Images(**cols, pixels=pixels, embeddings=embeddings, has_embedding=has, sources=tuple(sources))
+        pixels.append(np.asarray([(w or 0) * (h or 0) for w, h in zip(data["width"], data["height"], strict=True)],
+                                 dtype=np.int64))  # fmt: skip
+        vectors, valid = _matrix(table.column("embedding"), width)
+        embeddings.append(vectors)
+        has.append(valid)
+        sources.append(ResultSource(uri=uri, job_id=output.job_id, generation=output.generation, rows=table.num_rows))
+    return _Images(**cols, pixels=np.concatenate(pixels), embeddings=np.concatenate(embeddings),
+                   has_embedding=np.concatenate(has), sources=tuple(sources))  # fmt: skip
+
+
+def _matrix(column: pa.ChunkedArray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of embeddings as an (n, width) float32 matrix (zero rows where null) and the valid mask, read
+    through Arrow's buffers (a million rows of 1280 floats as Python lists would take minutes and tens of GB)."""
+    array = column.combine_chunks()
+    valid = np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    out = np.zeros((len(array), width), dtype=np.float32)
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    out[valid] = values.reshape(-1, width)
+    return out, valid
 
 
 def read_split(uri: str, options) -> dict[str, str]:
@@ -106,16 +115,11 @@ def read_split(uri: str, options) -> dict[str, str]:
 
 def group_images(images: _Images, threshold: float, method: str) -> tuple[np.ndarray, int]:
     """Each image's group (numbered by first image) and how many near-duplicate pairs the search found."""
-    n = len(images.key)
-    uf = UnionFind(n)
-    first_with: dict[str, int] = {}
-    for i, digest in enumerate(images.image_id):
-        if digest is not None:
-            uf.union(first_with.setdefault(digest, i), i)
     members = np.flatnonzero(images.has_embedding)
     pairs = similar_pairs(unit_rows(images.embeddings[members]), threshold, method)
-    uf.union_pairs(members[pairs.left], members[pairs.right])
-    return uf.numbered(), len(pairs)
+    groups = components(len(images.key), same_content_pairs(images.image_id),
+                        (members[pairs.left], members[pairs.right]))  # fmt: skip
+    return groups, len(pairs)
 
 
 def prepare(spec: DedupeJobSpec):

@@ -5,10 +5,12 @@ One implementation for every caller: `bulklabel dedupe` (jobs/curate/dedupe.py) 
 (workers/finetune/grouping.py). Plain numpy and faiss, no torch.
 
 Search. Below EXACT_MAX_ROWS, exact: faiss's flat inner-product range search over unit vectors, in blocks of
-queries (BLAS; memory is the pairs found, not n x n). From there (or `method="ivf"`), approximate: an IVF index of
-sqrt-scaled lists over float16 codes finds candidates in the NPROBE nearest lists, and each candidate's cosine is
-then computed exactly from the float32 rows, so no pair below the threshold is ever reported; what IVF can miss is
-a pair whose two images fall in lists far apart (bench/dedupe.py measures the recall of planted copies).
+queries (BLAS; memory is the pairs found, not n x n). From there (or `method="ivf"`), approximate: each row's
+NEIGHBOURS nearest are found in a PCA-reduced space through an IVF index (the NPROBE nearest of 4 sqrt(n) lists),
+and each candidate's cosine is then computed exactly from the full-width rows, so no pair below the threshold is
+ever reported. What it can miss: a pair whose rows fall in lists far apart, or a row with more than NEIGHBOURS
+near-copies (those beyond are usually joined through the others: groups are connected components);
+bench/dedupe.py measures the recall of planted copies.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import numpy as np
 
 EXACT_MAX_ROWS = 50_000  # exact search is n^2 d flops: 50,000 x 1280 is ~3 TFLOP, a minute on 2 cores
 QUERY_BLOCK = 4096
-NPROBE = 16
+# The approximate path (bench/dedupe.py measures its recall and time at 1,000,000 x 1280):
+REDUCED_DIM = 128  # candidates are searched in the rows' top principal directions ...
+PCA_SAMPLE = 100_000
+NPROBE = 16  # ... in the 16 nearest of 4 sqrt(n) lists ...
+NEIGHBOURS = 16  # ... as each row's 16 nearest; every candidate is then checked in the full width
 TRAIN_PER_LIST = 40  # faiss warns below 39 training points per list
 
 
@@ -67,19 +73,43 @@ def _exact_pairs(unit: np.ndarray, threshold: float) -> Pairs:
 
 def _ivf_pairs(unit: np.ndarray, threshold: float) -> Pairs:
     n, d = unit.shape
+    reduced = _reduced(unit)
     lists = max(1, min(int(4 * np.sqrt(n)), n // TRAIN_PER_LIST))
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, d, lists, faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(reduced.shape[1]), reduced.shape[1], lists, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(0)
-    sample = unit[np.sort(rng.choice(n, size=min(n, lists * TRAIN_PER_LIST * 2), replace=False))]
-    index.train(sample)
-    for start in range(0, n, QUERY_BLOCK * 16):
-        index.add(unit[start : start + QUERY_BLOCK * 16])
+    index.train(reduced[np.sort(rng.choice(n, size=min(n, lists * TRAIN_PER_LIST), replace=False))])
+    index.add(reduced)
     index.nprobe = min(NPROBE, lists)
-    # fp16 codes shift an inner product by ~1e-3: candidates are searched a little below the threshold and kept
-    # only where the float32 cosine reaches it.
-    return _searched(index, unit, threshold, slack=2e-3)
+    left, right, cosine = [], [], []
+    for start in range(0, n, QUERY_BLOCK):
+        _, found = index.search(reduced[start : start + QUERY_BLOCK], NEIGHBOURS + 1)
+        rows = np.repeat(np.arange(start, start + len(found), dtype=np.int64), found.shape[1])
+        cols = found.reshape(-1).astype(np.int64)
+        keep = (cols >= 0) & (rows < cols)  # each pair once (a pair found from both ends: deduplicated below)
+        i, j = rows[keep], cols[keep]
+        cos = np.einsum("ij,ij->i", unit[i], unit[j])  # the exact cosine, in the full width, decides
+        ok = cos >= np.float32(threshold)
+        left.append(i[ok])
+        right.append(j[ok])
+        cosine.append(cos[ok].astype(np.float32))
+    pairs = _pairs(left, right, cosine)
+    _, first = np.unique(pairs.left * n + pairs.right, return_index=True)
+    return Pairs(pairs.left[first], pairs.right[first], pairs.cosine[first])
+
+
+def _reduced(unit: np.ndarray) -> np.ndarray:
+    """Rows projected on their REDUCED_DIM principal directions (trained on a sample), unit length again: the
+    space the IVF index searches for candidates."""
+    n, d = unit.shape
+    if d <= REDUCED_DIM:
+        return unit
+    pca = faiss.PCAMatrix(d, REDUCED_DIM)
+    rng = np.random.default_rng(1)
+    pca.train(unit[np.sort(rng.choice(n, size=min(n, PCA_SAMPLE), replace=False))])
+    out = np.empty((n, REDUCED_DIM), dtype=np.float32)
+    for start in range(0, n, QUERY_BLOCK * 16):
+        out[start : start + QUERY_BLOCK * 16] = pca.apply(unit[start : start + QUERY_BLOCK * 16])
+    return unit_rows(out)
 
 
 def _searched(index: faiss.Index, unit: np.ndarray, threshold: float, slack: float = 0.0) -> Pairs:
@@ -105,33 +135,28 @@ def _pairs(left, right, cosine) -> Pairs:
     return Pairs(np.concatenate(left), np.concatenate(right), np.concatenate(cosine))
 
 
-class UnionFind:
-    """Disjoint sets over 0..n-1; the smaller index is each set's root, so numbering follows first appearance."""
+def same_content_pairs(digests: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """(first, later) index pairs of rows with the same digest (a sha256 of the bytes; None joins nothing)."""
+    first_with: dict[str, int] = {}
+    left, right = [], []
+    for i, digest in enumerate(digests):
+        if digest is not None:
+            first = first_with.setdefault(digest, i)
+            if first != i:
+                left.append(first)
+                right.append(i)
+    return np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64)
 
-    def __init__(self, n: int):
-        self.parent = np.arange(n, dtype=np.int64)
 
-    def find(self, a: int) -> int:
-        parent = self.parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:  # path compression
-            parent[a], a = root, parent[a]
-        return int(root)
+def components(n: int, *edges: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Each of n rows' group, the connected components of the `edges` (pairs of index arrays), numbered 0.. in the
+    order of each group's first row (scipy's sparse graph search: linear in rows and pairs)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def union_pairs(self, left: np.ndarray, right: np.ndarray) -> None:
-        for a, b in zip(left.tolist(), right.tolist(), strict=True):
-            self.union(a, b)
-
-    def numbered(self) -> np.ndarray:
-        """Each element's set, numbered 0.. by the set's first element."""
-        roots = np.fromiter((self.find(i) for i in range(len(self.parent))), dtype=np.int64, count=len(self.parent))
-        _, first, inverse = np.unique(roots, return_index=True, return_inverse=True)
-        order = np.argsort(np.argsort(first))  # unique sorts by root value; renumber by first appearance
-        return order[inverse]
+    left = np.concatenate([np.zeros(0, np.int64), *(e[0] for e in edges)])
+    right = np.concatenate([np.zeros(0, np.int64), *(e[1] for e in edges)])
+    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse]  # renumbered by each group's first row

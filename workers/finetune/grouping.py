@@ -2,7 +2,7 @@
 
 Two images are joined when their bytes are identical (same sha256, whatever their labels) or when, within one
 class, the cosine of their frozen-backbone embeddings reaches a threshold; groups are the connected components
-(union-find), so a chain of near-copies is one group. The cosine search and the components are
+(connected components), so a chain of near-copies is one group. The cosine search and the components are
 workers.curate.neighbours', the one implementation `bulklabel dedupe` uses too. No torch: the embeddings come from
 the embedding pass (workers.finetune.embed), the split from workers.finetune.dataplan.
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.curate.neighbours import UnionFind, similar_pairs, unit_rows
+from workers.curate.neighbours import components, same_content_pairs, similar_pairs, unit_rows
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,13 @@ def near_duplicate_groups(
     """Group images by identical content (sha256; None = unreadable, never joined) and, within a class, by
     embedding cosine >= `threshold` (rows of `embeddings` that are all zero, e.g. unreadable images, join none)."""
     n = len(labels)
-    uf = UnionFind(n)
-    first_with: dict[str, int] = {}
-    for i, digest in enumerate(sha256s):
-        if digest is not None:
-            uf.union(first_with.setdefault(digest, i), i)
-    content = tuple(uf.numbered().tolist())
+    same = same_content_pairs(list(sha256s))
+    content = tuple(components(n, same).tolist())
+    edges = [same]
     if embeddings is not None and n:
         unit, by_label = unit_rows(embeddings), np.asarray(labels)
         for label in np.unique(by_label):
             members = np.flatnonzero(by_label == label)
             pairs = similar_pairs(unit[members], threshold, method="exact")
-            uf.union_pairs(members[pairs.left], members[pairs.right])
-    return Groups(tuple(uf.numbered().tolist()), content)
+            edges.append((members[pairs.left], members[pairs.right]))
+    return Groups(tuple(components(n, *edges).tolist()), content)

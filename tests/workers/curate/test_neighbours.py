@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.curate.neighbours import UnionFind, similar_pairs, unit_rows
+from workers.curate.neighbours import components, same_content_pairs, similar_pairs, unit_rows
 
 
 def _planted(n: int, d: int, copies: int, noise: float, seed: int = 0) -> tuple[np.ndarray, set[tuple[int, int]]]:
@@ -24,9 +24,9 @@ def _brute(unit: np.ndarray, threshold: float) -> set[tuple[int, int]]:
     return set(zip(i.tolist(), j.tolist(), strict=True))
 
 
-@pytest.mark.parametrize("method", ["exact", "ivf"])
-def test_planted_near_copies_are_found_and_nothing_else(method):
-    unit, planted = _planted(3000, 64, copies=40, noise=0.2)
+@pytest.mark.parametrize(("method", "width"), [("exact", 64), ("ivf", 64), ("ivf", 512)])
+def test_planted_near_copies_are_found_and_nothing_else(method, width):
+    unit, planted = _planted(3000, width, copies=40, noise=0.2)  # cosine about 0.98 to the original
     pairs = similar_pairs(unit, 0.9, method=method)
     found = set(zip(pairs.left.tolist(), pairs.right.tolist(), strict=True))
     assert found == planted == _brute(unit, 0.9)
@@ -54,6 +54,7 @@ def test_exact_search_matches_all_pairs_on_random_data_at_a_low_threshold():
 
 
 def test_a_chain_of_near_copies_is_one_group_numbered_by_first_appearance():
-    uf = UnionFind(6)
-    uf.union_pairs(np.array([4, 1]), np.array([5, 4]))  # 1-4-5 chained; 0, 2, 3 alone
-    assert uf.numbered().tolist() == [0, 1, 2, 3, 1, 1]
+    chained = (np.array([4, 1]), np.array([5, 4]))  # 1-4-5 chained
+    assert components(7, chained, same_content_pairs([None, None, "a", None, None, None, "a"])).tolist() == [
+        0, 1, 2, 3, 1, 1, 2]  # fmt: skip
+    assert components(3).tolist() == [0, 1, 2]
