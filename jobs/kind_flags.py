@@ -7,7 +7,7 @@ Every flag name users typed before these tables is kept; a boolean's table name 
 from __future__ import annotations
 
 from jobs.flags import Flag, FlagTable, SpecFlags
-from schemas.curation import DedupeJobSpec, LabelIssuesJobSpec, ReviewQueueJobSpec
+from schemas.curation import DedupeJobSpec, LabelIssuesJobSpec, ReviewQueueJobSpec, SelfTrainJobSpec
 from schemas.finetune import FinetuneJobSpec
 from schemas.specs import LabelJobSpec
 
@@ -103,9 +103,31 @@ LABEL_ISSUES_FLAGS: FlagTable = {
     "--job-id": "job_id",
 }
 
+SELF_TRAIN_FLAGS: FlagTable = {
+    "--data": Flag("data.uri", metavar="URI"),
+    "--pool": Flag("pool", metavar="URI"),
+    "--base": "base.name",
+    "--weights": Flag("base.weights", none=_NONE),
+    "--weights-dir": "base.weights_dir",
+    "--output": Flag("output", metavar="URI"),
+    "--work": Flag("work", metavar="URI"),
+    "--target-precision": "target_precision",
+    "--min-support": "min_support",
+    "--duplicate-cosine": "duplicate_cosine",
+    "--method": "training.method",
+    "--epochs": "training.epochs",
+    "--image-size": "training.image_size",
+    "--seed": "training.seed",
+    "--key-column": "data.key_column",
+    "--label-column": "data.label_column",
+    "--endpoint-url": "storage.endpoint_url",
+    "--job-id": "job_id",
+}
+
 # What the job kind registry (jobs.kinds) takes as each kind's `flags`.
 LABEL_SPEC_FLAGS = SpecFlags(LabelJobSpec, LABEL_FLAGS)
 FINETUNE_SPEC_FLAGS = SpecFlags(FinetuneJobSpec, FINETUNE_FLAGS)
 DEDUPE_SPEC_FLAGS = SpecFlags(DedupeJobSpec, DEDUPE_FLAGS)
 REVIEW_QUEUE_SPEC_FLAGS = SpecFlags(ReviewQueueJobSpec, REVIEW_QUEUE_FLAGS)
 LABEL_ISSUES_SPEC_FLAGS = SpecFlags(LabelIssuesJobSpec, LABEL_ISSUES_FLAGS)
+SELF_TRAIN_SPEC_FLAGS = SpecFlags(SelfTrainJobSpec, SELF_TRAIN_FLAGS)

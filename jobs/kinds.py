@@ -26,8 +26,9 @@ from jobs.kind_flags import (
     LABEL_ISSUES_SPEC_FLAGS,
     LABEL_SPEC_FLAGS,
     REVIEW_QUEUE_SPEC_FLAGS,
+    SELF_TRAIN_SPEC_FLAGS,
 )
-from schemas.curation import DedupeJobSpec, LabelIssuesJobSpec, ReviewQueueJobSpec
+from schemas.curation import DedupeJobSpec, LabelIssuesJobSpec, ReviewQueueJobSpec, SelfTrainJobSpec
 from schemas.finetune import FinetuneJobSpec
 from schemas.spec_files import read_spec_data
 from schemas.specs import LabelJobSpec
@@ -302,13 +303,31 @@ def _run_label_issues_here(spec, quiet: bool):
 def _label_issues_needs(spec, cluster, max_workers):
     from jobs.service.runs import finetune_needs
 
-    return finetune_needs(spec.embedding_spec(), cluster), None  # its embedding actor's, as a fine-tune's pass
+    return finetune_needs(spec.finetune_spec(), cluster), None  # its embedding actor's, as a fine-tune's pass
 
 
 def _start_label_issues(start: ServiceStart):
     from jobs.service.runs import TaskJobRun
 
     return TaskJobRun(start, _run_label_issues_here)  # the task holds nothing: its embedding actor holds the CPUs
+
+
+def _run_self_train_here(spec, quiet: bool):
+    from jobs.curate.selftrain import run_self_train_job
+
+    return run_self_train_job(spec, show_progress=not quiet)
+
+
+def _self_train_needs(spec, cluster, max_workers):
+    from jobs.service.runs import finetune_needs
+
+    return finetune_needs(spec.finetune_spec(), cluster), None  # its steps run one at a time: a fine-tune's most
+
+
+def _start_self_train(start: ServiceStart):
+    from jobs.service.runs import TaskJobRun
+
+    return TaskJobRun(start, _run_self_train_here)  # its steps' own workers hold the CPUs
 
 
 def _curation_locations(spec):
@@ -387,5 +406,18 @@ LABEL_ISSUES = register(
         absolute_locations=_curation_locations,
         flags=LABEL_ISSUES_SPEC_FLAGS,
         command_help="labels of a labelled set that are likely wrong (cross-validated probes, confident learning)",
+    )  # fmt: skip
+)
+SELF_TRAIN = register(
+    Kind(
+        name="self-train",
+        title="self-training job",
+        spec_class=SelfTrainJobSpec,
+        needs=_self_train_needs,
+        run_here=_run_self_train_here,
+        start_in_service=_start_self_train,
+        absolute_locations=_curation_locations,
+        flags=SELF_TRAIN_SPEC_FLAGS,
+        command_help="fine-tune, pseudo-label a pool at a held-out precision, fine-tune again → the next version",
     )  # fmt: skip
 )

@@ -47,13 +47,13 @@ def finetune_locations(spec: FinetuneJobSpec) -> FinetuneJobSpec:
 def curation_locations(spec):
     """A curation spec (schemas.curation) with its local paths absolute: what it reads, its split, its output."""
     update = {"output": _path(spec.output)}
-    for name in ("source", "split"):
+    for name in ("source", "split", "pool", "work"):
         if getattr(spec, name, None):
             update[name] = _path(getattr(spec, name))
     if hasattr(spec, "sources"):
         update["sources"] = tuple(_path(s) for s in spec.sources)
-    if hasattr(spec, "data"):  # a labelled set, as a fine-tune's
-        tuned = finetune_locations(spec.embedding_spec())
+    if hasattr(spec, "finetune_spec"):  # a labelled set and a base model, as a fine-tune's
+        tuned = finetune_locations(spec.finetune_spec())
         update |= {"data": tuned.data, "base": tuned.base}
     return spec.model_copy(update=update)
 

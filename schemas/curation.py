@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
+from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec, TrainingSpec
 from schemas.outcome import Outcome
 from schemas.specs import ModelSpec, Spec, StorageOptions, _as_prefix, not_blank
 
@@ -154,12 +154,72 @@ class LabelIssuesJobSpec(_CurationSpec):
         return self.job_id or _job_id_of("label-issues", self, {"data", "base", "output", "folds", "seed", "probe_l2",
                                                                 "image_size"})  # fmt: skip
 
-    def embedding_spec(self) -> FinetuneJobSpec:
+    def finetune_spec(self) -> FinetuneJobSpec:
         """The fine-tune spec whose embedding pass (workers.finetune.embed) reads and embeds the images."""
         return FinetuneJobSpec(data=self.data, base=self.base, output=self.output, storage=self.storage,
                                training={"method": "linear-probe", "image_size": self.image_size,
                                          "seed": self.seed},
                                cpus_per_worker=self.cpus)  # fmt: skip
+
+
+class SelfTrainJobSpec(Spec):
+    """Self-training: fine-tune on the labelled set, label an unlabelled pool with that model, keep the predictions
+    confident enough for `target_precision` on the held-out set (near-duplicates of held-out images left out), and
+    fine-tune again on both, scored on the same held-out set: a new version whose card holds both accuracies."""
+
+    kind: Literal["self-train"] = "self-train"
+    job_id: str | None = Field(
+        default=None, pattern=JOB_ID_PATTERN, description="Defaults to a hash of what determines the result."
+    )
+    data: FinetuneDataSpec = Field(description="The labelled images: class folders, or a labels file.")
+    pool: Annotated[str, not_blank("pool")] = Field(
+        description="Folder or s3:// prefix of unlabelled images (loose files)."
+    )
+    base: ModelSpec = Field(description="The pre-trained model both fine-tunes start from.")
+    training: TrainingSpec = TrainingSpec()
+    output: Annotated[str, not_blank("output")] = Field(
+        description="The models folder: the first fine-tune adds a version, the second the next."
+    )
+    work: str | None = Field(
+        default=None,
+        description="Where the intermediate label outputs and labels files go; default: beside the output, "
+        "`<output>.self-train/<job id>`.",
+    )
+    target_precision: float = Field(
+        default=0.95, ge=0.5, lt=1, description="Precision the pseudo-labels must reach on the held-out set."
+    )
+    min_support: int = Field(
+        default=20, ge=1,
+        description="Held-out images the threshold must keep, at least, for its precision to mean something.",
+    )  # fmt: skip
+    duplicate_cosine: float = Field(
+        default=0.83, gt=0, le=1, description="Pool images this close to a held-out image are never pseudo-labelled."
+    )
+    storage: StorageOptions = StorageOptions()
+
+    @model_validator(mode="after")
+    def _apart(self) -> SelfTrainJobSpec:
+        if self.data.validation_uri:
+            raise ValueError("self-train holds out the first fine-tune's validation split; give no validation set")
+        out, pool = _as_prefix(self.output), _as_prefix(self.pool)
+        for name, uri in (("data", self.data.uri), ("pool", self.pool), ("work", self.work_uri())):
+            if name != "pool" and (pool.startswith(_as_prefix(uri)) or _as_prefix(uri).startswith(pool)):
+                raise ValueError(f"pool {self.pool!r} must not overlap {name} {uri!r}")
+            if out.startswith(_as_prefix(uri)) or _as_prefix(uri).startswith(out):
+                raise ValueError(f"output {self.output!r} must not overlap {name} {uri!r}")
+        return self
+
+    def resolved_job_id(self) -> str:
+        fields = {"data", "pool", "base", "training", "output", "target_precision", "min_support", "duplicate_cosine"}
+        return self.job_id or _job_id_of("self-train", self, fields)
+
+    def finetune_spec(self) -> FinetuneJobSpec:
+        """Its first step: the fine-tune on the labelled set alone."""
+        return FinetuneJobSpec(job_id=f"{self.resolved_job_id()}-first", data=self.data, base=self.base,
+                               training=self.training, output=self.output, storage=self.storage)  # fmt: skip
+
+    def work_uri(self) -> str:
+        return self.work or f"{self.output.rstrip('/')}.self-train/{self.resolved_job_id()}"
 
 
 # -------------------------------------------------------------------------------------------------- tables

@@ -155,6 +155,25 @@ class TrainingSpec(Spec):
         return self
 
 
+class SelfTrainingInfo(Spec):
+    """How a self-trained version came to be (bulklabel self-train): the version it started from, its accuracy on
+    the held-out set this version is scored on too (the card's metrics), and the pseudo-labels it added."""
+
+    started_from: str = Field(description="The artifact whose predictions gave the pseudo-labels (`<name>:v<N>`).")
+    before_val_accuracy: float
+    before_val_accuracy_ci95: tuple[float, float]
+    val_images: int = Field(ge=0, description="The held-out set both are scored on: the first version's validation "
+                            "split.")  # fmt: skip
+    target_precision: float
+    threshold: float = Field(description="Pseudo-labels are predictions scoring at least this.")
+    val_precision_at_threshold: float = Field(description="On the held-out set, at the threshold.")
+    val_images_at_threshold: int
+    pool_images: int = Field(ge=0, description="Images of the pool labelled (error rows included).")
+    near_validation_excluded: int = Field(ge=0, description="Pool images left out as near-duplicates of held-out "
+                                          "images.")  # fmt: skip
+    pseudo_labels_per_class: dict[str, int]
+
+
 class FinetuneJobSpec(Spec):
     """Fine-tuning: a torchvision backbone + labelled images → a versioned model artifact under `output`."""
 
@@ -179,6 +198,9 @@ class FinetuneJobSpec(Spec):
     cpus_per_worker: float = Field(default=0, ge=0, description="0 = the cluster's CPUs split between the workers.")
     max_failures: int = Field(default=2, ge=0, le=100, description="Worker failures survived, each from the last "
                               "checkpoint, before the run fails.")  # fmt: skip
+    self_training: SelfTrainingInfo | None = Field(
+        default=None, description="Set by `bulklabel self-train` on its second fine-tune; copied to the card."
+    )
 
     @field_validator("output")
     @classmethod
@@ -357,3 +379,6 @@ class ModelCard(Spec):
     resumed_after_epochs: list[int] = Field(description="Epochs after which an interrupted run was resumed.")
     train_seconds: float = Field(description="Wall time of the training loops, summed over resumed runs.")
     created_at: datetime
+    self_training: SelfTrainingInfo | None = Field(
+        default=None, description="A self-trained version's start, before-accuracy and pseudo-labels per class."
+    )

@@ -27,6 +27,7 @@ from jobs.errors import BadInput
 from jobs.output.reader import open_output
 from jobs.output.results import ComputedResult
 from schemas.curation import DUPLICATES_SCHEMA, DedupeJobSpec, ResultSource
+from schemas.specs import StorageOptions
 from workers.curate.neighbours import components, same_content_pairs, similar_pairs, unit_rows
 from workers.finetune.artifacts import SPLIT_NAME
 from workers.io.storage import ObjectMissing, join, normalise_uri, open_storage
@@ -37,7 +38,7 @@ _COLUMNS = ["key", "source", "image_id", "label", "given_label", "embedding", "w
 
 
 @dataclass(frozen=True)
-class _Images:
+class Images:
     """Every image of the outputs, in order (source, key): where it is from and what is known of it."""
 
     source: list[str]
@@ -52,10 +53,12 @@ class _Images:
     sources: tuple[ResultSource, ...]
 
 
-def _read(spec: DedupeJobSpec) -> _Images:
+def read_images(sources: tuple[str, ...], storage: StorageOptions | None) -> Images:
+    """Every committed row of the label outputs `sources`, in (output, key) order, checked: complete, with
+    embeddings of one width."""
     outputs, width = [], None
-    for uri in spec.sources:
-        output = open_output(uri, spec.storage)
+    for uri in sources:
+        output = open_output(uri, storage)
         if not output.complete:
             raise BadInput(f"label output {uri} is not complete (its job is running or was interrupted): finish it "
                            "(`bulklabel resume` or run the job again) before dedupe reads it")  # fmt: skip
@@ -84,7 +87,7 @@ def _read(spec: DedupeJobSpec) -> _Images:
         embeddings.append(vectors)
         has.append(valid)
         sources.append(ResultSource(uri=uri, job_id=output.job_id, generation=output.generation, rows=table.num_rows))
-    return _Images(**cols, pixels=np.concatenate(pixels), embeddings=np.concatenate(embeddings),
+    return Images(**cols, pixels=np.concatenate(pixels), embeddings=np.concatenate(embeddings),
                    has_embedding=np.concatenate(has), sources=tuple(sources))  # fmt: skip
 
 
@@ -113,7 +116,7 @@ def read_split(uri: str, options) -> dict[str, str]:
     return {normalise_uri(r["key"]): r["split"] for r in rows}
 
 
-def group_images(images: _Images, threshold: float, method: str) -> tuple[np.ndarray, int]:
+def group_images(images: Images, threshold: float, method: str) -> tuple[np.ndarray, int]:
     """Each image's group (numbered by first image) and how many near-duplicate pairs the search found."""
     members = np.flatnonzero(images.has_embedding)
     pairs = similar_pairs(unit_rows(images.embeddings[members]), threshold, method)
@@ -124,12 +127,12 @@ def group_images(images: _Images, threshold: float, method: str) -> tuple[np.nda
 
 def prepare(spec: DedupeJobSpec):
     """Read and check the outputs and the split; the grouping is what is left to compute."""
-    images = _read(spec)
+    images = read_images(spec.sources, spec.storage)
     split = read_split(spec.split, spec.storage) if spec.split else None
     return lambda: compute(spec, images, split)
 
 
-def compute(spec: DedupeJobSpec, images: _Images, split: dict[str, str] | None) -> ComputedResult:
+def compute(spec: DedupeJobSpec, images: Images, split: dict[str, str] | None) -> ComputedResult:
     groups, pairs = group_images(images, spec.threshold, spec.index)
     n = len(groups)
     sizes = np.bincount(groups, minlength=int(groups.max()) + 1 if n else 0)

@@ -48,7 +48,7 @@ def prepare(spec: LabelIssuesJobSpec):
 
 
 def compute(spec: LabelIssuesJobSpec, listing: Listing) -> ComputedResult:
-    tune = spec.embedding_spec()
+    tune = spec.finetune_spec()
     cluster = ensure_ray()
     release_kept("released for label-issues")  # this process's idle label workers would hold the actor's CPUs
     items = listing.items()

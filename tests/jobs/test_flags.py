@@ -17,7 +17,14 @@ from pydantic import Field
 from jobs import kinds
 from jobs.cli import _parser, kind_arguments, spec_of
 from jobs.flags import Flag, SpecFlags, field_at, spec_data
-from jobs.kind_flags import DEDUPE_FLAGS, FINETUNE_FLAGS, LABEL_FLAGS, LABEL_ISSUES_FLAGS, REVIEW_QUEUE_FLAGS
+from jobs.kind_flags import (
+    DEDUPE_FLAGS,
+    FINETUNE_FLAGS,
+    LABEL_FLAGS,
+    LABEL_ISSUES_FLAGS,
+    REVIEW_QUEUE_FLAGS,
+    SELF_TRAIN_FLAGS,
+)
 from jobs.kinds import load_job_spec
 from jobs.service.commands import normalise_argv
 from schemas.finetune import FinetuneMethod
@@ -38,6 +45,10 @@ _BASE = {
     "label-issues": (["--data", "/data/plants", "--base", "mobilenet_v2", "--out", "/data/issues"],
                      {"kind": "label-issues", "data": {"uri": "/data/plants"}, "base": {"name": "mobilenet_v2"},
                       "output": "/data/issues"}),
+    "self-train": (["--data", "/data/plants", "--pool", "/data/pool", "--base", "mobilenet_v2", "--output",
+                    "/data/models"],
+                   {"kind": "self-train", "data": {"uri": "/data/plants"}, "pool": "/data/pool",
+                    "base": {"name": "mobilenet_v2"}, "output": "/data/models"}),
 }  # fmt: skip
 
 # Per flag: what is typed (never the field's default) and the value a spec file gives its field.
@@ -127,6 +138,26 @@ _SAMPLES = {
         "--endpoint-url": (["--endpoint-url", "http://127.0.0.1:8333"], "http://127.0.0.1:8333"),
         "--job-id": (["--job-id", "issues-1"], "issues-1"),
     },
+    "self-train": {
+        "--data": (["--data", "/data/leaves"], "/data/leaves"),
+        "--pool": (["--pool", "/data/field"], "/data/field"),
+        "--base": (["--base", "resnet18"], "resnet18"),
+        "--weights": (["--weights", "none"], None),
+        "--weights-dir": (["--weights-dir", "/opt/weights"], "/opt/weights"),
+        "--output": (["--output", "/data/models-2"], "/data/models-2"),
+        "--work": (["--work", "/scratch/st"], "/scratch/st"),
+        "--target-precision": (["--target-precision", "0.9"], 0.9),
+        "--min-support": (["--min-support", "5"], 5),
+        "--duplicate-cosine": (["--duplicate-cosine", "0.9"], 0.9),
+        "--method": (["--method", "linear-probe"], "linear-probe"),
+        "--epochs": (["--epochs", "7"], 7),
+        "--image-size": (["--image-size", "160"], 160),
+        "--seed": (["--seed", "3"], 3),
+        "--key-column": (["--key-column", "path"], "path"),
+        "--label-column": (["--label-column", "class"], "class"),
+        "--endpoint-url": (["--endpoint-url", "http://127.0.0.1:8333"], "http://127.0.0.1:8333"),
+        "--job-id": (["--job-id", "st-1"], "st-1"),
+    },
 }
 # A few flags whose other values take another path (a weights name rather than `none`, `auto` rather than a bool).
 _MORE = [
@@ -136,7 +167,8 @@ _MORE = [
     ("finetune", "--weights", ["--weights", "IMAGENET1K_V1"], "IMAGENET1K_V1"),
 ]
 _TABLES = {"label": LABEL_FLAGS, "finetune": FINETUNE_FLAGS, "dedupe": DEDUPE_FLAGS,
-           "review-queue": REVIEW_QUEUE_FLAGS, "label-issues": LABEL_ISSUES_FLAGS}  # fmt: skip
+           "review-queue": REVIEW_QUEUE_FLAGS, "label-issues": LABEL_ISSUES_FLAGS,
+           "self-train": SELF_TRAIN_FLAGS}  # fmt: skip
 _CASES = [(kind, flag, *sample) for kind, samples in _SAMPLES.items() for flag, sample in samples.items()] + _MORE
 
 
@@ -177,6 +209,7 @@ def test_every_flag_of_the_tables_has_a_sample():
     assert {kind: set(samples) for kind, samples in _SAMPLES.items()} == {k: set(t) for k, t in _TABLES.items()}
     assert len(_SAMPLES["label"]) + len(_SAMPLES["finetune"]) == 46  # 48 flags of issue 22 less the two --quiet
     assert len(_SAMPLES["dedupe"]) + len(_SAMPLES["review-queue"]) + len(_SAMPLES["label-issues"]) == 29
+    assert len(_SAMPLES["self-train"]) == 18
 
 
 @pytest.mark.parametrize(("kind", "flag", "typed", "value"), _CASES, ids=[f"{c[0]}{c[1]}={c[3]}" for c in _CASES])

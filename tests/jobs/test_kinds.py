@@ -20,7 +20,7 @@ from jobs.service.commands import normalise_argv
 from jobs.service.core import ServiceCore
 from jobs.service.records import JobProgress, JobState
 from jobs.service.runs import RunEnd
-from schemas.curation import DedupeJobSpec, LabelIssuesJobSpec, ReviewQueueJobSpec
+from schemas.curation import DedupeJobSpec, LabelIssuesJobSpec, ReviewQueueJobSpec, SelfTrainJobSpec
 from schemas.finetune import FinetuneJobSpec
 from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec, Spec
@@ -131,7 +131,7 @@ def test_a_toy_kind_runs_through_the_service_core(toy, tmp_path):
 
 
 def test_a_kind_not_registered_is_one_line_naming_the_kinds_there_are(tmp_path):
-    known = r"unknown job kind 'toy'; known: dedupe, finetune, label, label-issues, review-queue"
+    known = r"unknown job kind 'toy'; known: dedupe, finetune, label, label-issues, review-queue, self-train"
     with pytest.raises(UnknownKind, match=known) as unknown:
         kinds.get("toy")
     assert exit_code_for(unknown.value) == EXIT_BAD_INPUT
@@ -144,8 +144,8 @@ def test_a_kind_not_registered_is_one_line_naming_the_kinds_there_are(tmp_path):
 
 def test_every_kind_is_registered_with_its_spec_class():
     assert {kind.name: kind.spec_class for kind in kinds.kinds()} == {
-        "label": LabelJobSpec, "finetune": FinetuneJobSpec, "dedupe": DedupeJobSpec,
-        "review-queue": ReviewQueueJobSpec, "label-issues": LabelIssuesJobSpec}  # fmt: skip
+        "label": LabelJobSpec, "finetune": FinetuneJobSpec, "dedupe": DedupeJobSpec, "review-queue": ReviewQueueJobSpec,
+        "label-issues": LabelIssuesJobSpec, "self-train": SelfTrainJobSpec}  # fmt: skip
     for kind in kinds.kinds():  # the spec class's own `kind` literal is the registry's key
         assert kind.spec_class.model_fields["kind"].default == kind.name
 

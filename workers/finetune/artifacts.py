@@ -305,6 +305,7 @@ def _card(job: FinetuneJobSpec, job_id: str, plan: DataPlan, state: TrainingStat
         resumed_after_epochs=state.resumed_after_epochs,
         train_seconds=round(state.train_seconds, 2),
         created_at=datetime.now(UTC),
+        self_training=job.self_training,
     )
 
 
