@@ -193,8 +193,11 @@ class SelfTrainJobSpec(Spec):
         description="Held-out images the threshold must keep, at least, for its precision to mean something.",
     )  # fmt: skip
     duplicate_cosine: float = Field(
-        default=0.83, gt=0, le=1, description="Pool images this close to a held-out image are never pseudo-labelled."
-    )
+        default=0.93, gt=0, le=1,
+        description="Pool images this close (embedding cosine, the first version's backbone) to a held-out image are "
+        "never pseudo-labelled: as a fine-tune's duplicate_cosine, from the plants sample, where photos of one leaf "
+        "scored 0.938-0.963 and the closest distinct leaves 0.925.",
+    )  # fmt: skip
     storage: StorageOptions = StorageOptions()
 
     @model_validator(mode="after")

@@ -6,8 +6,9 @@ killed anywhere and started again finds its finished steps complete and does onl
 2. label the held-out images and the pool with that version (label jobs, given labels kept for the held-out ones);
 3. the threshold: the lowest top-1 score at which the held-out predictions reach `target_precision` with at least
    `min_support` images (none reaches it: the job stops, saying the best it found);
-4. pool images at or above it become pseudo-labels, but none in a near-duplicate group with a held-out image
-   (jobs.curate.dedupe's grouping), which would leak the held-out set into training;
+4. pool images at or above it become pseudo-labels, but none that is a near-duplicate of a held-out image (the
+   same bytes, or an embedding cosine of `duplicate_cosine` or more), which would leak the held-out set into
+   training;
 5. fine-tune again on the first version's training images plus the pseudo-labels, validated on the same held-out set;
    the card holds the first version's accuracy beside its own, and the pseudo-labels per class.
 Driver-side: no torch (each step's own runner puts the work on the cluster).
@@ -22,15 +23,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from jobs.curate.dedupe import group_images, read_images
+import numpy as np
+
+from jobs.curate.dedupe import read_images
 from jobs.errors import BadInput
 from jobs.finetune import FinetuneSummary, run_finetune_job
 from jobs.label.runner import run_label_job
+from jobs.output.faultpoints import crash_point
 from jobs.output.reader import open_output
 from schemas.curation import SelfTrainJobSpec
 from schemas.finetune import FinetuneJobSpec, SelfTrainingInfo
 from schemas.outcome import Outcome
 from schemas.specs import LabelJobSpec
+from workers.curate.neighbours import nearest_cosine, unit_rows
 from workers.finetune.artifacts import SPLIT_NAME
 from workers.io.storage import join, normalise_uri, open_storage
 
@@ -86,6 +91,7 @@ def run_self_train_job(spec: SelfTrainJobSpec, show_progress: bool = True) -> Se
     _label(spec, f"{job_id}-held-out", {"uri": held_out, "format": "manifest", "allowed_roots": [data_root]},
            val_out, first.artifact)  # fmt: skip
     _label(spec, f"{job_id}-pool", {"uri": spec.pool, "format": "files"}, pool_out, first.artifact)
+    crash_point("self-train:labelled")
 
     threshold, precision, support = choose_threshold(_predictions(val_out, spec), spec.target_precision,
                                                      spec.min_support)  # fmt: skip
@@ -168,18 +174,24 @@ def choose_threshold(
 
 def _pseudo_labels(spec: SelfTrainJobSpec, val_out: str, pool_out: str,
                    threshold: float) -> tuple[list[tuple[str, str]], int, int]:  # fmt: skip
-    """(image, predicted label) of the pool images scoring at least `threshold` and in no near-duplicate group with
-    a held-out image; how many were left out for that; how many pool images were labelled."""
+    """(image, predicted label) of the pool images scoring at least `threshold` that are no near-duplicate of a
+    held-out image (the same bytes, or an embedding cosine of `duplicate_cosine` or more to one of them: compared
+    one to one, not through chains of groups, which on photos of one kind of subject would join nearly everything);
+    how many were left out for that; how many pool images were labelled."""
     images = read_images((val_out, pool_out), spec.storage)
-    groups, _ = group_images(images, spec.duplicate_cosine, "auto")
-    held_groups = {g for g, source in zip(groups.tolist(), images.source, strict=True) if source == val_out}
+    held = np.array([source == val_out for source in images.source])
+    unit = unit_rows(images.embeddings)
+    closest = nearest_cosine(unit[~held], unit[held & images.has_embedding])
+    held_ids = {d for d, h in zip(images.image_id, held, strict=True) if h and d is not None}
+    near = {key for key, cos, digest in zip(np.array(images.key)[~held], closest,
+                                             np.array(images.image_id, dtype=object)[~held], strict=True)
+            if cos >= spec.duplicate_cosine or digest in held_ids}  # fmt: skip
     pool = open_output(pool_out, spec.storage).to_table(columns=["key", "source", "label", "score"]).to_pylist()
-    by_key = {(s, k): g for s, k, g in zip(images.source, images.key, groups.tolist(), strict=True)}
     pseudo, excluded = [], 0
     for row in pool:
         if row["label"] is None or row["score"] < threshold:
             continue
-        if by_key[(pool_out, row["key"])] in held_groups:
+        if row["key"] in near:
             excluded += 1
             continue
         pseudo.append((row["source"], row["label"]))

@@ -135,6 +135,20 @@ def _pairs(left, right, cosine) -> Pairs:
     return Pairs(np.concatenate(left), np.concatenate(right), np.concatenate(cosine))
 
 
+def nearest_cosine(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Each query's highest cosine to any of `rows` (both unit vectors; -1 where `rows` is empty), exact: a flat
+    index over `rows`, the queries in blocks."""
+    if len(rows) == 0:
+        return np.full(len(queries), -1.0, dtype=np.float32)
+    index = faiss.IndexFlatIP(rows.shape[1])
+    index.add(np.ascontiguousarray(rows, dtype=np.float32))
+    out = np.empty(len(queries), dtype=np.float32)
+    for start in range(0, len(queries), QUERY_BLOCK):
+        best, _ = index.search(np.ascontiguousarray(queries[start : start + QUERY_BLOCK], dtype=np.float32), 1)
+        out[start : start + QUERY_BLOCK] = best[:, 0]
+    return out
+
+
 def same_content_pairs(digests: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
     """(first, later) index pairs of rows with the same digest (a sha256 of the bytes; None joins nothing)."""
     first_with: dict[str, int] = {}
