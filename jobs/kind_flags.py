@@ -120,6 +120,7 @@ SELF_TRAIN_FLAGS: FlagTable = {
     "--seed": "training.seed",
     "--key-column": "data.key_column",
     "--label-column": "data.label_column",
+    "--shared-storage": "shared_storage",
     "--endpoint-url": "storage.endpoint_url",
     "--job-id": "job_id",
 }

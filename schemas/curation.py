@@ -198,6 +198,11 @@ class SelfTrainJobSpec(Spec):
         "never pseudo-labelled: as a fine-tune's duplicate_cosine, from the plants sample, where photos of one leaf "
         "scored 0.938-0.963 and the closest distinct leaves 0.925.",
     )  # fmt: skip
+    shared_storage: bool = Field(
+        default=False,
+        description="Local paths (data, pool, output, work) are on storage every Ray node mounts at the same path; "
+        "its label jobs are refused on a cluster of several nodes without it (as `label --shared-storage`).",
+    )
     storage: StorageOptions = StorageOptions()
 
     @model_validator(mode="after")

@@ -120,7 +120,8 @@ def _finetune(spec: SelfTrainJobSpec, job_id: str, data, info: SelfTrainingInfo 
 
 
 def _label(spec: SelfTrainJobSpec, job_id: str, source: dict, output: str, model: str) -> None:
-    label = LabelJobSpec(job_id=job_id, input=source, output=output, model={"name": model}, storage=spec.storage)
+    label = LabelJobSpec(job_id=job_id, input=source, output=output, model={"name": model}, storage=spec.storage,
+                         shared_storage=spec.shared_storage)  # fmt: skip
     summary = run_label_job(label, show_progress=False)
     log.info("self-train: %s labelled %d images (%s)", job_id, summary.images, summary.status)
 

@@ -156,6 +156,7 @@ _SAMPLES = {
         "--key-column": (["--key-column", "path"], "path"),
         "--label-column": (["--label-column", "class"], "class"),
         "--endpoint-url": (["--endpoint-url", "http://127.0.0.1:8333"], "http://127.0.0.1:8333"),
+        "--shared-storage": (["--shared-storage"], True),
         "--job-id": (["--job-id", "st-1"], "st-1"),
     },
 }
@@ -209,7 +210,7 @@ def test_every_flag_of_the_tables_has_a_sample():
     assert {kind: set(samples) for kind, samples in _SAMPLES.items()} == {k: set(t) for k, t in _TABLES.items()}
     assert len(_SAMPLES["label"]) + len(_SAMPLES["finetune"]) == 46  # 48 flags of issue 22 less the two --quiet
     assert len(_SAMPLES["dedupe"]) + len(_SAMPLES["review-queue"]) + len(_SAMPLES["label-issues"]) == 29
-    assert len(_SAMPLES["self-train"]) == 18
+    assert len(_SAMPLES["self-train"]) == 19
 
 
 @pytest.mark.parametrize(("kind", "flag", "typed", "value"), _CASES, ids=[f"{c[0]}{c[1]}={c[3]}" for c in _CASES])

@@ -387,20 +387,28 @@ def _scrape(cluster: MultiNodeCluster, name: str, timeout: float = 60) -> list[s
 def test_curation_jobs_submitted_before_their_input_fail_in_one_line_then_resume(service, tmp_path):
     """Each curation kind through `bulklabel submit` and `resume`: queued before what it reads exists (a label
     output, a labelled set), it fails naming it; once that exists, `resume` runs it to its committed table."""
-    labels, plants = tmp_path / "labels", tmp_path / "plants"
+    labels, plants, pool = tmp_path / "labels", tmp_path / "plants", tmp_path / "pool"
     jobs = {
         "dedupe": service.submit("dedupe", str(labels), "--out", str(tmp_path / "dupes")),
         "review-queue": service.submit("review-queue", str(labels), "--out", str(tmp_path / "queue"), "-n", "4"),
         "label-issues": service.submit("label-issues", "--data", str(plants), "--base", "mobilenet_v2", "--weights",
                                        "IMAGENET1K_V1", "--out", str(tmp_path / "issues"), "--no-sheet"),
+        "self-train": service.submit("self-train", "--data", str(plants), "--pool", str(pool), "--base",
+                                     "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--output", str(tmp_path / "models"),
+                                     "--method", "linear-probe", "--target-precision", "0.5", "--min-support", "1",
+                                     "--shared-storage"),
     }  # fmt: skip
     for kind, job in jobs.items():
         record = service.wait_ended(job)
         assert record["state"] == "failed" and record["kind"] == kind, record
-        assert str(labels if kind != "label-issues" else plants) in record["last_error"], record
+        assert str(plants if kind in ("label-issues", "self-train") else labels) in record["last_error"], record
         assert "\n" not in record["last_error"]
     label = service.submit(*_label_args(_photos(tmp_path / "photos", 6), labels, per_shard=3))
     _small_plants(plants)
+    pool.mkdir()
+    for name in ("Potato___Early_blight", "Potato___healthy"):  # three more of each class, unlabelled
+        for photo in sorted((PLANTS / name).iterdir())[4:7]:
+            shutil.copy(photo, pool / photo.name)
     assert service.wait_ended(label)["state"] == "succeeded"
     for job in jobs.values():
         service.cli("resume", job)
@@ -416,3 +424,5 @@ def test_curation_jobs_submitted_before_their_input_fail_in_one_line_then_resume
                          "IS NOT NULL", "--format", "json").stdout  # fmt: skip
     assert json.loads(scored) == {"n": 8}
     assert "table:    duplicates, 6 rows" in service.cli("logs", jobs["dedupe"]).stdout
+    card = json.loads((tmp_path / "models" / "v2" / "model_card.json").read_text())
+    assert card["self_training"]["started_from"] == "models:v1" and card["self_training"]["pool_images"] == 6
