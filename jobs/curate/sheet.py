@@ -4,12 +4,11 @@ forbidding both, every string from the data escaped (jobs.output.report_page).""
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from jobs.output.report import Thumbnail
-from jobs.output.report_page import CSP, STYLE, escape
+from jobs.output.report_page import CSP, STYLE, escape, picture
 
 _SHEET_STYLE = """
 figure.item { width: 180px; } .rank { font-weight: 600; } .given { color: #555; }
@@ -41,16 +40,11 @@ def contact_sheet(title: str, facts: Mapping[str, object], items: Sequence[Sheet
 
 def _figure(item: SheetItem) -> str:
     thumb = item.thumb
-    if thumb.jpeg is not None:
-        src = "data:image/jpeg;base64," + base64.b64encode(thumb.jpeg).decode("ascii")
-        picture = f"<img class='thumb' alt='{escape(thumb.key)}' data-key='{escape(thumb.key)}' src='{src}'>"
-    else:
-        picture = f"<div class='missing' data-key='{escape(thumb.key)}'>no thumbnail: {escape(thumb.problem)}</div>"
     top = "<br>".join(f"{escape(label)} {score:.3f}" for label, score in item.top)
     given = ""
     if item.given is not None:
         differs = bool(item.top) and item.top[0][0] != item.given
         given = f"<br><span class='{'disagree' if differs else 'given'}'>given: {escape(item.given)}</span>"
     note = f"<br><span class='muted'>{escape(item.note)}</span>" if item.note else ""
-    return (f"<figure class='item' data-rank='{item.rank}'>{picture}<figcaption><span class='rank'>#{item.rank}"
+    return (f"<figure class='item' data-rank='{item.rank}'>{picture(thumb)}<figcaption><span class='rank'>#{item.rank}"
             f"</span> <code>{escape(thumb.key)}</code><br>{top}{given}{note}</figcaption></figure>")  # fmt: skip

@@ -24,7 +24,7 @@ def read_manifest(storage: Storage, output: str) -> JobManifest | None:
     """The job manifest, or None when there is none. One that is not JSON, not a label job's, of a schema version
     this bulklabel does not read, or damaged, raises OutputError naming it (UnsupportedSchemaVersion for a version)."""
     uri = manifest_uri(output)
-    raw = _read_raw(storage, uri)
+    raw = read_raw(storage, uri)
     if raw is None:
         return None
     kind = raw.get("kind", "label")
@@ -46,11 +46,12 @@ def read_manifest(storage: Storage, output: str) -> JobManifest | None:
 def manifest_job_id(storage: Storage, output: str) -> str | None:
     """Only the job id of the manifest (None without one): whose output it is, read from manifests of every version,
     even those of a bulklabel older than the fields JobManifest requires."""
-    raw = _read_raw(storage, manifest_uri(output))
+    raw = read_raw(storage, manifest_uri(output))
     return None if raw is None else str(raw["job_id"])
 
 
-def _read_raw(storage: Storage, uri: str) -> dict | None:
+def read_raw(storage: Storage, uri: str) -> dict | None:
+    """The manifest at `uri` as JSON (None: absent); not JSON, or no job id: OutputError naming it."""
     try:
         raw = json.loads(storage.read_bytes(uri))
     except ObjectMissing:

@@ -235,14 +235,17 @@ def _thumbnail_grid(thumbnails: dict[str, tuple[Thumbnail, ...]]) -> str:
     return "\n".join(blocks)
 
 
-def _figure(thumb: Thumbnail) -> str:
+def picture(thumb: Thumbnail) -> str:
+    """The thumbnail as a data-URI image, or a box saying why there is none; keyed by `data-key`."""
     if thumb.jpeg is not None:
         src = "data:image/jpeg;base64," + base64.b64encode(thumb.jpeg).decode("ascii")
-        picture = f"<img class='thumb' alt='{escape(thumb.key)}' data-key='{escape(thumb.key)}' src='{src}'>"
-    else:
-        picture = f"<div class='missing' data-key='{escape(thumb.key)}'>no thumbnail: {escape(thumb.problem)}</div>"
+        return f"<img class='thumb' alt='{escape(thumb.key)}' data-key='{escape(thumb.key)}' src='{src}'>"
+    return f"<div class='missing' data-key='{escape(thumb.key)}'>no thumbnail: {escape(thumb.problem)}</div>"
+
+
+def _figure(thumb: Thumbnail) -> str:
     others = ", ".join(f"{escape(label)} {score:.2f}" for label, score in thumb.runners_up)
     return (
-        f"<figure>{picture}<figcaption><code>{escape(thumb.key)}</code><br>{thumb.score:.3f}"
+        f"<figure>{picture(thumb)}<figcaption><code>{escape(thumb.key)}</code><br>{thumb.score:.3f}"
         f"{f' · then {others}' if others else ''}</figcaption></figure>"
     )

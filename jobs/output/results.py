@@ -31,13 +31,14 @@ from jobs.output.errors import OutputConflict, OutputError, UnsupportedSchemaVer
 from jobs.output.faultpoints import crash_point
 from jobs.output.lease import LeaseRecord, Writer, WriterKind, acquire
 from jobs.output.listing import list_output
+from jobs.output.manifest import read_raw
 from jobs.output.ownership import check_output, claim_output
 from jobs.output.partials import remove_partials
 from schemas.curation import RESULT_SCHEMA_VERSION, TABLE_SCHEMAS, ResultFile, ResultManifest, ResultSource
 from schemas.layout import LAYOUT_VERSION, SHEET_NAME, data_name, manifest_uri
 from schemas.outcome import Outcome
 from schemas.specs import StorageOptions
-from workers.io.storage import ObjectMissing, Storage, join, normalise_uri, open_storage
+from workers.io.storage import Storage, join, normalise_uri, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,10 @@ def read_result_manifest(storage: Storage, output: str) -> ResultManifest | None
     """The curation manifest at `output` (None: there is none). A label job's manifest, a damaged one or one of an
     unknown table or a newer schema version raises OutputError naming it."""
     uri = manifest_uri(output)
-    try:
-        raw = json.loads(storage.read_bytes(uri))
-    except ObjectMissing:
+    raw = read_raw(storage, uri)
+    if raw is None:
         return None
-    except ValueError as exc:
-        raise OutputError(f"job manifest {uri} is not valid JSON ({exc}); was it edited by hand?") from exc
-    if not isinstance(raw, dict) or raw.get("kind", "label") == "label":
+    if raw.get("kind", "label") == "label":
         raise OutputError(f"{uri} is a label job's manifest, not a curation job's")
     version = raw.get("schema_version")
     if not isinstance(version, int) or not 1 <= version <= RESULT_SCHEMA_VERSION:
@@ -187,15 +185,15 @@ def open_result(uri: str, options: StorageOptions | None = None) -> ResultOutput
     uri = normalise_uri(uri).rstrip("/")
     storage = open_storage(uri, options)
     try:
-        raw = json.loads(storage.read_bytes(manifest_uri(uri)))
-    except ObjectMissing:
+        raw = read_raw(storage, manifest_uri(uri))
+    except OutputError:  # not a manifest at all: the label output's reader says what it is
+        return None
+    if raw is None:
         if any(storage.exists(join(uri, data_name(table))) for table in TABLE_SCHEMAS):
             raise OutputError(f"output {uri}: its curation job has not finished (no manifest yet): its rows show "
-                              "once it completes (run it again, or `bulklabel resume` it)") from None  # fmt: skip
+                              "once it completes (run it again, or `bulklabel resume` it)")  # fmt: skip
         return None
-    except ValueError:
-        return None
-    if not isinstance(raw, dict) or raw.get("kind", "label") == "label":
+    if raw.get("kind", "label") == "label":
         return None
     manifest = read_result_manifest(storage, uri)
     assert manifest is not None
