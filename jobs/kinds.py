@@ -366,34 +366,23 @@ FINETUNE = register(
         command_help="fine-tune a torchvision model on labelled images → <output>/vN/",
     )  # fmt: skip
 )
-DEDUPE = register(
-    Kind(
-        name="dedupe",
-        title="dedupe job",
-        spec_class=DedupeJobSpec,
-        needs=_curation_needs,
-        run_here=_run_dedupe_here,
-        start_in_service=_curation_task(_run_dedupe_here),
-        finished=_curation_finished,
-        absolute_locations=_curation_locations,
-        flags=DEDUPE_SPEC_FLAGS,
-        command_help="exact and near-duplicate images across label outputs (and leakage across a split) → a table",
-    )  # fmt: skip
-)
-REVIEW_QUEUE = register(
-    Kind(
-        name="review-queue",
-        title="review queue",
-        spec_class=ReviewQueueJobSpec,
-        needs=_curation_needs,
-        run_here=_run_review_queue_here,
-        start_in_service=_curation_task(_run_review_queue_here),
-        finished=_curation_finished,
-        absolute_locations=_curation_locations,
-        flags=REVIEW_QUEUE_SPEC_FLAGS,
-        command_help="the images of a label output a person should review first → a ranked table and sheet.html",
-    )  # fmt: skip
-)
+
+
+def _table_kind(name: str, title: str, spec_class: type[BaseModel], run_here, flags: SpecFlags, command_help: str):
+    """A curation kind that reads outputs and writes one table: one task on a CPU, its manifest proves it ended."""
+    return Kind(name=name, title=title, spec_class=spec_class, needs=_curation_needs, run_here=run_here,
+                start_in_service=_curation_task(run_here), finished=_curation_finished,
+                absolute_locations=_curation_locations, flags=flags, command_help=command_help)  # fmt: skip
+
+
+DEDUPE = register(_table_kind(
+    "dedupe", "dedupe job", DedupeJobSpec, _run_dedupe_here, DEDUPE_SPEC_FLAGS,
+    "exact and near-duplicate images across label outputs (and leakage across a split) → a table",
+))  # fmt: skip
+REVIEW_QUEUE = register(_table_kind(
+    "review-queue", "review queue", ReviewQueueJobSpec, _run_review_queue_here, REVIEW_QUEUE_SPEC_FLAGS,
+    "the images of a label output a person should review first → a ranked table and sheet.html",
+))  # fmt: skip
 LABEL_ISSUES = register(
     Kind(
         name="label-issues",
