@@ -6,7 +6,6 @@ bench/label_issues.py."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -95,18 +94,20 @@ def test_one_class_is_one_line_and_nothing_is_written(tmp_path, capsys):
     expected="no row is visible after the kill; the re-run embeds again and commits the table: every image once, "
     "the same images flagged as an uninterrupted run",
 )
-def test_a_label_issues_run_killed_before_its_manifest_then_rerun(issues, tmp_path, record_property):
+def test_a_label_issues_run_killed_before_its_manifest_then_rerun(issues, tmp_path, ray_cluster_env,
+                                                                 record_property):  # fmt: skip
     done, _ = issues
     data = Path(open_result(str(done)).manifest.spec["data"]["uri"])
     out = tmp_path / "out"
     args = [CLI, "label-issues", "--data", str(data), "--base", "mobilenet_v2", "--weights", "IMAGENET1K_V1",
             "--out", str(out)]  # fmt: skip
     faults = json.dumps([{"shard": "result:data_written", "action": "exit"}])
-    killed = subprocess.run(args, env={**os.environ, FAULTS_ENV: faults, ACK_ENV: ACK_VALUE}, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    # The commands join the session's cluster (a private one would start Ray twice over).
+    killed = subprocess.run(args, env={**ray_cluster_env, FAULTS_ENV: faults, ACK_ENV: ACK_VALUE},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert killed.returncode == -9 and not (out / "_job.json").exists(), killed.stderr[-2000:]
     assert (out / "data" / "part-issues.parquet").exists()
-    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(args, env=ray_cluster_env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     rows = open_result(str(out)).to_table().to_pylist()
     expected = open_result(str(done)).to_table().to_pylist()

@@ -5,7 +5,6 @@ the same held-out images; the threshold's choice as plain logic."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +40,7 @@ def test_the_threshold_is_the_lowest_score_reaching_the_precision_with_enough_su
     expected="the re-run finds the first version and both label outputs complete, publishes only the second "
     "version (v2, never a v3); the third run does nothing",
 )
-def test_self_training_publishes_a_version_scored_on_the_first_ones_held_out_images(tmp_path, ray_cluster, capsys,
+def test_self_training_publishes_a_version_scored_on_the_first_ones_held_out_images(tmp_path, ray_cluster_env, capsys,
                                                                                    record_property):  # fmt: skip
     labelled, pool = tmp_path / "plants", tmp_path / "pool"
     pool.mkdir()
@@ -57,8 +56,7 @@ def test_self_training_publishes_a_version_scored_on_the_first_ones_held_out_ima
             "IMAGENET1K_V1", "--output", str(models), "--method", "linear-probe", "--target-precision", "0.8",
             "--min-support", "3"]  # fmt: skip
     faults = json.dumps([{"shard": "self-train:labelled", "action": "exit"}])
-    killed = subprocess.run([CLI, *args], env={**os.environ, FAULTS_ENV: faults, ACK_ENV: ACK_VALUE,
-                                               "RAY_ADDRESS": ray_cluster.address_info["address"]},
+    killed = subprocess.run([CLI, *args], env={**ray_cluster_env, FAULTS_ENV: faults, ACK_ENV: ACK_VALUE},
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert killed.returncode == -9 and (models / "v1").is_dir() and not (models / "v2").exists(), killed.stderr[-2000:]
     assert main(args) == 0
