@@ -22,7 +22,7 @@ from jobs.curate.summary import CurationSummary, run_curation
 from jobs.errors import BadInput
 from jobs.finetune import embedding_pass, unreadable_images
 from jobs.label.warm import release_kept
-from jobs.output.report import Thumbnail, made_from_sources
+from jobs.output.report import MAX_THUMB_SOURCE_BYTES, Thumbnail, made_from_sources
 from jobs.output.results import ComputedResult
 from schemas.catalog import check_model
 from schemas.curation import ISSUES_SCHEMA, LabelIssuesJobSpec, ResultSource
@@ -33,7 +33,6 @@ from workers.io.storage import open_storage
 log = logging.getLogger(__name__)
 
 SHEET_MAX = 500  # flagged images on the sheet (the table holds them all)
-_MAX_THUMB_SOURCE_BYTES = 64 << 20
 
 
 def prepare(spec: LabelIssuesJobSpec):
@@ -97,7 +96,7 @@ def _sheet(spec: LabelIssuesJobSpec, table: pa.Table) -> bytes:
     rows = [r for r in table.slice(0, SHEET_MAX).to_pylist() if r["flagged"]]
     wanted = [Thumbnail(key=r["key"], source=r["image"], label=r["given_label"], score=r["self_confidence"],
                         runners_up=()) for r in rows]  # fmt: skip
-    thumbs = made_from_sources(wanted, spec.storage, _MAX_THUMB_SOURCE_BYTES)
+    thumbs = made_from_sources(wanted, spec.storage, MAX_THUMB_SOURCE_BYTES)
     items = [SheetItem(thumb=t, rank=r["rank"], top=((r["suggested_label"], r["suggested_score"]),),
                        given=r["given_label"], note=f"self-confidence {r['self_confidence']:.3f}")
              for t, r in zip(thumbs, rows, strict=True)]  # fmt: skip

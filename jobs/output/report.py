@@ -41,7 +41,7 @@ ERROR_EXAMPLES = 3
 SLOWEST_SHARDS = 10
 _READ_THREADS = 8
 # A thumbnail source larger than this is not read back (the job's own max_object_bytes bounds it too).
-_MAX_THUMB_SOURCE_BYTES = 64 << 20
+MAX_THUMB_SOURCE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def _layout(output: LabelOutput) -> InputSpec | None:
 
 def _max_bytes(output: LabelOutput) -> int:
     spec_input = (output.manifest.spec.get("input") or {}) if output.manifest else {}
-    return min(int(spec_input.get("max_object_bytes") or _MAX_THUMB_SOURCE_BYTES), _MAX_THUMB_SOURCE_BYTES)
+    return min(int(spec_input.get("max_object_bytes") or MAX_THUMB_SOURCE_BYTES), MAX_THUMB_SOURCE_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------- thumbnails
