@@ -16,7 +16,8 @@ before such a prune could create a pruned number below the live holder: so a tak
 create, and stands aside (its record rewritten released) when a higher generation is there.
 
 The holder renews its generation (a new expiry, rewritten in place: only the holder writes it) from a background
-thread every TTL/3. A holder that finds a higher generation, or that did not renew before its own expiry (it
+thread every TTL/6, so a renewal stalled up to 5/6 of the TTL (a starved process, a store or disk slow to answer)
+still lands in time. A holder that finds a higher generation, or that did not renew before its own expiry (it
 stalled: a taker may already have come), has lost the lease: `ensure_held()`, which writers call before each commit
 (a manifest, a compaction's switch, a table commit), raises LeaseLost.
 
@@ -42,11 +43,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from jobs.errors import InfrastructureError
 from schemas.layout import LEASE_FILE, lease_prefix, lease_uri
+from schemas.masking import mask_text
 from workers.io.storage import ObjectMissing, Storage, relative_key
 
 log = logging.getLogger(__name__)
 
 TTL_S = 60.0  # a holder that stops renewing (a power cut, a host gone) blocks other writers this long at most
+RENEWALS_PER_TTL = 6  # renewal attempts per TTL: one or several may stall or fail before the lease is lost
 POLL_S = 1.0  # how often a waiting writer looks at the lease again
 TAKE_ATTEMPTS = 20  # creations lost to other writers in one acquire, before it is refused (never loops for ever)
 
@@ -282,6 +285,8 @@ class Lease:
         self.ttl_s, self.clock = ttl_s, clock
         self.lost: str | None = None  # why, once lost
         self.released = False
+        self.renewed_at = record.started  # the last expiry this holder wrote, for the reason it gives when lost
+        self._renew_error: str | None = None  # why the last renewal failed, if it did
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -294,7 +299,7 @@ class Lease:
         """Raise LeaseLost if another writer may have the output now."""
         with self._lock:
             if self.lost is None and self.clock.now() >= self.record.expires:
-                self.lost = f"it expired at {self.record.expires:%H:%M:%S} UTC before it was renewed"
+                self.lost = self._expired()
             if self.lost is not None:
                 raise LeaseLost(f"output {self.output}: this writer's lease was lost ({self.lost}); stopped before "
                                 "writing more: run it again")  # fmt: skip
@@ -306,13 +311,13 @@ class Lease:
                 return
             now = self.clock.now()
             if now >= self.record.expires:  # stalled past expiry: a taker may hold it, so writing is unsafe
-                self.lost = f"it expired at {self.record.expires:%H:%M:%S} UTC before it was renewed"
+                self.lost = self._expired()
                 return
             if self._taken_over():
                 return
             record = self.record.model_copy(update={"expires": now + timedelta(seconds=self.ttl_s)})
             self.storage.write_bytes(self.uri, record.model_dump_json().encode())
-            self.record = record
+            self.record, self.renewed_at, self._renew_error = record, now, None
             self._taken_over()  # a taker that read the old expiry just before this write
 
     def release(self) -> None:
@@ -344,19 +349,32 @@ class Lease:
                 self.storage.delete(obj.uri)
 
     def keep_renewed(self) -> None:
-        """Renew from a daemon thread every TTL/3 until released (it dies with the process, as the lease should)."""
+        """Renew from a daemon thread every TTL/6 until released (it dies with the process, as the lease should)."""
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.record.job_id}", daemon=True)
         self._thread.start()
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        while not self._stop.wait(self.ttl_s / RENEWALS_PER_TTL):
             try:
                 self.renew()
             except Exception as exc:  # noqa: BLE001 - the store may come back before the expiry; else lost then
+                self._renew_error = mask_text(f"{type(exc).__name__}: {exc}")
                 log.warning("could not renew the lease %s: %s", self.uri, exc)
             if self.lost is not None:
                 log.error("output %s: lease lost (%s)", self.output, self.lost)
                 return
+
+    def _expired(self) -> str:
+        """Why an expired lease is lost, with what tells a stalled holder from a store that refused its renewals."""
+        why = (
+            f"it expired at {self.record.expires:%H:%M:%S} UTC before it was renewed; last renewed at "
+            f"{self.renewed_at:%H:%M:%S}"
+        )
+        return why + (
+            f", then a renewal failed: {self._renew_error}"
+            if self._renew_error
+            else ", then no renewal ran in time (the process stalled)"
+        )
 
     def _taken_over(self) -> bool:
         successor = lease_uri(self.output, self.record.generation + 1)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.5
 PROGRESS_WRITE_S = 2.0  # a running job's record is rewritten at most this often between changes of state
 RECONCILE_S = 30.0  # how often the service looks at other clusters' jobs in a shared store (probing their GCS)
+LEASE_LOST_ATTEMPTS = 3  # runs of a job that may end with its output's lease lost (a stall) before it is failed
 STOP_WAIT_S = 60.0  # `service stop`: how long running jobs get to finish their running shards before it records them
 
 
@@ -317,6 +318,14 @@ class ServiceCore:
         self._needs.pop(job_id, None)
         cancelled_by = self._cancelled_by.pop(job_id, Cancellation.BY_USER)  # (asked, but it may have ended first)
         text = "\n".join(end.summary) + ("\n" if end.summary else "")
+        if end.lease_lost and record.state is JobState.RUNNING and record.attempts < LEASE_LOST_ATTEMPTS:
+            # The run stalled past its lease and stopped before writing more: what it committed stands, and the
+            # next run (done-markers) labels only the rest. Queued again, it is admitted like any other job.
+            log.warning("job %s: %s; queued to run again (attempt %d of %d)", job_id, error, record.attempts + 1,
+                        LEASE_LOST_ATTEMPTS)  # fmt: skip
+            self.put(advance(with_progress(record, run.progress(), now), JobState.QUEUED, now, last_error=error))
+            self.store.append_log(job_id, text + f"{now.isoformat()} queued again: {error}\n")
+            return True
         to = settled_state(record.state, ended, lambda: self._finished(record))
         if to is None:  # someone else changed the record meanwhile (an older service judged this cluster gone)
             self.store.append_log(job_id, text + f"{now.isoformat()} ended {ended.value}; the record, "

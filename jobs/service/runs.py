@@ -22,6 +22,7 @@ from jobs.cluster import ClusterResources
 from jobs.errors import BadInput, InfrastructureError, exit_code_for
 from jobs.label.compile_policy import CompileDecision
 from jobs.label.placement import Placement, PlacementError, place_workers, resolve_compile
+from jobs.output.lease import LeaseLost
 from jobs.service.admission import Needs, Resources
 from jobs.service.joblog import StoreLogHandler, set_current_job
 from jobs.service.records import JobProgress, JobRecord
@@ -38,11 +39,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RunEnd:
     """How a run ended: its outcome (an `Outcome`; anything else is refused when mapped to a job state), the job
-    summary's lines as `bulklabel label` prints them, and the reason of a failure."""
+    summary's lines as `bulklabel label` prints them, the reason of a failure, and whether that failure was its
+    output's lease lost (the run stalled past its expiry): it stopped before writing more, so another run is safe."""
 
     outcome: Outcome | str
     summary: tuple[str, ...] = ()
     error: str | None = None
+    lease_lost: bool = False
 
 
 class LabelProgress:
@@ -126,7 +129,7 @@ class LabelJobRun:
             log.exception("job %s failed", job_id)
             summary = getattr(exc, "summary", None)
             lines = tuple(summary.lines()) if summary is not None else ()
-            self._outcome = RunEnd(Outcome.FAILED, lines, _one_line(exc))
+            self._outcome = RunEnd(Outcome.FAILED, lines, _one_line(exc), lease_lost=isinstance(exc, LeaseLost))
         finally:
             self._lease.release([])  # also when the job failed before it had workers: the pool may go idle
             set_current_job(None)
@@ -161,7 +164,8 @@ class TaskJobRun:
             except Exception as exc:  # noqa: BLE001 - a task killed by cancel, or a failed run
                 cause = getattr(exc, "cause", None) or exc
                 outcome = Outcome.CANCELLED if self._cancelled else Outcome.FAILED
-                self._outcome = RunEnd(outcome, (), None if self._cancelled else _one_line(cause))
+                self._outcome = RunEnd(outcome, (), None if self._cancelled else _one_line(cause),
+                                       lease_lost=not self._cancelled and isinstance(cause, LeaseLost))  # fmt: skip
         return self._outcome
 
     def cancel(self) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from jobs.errors import EXIT_INFRASTRUCTURE, exit_code_for
 from jobs.output.lease import (
+    RENEWALS_PER_TTL,
     LeaseLost,
     LeaseRecord,
     OutputBusy,
@@ -24,7 +25,7 @@ from jobs.output.lease import (
     standing,
 )
 from schemas.layout import lease_uri
-from workers.io.storage import LocalStorage
+from workers.io.storage import LocalStorage, StorageError
 
 JOB = Writer(WriterKind.LABEL_JOB, "job-a")
 COMPACTION = Writer(WriterKind.COMPACTION, "job-a")
@@ -77,7 +78,11 @@ def test_a_waiting_writer_takes_over_an_expired_lease_and_the_old_holder_knows_i
     stalled = _take(out, JOB, clock)  # never renews: its process hangs
     taken = _take(out, COMPACTION, clock, wait_s=90)
     assert taken.record.generation == 2 and TTL <= clock.slept < TTL + 2  # waited for the expiry, no longer
-    with pytest.raises(LeaseLost, match="expired"):
+    with pytest.raises(
+        LeaseLost,
+        match=r"expired at 23:11:05 UTC before it was renewed; last renewed at 23:10:05, "
+        r"then no renewal ran in time \(the process stalled\)",
+    ):
         stalled.ensure_held()
     stalled.renew()  # too late: stays lost, and writes nothing over the taker's generation
     assert stalled.lost and read_current(LocalStorage(), out).token == taken.record.token
@@ -89,8 +94,8 @@ def test_a_waiting_writer_takes_over_an_expired_lease_and_the_old_holder_knows_i
 def test_renewal_keeps_others_out_past_the_first_ttl_and_a_waiter_gives_up_at_its_bound(out):
     clock = FakeClock()
     held = _take(out, JOB, clock)
-    for _ in range(5):  # renewed every 20 s (TTL/3), as the keeper thread does
-        clock.advance(TTL / 3)
+    for _ in range(5):  # renewed every 10 s (TTL/6), as the keeper thread does
+        clock.advance(TTL / RENEWALS_PER_TTL)
         held.renew()
     held.ensure_held()
     with pytest.raises(OutputBusy, match="label job 'job-a'"):
@@ -98,6 +103,22 @@ def test_renewal_keeps_others_out_past_the_first_ttl_and_a_waiter_gives_up_at_it
     assert clock.slept == pytest.approx(30)
     held.renew()
     held.ensure_held()  # the waiter wrote nothing: the holder still holds it
+
+
+def test_a_lease_lost_to_failed_renewals_says_what_failed_without_a_credential(out, monkeypatch):
+    clock = FakeClock()
+    held = _take(out, JOB, clock)
+    clock.advance(TTL / 2)
+    held.renew()
+
+    def refused(uri, data):
+        raise StorageError("PUT refused: {'secret_access_key': 'hunter2'}")
+
+    monkeypatch.setattr(held.storage, "write_bytes", refused)
+    monkeypatch.setattr(held._stop, "wait", clock.advance)  # returns None: not stopped
+    held._renew_loop()  # as the keeper thread runs it: a failed renewal every TTL/6 until the lease expired
+    assert held.lost and "last renewed at 23:10:35, then a renewal failed: StorageError: PUT refused" in held.lost
+    assert "hunter2" not in held.lost
 
 
 def test_a_holder_that_renews_after_a_takeover_finds_it_lost(out):

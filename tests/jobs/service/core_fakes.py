@@ -119,8 +119,9 @@ class FakeRun:
         self.start, self.ended, self.stubborn = start, None, False
         self._progress = progress or JobProgress()
 
-    def finish(self, outcome: Outcome | str = Outcome.SUCCEEDED, *lines: str, error: str | None = None) -> None:
-        self.ended = RunEnd(outcome, lines, error)
+    def finish(self, outcome: Outcome | str = Outcome.SUCCEEDED, *lines: str, error: str | None = None,
+               lease_lost: bool = False) -> None:  # fmt: skip
+        self.ended = RunEnd(outcome, lines, error, lease_lost)
         if self.start is not None and self.start.lease is not None:
             self.start.lease.release([])  # as LabelJobRun does when its thread ends
 

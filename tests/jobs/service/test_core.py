@@ -11,7 +11,7 @@ import pytest
 
 from jobs import kinds
 from jobs.errors import EXIT_BAD_INPUT, exit_code_for
-from jobs.service.core import PROGRESS_WRITE_S, RECONCILE_S, STOP_WAIT_S, TICK_S, ServiceCore
+from jobs.service.core import LEASE_LOST_ATTEMPTS, PROGRESS_WRITE_S, RECONCILE_S, STOP_WAIT_S, TICK_S, ServiceCore
 from jobs.service.ownership import ClusterId, Liveness
 from jobs.service.records import Cancellation, IllegalTransition, JobProgress, JobRecord, JobState, advance, new_record
 from jobs.service.store import JobStore, UnknownJob
@@ -371,6 +371,24 @@ def test_an_outcome_no_state_maps_is_recorded_as_an_internal_failure_never_a_suc
     assert record.state is JobState.FAILED, record.state
     assert record.last_error.startswith("internal error: a job run ended with 'succeded'")
     assert record.last_error.endswith("(exit code 4)") and not core.running
+
+
+def test_a_run_that_lost_its_lease_is_queued_again_a_bounded_number_of_times(h, tmp_path):
+    # CI: a label job whose service stalled past its lease's expiry stopped before its manifest and was recorded
+    # failed; a stall is the cluster's trouble, not the job's, and the next run labels only what is left.
+    h.cluster.nodes = TWO_CPUS
+    core = h.core()
+    job = core.submit(label_spec(tmp_path, "out"))
+    lost = "LeaseLost: output out: this writer's lease was lost (it expired ...); stopped before writing more"
+    for attempt in range(1, LEASE_LOST_ATTEMPTS + 1):
+        h.rounds(core)
+        assert h.store.get(job).attempts == attempt and h.store.get(job).state is JobState.RUNNING
+        h.runs[job].finish(Outcome.FAILED, error=lost, lease_lost=True)
+        h.rounds(core)
+    record = h.store.get(job)
+    assert record.state is JobState.FAILED and record.last_error == lost, record
+    h.store.flush_logs()
+    assert h.store.read_log(job)[0].count("queued again: LeaseLost") == LEASE_LOST_ATTEMPTS - 1
 
 
 def test_submitting_a_job_again_returns_it_and_queues_an_ended_one_again(h, tmp_path):
