@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     compact.set_defaults(handler=_cmd_compact)
 
+    review = sub.add_parser("review", help="people's decisions on a review queue (or a label-issues result)")
+    review_sub = review.add_subparsers(required=True, metavar="ACTION")
+    status = review_sub.add_parser("status", help="reviewed and left, by decision and by reviewer")
+    status.add_argument("queue", help="the queue's output: local folder or s3://bucket/prefix")
+    status.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    status.set_defaults(handler=_cmd_review_status)
+
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
     add_service_commands(sub, {name: kind.flags for name, kind in commands.items()}, kind_arguments, spec_of)
@@ -175,6 +182,17 @@ def _cmd_query(args: argparse.Namespace) -> int:
     from jobs.output.query import run_query  # DuckDB is loaded only by the commands that use it
 
     run_query(args.output, args.sql, args.format, args.out, StorageOptions(endpoint_url=args.endpoint_url), sys.stdout)
+    return 0
+
+
+def _cmd_review_status(args: argparse.Namespace) -> int:
+    from jobs.output.corrections import open_queue, read_decisions
+    from jobs.review.decisions import review_status
+    from jobs.review.items import review_items
+
+    queue = open_queue(args.queue, StorageOptions(endpoint_url=args.endpoint_url))
+    keys = [item.key for item in review_items(queue)]
+    print("\n".join(review_status(keys, read_decisions(queue.storage, queue.uri)).lines()))
     return 0
 
 

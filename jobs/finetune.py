@@ -29,6 +29,7 @@ from ray.train import TrainingFailedError
 from jobs.cluster import ClusterResources, ensure_ray
 from jobs.label.warm import release_kept
 from jobs.locations import finetune_locations
+from jobs.review.apply import pin_corrections, read_corrections
 from schemas.catalog import check_model
 from schemas.finetune import EpochMetrics, FinetuneJobSpec, ModelCard, Recipe, TrainingState
 from schemas.outcome import Outcome
@@ -91,6 +92,14 @@ class FinetuneSummary:
             f"  time:     {self.seconds:.1f}s this run, {card.train_seconds:.1f}s training in all",
             f"  artifact: {self.artifact}",
         ]
+        if data.corrections is not None:
+            c = data.corrections
+            out.insert(
+                -2,
+                f"  reviewed: {c.relabelled} label(s) changed, {c.dropped} bad image(s) left out, "
+                f"{c.confirmed} kept, by {c.decisions} decision(s) from {', '.join(c.queues)}"
+                + (f"; {c.not_in_data} decided image(s) not in the data" if c.not_in_data else ""),
+            )
         if data.val_shortfall:
             out.insert(-2, f"  short:    validation has {data.val_shortfall} image(s) fewer than val_fraction asks: "
                            "groups too large for their class's share stayed whole in training")  # fmt: skip
@@ -111,7 +120,7 @@ def resolve_locations(spec: FinetuneJobSpec) -> FinetuneJobSpec:
 
 def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> FinetuneSummary:
     """Run (or resume) a fine-tune job to its published artifact and return its summary."""
-    spec = resolve_locations(spec)
+    spec = pin_corrections(resolve_locations(spec))
     job_id = spec.resolved_job_id()
     clock = time.perf_counter()
     out = open_storage(spec.output, spec.storage)
@@ -197,7 +206,7 @@ def list_labelled(spec: FinetuneJobSpec) -> Listing:
     """The labelled images of the spec's data (and validation set), every class checked usable."""
     data = spec.data
     val_storage = open_storage(data.validation_uri, spec.storage) if data.validation_uri else None
-    return list_data(data, open_storage(data.uri, spec.storage), val_storage)
+    return list_data(data, open_storage(data.uri, spec.storage), val_storage, read_corrections(spec))
 
 
 @contextmanager

@@ -252,8 +252,10 @@ def _start_finetune(start: ServiceStart):
 
 def _finetune_locations(spec):
     from jobs.locations import finetune_locations
+    from jobs.review.apply import pin_corrections
 
-    return finetune_locations(spec)
+    # Its review decisions pinned too (as `bulklabel finetune` does): the service's job id says which it applies.
+    return pin_corrections(finetune_locations(spec))
 
 
 # ------------------------------------------------------------------------------------- the curation jobs

@@ -41,7 +41,8 @@ def finetune_locations(spec: FinetuneJobSpec) -> FinetuneJobSpec:
     val = spec.data.validation_uri
     data = spec.data.model_copy(update={"uri": _path(spec.data.uri), "validation_uri": _path(val) if val else val,
                                         "allowed_roots": tuple(_path(r) for r in spec.data.allowed_roots)})  # fmt: skip
-    return spec.model_copy(update={"data": data, "base": _weights(spec.base), "output": _path(spec.output)})
+    return spec.model_copy(update={"data": data, "base": _weights(spec.base), "output": _path(spec.output),
+                                   "corrections": tuple(_path(q) for q in spec.corrections)})  # fmt: skip
 
 
 def curation_locations(spec):

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from schemas.review import CorrectionsApplied
 from schemas.specs import Extensions, ModelSpec, PreprocessSpec, Spec, StorageOptions, _as_prefix, not_blank
 
 LABELS_FILE_SUFFIXES = (".csv", ".parquet")
@@ -201,6 +202,15 @@ class FinetuneJobSpec(Spec):
     self_training: SelfTrainingInfo | None = Field(
         default=None, description="Set by `bulklabel self-train` on its second fine-tune; copied to the card."
     )
+    corrections: tuple[Annotated[str, not_blank("corrections")], ...] = Field(
+        default=(), description="Review queues (outputs of `bulklabel review-queue` or `label-issues`) whose review "
+        "decisions apply: the latest decision per image wins; a relabel replaces its label, an image marked bad is "
+        "left out. The card counts both.",
+    )  # fmt: skip
+    corrections_as_of: datetime | None = Field(
+        default=None, description="Decisions recorded up to this time apply. Set when the job is made (to the latest "
+        "decision then), so a re-run resumes the same job and new decisions make a new one.",
+    )  # fmt: skip
 
     @field_validator("output")
     @classmethod
@@ -225,6 +235,8 @@ class FinetuneJobSpec(Spec):
     def training_identity(self, with_output: bool = False) -> str:
         """sha256 of the fields that decide the trained weights (data, base model, training, number of ranks)."""
         fields = {"data", "base", "training", "num_workers"} | ({"output"} if with_output else set())
+        if self.corrections:  # absent otherwise, so the ids of jobs made before corrections existed stay the same
+            fields |= {"corrections", "corrections_as_of"}
         identity = self.model_dump(mode="json", include=fields)
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -354,6 +366,10 @@ class DatasetInfo(Spec):
         description="Classes with no validation image (all held-out candidates unreadable, or every near-duplicate "
         "group too large): their recall is not measured and the macro averages leave them out.",
     )
+    corrections: CorrectionsApplied | None = Field(
+        default=None, description="Review decisions applied to the labels (fine-tune --corrections): how many "
+        "labels were changed and images dropped, and from which queues.",
+    )  # fmt: skip
 
 
 class ModelCard(Spec):

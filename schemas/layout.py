@@ -48,6 +48,7 @@ DATA_DIR = "data"
 TABLE_DIR = "table"  # format: delta: the Delta Lake table (its _delta_log and data files)
 LEASE_DIR = "_lease"
 SHEET_NAME = "sheet.html"  # a curation job's HTML sheet (schemas.curation), beside its table
+CORRECTIONS_DIR = "corrections"  # a review queue's decisions (schemas.review), one file each, beside its table
 
 SHARD = r"[A-Za-z0-9._=-]+"
 MARKER = re.compile(rf"{DONE_DIR}/({SHARD})\.json")
@@ -60,12 +61,13 @@ PARTIAL = re.compile(
     rf"{TMP_DIR}/{SHARD}\.\d+\.[0-9a-f]{{8}}\.partial|{TMP_DIR}/compact-\d+/[^/]+|(?:.*/)?\.[^/]+\.[0-9a-f]{{8}}\.tmp"
 )
 PROBE = re.compile(r"_probe-[0-9a-f]{8}")
+CORRECTION_FILE = re.compile(rf"{CORRECTIONS_DIR}/([A-Za-z0-9_-]{{8,64}})\.parquet")  # group 1: the decision id
 LEASE_FILE = re.compile(rf"{LEASE_DIR}/(\d+)\.json")  # group 1: the generation
 LEASE_NAMES = re.compile(rf"{LEASE_DIR}/.+")  # its generations and their create-if-absent temporaries
 # Every name a label job writes under its output prefix, relative to it.
 OWN_NAMES = re.compile(
     rf"(?:{OWNER_NAME}|{MANIFEST_NAME}|{FAILED_NAME}|{_DATA_FILE}|{DONE_DIR}/{SHARD}\.json|{PARTIAL.pattern}"
-    rf"|{PROBE.pattern}|{LEASE_NAMES.pattern}|{TABLE_DIR}/.+|{SHEET_NAME})"
+    rf"|{PROBE.pattern}|{LEASE_NAMES.pattern}|{TABLE_DIR}/.+|{SHEET_NAME}|{CORRECTION_FILE.pattern})"
 )
 # What file browsers drop into any folder they show (Finder, Explorer): never parsed, never deleted, and no reason
 # to refuse an output, since opening the output folder to look at it is enough to create one.
@@ -147,6 +149,11 @@ def temp_uri(output: str, shard_id: str, attempt: int, nonce: str) -> str:
 
 def owner_uri(output: str) -> str:
     return join(output, OWNER_NAME)
+
+
+def correction_uri(output: str, decision_id: str) -> str:
+    """Where a review decision is stored under its queue's output."""
+    return join(output, CORRECTIONS_DIR, f"{decision_id}.parquet")
 
 
 def manifest_uri(output: str) -> str:

@@ -1,12 +1,12 @@
 """SQL and nearest neighbours over a label output's committed rows, with DuckDB in process.
 
 `bulklabel query OUTPUT "SQL"` runs the SQL against a view `labels` (a curation job's output: a view named after its
-table, `duplicates`, `queue`; jobs.output.results): the committed rows only (jobs.output.reader
-decides which files those are), with `embedding` as `FLOAT[d]` so DuckDB's array functions
-(`array_cosine_similarity`, `array_distance`) work on it directly. The files are handed to DuckDB as a pyarrow
-dataset, local and S3 alike: DuckDB's own S3 support (the httpfs extension) is downloaded on first use, which an
-offline machine cannot do, and one path for both keeps what the view shows the same (no globbing of the output's
-path, no hive-partition guessing from its folder names).
+table, `duplicates`, `queue`, `issues`, jobs.output.results; a reviewed one's decisions too, as `corrections`): the
+committed rows only (jobs.output.reader decides which files those are), with `embedding` as `FLOAT[d]` so DuckDB's
+array functions (`array_cosine_similarity`, `array_distance`) work on it directly. The files are handed to DuckDB as
+a pyarrow dataset, local and S3 alike: DuckDB's own S3 support (the httpfs extension) is downloaded on first use,
+which an offline machine cannot do, and one path for both keeps what the view shows the same (no globbing of the
+output's path, no hive-partition guessing from its folder names).
 
 `bulklabel similar OUTPUT KEY -k 10` is exact (one cosine per committed row, a full scan) below INDEX_MIN_ROWS
 committed rows, and goes through an approximate index (jobs.output.index: faiss IVF, built on first use and cached
@@ -26,9 +26,11 @@ from typing import TextIO
 import duckdb
 
 from jobs.errors import BadInput
+from jobs.output.corrections import REVIEWED_TABLES, corrections_table, read_decisions
 from jobs.output.reader import FilesVanished, LabelOutput, OutputError, files_vanished, read_pinned
 from jobs.output.results import ResultOutput, open_result
 from schemas.output import LABEL_SCHEMA
+from schemas.review import CORRECTIONS_TABLE
 from schemas.specs import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,8 @@ def _query_result(result: ResultOutput, sql: str, fmt: str, out: Path | None, st
     con = duckdb.connect(config={"autoinstall_known_extensions": False})
     try:
         con.register(result.manifest.table, result.to_table())
+        if result.manifest.table in REVIEWED_TABLES:  # and the decisions people took on it
+            con.register(CORRECTIONS_TABLE, corrections_table(read_decisions(result.storage, result.uri)))
         return _execute(con, sql, fmt, out, stream, result.manifest.table)
     except duckdb.Error as exc:
         raise QueryError(f"query failed: {exc}") from exc

@@ -468,3 +468,56 @@ def test_the_fine_tune_driver_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_fine_tune_with_corrections_from_a_reviewed_queue_applies_them_and_its_card_counts_them(leaves, tmp_path):
+    from datetime import UTC, datetime
+
+    from jobs.curate.queue import run_review_queue_job
+    from jobs.output.corrections import open_queue, record_decision
+    from jobs.review.apply import pin_corrections
+    from jobs.review.items import review_items
+    from schemas.curation import ReviewQueueJobSpec
+    from schemas.review import DecisionRecord
+
+    labels, queue_uri = tmp_path / "labels", tmp_path / "queue"
+    model = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
+    run_label_job(LabelJobSpec(input={"uri": str(leaves)}, output=str(labels), num_workers=1, top_k=3, model=model),
+                  show_progress=False)  # fmt: skip
+    run_review_queue_job(ReviewQueueJobSpec(source=str(labels), output=str(queue_uri), size=20, sheet=False),
+                         show_progress=False)  # fmt: skip
+    queue = open_queue(str(queue_uri))
+    items = {item.key: item for item in review_items(queue)}
+    early, healthy = CLASSES
+    moved = sorted(k for k in items if k.startswith(early))[:2]  # a reviewer says these two are healthy leaves
+    bad = sorted(k for k in items if k.startswith(healthy))[0]
+    kept = sorted(k for k in items if k.startswith(healthy))[1]
+    choices = [(k, "label", healthy) for k in moved] + [(bad, "bad", None), (kept, "label", healthy)]
+    for n, (key, decision, label) in enumerate(choices):
+        record_decision(queue.storage, queue.uri, DecisionRecord(
+            decision_id=f"decision-{n:03d}", key=key, image=items[key].image, reviewer="ana", decision=decision,
+            label=label, previous_label=items[key].current_label, decided_at=datetime.now(UTC)))  # fmt: skip
+    output = tmp_path / "models" / "reviewed"
+    argv = ["finetune", "--data", str(leaves), "--base", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--method",
+            "linear-probe", "--output", str(output), "--corrections", str(queue_uri), "--quiet"]  # fmt: skip
+
+    assert main(argv) == 0
+
+    card = read_card(str(output / "v1"))
+    applied = card.dataset.corrections
+    assert (applied.relabelled, applied.dropped, applied.confirmed, applied.not_in_data) == (2, 1, 1, 0), applied
+    assert applied.queues == (str(queue_uri),) and applied.decisions == 4 and applied.per_reviewer == {"ana": 4}
+    assert card.dataset.train_images + card.dataset.val_images == 19
+    assert card.dataset.train_per_class[healthy] + card.dataset.val_per_class[healthy] == 11
+    with open(output / "v1" / SPLIT_NAME) as fh:
+        split = {row["key"].rsplit("/", 1)[-1]: row["label"] for row in csv.DictReader(fh)}
+    assert all(split[key.rsplit("/", 1)[-1]] == healthy for key in moved) and bad.rsplit("/", 1)[-1] not in split
+    # The same command again is the same job (its decisions pinned); one more decision makes a new one.
+    spec = FinetuneJobSpec(data={"uri": str(leaves)}, base=model, training={"method": "linear-probe"},
+                           output=str(output), corrections=[str(queue_uri)])  # fmt: skip
+    assert pin_corrections(spec).resolved_job_id() == card.job_id
+    record_decision(queue.storage, queue.uri, DecisionRecord(
+        decision_id="decision-999", key=kept, image=items[kept].image, reviewer="bo", decision="bad",
+        decided_at=datetime.now(UTC)))  # fmt: skip
+    assert pin_corrections(spec).resolved_job_id() != card.job_id

@@ -83,6 +83,7 @@ _SAMPLES = {
         "--weights": (["--weights", "none"], None),
         "--weights-dir": (["--weights-dir", "/opt/weights"], "/opt/weights"),
         "--output": (["--output", "/data/models-2"], "/data/models-2"),
+        "--corrections": (["--corrections", "/data/queue-1", "/data/queue-2"], ["/data/queue-1", "/data/queue-2"]),
         "--method": (["--method", "full"], "full"),
         "--epochs": (["--epochs", "7"], 7),
         "--min-steps": (["--min-steps", "10"], 10),
@@ -208,7 +209,8 @@ def _by_flags(kind: str, typed: list[str], replaces: str | None = None):
 def test_every_flag_of_the_tables_has_a_sample():
     """A flag added to a table without a case here fails this test, so the id test below covers every flag."""
     assert {kind: set(samples) for kind, samples in _SAMPLES.items()} == {k: set(t) for k, t in _TABLES.items()}
-    assert len(_SAMPLES["label"]) + len(_SAMPLES["finetune"]) == 46  # 48 flags of issue 22 less the two --quiet
+    assert len(_SAMPLES["label"]) + len(_SAMPLES["finetune"]) == 47  # 48 flags of issue 22 less the two --quiet, and
+    # --corrections (issue 24)
     assert len(_SAMPLES["dedupe"]) + len(_SAMPLES["review-queue"]) + len(_SAMPLES["label-issues"]) == 29
     assert len(_SAMPLES["self-train"]) == 19
 

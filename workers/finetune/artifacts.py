@@ -327,6 +327,7 @@ def _dataset_info(job: FinetuneJobSpec, plan: DataPlan, state: TrainingState) ->
         grouped_images=plan.grouped_images,
         val_shortfall=plan.val_shortfall,
         unvalidated_classes=list(plan.unvalidated_classes),
+        corrections=plan.corrections,
     )
 
 

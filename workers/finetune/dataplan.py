@@ -19,6 +19,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from schemas.finetune import LABELS_FILE_SUFFIXES, FinetuneDataSpec
+from schemas.review import Corrections, CorrectionsApplied
 from schemas.specs import Spec
 from workers.finetune.grouping import Groups
 from workers.io.keys import KeyResolver
@@ -59,6 +60,7 @@ class DataPlan(Spec):
     unreadable: tuple[str, ...] = ()  # "<uri>: <reason>" of images left out before the split
     val_shortfall: int = 0  # validation images val_fraction asked for that whole groups could not provide
     unvalidated_classes: tuple[str, ...] = ()  # classes with no validation image: never scored
+    corrections: CorrectionsApplied | None = None  # what review decisions changed (jobs.review), when applied
 
     def counts(self, split: str) -> dict[str, int]:
         """Images per class name in `split` ('train' or 'val')."""
@@ -185,6 +187,7 @@ class Listing:
 
     examples: tuple[Example, ...]
     validation: tuple[Example, ...] | None
+    corrections: CorrectionsApplied | None = None
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -196,19 +199,25 @@ class Listing:
         return [(e.uri, index[e.label]) for e in (*self.examples, *(self.validation or ()))]
 
 
-def list_data(spec: FinetuneDataSpec, storage: Storage, val_storage: Storage | None = None) -> Listing:
-    """List the data and check every class is usable: two classes at least, each with a validation image to spare
-    (or a given validation set whose classes all have training images)."""
+def list_data(spec: FinetuneDataSpec, storage: Storage, val_storage: Storage | None = None,
+              corrections: Corrections | None = None) -> Listing:  # fmt: skip
+    """List the data, apply review `corrections` (relabels, bad images left out), and check every class is usable:
+    two classes at least, each with a validation image to spare (or a given validation set whose classes all have
+    training images)."""
     examples = tuple(list_examples(spec.uri, spec, storage))
     validation = None
     if spec.validation_uri:
         validation = tuple(list_examples(spec.validation_uri, spec, val_storage or storage))
+    applied = None
+    if corrections is not None:
+        examples, validation, applied = apply_corrections(examples, validation, corrections)
+    if spec.validation_uri:
         unknown = sorted({e.label for e in validation} - {e.label for e in examples})
         if unknown:
             raise FinetuneDataError(f"validation classes {unknown} have no training images in {spec.uri}")
     else:
         _check_counts(examples, minimum=2, what="stratified split")
-    listing = Listing(examples, validation)
+    listing = Listing(examples, validation, applied)
     if len(listing.class_names) < 2:
         raise FinetuneDataError(f"found one class ({listing.class_names[0]!r}); a classifier needs at least two")
     return listing
@@ -259,7 +268,42 @@ def split_data(listing: Listing, spec: FinetuneDataSpec, seed: int, groups: Grou
         unreadable=tuple(bad[uri] for uri in sorted(bad)),
         val_shortfall=shortfall,
         unvalidated_classes=unvalidated,
+        corrections=listing.corrections,
     )
+
+
+def apply_corrections(examples: Sequence[Example], validation: Sequence[Example] | None, corrections: Corrections
+                      ) -> tuple[tuple[Example, ...], tuple[Example, ...] | None, CorrectionsApplied]:  # fmt: skip
+    """The examples (and validation set) with the decided labels, images decided bad left out. An image is matched
+    by its location, else by its key as the queue named it; decisions about images not in the data are counted."""
+    matched: set[str] = set()
+    counts: Counter[str] = Counter()
+    reviewers: Counter[str] = Counter()
+
+    def corrected(e: Example) -> Example | None:
+        image = e.uri if e.uri in corrections.reviewers else corrections.keys.get(e.key)
+        if image is None or image not in corrections.reviewers:
+            return e
+        matched.add(image)
+        reviewers[corrections.reviewers[image]] += 1
+        if image in corrections.bad:
+            counts["dropped"] += 1
+            return None
+        label = corrections.labels[image]
+        counts["relabelled" if label != e.label else "confirmed"] += 1
+        return Example(e.key, e.uri, label, e.size) if label != e.label else e
+
+    kept = tuple(c for c in map(corrected, examples) if c is not None)
+    kept_val = None if validation is None else tuple(c for c in map(corrected, validation) if c is not None)
+    applied = CorrectionsApplied(
+        queues=corrections.queues, decisions=corrections.decisions, images_decided=len(corrections.reviewers),
+        relabelled=counts["relabelled"], dropped=counts["dropped"], confirmed=counts["confirmed"],
+        not_in_data=len(corrections.reviewers) - len(matched), per_reviewer=dict(reviewers),
+    )  # fmt: skip
+    log.info("review corrections from %s: %d relabelled, %d left out as bad, %d kept; %d decided image(s) not in the "
+             "data", ", ".join(corrections.queues), applied.relabelled, applied.dropped, applied.confirmed,
+             applied.not_in_data)  # fmt: skip
+    return kept, kept_val, applied
 
 
 def _check_readable(listing: Listing, readable: Sequence[Example], unreadable: Mapping[str, str]) -> None:

@@ -353,3 +353,33 @@ def test_epoch_order_gives_every_rank_the_same_length():
     assert [len(o) for o in orders] == [4, 4, 4]
     assert sorted(orders[2][:3]) == [0, 1, 2]  # a full pass first, then wrapped
     assert sorted(epoch_order(5, 5, generator)) == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------------------- review corrections
+
+
+def test_corrections_relabel_and_drop_by_location_or_queue_key_and_count_the_rest(tmp_path):
+    from schemas.review import Corrections
+    from workers.finetune.dataplan import list_data
+
+    root = type("Root", (), {"uri": str(tmp_path / "d"), "options": None, "storage": _local()})
+    write_classes(root, {"cat": 4, "dog": 4})
+    at = join(root.uri, "cat", "img00.jpg")
+    corrections = Corrections(
+        queues=("/q",), decisions=6,
+        labels={at: "dog", join(root.uri, "dog", "img01.jpg"): "dog", "/elsewhere/x.jpg": "cat",
+                "/label-output/key-of-it": "dog"},
+        bad={join(root.uri, "dog", "img02.jpg"): "blurred"},
+        keys={"cat/img03.jpg": "/label-output/key-of-it"},  # a queue that named it by another location, same key
+        reviewers={at: "ana", join(root.uri, "dog", "img01.jpg"): "ana", "/elsewhere/x.jpg": "bo",
+                   "/label-output/key-of-it": "bo", join(root.uri, "dog", "img02.jpg"): "bo"},
+    )  # fmt: skip
+    listing = list_data(FinetuneDataSpec(uri=root.uri), root.storage, corrections=corrections)
+    labels = {e.key: e.label for e in listing.examples}
+    assert labels == {"cat/img00.jpg": "dog", "cat/img01.jpg": "cat", "cat/img02.jpg": "cat", "cat/img03.jpg": "dog",
+                      "dog/img00.jpg": "dog", "dog/img01.jpg": "dog", "dog/img03.jpg": "dog"}  # fmt: skip
+    applied = listing.corrections
+    assert (applied.relabelled, applied.dropped, applied.confirmed, applied.not_in_data) == (2, 1, 1, 1)
+    assert applied.per_reviewer == {"ana": 2, "bo": 2} and applied.images_decided == 5
+    plan = split_data(listing, FinetuneDataSpec(uri=root.uri, val_fraction=0.25), seed=0)
+    assert plan.corrections == applied and plan.class_names == ("cat", "dog")
