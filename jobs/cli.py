@@ -137,6 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("queue", help="the queue's output: local folder or s3://bucket/prefix")
     status.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     status.set_defaults(handler=_cmd_review_status)
+    serve = review_sub.add_parser("serve", help="the review app: a page to decide on the queue's images, keyboard "
+                                  "first; prints its URL with the token")  # fmt: skip
+    serve.add_argument("queue", help="the queue's output: local folder or s3://bucket/prefix")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need the "
+                       "token too)")  # fmt: skip
+    serve.add_argument("--port", type=int, default=8470, help="0: any free port")
+    serve.add_argument("--classes", help="labels reviewers may pick besides the queue's: a file (one per line) or "
+                       "a comma-separated list")  # fmt: skip
+    serve.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    serve.set_defaults(handler=_cmd_review_serve)
 
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
@@ -193,6 +203,15 @@ def _cmd_review_status(args: argparse.Namespace) -> int:
     queue = open_queue(args.queue, StorageOptions(endpoint_url=args.endpoint_url))
     keys = [item.key for item in review_items(queue)]
     print("\n".join(review_status(keys, read_decisions(queue.storage, queue.uri)).lines()))
+    return 0
+
+
+def _cmd_review_serve(args: argparse.Namespace) -> int:
+    from jobs.review.server import ServeOptions, read_classes, serve
+
+    options = ServeOptions(queue=args.queue, host=args.host, port=args.port, classes=read_classes(args.classes),
+                           storage=StorageOptions(endpoint_url=args.endpoint_url))  # fmt: skip
+    serve(options, lambda url: print(f"review {args.queue} at {url}", flush=True))
     return 0
 
 

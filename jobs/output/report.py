@@ -240,14 +240,19 @@ def _thumbnails(
 
 
 def thumbnails_of(
-    output: LabelOutput, wanted: list[Thumbnail], options: StorageOptions | None = None
+    output: LabelOutput, wanted: list[Thumbnail], options: StorageOptions | None = None, side: int = THUMB_SIDE
 ) -> list[Thumbnail]:
-    """`wanted` (images of `output`'s rows) with their thumbnails, read back as the job read its input, in order."""
-    return made_from_sources(wanted, _source_options(output, options), _max_bytes(output), _layout(output))
+    """`wanted` (images of `output`'s rows) with their thumbnails (at most `side` pixels a side), read back as the
+    job read its input, in order."""
+    return made_from_sources(wanted, _source_options(output, options), _max_bytes(output), _layout(output), side)
 
 
 def made_from_sources(
-    wanted: list[Thumbnail], options: StorageOptions | None, max_bytes: int, layout: InputSpec | None = None
+    wanted: list[Thumbnail],
+    options: StorageOptions | None,
+    max_bytes: int,
+    layout: InputSpec | None = None,
+    side: int = THUMB_SIDE,
 ) -> list[Thumbnail]:
     """Read each wanted image back from its source (each shard in one pass) and make its thumbnail, in order."""
     stores = StorageByScheme(options)
@@ -255,7 +260,7 @@ def made_from_sources(
     for i, thumb in enumerate(wanted):
         by_source.setdefault(thumb.source, []).append((i, thumb))
     with ThreadPoolExecutor(_READ_THREADS) as pool:
-        made = [one for batch in pool.map(lambda s: _from_source(stores, s, by_source[s], max_bytes, layout),
+        made = [one for batch in pool.map(lambda s: _from_source(stores, s, by_source[s], max_bytes, layout, side),
                                           by_source) for one in batch]  # fmt: skip
     return [thumb for _, thumb in sorted(made, key=lambda pair: pair[0])]
 
@@ -266,6 +271,7 @@ def _from_source(
     thumbs: list[tuple[int, Thumbnail]],
     max_bytes: int,
     layout: InputSpec | None = None,
+    side: int = THUMB_SIDE,
 ) -> list[tuple[int, Thumbnail]]:
     try:
         if shard_kind(source) is not None:
@@ -275,11 +281,11 @@ def _from_source(
     except (StorageError, OSError, ValueError, tarfile.TarError) as exc:  # the input moved, or is unreachable
         problem = f"cannot read {source}: {type(exc).__name__}: {exc}"
         return [(i, replace(t, problem=problem)) for i, t in thumbs]
-    return [(i, _made(t, blobs.get(t.key))) for i, t in thumbs]
+    return [(i, _made(t, blobs.get(t.key), side)) for i, t in thumbs]
 
 
-def _made(thumb: Thumbnail, blob: bytes | str | None) -> Thumbnail:
-    jpeg, problem = _thumbnail(blob)
+def _made(thumb: Thumbnail, blob: bytes | str | None, side: int) -> Thumbnail:
+    jpeg, problem = _thumbnail(blob, side)
     return replace(thumb, jpeg=jpeg, problem=problem)
 
 
@@ -314,7 +320,7 @@ def _shard_location(source: str, key: str) -> tuple[str, str]:
     return base, name
 
 
-def _thumbnail(blob: bytes | str | None) -> tuple[bytes | None, str | None]:
+def _thumbnail(blob: bytes | str | None, side: int = THUMB_SIDE) -> tuple[bytes | None, str | None]:
     """(JPEG bytes, None), or (None, why not): the image as stored may since have changed or become unreadable."""
     if blob is None:
         return None, "not found in its source any more"
@@ -322,9 +328,9 @@ def _thumbnail(blob: bytes | str | None) -> tuple[bytes | None, str | None]:
         return None, blob
     try:
         with Image.open(io.BytesIO(blob)) as image:
-            image.draft("RGB", (THUMB_SIDE * 2, THUMB_SIDE * 2))  # JPEG: decode at a reduced scale, much faster
+            image.draft("RGB", (side * 2, side * 2))  # JPEG: decode at a reduced scale, much faster
             image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+            image.thumbnail((side, side))
             buffer = io.BytesIO()
             image.save(buffer, "JPEG", quality=80)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
