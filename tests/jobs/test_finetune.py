@@ -474,10 +474,15 @@ def test_the_fine_tune_driver_imports_no_torch():
 def test_a_fine_tune_with_corrections_from_a_reviewed_queue_applies_them_and_its_card_counts_them(leaves, tmp_path):
     from datetime import UTC, datetime
 
+    from starlette.testclient import TestClient
+
     from jobs.curate.queue import run_review_queue_job
     from jobs.output.corrections import open_queue, record_decision
+    from jobs.review.app import build_app
     from jobs.review.apply import pin_corrections
+    from jobs.review.images import Pictures
     from jobs.review.items import review_items
+    from jobs.review.state import ReviewState
     from schemas.curation import ReviewQueueJobSpec
     from schemas.review import DecisionRecord
 
@@ -494,10 +499,15 @@ def test_a_fine_tune_with_corrections_from_a_reviewed_queue_applies_them_and_its
     bad = sorted(k for k in items if k.startswith(healthy))[0]
     kept = sorted(k for k in items if k.startswith(healthy))[1]
     choices = [(k, "label", healthy) for k in moved] + [(bad, "bad", None), (kept, "label", healthy)]
-    for n, (key, decision, label) in enumerate(choices):
-        record_decision(queue.storage, queue.uri, DecisionRecord(
-            decision_id=f"decision-{n:03d}", key=key, image=items[key].image, reviewer="ana", decision=decision,
-            label=label, previous_label=items[key].current_label, decided_at=datetime.now(UTC)))  # fmt: skip
+    state = ReviewState(queue, classes=CLASSES)  # reviewed through the app's API, as the page posts
+    with TestClient(
+        build_app(state, Pictures(queue, None), "t0ken", loopback=True), base_url="http://127.0.0.1"
+    ) as app:
+        for n, (key, decision, label) in enumerate(choices):
+            body = {"decision_id": f"decision-{n:03d}", "reviewer": "ana", "key": key, "decision": decision,
+                    "label": label}  # fmt: skip
+            answer = client.post("/api/decisions", json=body, headers={"authorization": "Bearer t0ken"})
+            assert answer.json()["recorded"] == "new", answer.text
     output = tmp_path / "models" / "reviewed"
     argv = ["finetune", "--data", str(leaves), "--base", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--method",
             "linear-probe", "--output", str(output), "--corrections", str(queue_uri), "--quiet"]  # fmt: skip
