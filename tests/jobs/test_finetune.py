@@ -500,9 +500,8 @@ def test_a_fine_tune_with_corrections_from_a_reviewed_queue_applies_them_and_its
     kept = sorted(k for k in items if k.startswith(healthy))[1]
     choices = [(k, "label", healthy) for k in moved] + [(bad, "bad", None), (kept, "label", healthy)]
     state = ReviewState(queue, classes=CLASSES)  # reviewed through the app's API, as the page posts
-    with TestClient(
-        build_app(state, Pictures(queue, None), "t0ken", loopback=True), base_url="http://127.0.0.1"
-    ) as app:
+    app = build_app(state, Pictures(queue, None), "t0ken", loopback=True)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         for n, (key, decision, label) in enumerate(choices):
             body = {"decision_id": f"decision-{n:03d}", "reviewer": "ana", "key": key, "decision": decision,
                     "label": label}  # fmt: skip
