@@ -51,11 +51,11 @@ def flagged(tmp_path) -> Flagged:
     return write_issues(tmp_path)
 
 
-def app_over(queue: Path, lease_s: float = 120.0, loopback: bool = True):
+def app_over(queue: Path | str, lease_s: float = 120.0, loopback: bool = True, options=None):
     from jobs.review.app import build_app
     from jobs.review.images import Pictures
     from jobs.review.state import ReviewState
 
-    result = open_queue(str(queue))
+    result = open_queue(str(queue), options)
     state = ReviewState(result, lease_s=lease_s)
-    return build_app(state, Pictures(result, None), TOKEN, loopback=loopback), state
+    return build_app(state, Pictures(result, options), TOKEN, loopback=loopback), state

@@ -136,3 +136,34 @@ def test_a_bad_decision_is_refused_in_one_line_and_nothing_is_recorded(client, f
     assert response.status_code == status and says in response.json()["error"], response.json()
     assert "\n" not in response.json()["error"]
     assert read_decisions(client.state.queue.storage, client.state.queue.uri) == []
+
+
+def test_a_queue_on_s3_shows_its_s3_images_and_commits_decisions_there(s3_server, s3_prefix, flagged):
+    import pyarrow as pa
+
+    from jobs.output.results import ComputedResult, commit_result
+    from schemas.curation import ISSUES_SCHEMA, LabelIssuesJobSpec
+    from workers.io.storage import open_storage
+
+    options = s3_server.options()
+    store = open_storage(s3_prefix, options)
+    rows = []
+    for i, key in enumerate(flagged.keys[:3]):
+        store.write_bytes(f"{s3_prefix}/data/{key}", (flagged.data / key).read_bytes())
+        rows.append({"key": key, "image": f"{s3_prefix}/data/{key}", "given_label": key.split("/")[0],
+                     "suggested_label": CLASSES[1], "self_confidence": 0.1, "suggested_score": 0.7, "flagged": True,
+                     "rank": i + 1, "error": None})  # fmt: skip
+    queue = f"{s3_prefix}/issues"
+    spec = LabelIssuesJobSpec(data={"uri": f"{s3_prefix}/data"}, base={"name": "mobilenet_v2"}, output=queue)
+    commit_result(queue, options, spec.resolved_job_id(), "label-issues", spec,
+                  lambda: ComputedResult(table=pa.Table.from_pylist(rows, schema=ISSUES_SCHEMA)))  # fmt: skip
+    app, state = app_over(queue, options=options)
+    with TestClient(app, base_url=HOST) as client:
+        client.get(f"/?token={TOKEN}")
+        picture = client.get("/image/2")
+        assert picture.status_code == 200 and picture.content[:2] == b"\xff\xd8"
+        item = post(client, "/api/next", {"reviewer": "ana"}).json()["item"]
+        body = {"decision_id": "s3-decision-1", "reviewer": "ana", "key": item["key"], "decision": "bad"}
+        assert post(client, "/api/decisions", body).json()["recorded"] == "new"
+    [stored] = read_decisions(state.queue.storage, queue)
+    assert stored.decision_id == "s3-decision-1" and store.exists(f"{queue}/corrections/s3-decision-1.parquet")
