@@ -49,6 +49,11 @@ class DecisionRecord(Spec):
     decision_id: str = Field(pattern=DECISION_ID_PATTERN, description="Made by the client: a retry sends it again.")
     key: Annotated[str, not_blank("key")] = Field(description="The queue row's key.")
     image: Annotated[str, not_blank("image")] = Field(description="The image's location, as the queue names it.")
+    image_id: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the image's bytes (a label output's `image_id`): joins the decision to labels "
+        "wherever the image moved.",
+    )  # fmt: skip
     reviewer: str = Field(pattern=REVIEWER_PATTERN)
     decision: Decision
     label: str | None = Field(default=None, max_length=200, description="The label chosen (decision `label`).")
@@ -79,6 +84,7 @@ CORRECTIONS_SCHEMA = pa.schema(
         pa.field("decision_id", pa.string(), nullable=False),
         pa.field("key", pa.string(), nullable=False),
         pa.field("image", pa.string(), nullable=False),
+        pa.field("image_id", pa.string()),
         pa.field("reviewer", pa.string(), nullable=False),
         pa.field("decision", pa.string(), nullable=False),  # a Decision's value
         pa.field("label", pa.string()),

@@ -164,6 +164,7 @@ class ResultOutput:
     manifest: ResultManifest
     files: tuple[str, ...]
     storage: Storage
+    options: StorageOptions | None = None  # how it was opened: the outputs it names are read the same way
 
     @property
     def schema(self) -> pa.Schema:
@@ -197,4 +198,4 @@ def open_result(uri: str, options: StorageOptions | None = None) -> ResultOutput
         return None
     manifest = read_result_manifest(storage, uri)
     assert manifest is not None
-    return ResultOutput(uri, manifest, tuple(join(uri, f.name) for f in manifest.files), storage)
+    return ResultOutput(uri, manifest, tuple(join(uri, f.name) for f in manifest.files), storage, options)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import threading
 from bisect import insort
@@ -29,6 +30,7 @@ from schemas.review import (
     DecisionRecord,
 )
 from schemas.specs import Spec
+from workers.io.storage import StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class ReviewState:
         self._counted: dict[str, DecisionRecord] = {}  # per item, the decision that counts (kept as each arrives)
         self._mine: Counter[str] = Counter()  # items decided, by reviewer
         self._times: dict[str, list[datetime]] = {}  # when each reviewer decided, for their rate
+        self._hashed: dict[str, str | None] = {}  # image_id of items whose file was read to name it
         for decision in read_decisions(queue.storage, queue.uri):
             self._add(decision)
         self.assignments = Assignments([i.key for i in self.items], set(self._counted), lease_s)
@@ -145,7 +148,8 @@ class ReviewState:
             if target is None or target.key != ask.key:
                 raise NotFound(f"no decision {ask.undoes} about {ask.key!r} to undo")
         record = DecisionRecord(
-            decision_id=ask.decision_id, key=ask.key, image=item.image, reviewer=ask.reviewer, decision=ask.decision,
+            decision_id=ask.decision_id, key=ask.key, image=item.image, image_id=self._image_id(item),
+            reviewer=ask.reviewer, decision=ask.decision,
             label=ask.label if ask.decision is Decision.LABEL else None,
             previous_label=item.current_label if ask.decision.decides else None,
             bad_reason=ask.bad_reason if ask.decision is Decision.BAD else None, undoes=ask.undoes,
@@ -164,6 +168,24 @@ class ReviewState:
         if ask.decision is Decision.UNDO:
             answer["item"] = self.shown(ask.key)
         return answer
+
+    def _image_id(self, item: ReviewItem) -> str | None:
+        """The image's content id: its label output's, else the sha256 of its file (a labelled set's images are
+        files; a tar member or Parquet row without a label output to name it gets none)."""
+        if item.image_id is not None or "#" in item.key:
+            return item.image_id
+        with self._lock:
+            if item.key in self._hashed:
+                return self._hashed[item.key]
+        try:
+            digest = hashlib.sha256(open_storage(item.image, self.queue.options).read_bytes(item.image)).hexdigest()
+        except (StorageError, OSError) as exc:
+            log.warning("image %s cannot be read to name its content (%s): its decision carries no image_id",
+                        item.image, exc)  # fmt: skip
+            digest = None
+        with self._lock:
+            self._hashed[item.key] = digest
+        return digest
 
     def _add(self, record: DecisionRecord) -> bool:
         """Take in a committed decision; True when its item has a decision that counts afterwards."""

@@ -3,6 +3,7 @@ security (token, CSRF, CSP, the image endpoint's confinement), and decisions com
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import pytest
@@ -48,6 +49,7 @@ def test_a_decision_is_recorded_once_whatever_the_retries_and_moves_the_queue_on
     [stored] = read_decisions(client.state.queue.storage, client.state.queue.uri)
     assert (stored.key, stored.label, stored.previous_label, stored.reviewer) == (item["key"], CLASSES[2],
                                                                                   CLASSES[0], "ana")  # fmt: skip
+    assert stored.image_id == hashlib.sha256((flagged.data / item["key"]).read_bytes()).hexdigest()
     assert post(client, "/api/next", {"reviewer": "ana"}).json()["item"]["key"] == flagged.keys[1]
     clash = post(client, "/api/decisions", body | {"label": CLASSES[1]})
     assert clash.status_code == 409 and "recorded already" in clash.json()["error"]

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from jobs.output.corrections import open_queue, read_decisions
+from jobs.output.reader import open_output
 from jobs.review.decisions import effective
 from schemas.review import Decision
 from tests.jobs.review.conftest import CLASSES
@@ -115,3 +116,6 @@ def test_a_reviewer_goes_through_twenty_images_by_keyboard_undoes_one_and_reload
     assert counted == expected  # row by row: each image's decision as the keys chose it, the undone one gone
     assert [d.decision for d in stored].count(Decision.UNDO) == 1 and len(stored) == 21
     assert all(d.reviewer == "ana" for d in stored)
+    labelled = open_output(str(queue.parent / "labels")).to_table(columns=["key", "image_id"]).to_pylist()
+    ids = {row["key"]: row["image_id"] for row in labelled}
+    assert all(d.image_id == ids[d.key] is not None for d in stored)  # the label output's content ids
