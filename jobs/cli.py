@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import reprlib
@@ -20,7 +21,7 @@ from jobs.service.commands import add_service_commands, normalise_argv
 from schemas.finetune import FinetuneJobSpec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
 from schemas.outcome import Outcome
-from schemas.specs import LabelJobSpec, OutputOptions, StorageOptions
+from schemas.specs import LabelJobSpec, ModelSpec, OutputOptions, StorageOptions
 
 log = logging.getLogger("bulklabel")
 
@@ -148,6 +149,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     serve.set_defaults(handler=_cmd_review_serve)
 
+    predict = sub.add_parser("predict", help="label a few images in this process, no cluster: a zoo model or a "
+                             "fine-tuned artifact, the same answers as a label job")  # fmt: skip
+    predict.add_argument("images", nargs="+", help="image files or s3:// objects")
+    predict.add_argument("--model", required=True, help=ModelSpec.model_fields["name"].description)
+    predict.add_argument("--weights", default="DEFAULT", help="a zoo model's weights (IMAGENET1K_V2, a file); "
+                         "DEFAULT: torchvision's default for the model; ignored for an artifact")  # fmt: skip
+    predict.add_argument("--weights-dir", help=ModelSpec.model_fields["weights_dir"].description)
+    predict.add_argument("--top-k", type=int, default=5, help="labels shown per image")
+    predict.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    predict.add_argument("--json", action="store_true", help="one JSON object per image")
+    predict.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    predict.set_defaults(handler=_in_process("predict"))
+
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
     add_service_commands(sub, {name: kind.flags for name, kind in commands.items()}, kind_arguments, spec_of)
@@ -213,6 +227,18 @@ def _cmd_review_serve(args: argparse.Namespace) -> int:
                            storage=StorageOptions(endpoint_url=args.endpoint_url))  # fmt: skip
     serve(options, lambda url: print(f"review {args.queue} at {url}", flush=True))
     return 0
+
+
+def _in_process(command: str):
+    """A command that runs a model in this process (workers.ship.commands): imported by name when it runs, so the
+    driver's own modules never load torch (tests/test_structure.py) and every other command starts without it."""
+
+    def handler(args: argparse.Namespace) -> int:
+        lines, code = getattr(importlib.import_module("workers.ship.commands"), command)(args)
+        print("\n".join(lines))
+        return code
+
+    return handler
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
