@@ -162,6 +162,19 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     predict.set_defaults(handler=_in_process("predict"))
 
+    export = sub.add_parser("export", help="a model as ONNX or TorchScript with a JSON sidecar (classes, "
+                            "preprocessing), refused unless it agrees with the model on sample images")  # fmt: skip
+    export.add_argument("model", help=ModelSpec.model_fields["name"].description)
+    export.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    export.add_argument("--out", help="the file to write (its sidecar: the same name + .json); default: the "
+                        "model's name + .onnx or .pt here")  # fmt: skip
+    export.add_argument("--weights", default="DEFAULT", help="a zoo model's weights; ignored for an artifact")
+    export.add_argument("--weights-dir", help=ModelSpec.model_fields["weights_dir"].description)
+    export.add_argument("--samples", nargs="*", default=[], help="images (or folders) to check parity on, besides "
+                        "an artifact's own validation images")  # fmt: skip
+    export.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    export.set_defaults(handler=_in_process("export"))
+
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
     add_service_commands(sub, {name: kind.flags for name, kind in commands.items()}, kind_arguments, spec_of)

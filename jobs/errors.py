@@ -33,6 +33,7 @@ _BY_NAME = {
     "jobs.finetune.FinetuneFailed": EXIT_FAILED,
     "jobs.finetune.ResumeConflict": EXIT_BAD_INPUT,
     "workers.weights.WeightsError": EXIT_BAD_INPUT,  # weights not found, hash mismatch, unsafe file
+    "workers.ship.export.ExportRefused": EXIT_BAD_INPUT,  # no sample to check on, or a failed parity check
     "workers.io.storage.StoreUnavailable": EXIT_INFRASTRUCTURE,
     "workers.io.storage.AccessDenied": EXIT_INFRASTRUCTURE,
     "workers.io.storage.StorageError": EXIT_BAD_INPUT,  # no bucket, bad scheme, unwritable output, missing input

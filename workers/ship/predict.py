@@ -73,6 +73,7 @@ class Model:
         options = PredictorOptions(top_k=top_k, embeddings=embeddings, precision=spec.precision)
         self._predictor = Predictor(loaded, self.device, options)
         self._decoder = make_decoder(decoder, loaded.preprocess, self.device)
+        self.storage = storage
         self._stores = StorageByScheme(storage)
         self._scratch = scratch
 
@@ -95,6 +96,16 @@ class Model:
                 batch = []
         return out + (self._run(batch) if batch else [])
 
+    def pixels(self, images: Iterable[str | Path | bytes]) -> tuple[np.ndarray | None, list[str]]:
+        """The readable images decoded, resized and cropped as a label job's decoder does ((n, crop, crop, 3) uint8,
+        None when none is readable), and "<source>: <why>" for each that is not."""
+        batch = [self._read(n, image) for n, image in enumerate(images)]
+        rows, pixels = self._decoded(batch)
+        bad = [f"{source}: {row.error}" for (source, _, _), row in zip(batch, rows, strict=True) if not row.ok]
+        if pixels is not None and not isinstance(pixels, np.ndarray):  # a GPU decoder's tensor
+            pixels = pixels.cpu().numpy()
+        return pixels, bad
+
     def close(self) -> None:
         if self._scratch:
             shutil.rmtree(self._scratch, ignore_errors=True)
@@ -114,10 +125,13 @@ class Model:
         except (OSError, StorageError) as exc:
             return source, None, f"cannot read {source}: {type(exc).__name__}: {exc}"
 
-    def _run(self, batch: Sequence[tuple[str, bytes | None, str | None]]) -> list[Prediction]:
+    def _decoded(self, batch: Sequence[tuple[str, bytes | None, str | None]]):
         decoded = [self._decoder.decode(data) if data is not None else Decoded(None, error=error)
                    for _, data, error in batch]  # fmt: skip
-        rows, pixels = self._decoder.batch(decoded)
+        return self._decoder.batch(decoded)
+
+    def _run(self, batch: Sequence[tuple[str, bytes | None, str | None]]) -> list[Prediction]:
+        rows, pixels = self._decoded(batch)
         result = self._predictor(pixels) if pixels is not None else None
         out, i = [], 0
         for (source, data, _), row in zip(batch, rows, strict=True):
