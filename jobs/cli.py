@@ -175,6 +175,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     export.set_defaults(handler=_in_process("export"))
 
+    models = sub.add_parser("models", help="torchvision's zoo: ImageNet accuracy, GFLOPs, parameters, embedding "
+                            "width, and whether the weights are on this machine")  # fmt: skip
+    models.add_argument("names", nargs="*", help="only models whose name contains one of these")
+    models.add_argument("--max-gflops", type=float, help="only models of at most this many GFLOPs per image")
+    models.add_argument("--offline", action="store_true", help="only weights already on this machine")
+    models.add_argument("--json", action="store_true", help="one JSON object per weights entry")
+    models.set_defaults(handler=_in_process("models"))
+
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
     add_service_commands(sub, {name: kind.flags for name, kind in commands.items()}, kind_arguments, spec_of)

@@ -49,3 +49,27 @@ def export(args: argparse.Namespace) -> tuple[list[str], int]:
             f"{model.model_id}, {len(sidecar.class_names)} classes, input {sidecar.input.preprocess.crop_size}px",
             f"parity on {p.images} image(s) ({p.sample_from}) through {p.runtime}: top-1 equal, largest probability "
             f"difference {p.max_probability_diff:.1e}"], 0  # fmt: skip
+
+
+def models(args: argparse.Namespace) -> tuple[list[str], int]:
+    """`bulklabel models`: the zoo, best top-1 first (JSON lines with --json)."""
+    from workers.ship.zoo import zoo
+
+    entries = zoo(args.names, args.max_gflops, args.offline)
+    if args.json:
+        return [json.dumps(e.as_dict()) for e in entries], 0
+    head = f"{'model':<22} {'weights':<26} {'top-1':>6} {'top-5':>6} {'GFLOPs':>8} {'params M':>9} {'MB':>7} " \
+           f"{'embedding':>9}  here"  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for e in entries:
+        lines.append(f"{e.model:<22} {e.weights:<26} {_num(e.top1, 6, 2)} {_num(e.top5, 6, 2)} {_num(e.gflops, 8, 2)} "
+                     f"{e.params_m:>9.1f} {_num(e.file_mb, 7, 1)} {_num(e.embedding_width, 9, 0)}  "
+                     f"{'yes' if e.here else 'no'}")  # fmt: skip
+    here = sum(e.here for e in entries)
+    lines.append(f"{len(entries)} weights of {len({e.model for e in entries})} models; {here} here (usable "
+                 "offline); top-1/top-5: ImageNet-1K as torchvision reports them")  # fmt: skip
+    return lines, 0
+
+
+def _num(value: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
