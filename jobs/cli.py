@@ -18,9 +18,10 @@ from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, exit_code_for
 from jobs.flags import SpecFlags
 from jobs.kinds import job_spec_json_schema, kind_of, kinds, load_job_spec
 from jobs.service.commands import add_service_commands, normalise_argv
-from schemas.finetune import FinetuneJobSpec
+from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
 from schemas.outcome import Outcome
+from schemas.ship import CompareBackbonesSpec
 from schemas.specs import LabelJobSpec, ModelSpec, OutputOptions, StorageOptions
 
 log = logging.getLogger("bulklabel")
@@ -183,6 +184,17 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="one JSON object per weights entry")
     models.set_defaults(handler=_in_process("models"))
 
+    compare = sub.add_parser("compare-backbones", help="which pre-trained model suits a labelled set: a linear "
+                             "probe's held-out accuracy per base, its interval and cost, measured here")  # fmt: skip
+    compare.add_argument("--data", required=True, help=FinetuneDataSpec.model_fields["uri"].description)
+    compare.add_argument("--bases", required=True, help="comma-separated torchvision names, each optionally "
+                         "`name:WEIGHTS` (default: the model's DEFAULT weights)")  # fmt: skip
+    compare.add_argument("--weights-dir", help=ModelSpec.model_fields["weights_dir"].description)
+    compare.add_argument("--budget-ms", type=float, help=CompareBackbonesSpec.model_fields["budget_ms"].description)
+    compare.add_argument("--seed", type=int, default=0, help="the split's seed")
+    compare.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    compare.set_defaults(handler=_cmd_compare)
+
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
     add_service_commands(sub, {name: kind.flags for name, kind in commands.items()}, kind_arguments, spec_of)
@@ -247,6 +259,22 @@ def _cmd_review_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(queue=args.queue, host=args.host, port=args.port, classes=read_classes(args.classes),
                            storage=StorageOptions(endpoint_url=args.endpoint_url))  # fmt: skip
     serve(options, lambda url: print(f"review {args.queue} at {url}", flush=True))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from jobs.backbones import compare_backbones
+    from workers.io.storage import normalise_uri
+
+    bases = []
+    for item in filter(None, (b.strip() for b in args.bases.split(","))):
+        name, _, weights = item.partition(":")
+        bases.append(ModelSpec(name=name, weights=weights or "DEFAULT", weights_dir=args.weights_dir))
+    data = FinetuneDataSpec(uri=args.data if "://" in args.data else normalise_uri(args.data))
+    spec = CompareBackbonesSpec(data=data, bases=tuple(bases),
+                                budget_ms=args.budget_ms, seed=args.seed,
+                                storage=StorageOptions(endpoint_url=args.endpoint_url))  # fmt: skip
+    print("\n".join(compare_backbones(spec).lines()))
     return 0
 
 

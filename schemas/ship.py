@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.specs import PreprocessSpec, Spec
+from schemas.finetune import FinetuneDataSpec
+from schemas.specs import ModelSpec, PreprocessSpec, Spec, StorageOptions
 
 SIDECAR_FORMAT_VERSION = 1
 PARITY_MAX_PROBABILITY_DIFF = 1e-4  # the export is refused above this (or on any top-1 that differs)
@@ -62,3 +63,30 @@ class ExportSidecar(Spec):
     opset: int | None = Field(default=None, description="ONNX opset (onnx only).")
     exported_with: str = Field(description="torch and exporter versions.")
     parity: ParityCheck
+
+
+class CompareBackbonesSpec(Spec):
+    """`bulklabel compare-backbones`: which pre-trained model suits this labelled set, measured: one embedding pass
+    per base, one grouped split for all, a linear probe per base scored on the same held-out images."""
+
+    data: FinetuneDataSpec = Field(description="The labelled images: class folders, or a labels file.")
+    bases: tuple[ModelSpec, ...] = Field(min_length=1, description="The pre-trained models compared.")
+    budget_ms: float | None = Field(default=None, gt=0, description="Embedding time per image (measured here) a "
+                                    "recommended base may take at most.")  # fmt: skip
+    seed: int = Field(default=0, description="The split's seed.")
+    storage: StorageOptions = StorageOptions()
+
+
+class BackboneResult(Spec):
+    """One base's row of the comparison: its held-out accuracy and cost, or why it could not be measured."""
+
+    model: str
+    weights: str | None
+    available: bool
+    reason: str | None = None  # why not available (weights not on this machine, ...)
+    val_accuracy: float | None = None
+    val_accuracy_ci95: tuple[float, float] | None = None
+    val_images: int | None = None
+    ms_per_image: float | None = Field(default=None, description="Read, decode and embed, per image, on this cluster.")
+    gflops: float | None = None
+    embedding_width: int | None = None

@@ -22,9 +22,19 @@ class EmbeddingActor:
         from workers.finetune.loop import _configure_logging
 
         _configure_logging(log_level)
-        self.impl = EmbeddingPass(spec, threads)
+        # A constructor's exception reaches the driver only as the text of Ray's ActorDiedError; raised by the first
+        # call instead, it arrives as itself (a WeightsError: exit 2, one line naming the missing file).
+        self.impl, self.failed = None, None
+        try:
+            self.impl = EmbeddingPass(spec, threads)
+        except Exception as exc:  # noqa: BLE001 - kept whole and raised by the first call
+            self.failed = exc
 
     def call(self, method: str, *args):
+        if self.failed is not None:
+            if method == "close":  # nothing was opened
+                return None
+            raise self.failed
         return getattr(self.impl, method)(*args)
 
 
