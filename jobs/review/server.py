@@ -68,6 +68,9 @@ def serve(options: ServeOptions, announce: Callable[[str], None], token: str | N
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit it: without, a response written in two pieces (headers, body) waited for the
+    # client's delayed ACK, 40 ms on every request (measured: p50 44 ms for a 2 ms decision).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((options.host, options.port))
     except OSError as exc:
