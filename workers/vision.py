@@ -10,10 +10,11 @@ module is removed at once, so `import torch._dynamo` and torch.compile later get
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 
-import torch  # noqa: F401  (before the placeholder: torch's own import must see the real package)
+import torch  # before the placeholder: torch's own import must see the real package
 
 _TARGET = "torch._dynamo.utils"
 
@@ -45,7 +46,37 @@ models = torchvision.models
 
 
 def transforms_v2() -> types.ModuleType:
-    """torchvision.transforms.v2 (fine-tune augmentation), imported on first use: label workers never need it."""
-    from torchvision.transforms import v2
+    """torchvision.transforms.v2 (the torchvision decoder's resize, fine-tune augmentation), imported on first use,
+    without TorchDynamo: its `tv_tensors` decorates a function with `torch.compiler.disable` at import, which
+    imports all of dynamo (1.7 s of CPU measured here, on every label worker's first batch and every `predict`).
+    During that import the decorator is `_disabled_once_compiling`; torch's own is back right after."""
+    if "torch._dynamo" in sys.modules or "torchvision.transforms.v2" in sys.modules:
+        from torchvision.transforms import v2
 
+        return v2
+    real = torch.compiler.disable
+    torch.compiler.disable = _disabled_once_compiling
+    try:
+        from torchvision.transforms import v2
+    finally:
+        torch.compiler.disable = real
     return v2
+
+
+def _disabled_once_compiling(fn=None, recursive: bool = True, *, reason: str | None = None):
+    """`torch.compiler.disable` deferred: until TorchDynamo is imported nothing can be compiling, so the function runs
+    as it is; from then on, through the real decorator (made once, on the first call after)."""
+    if fn is None:
+        return functools.partial(_disabled_once_compiling, recursive=recursive, reason=reason)
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn, recursive=recursive, reason=reason)
+        return disabled(*args, **kwargs)
+
+    return wrapper
