@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from jobs.cli import main
 from schemas.finetune import PreprocessSpec
@@ -43,12 +43,11 @@ def app_labels(model_file, sidecar_file, images) -> list[str]:
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     batch = []
     for path in images:
-        image = Image.open(path).convert("RGB")
-        scale = pre["resize_size"] / min(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-        left, top = (image.width - pre["crop_size"]) // 2, (image.height - pre["crop_size"]) // 2
-        image = image.crop((left, top, left + pre["crop_size"], top + pre["crop_size"]))
-        x = (np.asarray(image, np.float32) / 255 - pre["mean"]) / pre["std"]
+        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        size, crop, (w, h) = pre["resize_size"], pre["crop_size"], image.size
+        image = image.resize((size, int(size * h / w)) if w <= h else (int(size * w / h), size), Image.BILINEAR)
+        left, top = round((image.width - crop) / 2), round((image.height - crop) / 2)
+        x = (np.asarray(image.crop((left, top, left + crop, top + crop)), np.float32) / 255 - pre["mean"]) / pre["std"]
         batch.append(x.transpose(2, 0, 1))
     probabilities = session.run(["probabilities"], {"pixels": np.stack(batch).astype(np.float32)})[0]
     return [meta["class_names"][i] for i in probabilities.argmax(1)]
