@@ -31,6 +31,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def app_probabilities(onnx_file: Path, images: list[str]) -> np.ndarray:
+    """The README's app lines ("Ship the model"), image by image: the ONNX file and its sidecar, nothing else."""
     meta = json.loads(onnx_file.with_name(onnx_file.name + ".json").read_text())
     pre = meta["input"]["preprocess"]
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image, ImageOps
 
+from bench.export_parity import app_probabilities
 from jobs.cli import main
 from schemas.finetune import PreprocessSpec
 from tests.support import IMAGENET_SAMPLE, PLANTS
@@ -34,23 +33,10 @@ def artifact(tmp_path_factory) -> str:
     return location
 
 
-def app_labels(model_file, sidecar_file, images) -> list[str]:
-    """What an app does with the ONNX file and its sidecar alone (README: "Ship the model")."""
-    import onnxruntime as ort
-
-    meta = json.loads(open(sidecar_file).read())
-    pre = meta["input"]["preprocess"]
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    batch = []
-    for path in images:
-        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-        size, crop, (w, h) = pre["resize_size"], pre["crop_size"], image.size
-        image = image.resize((size, int(size * h / w)) if w <= h else (int(size * w / h), size), Image.BILINEAR)
-        left, top = round((image.width - crop) / 2), round((image.height - crop) / 2)
-        x = (np.asarray(image.crop((left, top, left + crop, top + crop)), np.float32) / 255 - pre["mean"]) / pre["std"]
-        batch.append(x.transpose(2, 0, 1))
-    probabilities = session.run(["probabilities"], {"pixels": np.stack(batch).astype(np.float32)})[0]
-    return [meta["class_names"][i] for i in probabilities.argmax(1)]
+def app_labels(model_file, images) -> list[str]:
+    """What an app does with the ONNX file and its sidecar alone: the README's lines (bench.export_parity's copy)."""
+    meta = json.loads(model_file.with_name(model_file.name + ".json").read_text())
+    return [meta["class_names"][i] for i in app_probabilities(model_file, [str(p) for p in images]).argmax(1)]
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -82,7 +68,7 @@ def test_a_zoo_model_in_onnx_labels_the_imagenet_photos_as_bulklabel_does(tmp_pa
 
     with load_model("mobilenet_v2", "IMAGENET1K_V1", top_k=1) as model:
         ours = [p.label for p in model.predict(photos)]
-    assert app_labels(out, out.with_name("mnv2.onnx.json"), photos) == ours
+    assert app_labels(out, photos) == ours
 
 
 def test_an_export_that_disagrees_with_the_model_is_refused_and_leaves_nothing(artifact, tmp_path, monkeypatch, capsys):
