@@ -87,7 +87,7 @@ def compare_backbones(spec: CompareBackbonesSpec) -> Comparison:
 
 def _measure(tune: FinetuneJobSpec, listing: Listing, plan: DataPlan | None, cluster):
     items = listing.items()
-    with embedding_pass(tune, cluster) as embedder:
+    with embedding_pass(tune, cluster, cache=True) as embedder:  # a second comparison reuses each base's pass
         embedded = embedder("embed", items, True)
         if plan is None:  # the first available base's groups split the data for every base
             groups = embedder("groups", len(listing.examples), embedded.sha256s, tune.data.duplicate_cosine)

@@ -210,14 +210,16 @@ def list_labelled(spec: FinetuneJobSpec) -> Listing:
 
 
 @contextmanager
-def embedding_pass(spec: FinetuneJobSpec, cluster: ClusterResources):
+def embedding_pass(spec: FinetuneJobSpec, cluster: ClusterResources, cache: bool = False):
     """An actor holding the frozen base model (and, once it has embedded, the embeddings), killed on exit so that
-    its CPUs and GPU go back before Ray Train asks for them."""
+    its CPUs and GPU go back before Ray Train asks for them. `cache`: reuse (and keep) embeddings in its node's
+    cache, by content (workers.finetune.embed.EmbeddingCache)."""
     import ray
 
     cpus = _cpus_per_worker(spec, cluster)
     actor_class = ray.remote(EmbeddingActor).options(num_cpus=cpus, num_gpus=1 if spec.gpus_per_worker else 0)
-    actor = actor_class.remote(spec, max(1, math.floor(cpus)), logging.getLogger("workers").getEffectiveLevel())
+    actor = actor_class.remote(spec, max(1, math.floor(cpus)), logging.getLogger("workers").getEffectiveLevel(),
+                               cache)  # fmt: skip
 
     def call(method: str, *args):
         return ray.get(actor.call.remote(method, *args))

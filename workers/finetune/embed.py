@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,14 +41,48 @@ from workers.models import build_model
 log = logging.getLogger(__name__)
 
 BATCH = 64
+CACHE_ENV = "BULKLABEL_CACHE_DIR"  # where EmbeddingCache keeps its files (else $XDG_CACHE_HOME/bulklabel)
 READ_THREADS = 8  # reads overlap on object stores; Pillow decodes release the GIL
+
+
+class EmbeddingCache:
+    """Embeddings kept on this node by image content: `<cache>/embeddings/<model key>/<sha256>.npy`, one small file
+    per image, written whole (a temporary, then a rename). The key covers what decides an embedding (the model id,
+    its preprocessing, its precision), so a changed model or crop never reads another's. Opt-in (compare-backbones):
+    a fine-tune of 40 million images must not leave 200 GB behind. Delete the folder at any time."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @classmethod
+    def of(cls, model_id: str, preprocess: PreprocessSpec, precision: str) -> EmbeddingCache:
+        key = hashlib.sha256(f"{model_id}|{preprocess.model_dump_json()}|{precision}".encode()).hexdigest()[:24]
+        root = Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                       "bulklabel"))  # fmt: skip
+        return cls(root / "embeddings" / key)
+
+    def get(self, sha256: str) -> np.ndarray | None:
+        try:
+            return np.load(self.folder / f"{sha256}.npy", allow_pickle=False)
+        except (OSError, ValueError):  # absent, or a file cut short: embedded again
+            return None
+
+    def put(self, rows: dict[str, np.ndarray]) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for sha256, row in rows.items():
+                tmp = self.folder / f".{sha256}.{os.getpid()}.tmp.npy"
+                np.save(tmp, row.astype(np.float32), allow_pickle=False)
+                os.replace(tmp, self.folder / f"{sha256}.npy")
+        except OSError as exc:  # a full or read-only disk costs the next run its reuse, never this one its result
+            log.warning("embedding cache %s not written: %s", self.folder, exc)
 
 
 class EmbeddingPass:
     """Holds the frozen base model and, after `embed`, every image's embedding (a Ray actor on the driver's side,
     a plain object in tests)."""
 
-    def __init__(self, job: FinetuneJobSpec, threads: int = 1):
+    def __init__(self, job: FinetuneJobSpec, threads: int = 1, cache: bool = False):
         from workers.finetune.data import scaled_preprocess
 
         torch.set_num_threads(max(1, threads))
@@ -60,6 +95,7 @@ class EmbeddingPass:
             loaded.preprocess, job.training.image_size or loaded.preprocess.crop_size
         )
         self.amp_dtype = autocast_dtype(self.device, job.base.precision)
+        self.cache = EmbeddingCache.of(loaded.model_id, self.preprocess, job.base.precision) if cache else None
         self.embeddings = np.zeros((0, loaded.embedding_dim), np.float32)
         self.labels = np.zeros(0, np.int64)
 
@@ -83,10 +119,15 @@ class EmbeddingPass:
                         skipped.append(problem)
                         continue
                     sha256s[start + offset] = digest
+                    if isinstance(decoded, np.ndarray) and decoded.ndim == 1:  # the cache had its embedding
+                        out[start + offset] = decoded
+                        continue
                     pixels.append(torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))))
                     rows.append(start + offset)
                 if pixels and forward:
                     out[rows] = self._forward(normalise(torch.stack(pixels)))
+                    if self.cache is not None:
+                        self.cache.put({sha256s[r]: out[r] for r in rows})
         self.embeddings, self.labels = out, np.array([label for _, label in items], np.int64)
         seconds = time.perf_counter() - started
         log.info("embedding pass: %d images (%d unreadable) in %.1fs", len(items), len(skipped), seconds)
@@ -98,10 +139,14 @@ class EmbeddingPass:
             data = storage.read_bytes(uri)
         except _OBJECT_ERRORS as exc:
             return None, None, f"{uri}: cannot read: {type(exc).__name__}: {exc}"
+        digest = hashlib.sha256(data).hexdigest()
+        cached = self.cache.get(digest) if self.cache is not None else None
+        if cached is not None:  # the same bytes were decoded and embedded by this model before: only hashed now
+            return digest, cached, None
         decoded = decode(data, self.preprocess)
         if decoded.pixels is None:
             return None, None, f"{uri}: {decoded.error}"
-        return hashlib.sha256(data).hexdigest(), decoded.pixels, None
+        return digest, decoded.pixels, None
 
     @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> np.ndarray:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class EmbeddingActor:
     """The Ray actor around workers.finetune.embed.EmbeddingPass: one pass over the images with the frozen base."""
 
-    def __init__(self, spec: FinetuneJobSpec, threads: int, log_level: int):
+    def __init__(self, spec: FinetuneJobSpec, threads: int, log_level: int, cache: bool = False):
         from workers.finetune.embed import EmbeddingPass  # torch loads here, in the actor
         from workers.finetune.loop import _configure_logging
 
@@ -26,7 +26,7 @@ class EmbeddingActor:
         # call instead, it arrives as itself (a WeightsError: exit 2, one line naming the missing file).
         self.impl, self.failed = None, None
         try:
-            self.impl = EmbeddingPass(spec, threads)
+            self.impl = EmbeddingPass(spec, threads, cache)
         except Exception as exc:  # noqa: BLE001 - kept whole and raised by the first call
             self.failed = exc
 
