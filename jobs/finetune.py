@@ -19,10 +19,12 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray.train import TrainingFailedError
 
@@ -31,7 +33,7 @@ from jobs.label.warm import release_kept
 from jobs.locations import finetune_locations
 from jobs.review.apply import pin_corrections, read_corrections
 from schemas.catalog import check_model
-from schemas.finetune import EpochMetrics, FinetuneJobSpec, ModelCard, Recipe, TrainingState
+from schemas.finetune import EpochMetrics, Estimate, FinetuneJobSpec, ModelCard, Recipe, RefitInfo, TrainingState
 from schemas.outcome import Outcome
 from workers.finetune.artifacts import (
     ROUGH_BELOW,
@@ -40,12 +42,17 @@ from workers.finetune.artifacts import (
     find_job_artifact,
     publish,
     remove_checkpoints,
+    wilson_interval,
 )
 from workers.finetune.dataplan import DataPlan, Listing, list_data, split_data
 from workers.finetune.recipe import PROBE_MAX_ITERATIONS, plan_recipe
+from workers.finetune.refit import OutOfFold, folds_for, grouped_folds, l2_grid, refit_recipe, score_out_of_fold
 from workers.finetune.remote import EmbeddingActor, train_loop
 from workers.finetune.results import Embedded, ProbeFit
 from workers.io.storage import Storage, check_writable, join, local_scratch_dir, open_storage, split_s3
+
+if TYPE_CHECKING:
+    from workers.finetune.grouping import Groups
 
 # workers.finetune.loop's checkpoint file names, named here so that the driver need not import torch
 BEST_FILE = "best.safetensors"
@@ -54,6 +61,8 @@ STATE_FILE = "state.json"
 log = logging.getLogger(__name__)
 
 RUN_IDENTITY_NAME = "_run.json"  # beside Ray Train's files: what the checkpoints were trained on
+HOLDOUT_STATE_NAME = "_holdout.json"  # a refit's finished validation run: its state, so a restart skips it
+REFIT_RUN_NAME = "refit"  # a refit's Ray Train run, below the validation run's folder
 
 
 class FinetuneFailed(RuntimeError):
@@ -108,6 +117,16 @@ class FinetuneSummary:
                            f"is over the other {len(m.macro_f1_classes)} class(es))")  # fmt: skip
         if card.recipe is not None:
             out.insert(3, f"  recipe:   {card.recipe.notes}; label smoothing {card.recipe.label_smoothing:g}")
+        if card.recipe is not None and card.recipe.refit is not None:
+            r = card.recipe.refit
+            what = (f"then {r.epochs} epoch(s) of the recipe on them" if r.epochs else "the head alone"
+                    ) if card.training.method.trains else "the head"  # fmt: skip
+            estimate = ("the val line is cross-validated: every image scored by a fit that did not see it"
+                        if r.estimate is Estimate.CROSS_VALIDATION else "the val line is the same recipe trained "
+                        "without the validation images")  # fmt: skip
+            out.insert(4, f"  refit:    published model trained on all {r.images} images ({what}, head L2 "
+                          f"{r.probe_l2:g} by {r.folds}-fold cross-validation, {r.cv_accuracy:.3f}); {estimate}"
+                       )  # fmt: skip
         if card.resumed_after_epochs:
             out.append(f"  resumed after epoch(s) {card.resumed_after_epochs}")
         return out
@@ -138,22 +157,26 @@ def run_finetune_job(spec: FinetuneJobSpec, show_progress: bool = True) -> Finet
 
     # Read every image once: unreadable ones are left out before the split; the embeddings give the split's
     # near-duplicate groups and the linear probe (the whole of `linear-probe`).
-    probe = None
+    probe = refit = None
     with embedding_pass(spec, cluster) as embedder:
-        plan, embedded = _plan(spec, listing, embedder)
+        plan, embedded, groups = _plan(spec, listing, embedder)
         recipe = plan_recipe(spec.training, len(plan.train), spec.num_workers, PROBE_MAX_ITERATIONS)
-        probe = _fit_probe(embedder, listing, plan, recipe) if spec.training.method.fits_probe else None
+        if spec.refits(len(plan.train) + len(plan.val)):
+            refit = _cross_validate(spec, embedder, listing, groups, recipe.label_smoothing)
+            recipe = recipe.model_copy(update={"refit": refit.info})
+        l2 = refit.info.probe_l2 if refit else None
+        probe = _fit_probe(embedder, listing, plan, recipe, l2) if spec.training.method.fits_probe else None
         recipe = _with_probe_steps(recipe, probe)
         if not spec.training.method.trains:
             run = _Run(out, spec, job_id, plan, recipe, cluster, show_progress)
-            location, card = _publish_probe(run, embedder, probe, embedded)
+            location, card = _publish_probe(run, embedder, refit.head if refit else probe, embedded, refit)
             return FinetuneSummary(job_id, Outcome.SUCCEEDED, location, card, time.perf_counter() - clock)
     run = _Run(out, spec, job_id, plan, recipe, cluster, show_progress)
     _claim_checkpoints(run)
     planned = time.perf_counter()
 
     # Train, then publish into a version claimed for this job alone (or the one it claimed before dying mid-publish).
-    location, card = _train_and_publish(run, probe)
+    location, card = _train_and_publish(run, probe, refit)
     done = time.perf_counter()
     log.info("job %s: checked, embedded and planned in %.1fs, trained and published in %.1fs", job_id,
              planned - clock, done - planned)  # fmt: skip
@@ -173,24 +196,73 @@ class _Run:
     show_progress: bool
 
 
-def _train_and_publish(run: _Run, probe: ProbeFit | None) -> tuple[str, ModelCard]:
+def _train_and_publish(run: _Run, probe: ProbeFit | None, refit: _CrossValidated | None) -> tuple[str, ModelCard]:
     out, spec, job_id = run.out, run.spec, run.job_id
-    trainer = _trainer(run, probe)
+    if refit is not None:
+        return _train_refit_and_publish(run, probe, refit)
+    with _fitted(run, probe) as (folder, state):
+        location, card = _publish(run, folder / BEST_FILE, state, run.recipe)
+    remove_checkpoints(out, spec.output, job_id)
+    return location, card
+
+
+@contextmanager
+def _fitted(run: _Run, probe: ProbeFit | None, refit: bool = False):
+    """Train `run` (resuming its checkpoints) and yield the last checkpoint's folder and state."""
+    trainer = _trainer(run, probe, refit)
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:  # raised once max_failures restarts are spent
         raise FinetuneFailed(
-            f"job {job_id}: training failed ({exc}); its checkpoints stay at {checkpoints_uri(spec.output, job_id)}, "
-            "so running the same job again resumes from the last one"
+            f"job {run.job_id}: training failed ({exc}); its checkpoints stay at "
+            f"{checkpoints_uri(run.spec.output, run.job_id)}, so running the same job again resumes from the last one"
         ) from exc
     if result.checkpoint is None:
-        raise FinetuneFailed(f"job {job_id}: training finished without a checkpoint to publish")
+        raise FinetuneFailed(f"job {run.job_id}: training finished without a checkpoint to publish")
     with result.checkpoint.as_directory() as folder:
-        state = TrainingState.model_validate_json((Path(folder) / STATE_FILE).read_text())
-        try:
-            location, card = publish(out, spec, job_id, run.plan, Path(folder) / BEST_FILE, state, run.recipe)
-        except VersionClaimFailed as exc:
-            raise FinetuneFailed(str(exc)) from exc
+        yield Path(folder), TrainingState.model_validate_json((Path(folder) / STATE_FILE).read_text())
+
+
+def _publish(run: _Run, weights: Path, state: TrainingState, recipe: Recipe) -> tuple[str, ModelCard]:
+    try:
+        return publish(run.out, run.spec, run.job_id, run.plan, weights, state, recipe)
+    except VersionClaimFailed as exc:
+        raise FinetuneFailed(str(exc)) from exc
+
+
+def _train_refit_and_publish(run: _Run, probe: ProbeFit | None, refit: _CrossValidated) -> tuple[str, ModelCard]:
+    """lp-ft with refit: the usual run with its validation split decides the epochs and gives the card's held-out
+    figures; then the same recipe trains on every image for that many epochs (none: the head fitted on every
+    image is published, as the validation run's best was its fitted head)."""
+    out, spec, job_id = run.out, run.spec, run.job_id
+    holdout_uri = join(checkpoints_uri(spec.output, job_id), HOLDOUT_STATE_NAME)
+    if out.exists(holdout_uri):  # the validation run finished before this job was interrupted
+        held = TrainingState.model_validate_json(out.read_bytes(holdout_uri))
+    else:
+        with _fitted(run, probe) as (_, held):
+            pass
+        out.write_bytes(holdout_uri, held.model_dump_json().encode())
+    epochs = held.best_epoch
+    everything = run.plan.model_copy(update={"train": run.plan.train + run.plan.val, "val": ()})
+    recipe = refit_recipe(run.recipe, len(everything.train), epochs, spec.num_workers, spec.training.batch_size)
+    info = refit.info.model_copy(update={"estimate": Estimate.HOLDOUT, "epochs": epochs,
+                                         "steps": recipe.total_steps})  # fmt: skip
+    card_recipe = run.recipe.model_copy(update={"refit": info})
+    log.info("refit: the validation run's best was epoch %d (val accuracy %.3f); training on all %d images for %d "
+             "epoch(s)", epochs, held.history[epochs].val_accuracy if held.history else 0.0, len(everything.train),
+             epochs)  # fmt: skip
+    if epochs == 0:
+        with embedding_pass(spec, run.cluster) as embedder, tempfile.TemporaryDirectory() as scratch:
+            weights = Path(scratch, BEST_FILE)
+            weights.write_bytes(embedder("artifact_weights", refit.head.head))
+            location, card = _publish(run, weights, held, card_recipe)
+    else:
+        training = spec.training.model_copy(update={"epochs": epochs, "early_stopping_patience": 0})
+        again = _Run(out, spec.model_copy(update={"training": training}), job_id, everything, recipe, run.cluster,
+                     run.show_progress)  # fmt: skip
+        with _fitted(again, refit.head, refit=True) as (folder, state):
+            held = held.model_copy(update={"train_seconds": held.train_seconds + state.train_seconds})
+            location, card = _publish(run, folder / BEST_FILE, held, card_recipe)
     remove_checkpoints(out, spec.output, job_id)
     return location, card
 
@@ -233,7 +305,7 @@ def embedding_pass(spec: FinetuneJobSpec, cluster: ClusterResources, cache: bool
             ray.kill(actor)
 
 
-def _plan(spec: FinetuneJobSpec, listing: Listing, embedder) -> tuple[DataPlan, Embedded]:
+def _plan(spec: FinetuneJobSpec, listing: Listing, embedder) -> tuple[DataPlan, Embedded, Groups | None]:
     data = spec.data
     embedded: Embedded = embedder("embed", listing.items(), _needs_embeddings(spec))
     groups = None
@@ -248,7 +320,7 @@ def _plan(spec: FinetuneJobSpec, listing: Listing, embedder) -> tuple[DataPlan, 
            if groups else ", ungrouped"),
         len(plan.unreadable), plan.fingerprint[:12],
     )  # fmt: skip
-    return plan, embedded
+    return plan, embedded, groups
 
 
 def unreadable_images(listing: Listing, embedded: Embedded) -> dict[str, str]:
@@ -257,13 +329,47 @@ def unreadable_images(listing: Listing, embedded: Embedded) -> dict[str, str]:
     return dict(zip(uris, embedded.skipped, strict=True))  # both in input order (EmbeddingPass.embed)
 
 
-def _fit_probe(embedder, listing: Listing, plan: DataPlan, recipe: Recipe) -> ProbeFit:
+def _fit_probe(embedder, listing: Listing, plan: DataPlan, recipe: Recipe, l2: float | None = None) -> ProbeFit:
     """The head fitted on the training rows' embeddings, scored on the validation rows'."""
     row = {}
     for i, (uri, _) in enumerate(listing.items()):
         row.setdefault(uri, i)
     train, val = [row[uri] for uri, _ in plan.train], [row[uri] for uri, _ in plan.val]
-    return embedder("fit", train, val, len(plan.class_names), recipe.label_smoothing)
+    return embedder("fit", train, val, len(plan.class_names), recipe.label_smoothing, l2)
+
+
+@dataclass(frozen=True)
+class _CrossValidated:
+    """A refit's choices: the head's L2 by grouped k-fold cross-validation, the out-of-fold scores, and the head
+    fitted on every image with it."""
+
+    info: RefitInfo
+    scores: OutOfFold
+    head: ProbeFit
+
+
+def _cross_validate(spec: FinetuneJobSpec, embedder, listing: Listing, groups: Groups | None, smoothing: float
+                    ) -> _CrossValidated:  # fmt: skip
+    """Cross-validate the head's L2 on the embeddings of every readable image, and fit it on all of them."""
+    import numpy as np
+
+    labels = np.asarray([label for _, label in listing.items()], dtype=np.int64)
+    group_ids = np.asarray(groups.ids if groups else range(len(labels)), dtype=np.int64)
+    readable = np.flatnonzero(np.asarray(embedder("readable")))
+    folds = np.full(len(labels), -1, dtype=np.int64)
+    k = folds_for(labels[readable], group_ids[readable])
+    folds[readable] = grouped_folds(labels[readable], group_ids[readable], k, spec.training.seed)
+    grid = l2_grid(spec.training.probe_l2)
+    probabilities, l2 = embedder("out_of_sample", folds, len(listing.class_names), grid)
+    scores = score_out_of_fold(probabilities, labels, readable)
+    head = embedder("fit", readable.tolist(), [], len(listing.class_names), smoothing, l2)
+    low, high = wilson_interval(scores.correct, scores.images)
+    info = RefitInfo(images=len(readable), estimate=Estimate.CROSS_VALIDATION, folds=k, probe_l2=l2,
+                     probe_l2_grid=grid, cv_accuracy=round(scores.accuracy, 4), cv_accuracy_ci95=(low, high),
+                     cv_log_loss=round(scores.log_loss, 4))  # fmt: skip
+    log.info("refit: %d-fold cross-validated head accuracy %.3f (95%% CI %.3f-%.3f) on %d images, L2 %g", k,
+             scores.accuracy, low, high, scores.images, l2)  # fmt: skip
+    return _CrossValidated(info, scores, head)
 
 
 def _with_probe_steps(recipe: Recipe, probe: ProbeFit | None) -> Recipe:
@@ -275,22 +381,24 @@ def _with_probe_steps(recipe: Recipe, probe: ProbeFit | None) -> Recipe:
     return recipe.model_copy(update={"stages": stages})
 
 
-def _publish_probe(run: _Run, embedder, probe: ProbeFit, embedded: Embedded) -> tuple[str, ModelCard]:
-    """`linear-probe`: the base model with the fitted head, published as any trained run is."""
+def _publish_probe(run: _Run, embedder, probe: ProbeFit, embedded: Embedded, refit: _CrossValidated | None
+                   ) -> tuple[str, ModelCard]:  # fmt: skip
+    """`linear-probe`: the base model with the fitted head, published as any trained run is. Refitted, the head
+    saw every image and the scores are the cross-validation's out-of-fold ones."""
+    val_loss, val_accuracy, confusion = (
+        (refit.scores.log_loss, refit.scores.accuracy, refit.scores.confusion) if refit
+        else (probe.val_loss, probe.val_accuracy, probe.confusion)
+    )  # fmt: skip
     metrics = EpochMetrics(epoch=0, train_loss=probe.train_loss, train_accuracy=probe.train_accuracy,
-                           val_loss=probe.val_loss, val_accuracy=probe.val_accuracy, learning_rate=0.0,
+                           val_loss=val_loss, val_accuracy=val_accuracy, learning_rate=0.0,
                            seconds=round(embedded.seconds + probe.seconds, 2))  # fmt: skip
-    state = TrainingState(history=(metrics,), best_epoch=0, best_val_loss=probe.val_loss,
-                          best_confusion=probe.confusion, train_seconds=metrics.seconds,
-                          preprocess=embedded.preprocess)  # fmt: skip  # unreadable images: in the plan
+    state = TrainingState(history=(metrics,), best_epoch=0, best_val_loss=val_loss, best_confusion=confusion,
+                          train_seconds=metrics.seconds, preprocess=embedded.preprocess)  # fmt: skip
     scratch = Path(local_scratch_dir())
     try:
         weights = scratch / BEST_FILE
         weights.write_bytes(embedder("artifact_weights", probe.head))
-        try:
-            return publish(run.out, run.spec, run.job_id, run.plan, weights, state, run.recipe)
-        except VersionClaimFailed as exc:
-            raise FinetuneFailed(str(exc)) from exc
+        return _publish(run, weights, state, run.recipe)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -317,14 +425,15 @@ def _claim_checkpoints(run: _Run) -> None:
         storage.write_bytes(uri, json.dumps(identity).encode())
 
 
-def _trainer(run: _Run, probe: ProbeFit | None):
+def _trainer(run: _Run, probe: ProbeFit | None, refit: bool = False):
+    """Ray Train's trainer for `run`; a refit's checkpoints go below the validation run's, under `refit`."""
     spec, recipe = run.spec, run.recipe
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cpus = _cpus_per_worker(spec, run.cluster)
     resources = {"CPU": cpus, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
-    storage_path, filesystem = run_storage(spec)
+    storage_path, filesystem = run_storage(spec, run.job_id if refit else "")
     log_level = logging.getLogger("workers").getEffectiveLevel()
     config = {
         "spec": spec,  # the pydantic object, pickled: a JSON dump would mask the storage secrets
@@ -334,6 +443,7 @@ def _trainer(run: _Run, probe: ProbeFit | None):
         "torch_threads": max(1, math.floor(cpus)),
         "show_progress": run.show_progress,
         "log_level": log_level,
+        "refit": refit,
     }
     log.info("training %s on %d worker(s) with %s each", spec.base.name, spec.num_workers, resources)
     return TorchTrainer(
@@ -343,7 +453,7 @@ def _trainer(run: _Run, probe: ProbeFit | None):
             num_workers=spec.num_workers, use_gpu=spec.gpus_per_worker > 0, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=run.job_id,
+            name=REFIT_RUN_NAME if refit else run.job_id,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.max_failures),
@@ -371,13 +481,14 @@ def _cpus_per_worker(spec: FinetuneJobSpec, cluster: ClusterResources) -> float:
     return cpus
 
 
-def run_storage(spec: FinetuneJobSpec):
-    """Ray Train's (storage_path, storage_filesystem) for the job's checkpoints under `<output>/_checkpoints`.
+def run_storage(spec: FinetuneJobSpec, below: str = ""):
+    """Ray Train's (storage_path, storage_filesystem) for the job's checkpoints under `<output>/_checkpoints`
+    (and `below` it).
 
     Ray Train writes through pyarrow filesystems; an S3-compatible endpoint (SeaweedFS, MinIO) needs an explicit
     S3FileSystem because pyarrow ignores $AWS_ENDPOINT_URL, and then the path is given without its scheme.
     """
-    root = join(spec.output, "_checkpoints")
+    root = join(spec.output, "_checkpoints", *filter(None, [below]))
     if not root.startswith("s3://"):
         return root, None
     from pyarrow import fs

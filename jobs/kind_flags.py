@@ -58,6 +58,7 @@ FINETUNE_FLAGS: FlagTable = {
     "--label-column": "data.label_column",
     "--class-weights": "training.class_weights",
     "--seed": "training.seed",
+    "--refit": "training.refit",
     "--corrections": Flag("corrections", metavar="QUEUE"),
     "--workers": "num_workers",
     "--gpus-per-worker": "gpus_per_worker",

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec, TrainingSpec
+from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec, Refit, TrainingSpec
 from schemas.outcome import Outcome
 from schemas.specs import ModelSpec, Spec, StorageOptions, _as_prefix, not_blank
 
@@ -209,6 +209,9 @@ class SelfTrainJobSpec(Spec):
     def _apart(self) -> SelfTrainJobSpec:
         if self.data.validation_uri:
             raise ValueError("self-train holds out the first fine-tune's validation split; give no validation set")
+        if self.training.refit is Refit.ALWAYS:
+            raise ValueError("self-train never refits: the first fine-tune's validation split is the held-out set "
+                             "both versions are scored on, so neither may train on it")  # fmt: skip
         out, pool = _as_prefix(self.output), _as_prefix(self.pool)
         for name, uri in (("data", self.data.uri), ("pool", self.pool), ("work", self.work_uri())):
             if name != "pool" and (pool.startswith(_as_prefix(uri)) or _as_prefix(uri).startswith(pool)):
@@ -222,9 +225,11 @@ class SelfTrainJobSpec(Spec):
         return self.job_id or _job_id_of("self-train", self, fields)
 
     def finetune_spec(self) -> FinetuneJobSpec:
-        """Its first step: the fine-tune on the labelled set alone."""
+        """Its first step: the fine-tune on the labelled set alone, never refitted (its validation split is the
+        held-out set both versions are scored on)."""
+        training = self.training.model_copy(update={"refit": Refit.NEVER})
         return FinetuneJobSpec(job_id=f"{self.resolved_job_id()}-first", data=self.data, base=self.base,
-                               training=self.training, output=self.output, storage=self.storage)  # fmt: skip
+                               training=training, output=self.output, storage=self.storage)  # fmt: skip
 
     def work_uri(self) -> str:
         return self.work or f"{self.output.rstrip('/')}.self-train/{self.resolved_job_id()}"

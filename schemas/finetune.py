@@ -86,6 +86,17 @@ class FinetuneMethod(StrEnum):
         return self.fits_probe and self.trains
 
 
+class Refit(StrEnum):
+    """Whether the published model is trained again on every labelled image once the recipe's settings are chosen."""
+
+    AUTO = "auto"  # for small sets (under REFIT_MAX_IMAGES readable images) with no separate validation set
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+REFIT_MAX_IMAGES = 2_000  # below this, holding a fifth out costs more accuracy than the held-out score is worth
+
+
 class TrainingSpec(Spec):
     """How to train. The defaults are the usual recipe for a few hundred to a few thousand images."""
 
@@ -148,11 +159,21 @@ class TrainingSpec(Spec):
         default=0.25, gt=0, le=1, description="Smallest share of the image a random training crop may cover."
     )
     seed: int = Field(default=0, ge=0, description="Seeds the split, the head's init, shuffling and augmentation.")
+    refit: Refit = Field(
+        default=Refit.AUTO,
+        description=f"Train the published model on every labelled image: the head's L2 is chosen by grouped k-fold "
+        f"cross-validation on the frozen embeddings, lp-ft's epochs by the validation split; the card reports those "
+        f"estimates. auto: under {REFIT_MAX_IMAGES:,} images and without a validation_uri; needs lp-ft or "
+        f"linear-probe (the methods with frozen embeddings).",
+    )
 
     @model_validator(mode="after")
     def _warmup_within_training(self) -> TrainingSpec:
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        if self.refit is Refit.ALWAYS and not self.method.fits_probe:
+            raise ValueError(f"refit always needs frozen embeddings to cross-validate on: method {self.method} has "
+                             "none; use lp-ft or linear-probe, or refit never")  # fmt: skip
         return self
 
 
@@ -220,6 +241,20 @@ class FinetuneJobSpec(Spec):
         return value
 
     @model_validator(mode="after")
+    def _refit_without_validation_set(self) -> FinetuneJobSpec:
+        if self.training.refit is Refit.ALWAYS and self.data.validation_uri:
+            raise ValueError("refit always trains on every labelled image, and a validation_uri is kept apart to be "
+                             "scored on: drop one of them")  # fmt: skip
+        return self
+
+    def refits(self, images: int) -> bool:
+        """Whether a run on `images` readable labelled images trains its published model on all of them."""
+        refit = self.training.refit
+        if refit is Refit.NEVER or not self.training.method.fits_probe or self.data.validation_uri:
+            return False
+        return refit is Refit.ALWAYS or images < REFIT_MAX_IMAGES
+
+    @model_validator(mode="after")
     def _output_outside_data(self) -> FinetuneJobSpec:
         out = _as_prefix(self.output)
         for uri in filter(None, (self.data.uri, self.data.validation_uri)):
@@ -261,6 +296,30 @@ class Stage(Spec):
     backbone_lr: float | None = None
 
 
+class Estimate(StrEnum):
+    """Where a refitted model's accuracy figure comes from: it saw every image, so none can score it directly."""
+
+    CROSS_VALIDATION = "cross-validation"  # linear-probe: out-of-fold predictions of the same fit on every image
+    HOLDOUT = "holdout"  # lp-ft: the same recipe trained without the validation split, scored on it
+
+
+class RefitInfo(Spec):
+    """How a refitted model was made, and what its card's accuracy estimates (the card's metrics are that estimate)."""
+
+    images: int = Field(ge=0, description="Labelled images the published model trained on: all readable ones.")
+    estimate: Estimate
+    folds: int = Field(ge=2, description="Cross-validation folds (near-duplicate groups kept within one).")
+    probe_l2: float = Field(description="The head's L2, chosen by cross-validated log loss from probe_l2_grid.")
+    probe_l2_grid: tuple[float, ...]
+    cv_accuracy: float = Field(description="Out-of-fold accuracy of the head on frozen features, every image "
+                               "scored once by a fit that did not see it.")  # fmt: skip
+    cv_accuracy_ci95: tuple[float, float]
+    cv_log_loss: float
+    epochs: int = Field(default=0, ge=0, description="lp-ft: epochs trained on every image, the validation run's "
+                        "best; 0: the head alone (the validation run's best was its fitted head).")  # fmt: skip
+    steps: int = Field(default=0, ge=0, description="Optimizer steps of that training.")
+
+
 class Recipe(Spec):
     """What a run does, decided on the driver from the spec and the data's size before any worker starts."""
 
@@ -273,6 +332,7 @@ class Recipe(Spec):
     warmup_steps: int = Field(ge=0)
     label_smoothing: float
     notes: str = Field(description="Why the recipe looks as it does, in a sentence.")
+    refit: RefitInfo | None = Field(default=None, description="Set when the published model trained on every image.")
 
     @property
     def total_steps(self) -> int:

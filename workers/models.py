@@ -55,6 +55,13 @@ def check_model_name(name: str) -> None:
         return
     known = classification_models()
     if name not in known:
+        import torchvision
+
+        from workers.ship.history import needs
+
+        if elsewhere := needs(name):
+            raise ModelError(f"model {name!r} is not in this torchvision ({torchvision.__version__}): it needs "
+                             f"{elsewhere}")  # fmt: skip
         raise ModelError(f"unknown model {name!r}; torchvision classification models are: {', '.join(known)}")
 
 

@@ -115,7 +115,8 @@ def run_self_train_job(spec: SelfTrainJobSpec, show_progress: bool = True) -> Se
 
 
 def _finetune(spec: SelfTrainJobSpec, job_id: str, data, info: SelfTrainingInfo | None = None) -> FinetuneJobSpec:
-    return FinetuneJobSpec(job_id=job_id, data=data, base=spec.base, training=spec.training, output=spec.output,
+    training = spec.finetune_spec().training  # never refitted, as the first
+    return FinetuneJobSpec(job_id=job_id, data=data, base=spec.base, training=training, output=spec.output,
                            storage=spec.storage, self_training=info)  # fmt: skip
 
 

@@ -54,7 +54,9 @@ def leaves(tmp_path_factory) -> Path:
 
 
 def _spec(data_uri: str, output: str, **fields) -> FinetuneJobSpec:
-    training = {"method": "full", "epochs": 2, "image_size": 96, "batch_size": 8, **fields.pop("training", {})}
+    # refit never: these tests check the validation split's figures; refit has its own tests below
+    training = {"method": "full", "epochs": 2, "image_size": 96, "batch_size": 8, "refit": "never",
+                **fields.pop("training", {})}  # fmt: skip
     base = fields.pop("base", {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"})
     data = {"uri": data_uri, **fields.pop("data", {})}
     return FinetuneJobSpec(data=data, base=base, output=output, training=training, **fields)
@@ -163,6 +165,94 @@ def test_linear_probe_is_a_convex_fit_on_one_pass_of_embeddings_and_labels_like_
     rows = ds.dataset(tmp_path / "labels", format="parquet").to_table().to_pylist()
     accuracy = sum(truth[r["key"]] == r["label"] for r in rows) / len(rows)
     assert accuracy == pytest.approx(card.metrics.val_accuracy)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_refitted_linear_probe_saw_every_image_and_its_card_scores_each_one_out_of_fold(leaves, tmp_path):
+    """refit (auto: 20 images): the head's L2 chosen by grouped 5-fold cross-validation, the published head fitted on
+    all 20 images, and the card's accuracy the out-of-fold one, over all 20 rather than the 4 a split holds out."""
+    spec = _spec(str(leaves), str(tmp_path / "models" / "probe"), training={"method": "linear-probe", "refit": "auto"})
+    held = _spec(str(leaves), str(tmp_path / "models" / "held"), training={"method": "linear-probe"})
+
+    summary, without = run_finetune_job(spec, show_progress=False), run_finetune_job(held, show_progress=False)
+
+    card, refit = summary.card, summary.card.recipe.refit
+    assert without.card.recipe.refit is None and without.card.metrics.val_images == 4
+    assert (refit.images, refit.estimate, refit.folds) == (20, "cross-validation", 5)
+    assert refit.probe_l2 in refit.probe_l2_grid and refit.cv_accuracy == pytest.approx(card.metrics.val_accuracy)
+    assert card.metrics.val_images == sum(map(sum, card.metrics.confusion_matrix)) == 20
+    assert card.metrics.val_accuracy_ci95 == refit.cv_accuracy_ci95
+    assert "published model trained on all 20 images" in "\n".join(summary.lines())
+    from safetensors.torch import load_file
+
+    heads = [load_file(str(Path(s.artifact) / s.card.weights_file))["head.weight"] for s in (summary, without)]
+    assert not torch.equal(*heads)  # fitted on 20 images, not on the split's 16
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_lp_ft_refits_by_default_on_a_small_set_after_its_validation_run(leaves, tmp_path):
+    """The default recipe on 20 images (auto): the validation run, then the recipe again on every image for the
+    epochs that run found best; the card keeps the validation run's figures and says what the refit did."""
+    spec = _spec(str(leaves), str(tmp_path / "models" / "leaves"),
+                 training={"method": "lp-ft", "refit": "auto", "epochs": 2, "min_steps": 3})  # fmt: skip
+
+    summary = run_finetune_job(spec, show_progress=False)
+
+    card, refit = summary.card, summary.card.recipe.refit
+    assert (refit.images, refit.estimate, refit.epochs) == (20, "holdout", card.metrics.best_epoch)
+    assert card.metrics.val_images == card.dataset.val_images == 4 and card.dataset.train_images == 16
+    assert [m.epoch for m in card.metrics.history] == [0, 1, 2]  # the validation run's curve
+    assert "published model trained on all 20 images" in "\n".join(summary.lines())
+    assert not (tmp_path / "models" / "leaves" / "_checkpoints").exists()
+
+
+def _planted_holdout(spec: FinetuneJobSpec, best_epoch: int) -> float:
+    """A finished validation run's state where a refit keeps it (as if the job was killed after it): returns the
+    planted validation accuracy, which no real run on the leaves would give."""
+    from workers.finetune.data import scaled_preprocess
+    from workers.models import preprocess_of, weights_entry
+
+    epochs = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 0.75, "val_loss": 0.6 - e / 10, "val_accuracy": 0.625,
+               "learning_rate": 1e-4, "seconds": 1.0} for e in range(best_epoch + 1)]  # fmt: skip
+    state = {
+        "epochs_done": best_epoch,
+        "history": epochs,
+        "best_epoch": best_epoch,
+        "best_val_loss": 0.5,
+        "best_confusion": [[3, 1], [2, 2]],
+        "train_seconds": 2.0,
+        "preprocess": scaled_preprocess(preprocess_of(weights_entry(spec.base)), 96).model_dump(),
+    }
+    folder = Path(spec.output, "_checkpoints", spec.resolved_job_id())
+    folder.mkdir(parents=True)
+    (folder / "_holdout.json").write_text(json.dumps(state))
+    return 0.625
+
+
+@pytest.mark.parametrize("best_epoch", [0, 1])
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_refit_after_its_validation_run_trains_on_every_image_for_the_best_epochs(leaves, tmp_path, best_epoch):
+    """lp-ft with refit, restarted after its validation run finished (its state planted where the run keeps it):
+    that run is not repeated; the card's figures are its held-out ones; the published model is the recipe trained
+    on all 20 images for the validation run's best epochs, or for none (its best was the fitted head): the head
+    fitted on all 20 on the untouched ImageNet backbone."""
+    spec = _spec(str(leaves), str(tmp_path / "models" / "leaves"),
+                 training={"method": "lp-ft", "refit": "always", "epochs": 2, "min_steps": 3})  # fmt: skip
+    accuracy = _planted_holdout(spec, best_epoch)
+
+    summary = run_finetune_job(spec, show_progress=False)
+
+    card, refit = summary.card, summary.card.recipe.refit
+    assert (card.metrics.val_accuracy, card.metrics.best_epoch) == (accuracy, best_epoch)  # the planted run's
+    assert (refit.images, refit.estimate, refit.epochs) == (20, "holdout", best_epoch)
+    assert (refit.steps > 0) is (best_epoch > 0)
+    assert not (tmp_path / "models" / "leaves" / "_checkpoints").exists()
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(summary.artifact) / card.weights_file))
+    imagenet = torch.load(Path(torch.hub.get_dir(), "checkpoints", "mobilenet_v2-b0353104.pth"), weights_only=True)
+    frozen = torch.equal(weights["backbone.features.0.0.weight"], imagenet["features.0.0.weight"])
+    assert frozen is (best_epoch == 0)
 
 
 @pytest.mark.fault(

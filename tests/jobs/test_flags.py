@@ -98,6 +98,7 @@ _SAMPLES = {
         "--label-column": (["--label-column", "class"], "class"),
         "--class-weights": (["--class-weights", "balanced"], "balanced"),
         "--seed": (["--seed", "3"], 3),
+        "--refit": (["--refit", "never"], "never"),
         "--workers": (["--workers", "2"], 2),
         "--gpus-per-worker": (["--gpus-per-worker", "1"], 1.0),
         "--endpoint-url": (["--endpoint-url", "http://127.0.0.1:8333"], "http://127.0.0.1:8333"),
@@ -209,8 +210,8 @@ def _by_flags(kind: str, typed: list[str], replaces: str | None = None):
 def test_every_flag_of_the_tables_has_a_sample():
     """A flag added to a table without a case here fails this test, so the id test below covers every flag."""
     assert {kind: set(samples) for kind, samples in _SAMPLES.items()} == {k: set(t) for k, t in _TABLES.items()}
-    assert len(_SAMPLES["label"]) + len(_SAMPLES["finetune"]) == 47  # 48 flags of issue 22 less the two --quiet, and
-    # --corrections (issue 24)
+    assert len(_SAMPLES["label"]) + len(_SAMPLES["finetune"]) == 48  # 48 flags of issue 22 less the two --quiet, and
+    # --corrections (issue 24) and --refit (issue 25)
     assert len(_SAMPLES["dedupe"]) + len(_SAMPLES["review-queue"]) + len(_SAMPLES["label-issues"]) == 29
     assert len(_SAMPLES["self-train"]) == 19
 

@@ -155,13 +155,18 @@ class EmbeddingPass:
         with torch.autocast(self.device.type, dtype=self.amp_dtype):
             return self.backbone(batch).float().cpu().numpy()
 
+    def readable(self) -> list[bool]:
+        """Per row, whether its image was read (an unreadable row's embedding is all zero)."""
+        return (np.abs(self.embeddings).sum(1) > 0).tolist()
+
     def groups(self, count: int, sha256s: tuple[str | None, ...], threshold: float) -> Groups:
         """Near-duplicate groups among the first `count` images (the ones the split divides)."""
         return near_duplicate_groups(self.labels[:count], sha256s[:count], self.embeddings[:count], threshold)
 
-    def fit(self, train: list[int], val: list[int], num_classes: int, smoothing: float) -> ProbeFit:
+    def fit(self, train: list[int], val: list[int], num_classes: int, smoothing: float, l2: float | None = None
+            ) -> ProbeFit:  # fmt: skip
         """The convex fit of a head on the embeddings of rows `train`, scored on rows `val` (unreadable rows, all
-        zero, are left out of both)."""
+        zero, are left out of both), with L2 penalty `l2` (default: the spec's probe_l2)."""
         started = time.perf_counter()
         readable = np.abs(self.embeddings).sum(1) > 0
         train = [i for i in train if readable[i]]
@@ -169,7 +174,7 @@ class EmbeddingPass:
         t = self.job.training
         labels = self.labels[train]
         weights = balanced_weights(labels, num_classes) if t.class_weights == "balanced" else None
-        head = fit_linear_head(self.embeddings[train], labels, num_classes, t.probe_l2, weights)
+        head = fit_linear_head(self.embeddings[train], labels, num_classes, t.probe_l2 if l2 is None else l2, weights)
         counts = np.bincount(labels, minlength=num_classes).clip(min=1)
         class_w = None if weights is None else torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
         train_loss, train_acc, _ = _score(head, self.embeddings[train], labels, num_classes, smoothing, class_w)

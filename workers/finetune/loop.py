@@ -105,11 +105,11 @@ def class_weights(plan: DataPlan, mode: str) -> torch.Tensor | None:
     return counts.sum() / (len(counts) * counts)
 
 
-def next_state(state: TrainingState, metrics: EpochMetrics, confusion: list[list[int]], t: TrainingSpec
-               ) -> TrainingState:  # fmt: skip
+def next_state(state: TrainingState, metrics: EpochMetrics, confusion: list[list[int]], t: TrainingSpec,
+               scored: bool = True) -> TrainingState:  # fmt: skip
     """The state after an epoch: its metrics recorded, the best epoch (lowest validation loss) and early stopping
-    decided."""
-    improved = metrics.val_loss < state.best_val_loss
+    decided. Unscored (a refit on every image, with no validation set): each epoch is the newest best."""
+    improved = not scored or metrics.val_loss < state.best_val_loss
     without = 0 if improved else state.epochs_without_improvement + 1
     patience_spent = t.early_stopping_patience > 0 and without >= t.early_stopping_patience
     update = {
@@ -255,6 +255,8 @@ class FinetuneWorker:
         self.job, self.plan, self.rank, self.world_size = job, plan, rank, world_size
         self.recipe: Recipe = config["recipe"]
         self.probe = config.get("probe")  # lp-ft: the head fitted on frozen features, where training starts
+        # A refit trains on every image for the epochs its validation run chose: nothing is held out to score.
+        self.scored = not config.get("refit", False)
         self.show_progress = bool(config.get("show_progress", False)) and rank == 0
         self.scratch = local_scratch_dir()
         self.device = ray.train.torch.get_device()
@@ -313,13 +315,13 @@ class FinetuneWorker:
             log.info("resuming from the checkpoint after epoch %d", state.epochs_done)
         skipped = self._all_skipped()
         state = updated(state, skipped_images=len(skipped), skipped_examples=skipped[:MAX_SKIPPED_KEPT])
-        if self.probe is not None and not state.history:
+        if self.probe is not None and not state.history and self.scored:
             state, best = self._evaluate_fitted_head(state)
         while not state.finished(self.job.training.epochs):
             epoch = state.epochs_done + 1
             started = time.perf_counter()
             train = self._train_epoch(epoch)
-            val, confusion = self._evaluate()
+            val, confusion = self._evaluate() if self.scored else (EpochTotals(), [])
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=train.loss,
@@ -329,9 +331,9 @@ class FinetuneWorker:
                 learning_rate=self.optimizer.param_groups[0]["lr"],
                 seconds=round(time.perf_counter() - started, 2),
             )
-            if metrics.val_loss < state.best_val_loss:
+            if not self.scored or metrics.val_loss < state.best_val_loss:
                 best = {k: v.detach().cpu().clone() for k, v in self.plain_model.state_dict().items()}
-            state = next_state(state, metrics, confusion, self.job.training)
+            state = next_state(state, metrics, confusion, self.job.training, self.scored)
             self._report(state)
             folder = self._write_checkpoint(state, best)
             checkpoint = Checkpoint.from_directory(str(folder)) if folder else None

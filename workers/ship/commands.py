@@ -59,16 +59,23 @@ def models(args: argparse.Namespace) -> tuple[list[str], int]:
     if args.json:
         return [json.dumps(e.as_dict()) for e in entries], 0
     head = f"{'model':<22} {'weights':<26} {'top-1':>6} {'top-5':>6} {'GFLOPs':>8} {'params M':>9} {'MB':>7} " \
-           f"{'embedding':>9}  here"  # fmt: skip
+           f"{'embedding':>9} {'since':>5}  here"  # fmt: skip
     lines = [head, "-" * len(head)]
     for e in entries:
         lines.append(f"{e.model:<22} {e.weights:<26} {_num(e.top1, 6, 2)} {_num(e.top5, 6, 2)} {_num(e.gflops, 8, 2)} "
-                     f"{e.params_m:>9.1f} {_num(e.file_mb, 7, 1)} {_num(e.embedding_width, 9, 0)}  "
+                     f"{e.params_m:>9.1f} {_num(e.file_mb, 7, 1)} {_num(e.embedding_width, 9, 0)} {e.since:>5}  "
                      f"{'yes' if e.here else 'no'}")  # fmt: skip
     here = sum(e.here for e in entries)
     lines.append(f"{len(entries)} weights of {len({e.model for e in entries})} models; {here} here (usable "
-                 "offline); top-1/top-5: ImageNet-1K as torchvision reports them")  # fmt: skip
+                 "offline); top-1/top-5: ImageNet-1K as torchvision reports them; since: the first torchvision "
+                 f"release with the model ({_first_release()} means that one or earlier)")  # fmt: skip
     return lines, 0
+
+
+def _first_release() -> str:
+    from workers.ship.history import history
+
+    return history()["releases"][0]
 
 
 def _num(value: float | None, width: int, digits: int) -> str:

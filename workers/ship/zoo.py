@@ -1,6 +1,7 @@
 """`bulklabel models`: torchvision's classification zoo as this machine has it, from the registry and each weights
 entry's own metadata (no hand-kept list): ImageNet top-1/top-5, GFLOPs, parameters, file size, the embedding width a
-label job stores, and whether the weights file is here (an offline machine can use only those)."""
+label job stores, the first torchvision release with the model (torchvision_history.json, read from PyPI's wheels by
+deploy/torchvision_history.py), and whether the weights file is here (an offline machine can use only those)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torchvision import models as tv_models
 
 from schemas.specs import ModelSpec
 from workers.models import ModelError, split_head
+from workers.ship.history import needs, since
 from workers.weights import search_dirs
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class ZooEntry:
     params_m: float
     file_mb: float | None
     embedding_width: int | None
+    since: str  # first torchvision release with the model ("0.5" means that one or earlier)
     here: bool  # the weights file is in a search folder (torch hub's cache, $BULKLABEL_WEIGHTS_DIR)
 
     def as_dict(self) -> dict:
@@ -48,7 +51,9 @@ def zoo(names: list[str] | None = None, max_gflops: float | None = None, offline
     if names and not wanted:
         close = sorted({c for n in names for c in difflib.get_close_matches(n, known, n=6, cutoff=0.5)} |
                        {m for n in names for m in known if m.startswith(n.split("_")[0])})  # fmt: skip
+        later = [f"{n} needs {needs(n)}" for n in names if needs(n)]
         raise ModelError(f"no model matching {', '.join(names)} in torchvision {torchvision.__version__}"
+                         + (f": {'; '.join(later)}" if later else "")
                          + (f"; did you mean {', '.join(close[:12])}?" if close else ""))  # fmt: skip
     folders = search_dirs(ModelSpec(name="resnet50"))
     rows = []
@@ -65,7 +70,7 @@ def zoo(names: list[str] | None = None, max_gflops: float | None = None, offline
     widths = _widths({name: entry.meta["num_params"] for name, entry, _, _ in rows})
     out = [ZooEntry(model=name, weights=entry.name, top1=metrics.get("acc@1"), top5=metrics.get("acc@5"),
                     gflops=entry.meta.get("_ops"), params_m=round(entry.meta["num_params"] / 1e6, 2),
-                    file_mb=entry.meta.get("_file_size"), embedding_width=widths[name], here=here)
+                    file_mb=entry.meta.get("_file_size"), embedding_width=widths[name], since=since(name), here=here)
            for name, entry, metrics, here in rows]  # fmt: skip
     return sorted(out, key=lambda e: (-(e.top1 or 0), e.gflops or 0))
 

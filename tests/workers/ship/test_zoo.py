@@ -48,3 +48,33 @@ def test_the_models_command_prints_a_table_or_json(capsys):
     assert rows["IMAGENET1K_V2"]["here"] is False and rows["IMAGENET1K_V1"]["embedding_width"] == 1280
     assert main(["models", "mobilenet_v2", "--offline"]) == 0
     assert "1 here (usable offline)" in capsys.readouterr().out
+
+
+def test_the_history_has_every_model_of_the_pinned_torchvision_with_its_first_release():
+    """Generated from PyPI's wheels (deploy/torchvision_history.py): a new pin without a new history fails here."""
+    import torchvision
+
+    from workers.ship.history import history, since
+
+    pinned = ".".join(torchvision.__version__.split(".")[:2])
+    assert history()["releases"][-1] == pinned
+    assert set(tv_models.list_models(module=tv_models)) <= set(history()["models"])
+    assert (since("efficientnet_b0"), since("efficientnet_v2_s"), since("mobilenet_v3_large")) == (
+        "0.11",
+        "0.13",
+        "0.9",
+    )
+    assert {r.since for r in zoo(["maxvit"])} == {"0.14"}
+
+
+def test_a_model_this_torchvision_lacks_is_named_with_the_release_that_has_it(monkeypatch):
+    """The seed's `module 'torchvision.models' has no attribute 'efficientnet...'`: an older torchvision (its
+    registry faked without the EfficientNets) says which release has the model, in one line."""
+    from workers import models
+
+    monkeypatch.setattr(models, "classification_models", lambda: ["resnet50", "mobilenet_v2"])
+    with pytest.raises(ModelError, match=r"model 'efficientnet_v2_s' is not in this torchvision \(.*\): it needs "
+                                         r"torchvision >= 0\.13$"):  # fmt: skip
+        models.check_model_name("efficientnet_v2_s")
+    with pytest.raises(ModelError, match="unknown model 'efficientnet'; torchvision classification models are"):
+        models.check_model_name("efficientnet")
