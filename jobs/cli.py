@@ -11,18 +11,22 @@ import sys
 import traceback
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from jobs.errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, exit_code_for
-from jobs.flags import SpecFlags
-from jobs.kinds import job_spec_json_schema, kind_of, kinds, load_job_spec
-from jobs.service.commands import add_service_commands, normalise_argv
-from schemas.finetune import FinetuneDataSpec, FinetuneJobSpec
 from schemas.masking import MASK, is_secret_key, mask_secrets, mask_text
 from schemas.outcome import Outcome
-from schemas.ship import CompareBackbonesSpec
 from schemas.specs import LabelJobSpec, ModelSpec, OutputOptions, StorageOptions
+
+if TYPE_CHECKING:
+    from jobs.flags import SpecFlags
+    from schemas.finetune import FinetuneJobSpec
+
+# Commands that run a model in this process (workers.ship.commands): their parser is built without the job kinds,
+# the service's commands and their specs, half a second of imports before torch's two (`bulklabel predict` in 3 s).
+IN_PROCESS_COMMANDS = ("predict", "export", "models")
 
 log = logging.getLogger("bulklabel")
 
@@ -42,7 +46,14 @@ _MAX_MESSAGE_CHARS = 2000
 def main(argv: list[str] | None = None) -> int:
     """Run a command; an error ends it with one line on stderr naming the problem and the exit code of its kind
     (jobs.errors), never a traceback (that is logged at DEBUG: `-v` shows it)."""
-    args = _parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first in IN_PROCESS_COMMANDS:
+        args = _parser(full=False).parse_args(argv)
+    else:
+        from jobs.service.commands import normalise_argv
+
+        args = _parser().parse_args(normalise_argv(argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -77,10 +88,18 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= _MAX_MESSAGE_CHARS else text[:_MAX_MESSAGE_CHARS] + "..."
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(full: bool = True) -> argparse.ArgumentParser:
+    """Every command's parser; `full=False`: only the in-process ones (IN_PROCESS_COMMANDS)."""
     parser = argparse.ArgumentParser(prog="bulklabel", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    if not full:
+        _in_process_commands(sub)
+        return parser
+    from jobs.kinds import kinds
+    from jobs.service.commands import add_service_commands
+    from schemas.finetune import FinetuneDataSpec
+    from schemas.ship import CompareBackbonesSpec
 
     commands = {kind.name: kind for kind in kinds() if kind.flags is not None}  # `bulklabel label`, ...
     for name, kind in commands.items():
@@ -150,6 +169,26 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     serve.set_defaults(handler=_cmd_review_serve)
 
+    _in_process_commands(sub)
+
+    compare = sub.add_parser("compare-backbones", help="which pre-trained model suits a labelled set: a linear "
+                             "probe's held-out accuracy per base, its interval and cost, measured here")  # fmt: skip
+    compare.add_argument("--data", required=True, help=FinetuneDataSpec.model_fields["uri"].description)
+    compare.add_argument("--bases", required=True, help="comma-separated torchvision names, each optionally "
+                         "`name:WEIGHTS` (default: the model's DEFAULT weights)")  # fmt: skip
+    compare.add_argument("--weights-dir", help=ModelSpec.model_fields["weights_dir"].description)
+    compare.add_argument("--budget-ms", type=float, help=CompareBackbonesSpec.model_fields["budget_ms"].description)
+    compare.add_argument("--seed", type=int, default=0, help="the split's seed")
+    compare.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
+    compare.set_defaults(handler=_cmd_compare)
+
+    schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
+    schema.set_defaults(handler=_cmd_schema)
+    add_service_commands(sub, {name: kind.flags for name, kind in commands.items()}, kind_arguments, spec_of)
+    return parser
+
+
+def _in_process_commands(sub) -> None:
     predict = sub.add_parser("predict", help="label a few images in this process, no cluster: a zoo model or a "
                              "fine-tuned artifact, the same answers as a label job")  # fmt: skip
     predict.add_argument("images", nargs="+", help="image files or s3:// objects")
@@ -184,22 +223,6 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="one JSON object per weights entry")
     models.set_defaults(handler=_in_process("models"))
 
-    compare = sub.add_parser("compare-backbones", help="which pre-trained model suits a labelled set: a linear "
-                             "probe's held-out accuracy per base, its interval and cost, measured here")  # fmt: skip
-    compare.add_argument("--data", required=True, help=FinetuneDataSpec.model_fields["uri"].description)
-    compare.add_argument("--bases", required=True, help="comma-separated torchvision names, each optionally "
-                         "`name:WEIGHTS` (default: the model's DEFAULT weights)")  # fmt: skip
-    compare.add_argument("--weights-dir", help=ModelSpec.model_fields["weights_dir"].description)
-    compare.add_argument("--budget-ms", type=float, help=CompareBackbonesSpec.model_fields["budget_ms"].description)
-    compare.add_argument("--seed", type=int, default=0, help="the split's seed")
-    compare.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
-    compare.set_defaults(handler=_cmd_compare)
-
-    schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
-    schema.set_defaults(handler=_cmd_schema)
-    add_service_commands(sub, {name: kind.flags for name, kind in commands.items()}, kind_arguments, spec_of)
-    return parser
-
 
 def kind_arguments(parser: argparse.ArgumentParser, flags: SpecFlags) -> None:
     """A job kind's flags (derived from its spec, jobs.flags) and what every job command takes besides."""
@@ -217,6 +240,8 @@ def _cmd_job(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from jobs.kinds import load_job_spec
+
     return _run(load_job_spec(args.spec), quiet=args.quiet)
 
 
@@ -270,6 +295,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for item in filter(None, (b.strip() for b in args.bases.split(","))):
         name, _, weights = item.partition(":")
         bases.append(ModelSpec(name=name, weights=weights or "DEFAULT", weights_dir=args.weights_dir))
+    from schemas.finetune import FinetuneDataSpec
+    from schemas.ship import CompareBackbonesSpec
+
     data = FinetuneDataSpec(uri=args.data if "://" in args.data else normalise_uri(args.data))
     spec = CompareBackbonesSpec(data=data, bases=tuple(bases),
                                 budget_ms=args.budget_ms, seed=args.seed,
@@ -318,11 +346,15 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    from jobs.kinds import job_spec_json_schema
+
     print(json.dumps(job_spec_json_schema(), indent=2))
     return 0
 
 
 def _run(spec: LabelJobSpec | FinetuneJobSpec, quiet: bool) -> int:
+    from jobs.kinds import kind_of
+
     summary = kind_of(spec).run_here(spec, quiet)
     print("\n".join(summary.lines()))
     return exit_code_of(summary.status)

@@ -16,7 +16,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.review import CorrectionsApplied
 from schemas.specs import Extensions, ModelSpec, PreprocessSpec, Spec, StorageOptions, _as_prefix, not_blank
 
 LABELS_FILE_SUFFIXES = (".csv", ".parquet")
@@ -56,6 +55,19 @@ class FinetuneDataSpec(Spec):
     key_column: str = Field(default="key", description="Labels-file column holding the image keys.")
     label_column: str = Field(default="label", description="Labels-file column holding the class names.")
     extensions: Extensions
+
+
+class CorrectionsApplied(Spec):
+    """What a fine-tune made of review decisions (its card's `dataset.corrections`)."""
+
+    queues: tuple[str, ...] = Field(description="The queue outputs whose corrections were read.")
+    decisions: int = Field(ge=0, description="Decisions read, every kind (undone ones and skips included).")
+    images_decided: int = Field(ge=0, description="Images whose latest decision is a label or bad.")
+    relabelled: int = Field(ge=0, description="Images of the data whose label a decision changed.")
+    dropped: int = Field(ge=0, description="Images of the data left out as bad.")
+    confirmed: int = Field(ge=0, description="Images of the data whose label a decision kept.")
+    not_in_data: int = Field(ge=0, description="Decided images that are not in the fine-tune's data.")
+    per_reviewer: dict[str, int] = Field(default_factory=dict, description="Decided images by reviewer.")
 
 
 class FinetuneMethod(StrEnum):

@@ -97,19 +97,6 @@ CORRECTIONS_SCHEMA = pa.schema(
 )
 
 
-class CorrectionsApplied(Spec):
-    """What a fine-tune made of review decisions (its card's `dataset.corrections`)."""
-
-    queues: tuple[str, ...] = Field(description="The queue outputs whose corrections were read.")
-    decisions: int = Field(ge=0, description="Decisions read, every kind (undone ones and skips included).")
-    images_decided: int = Field(ge=0, description="Images whose latest decision is a label or bad.")
-    relabelled: int = Field(ge=0, description="Images of the data whose label a decision changed.")
-    dropped: int = Field(ge=0, description="Images of the data left out as bad.")
-    confirmed: int = Field(ge=0, description="Images of the data whose label a decision kept.")
-    not_in_data: int = Field(ge=0, description="Decided images that are not in the fine-tune's data.")
-    per_reviewer: dict[str, int] = Field(default_factory=dict, description="Decided images by reviewer.")
-
-
 class Corrections(Spec):
     """The decisions that count, as a fine-tune applies them: per image location, its new label or its drop."""
 

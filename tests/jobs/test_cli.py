@@ -312,3 +312,13 @@ def test_an_outcome_without_an_exit_code_is_an_internal_error_never_a_success(tm
     monkeypatch.delitem(cli.EXIT_BY_OUTCOME, Outcome.SUCCEEDED)  # a new outcome nobody mapped
     assert main(["run", str(spec), "--quiet"]) == 4
     assert "internal error: UnmappedOutcome: no exit code for the job outcome" in capsys.readouterr().err
+
+
+def test_in_process_commands_start_without_the_job_kinds_and_the_service():
+    """`bulklabel predict` must answer in under 3 s with torch's 2 s of imports: its parser loads none of the job
+    kinds, the service's commands or their specs (half a second), and its path loads no faiss."""
+    code = ("import sys; from jobs.cli import main; main(['models', 'mobilenet_v2', '--json']); "
+            "print(sorted(m for m in ('jobs.kinds', 'jobs.service.commands', 'faiss', 'ray') "
+            "if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.splitlines()[-1] == "[]", out.stderr[-2000:]

@@ -16,9 +16,12 @@ bench/dedupe.py measures the recall of planted copies.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
+
+if TYPE_CHECKING:
+    import faiss
 
 EXACT_MAX_ROWS = 50_000  # exact search is n^2 d flops: 50,000 x 1280 is ~3 TFLOP, a minute on 2 cores
 QUERY_BLOCK = 4096
@@ -66,12 +69,16 @@ def _range_radius(threshold: float) -> float:
 
 
 def _exact_pairs(unit: np.ndarray, threshold: float) -> Pairs:
+    import faiss  # here, not at import: the fine-tune's split and `predict` load this module, few search
+
     index = faiss.IndexFlatIP(unit.shape[1])
     index.add(unit)
     return _searched(index, unit, threshold)
 
 
 def _ivf_pairs(unit: np.ndarray, threshold: float) -> Pairs:
+    import faiss
+
     n, d = unit.shape
     reduced = _reduced(unit)
     lists = max(1, min(int(4 * np.sqrt(n)), n // TRAIN_PER_LIST))
@@ -103,6 +110,8 @@ def _reduced(unit: np.ndarray) -> np.ndarray:
     n, d = unit.shape
     if d <= REDUCED_DIM:
         return unit
+    import faiss
+
     pca = faiss.PCAMatrix(d, REDUCED_DIM)
     rng = np.random.default_rng(1)
     pca.train(unit[np.sort(rng.choice(n, size=min(n, PCA_SAMPLE), replace=False))])
@@ -140,6 +149,8 @@ def nearest_cosine(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
     index over `rows`, the queries in blocks."""
     if len(rows) == 0:
         return np.full(len(queries), -1.0, dtype=np.float32)
+    import faiss
+
     index = faiss.IndexFlatIP(rows.shape[1])
     index.add(np.ascontiguousarray(rows, dtype=np.float32))
     out = np.empty(len(queries), dtype=np.float32)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from schemas.finetune import LABELS_FILE_SUFFIXES, FinetuneDataSpec
-from schemas.review import Corrections, CorrectionsApplied
+from schemas.finetune import LABELS_FILE_SUFFIXES, CorrectionsApplied, FinetuneDataSpec
+from schemas.review import Corrections
 from schemas.specs import Spec
 from workers.finetune.grouping import Groups
 from workers.io.keys import KeyResolver
