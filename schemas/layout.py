@@ -17,8 +17,9 @@ Layout version 2 (this bulklabel writes it):
     _failed.json            the record of a failed run (its reason), removed when a later run completes
     sheet.html              a curation job's HTML sheet (its table is data/part-<table>.parquet, its manifest a
                             schemas.curation.ResultManifest)
-    table/                  format: delta only: a Delta Lake table holding the same rows, each shard committed
-                            once (jobs.output.table)
+    table/                  format delta: a Delta Lake table holding the same rows, each shard committed once;
+                            format iceberg with the default catalog: the Iceberg warehouse and its SQLite catalog
+                            (catalog.sqlite) (jobs.output.tables)
 Names recorded inside the output (a done-marker's data file, the manifest's files) are relative to the output since
 layout version 3, so an output copied or moved elsewhere (another folder, bucket or prefix) reads whole.
 Layout version 2: the same files, but markers and the manifest recorded absolute URIs under the output the job wrote
@@ -45,7 +46,7 @@ FAILED_NAME = "_failed.json"
 DONE_DIR = "_done"
 TMP_DIR = "_tmp"
 DATA_DIR = "data"
-TABLE_DIR = "table"  # format: delta: the Delta Lake table (its _delta_log and data files)
+TABLE_DIR = "table"  # delta: the Delta Lake table (its _delta_log and data files); iceberg: the default warehouse
 LEASE_DIR = "_lease"
 SHEET_NAME = "sheet.html"  # a curation job's HTML sheet (schemas.curation), beside its table
 CORRECTIONS_DIR = "corrections"  # a review queue's decisions (schemas.review), one file each, beside its table

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -173,13 +174,41 @@ class ModelSpec(Spec):
     )
 
 
+class OutputFormat(StrEnum):
+    """Where a label output's rows go besides its Parquet folder: a table format (jobs.output.tables), or none."""
+
+    PARQUET = "parquet"
+    DELTA = "delta"
+    ICEBERG = "iceberg"
+
+
+class IcebergCatalog(Spec):
+    """The Iceberg catalog a `format: iceberg` output commits through. Absent: a SQL catalog on a SQLite file in the
+    output's table folder (local outputs only: SQLite needs a file system with locks)."""
+
+    type: Literal["rest", "sql", "glue"] = Field(default="rest", description="pyiceberg's catalog type.")
+    uri: str | None = Field(default=None, description="rest: the catalog's URL; sql: a SQLAlchemy URL.")
+    warehouse: str | None = Field(default=None, description="Warehouse location or name (for S3 Tables, its bucket).")
+    namespace: str = Field(default="bulklabel", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    table: str = Field(default="labels", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,127}$")
+    properties: dict[str, str] = Field(
+        default_factory=dict,
+        description="Further pyiceberg catalog properties (glue: region, ...); credentials come from the job's "
+        "storage options, never from here.",
+    )
+
+
 class OutputOptions(Spec):
     """How a label output is laid out; given as `output: {uri: ..., format: ..., ...}` in a spec (jobs.output)."""
 
-    format: Literal["parquet", "delta"] = Field(
-        default="parquet",
+    format: OutputFormat = Field(
+        default=OutputFormat.PARQUET,
         description="parquet: a folder of Parquet files (data/) with done-markers and a manifest. delta: the same "
-        "files also committed, each shard exactly once, to a Delta Lake table at the output (deltalake).",
+        "files also committed, each shard exactly once, to a Delta Lake table at the output (deltalake). iceberg: "
+        "to an Iceberg table (pyiceberg) through `catalog`, by default a SQLite catalog beside a local output.",
+    )
+    catalog: IcebergCatalog | None = Field(
+        default=None, description="iceberg: the catalog (REST, Glue or SQL) that holds the table."
     )
     compact: Literal["auto", "never"] = Field(
         default="auto",
@@ -187,6 +216,12 @@ class OutputOptions(Spec):
         "target_file_mb (as `bulklabel compact` does); never: keep one file per shard.",
     )
     target_file_mb: int = Field(default=256, ge=1, le=8192, description="Size compaction aims each data file at.")
+
+    @model_validator(mode="after")
+    def _catalog_for_iceberg(self) -> OutputOptions:
+        if self.catalog is not None and self.format is not OutputFormat.ICEBERG:
+            raise ValueError(f"output catalog is for format iceberg, not {self.format}")
+        return self
 
 
 # What a spec file may give as `output` (the mapping becomes `output` and `output_options` before validation).
@@ -199,7 +234,8 @@ _OUTPUT_JSON_SCHEMA = {
             "additionalProperties": False,
             "properties": {
                 "uri": {"type": "string", "minLength": 1},
-                "format": {"enum": ["parquet", "delta"]},
+                "format": {"enum": [f.value for f in OutputFormat]},
+                "catalog": {"type": "object"},
                 "compact": {"enum": ["auto", "never"]},
                 "target_file_mb": {"type": "integer", "minimum": 1, "maximum": 8192},
             },
@@ -220,7 +256,7 @@ class LabelJobSpec(Spec):
     input: InputSpec
     output: Annotated[str, WithJsonSchema(_OUTPUT_JSON_SCHEMA)] = Field(
         description="Local folder or s3://bucket/prefix for the Parquet files and the job manifest; in a spec file "
-        "also {uri: ..., format: parquet|delta, compact: auto|never, target_file_mb: 256}."
+        "also {uri: ..., format: parquet|delta|iceberg, catalog: {...}, compact: auto|never, target_file_mb: 256}."
     )
     output_options: OutputOptions = OutputOptions()
     model: ModelSpec
@@ -291,6 +327,14 @@ class LabelJobSpec(Spec):
         inp, out = _as_prefix(self.input.uri), _as_prefix(self.output)
         if out.startswith(inp) or inp.startswith(out):
             raise ValueError(f"output {self.output!r} must not overlap input {self.input.uri!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _iceberg_catalog_reachable(self) -> LabelJobSpec:
+        options = self.output_options
+        if options.format is OutputFormat.ICEBERG and options.catalog is None and "://" in self.output:
+            raise ValueError(f"output {self.output!r}: format iceberg on object storage needs output.catalog (a REST "
+                             "or Glue catalog): the default SQLite catalog needs a local folder")  # fmt: skip
         return self
 
     def resolved_job_id(self) -> str:

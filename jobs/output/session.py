@@ -7,7 +7,7 @@
                             the leftovers of a crashed compaction removed, from check()'s listing, unless another
                             writer held the lease since check() read it: then from a new listing under the lease
     shard_committed(result) a worker committed a shard (data file, then done-marker); format delta: its rows
-                            appended to the table, exactly once (jobs.output.table)
+                            appended to the table, exactly once (jobs.output.tables)
     complete(...)           every shard is done: the manifest (jobs.output.manifest), written last; then many small
                             files compacted
     failed(reason, ...)     the run stops: `_failed.json` says why (a failed run used to leave no record)
@@ -32,7 +32,7 @@ from jobs.output.manifest import read_manifest, write_manifest
 from jobs.output.markers import CommittedShards, read_committed
 from jobs.output.ownership import check_output, claim_output
 from jobs.output.partials import remove_partials
-from jobs.output.table import DeltaSink
+from jobs.output.tables import sink_for
 from schemas.layout import LAYOUT_VERSION, TMP_DIR
 from schemas.outcome import Outcome
 from schemas.output import (
@@ -67,7 +67,7 @@ class OutputSession:
         self.storage = storage or open_storage(spec.output, spec.storage)
         self.started_at = datetime.now(UTC)
         self.committed = CommittedShards()
-        self.table = DeltaSink(self.uri, job_id, spec.storage) if spec.output_options.format == "delta" else None
+        self.table = sink_for(self.uri, job_id, spec.output_options, spec.storage)
         self.lease: Lease | None = None
         self._lease_seen: LeaseRecord | None = None  # the lease as check() read it, before it listed the output
         self._checked: OutputListing | None = None  # check()'s listing: start() reuses it when no writer came between

@@ -94,12 +94,13 @@ def test_output_as_a_string_or_a_mapping_and_the_json_schema_says_both():
     with pytest.raises(ValueError, match="a mapping needs uri"):
         LabelJobSpec.model_validate({**base, "output": {"format": "delta"}})
     with pytest.raises(ValueError, match="format"):
-        LabelJobSpec.model_validate({**base, "output": {"uri": "/out", "format": "iceberg"}})
+        LabelJobSpec.model_validate({**base, "output": {"uri": "/out", "format": "orc"}})
     schema = job_spec_json_schema()
     jsonschema.validate({**base, "output": "/out"}, schema)
     jsonschema.validate({**base, "output": {"uri": "/out", "format": "delta"}}, schema)
+    jsonschema.validate({**base, "output": {"uri": "/out", "format": "iceberg", "catalog": {"type": "sql"}}}, schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**base, "output": {"uri": "/out", "format": "iceberg"}}, schema)
+        jsonschema.validate({**base, "output": {"uri": "/out", "format": "orc"}}, schema)
 
 
 class _CountingStorage:

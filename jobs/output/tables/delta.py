@@ -25,26 +25,19 @@ import logging
 from collections.abc import Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from jobs.errors import InfrastructureError
 from jobs.output.faultpoints import crash_point
 from jobs.output.lease import Lease
-from jobs.output.reader import fs_path, pyarrow_filesystem, read_rows
+from jobs.output.reader import pyarrow_filesystem
+from jobs.output.tables.sink import COMMIT_ATTEMPTS, TABLE_NAME, TableCommitConflict, shard_rows, table_properties
 from schemas.layout import table_uri
-from schemas.output import LABEL_SCHEMA, LABEL_SCHEMA_VERSION
+from schemas.output import LABEL_SCHEMA
 from schemas.shards import ShardResult
 from schemas.specs import StorageOptions
 
 log = logging.getLogger(__name__)
 
 APP_ID_PREFIX = "bulklabel"
-TABLE_NAME = "labels"
-COMMIT_ATTEMPTS = 5  # a commit, an optimize or a checkpoint that lost a race in the log, tried again on the latest
-
-
-class TableCommitConflict(InfrastructureError):
-    """A table commit kept losing races in the Delta log (another writer outside bulklabel's lease?): exit 3."""
 
 
 def app_id(job_id: str, shard_id: str) -> str:
@@ -152,11 +145,7 @@ class DeltaSink:
                                   "writers; is a program other than bulklabel writing it?")  # fmt: skip
 
     def _rows(self, result: ShardResult, location: str | None) -> pa.Table:
-        path = fs_path(location or result.data_in(self.output))
-        rows = read_rows(path, self._filesystem)
-        if location is not None:  # a compacted file holds several shards
-            rows = rows.filter(pc.equal(rows["shard"], result.shard_id))
-        return rows
+        return shard_rows(self.output, self._filesystem, result, location)
 
     def _table(self):
         """The table at its latest version (its log read again), or None before it exists."""
@@ -181,12 +170,6 @@ class DeltaSink:
         """Table properties: the model, the job, the label schema version and the embedding width."""
         from deltalake import DeltaTable
 
-        embedding = next((e for e in rows["embedding"].to_pylist() if e is not None), None)
-        properties = {
-            "bulklabel.model": rows["model"][0].as_py() if rows.num_rows else "",
-            "bulklabel.job_id": self.job_id,
-            "bulklabel.schema_version": str(LABEL_SCHEMA_VERSION),
-            "bulklabel.embedding_dim": str(len(embedding)) if embedding is not None else "none",
-        }
+        properties = table_properties(rows, self.job_id)
         self._loaded = DeltaTable(self.uri, storage_options=self._delta_options)
         self._loaded.alter.set_table_properties(properties, raise_if_not_exists=False)

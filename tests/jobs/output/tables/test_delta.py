@@ -1,12 +1,9 @@
-"""jobs.output.table: `format: delta` outputs, each shard's rows in the Delta table exactly once (application
-transactions), read by DuckDB and Polars; a real job's driver SIGKILLed between a shard's marker and its table commit
-and run again leaves one row per image."""
+"""jobs.output.tables.delta: `format: delta` outputs, each shard's rows in the Delta table exactly once (application
+transactions), read by DuckDB and Polars. A real job killed around its table commits: test_commit_faults.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,12 +15,10 @@ from deltalake import DeltaTable
 from jobs.output.compact import compact_output
 from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
-from jobs.output.table import app_id, delta_storage_options
+from jobs.output.tables.delta import app_id, delta_storage_options
 from schemas.output import LABEL_SCHEMA_VERSION
 from schemas.specs import LabelJobSpec
 from tests.jobs.output.test_compact import DIM, JOB, ROWS, write_output
-from tests.scenarios.test_interruptions import _finish, _start_in
-from tests.support import IMAGENET_SAMPLE, imagenet_labels
 
 SHARDS = 12
 
@@ -85,50 +80,6 @@ def test_shards_committed_without_their_table_commit_are_appended_on_start_even_
     assert len(writes) == SHARDS  # one atomic commit per shard
 
 
-def _label_script(photos: Path, out: Path) -> str:
-    model = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
-    spec = {"input": {"uri": str(photos), "files_per_shard": 2}, "output": {"uri": str(out), "format": "delta"},
-            "model": model, "num_workers": 1, "batch_size": 2}  # fmt: skip
-    return (f"from jobs.label.runner import run_label_job; from schemas.specs import LabelJobSpec; "
-            f"print(run_label_job(LabelJobSpec.model_validate({spec!r}), show_progress=False).status)")  # fmt: skip
-
-
-@pytest.mark.fault(
-    fault="a job into a Delta table output: the driver SIGKILLed after a shard's done-marker, just before that "
-    "shard's table commit (or just after it); then the job run again",
-    injected="SIGKILL of the driver at its 3rd table commit (jobs/output/faultpoints.py `table:commit` / "
-    "`table:committed`), 12 photos in 6 shards",
-    expected="the re-run appends the shards whose markers have no transaction in the table and skips the others: "
-    "the table holds exactly one row per image, as the folder does",
-)
-@pytest.mark.parametrize("point", ["table:commit", "table:committed"])
-def test_a_job_into_a_table_killed_between_marker_and_table_commit_then_rerun(tmp_path, ray_cluster_env,
-                                                                            record_property, point):  # fmt: skip
-    """The killed driver and its re-run join the session's cluster (the fault point kills the driver alone)."""
-    photos, out = tmp_path / "photos", tmp_path / "out"
-    photos.mkdir()
-    for row in imagenet_labels()[:12]:
-        shutil.copy(IMAGENET_SAMPLE / row["file"], photos / row["file"])
-    command = [sys.executable, "-c", _label_script(photos, out)]
-    faults = {"BULKLABEL_FAULTS": json.dumps([{"shard": point, "attempt": 3, "action": "exit"}]),
-              "BULKLABEL_FAULTS_ACKNOWLEDGE": "I-AM-TESTING"}  # fmt: skip
-    driver = _start_in(command, {**ray_cluster_env, **faults})
-    try:
-        driver.communicate(timeout=300)
-    finally:
-        driver.kill()  # a no-op once it has ended
-    assert driver.returncode == -9  # SIGKILL
-    markers = len(list((out / "_done").glob("*.json")))
-    in_table = len(set(_table_keys(out / "table")))
-    committed = 2 if point == "table:commit" else 3  # shards whose table commits were made before the kill
-    assert in_table == 2 * committed and markers >= 3 and not (out / "_job.json").exists()
-    assert "succeeded" in _finish(command, ray_cluster_env)  # the re-run is a plain run
-    keys = _table_keys(out / "table")
-    assert keys == sorted(p.name for p in photos.iterdir()) == _folder_keys(out)  # each image once, none lost
-    record_property("measured", f"killed at {point} with {markers} shard markers and {in_table} rows in the table; "
-                    f"re-run: {len(keys)}/12 rows in the table, each once")  # fmt: skip
-
-
 def test_a_delta_output_on_s3(s3_prefix, s3_server, tmp_path):
     options = s3_server.options()
     write_output(s3_prefix, tmp_path, shards=4, storage=options, fmt="delta")
@@ -141,7 +92,7 @@ def test_a_delta_output_on_s3(s3_prefix, s3_server, tmp_path):
 def _sinks_and_shards(tmp_path: Path, shards: int = 3):
     """Two drivers' sinks of one job's table (as two runs of the job had), and the job's committed shards."""
     from jobs.output.markers import read_committed
-    from jobs.output.table import DeltaSink
+    from jobs.output.tables.delta import DeltaSink
     from workers.io.storage import LocalStorage
 
     out = tmp_path / "out"
@@ -166,7 +117,7 @@ def test_a_commit_that_loses_a_race_in_the_log_is_retried_then_named_exit_3(tmp_
     from deltalake.exceptions import CommitFailedError
 
     from jobs.errors import EXIT_INFRASTRUCTURE, exit_code_for
-    from jobs.output.table import COMMIT_ATTEMPTS, TableCommitConflict
+    from jobs.output.tables.sink import COMMIT_ATTEMPTS, TableCommitConflict
 
     out, sink, _, results = _sinks_and_shards(tmp_path, shards=2)
     real, calls = deltalake.write_deltalake, []

@@ -1,0 +1,156 @@
+"""`format: iceberg`: every committed shard's rows also appended to an Apache Iceberg table (pyiceberg), exactly once.
+
+The table lives in a catalog: by default a SQL catalog on a SQLite file in `<output>/table/` (the warehouse is that
+folder: a laptop needs no catalog service), else `output.catalog` (a REST catalog, Glue, or any SQLAlchemy URL).
+
+Exactly once: Iceberg has no application transactions (Delta's), so each shard's append carries the job and shard
+ids in its snapshot's summary (`bulklabel.job_id`, `bulklabel.shard`), in the same atomic commit as its rows: the
+catalog swaps the table's metadata pointer only if no other commit came first. Before each append the table is
+loaded again and its snapshots' summaries read (each snapshot once: the ids are kept between commits), and a shard
+already there is skipped. So, as for Delta:
+- the driver dies between a shard's done-marker and its table commit: the next run's `start` appends it;
+- it dies after the commit, or a shard is retried, or the job runs again: the summary is there, nothing is added.
+A commit that loses the race (CommitFailedException: another writer moved the pointer) is checked again on the new
+state and retried, COMMIT_ATTEMPTS in all, then TableCommitConflict (exit 3). Snapshots are never expired by
+bulklabel: their summaries are the record of what was committed (expire them only after the job has finished).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from jobs.output.faultpoints import crash_point
+from jobs.output.reader import pyarrow_filesystem
+from jobs.output.tables.sink import COMMIT_ATTEMPTS, TableCommitConflict, shard_rows, table_properties
+from schemas.layout import table_uri
+from schemas.output import LABEL_SCHEMA
+from schemas.shards import ShardResult
+from schemas.specs import OutputOptions, StorageOptions
+
+if TYPE_CHECKING:
+    from jobs.output.lease import Lease
+
+log = logging.getLogger(__name__)
+
+CATALOG_NAME = "bulklabel"
+CATALOG_FILE = "catalog.sqlite"  # the default SQL catalog, in the output's table folder
+SUMMARY_JOB, SUMMARY_SHARD = "bulklabel.job_id", "bulklabel.shard"
+
+
+def catalog_properties(output: str, options: OutputOptions, storage: StorageOptions | None) -> dict[str, str]:
+    """pyiceberg's `load_catalog` properties: the default SQLite catalog beside a local output, or `output.catalog`
+    with the job's S3 endpoint and keys (never logged)."""
+    spec = options.catalog
+    if spec is None:
+        folder = Path(table_uri(output))
+        return {"type": "sql", "uri": f"sqlite:///{folder / CATALOG_FILE}", "warehouse": folder.as_uri()}
+    found = {"type": spec.type, **spec.properties}
+    found |= {k: v for k, v in (("uri", spec.uri), ("warehouse", spec.warehouse)) if v}
+    storage = storage or StorageOptions()
+    if storage.endpoint_url:
+        found["s3.endpoint"] = storage.endpoint_url
+    if storage.region:
+        found["s3.region"] = storage.region
+    if storage.access_key_id is not None:
+        found["s3.access-key-id"] = storage.access_key_id.get_secret_value()
+        found["s3.secret-access-key"] = storage.secret_access_key.get_secret_value()
+    return found
+
+
+class IcebergSink:
+    """The Iceberg table of one label output. Args: the output URI, the job id, its output options and storage."""
+
+    def __init__(self, output: str, job_id: str, options: OutputOptions, storage: StorageOptions | None = None):
+        self.output = output
+        self.job_id = job_id
+        spec = options.catalog
+        self.namespace, self.name = (spec.namespace, spec.table) if spec else ("bulklabel", "labels")
+        where = table_uri(output) if spec is None else (spec.uri or spec.type)
+        self.uri = f"{where} ({self.namespace}.{self.name})"
+        self._properties = catalog_properties(output, options, storage)
+        self._local = spec is None
+        self._filesystem = pyarrow_filesystem(output, storage)
+        self._catalog = None
+        self._seen: set[int] = set()  # snapshot ids whose summaries were read
+        self._committed: set[str] = set()  # this job's shards the table holds
+
+    @property
+    def identifier(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    def commit_shards(self, results: Iterable[ShardResult], locations: dict[str, str] | None = None) -> int:
+        """Append each shard's rows that the table does not hold yet, one atomic commit per shard."""
+        return sum(self.commit_shard(r, (locations or {}).get(r.shard_id)) for r in results)
+
+    def commit_shard(self, result: ShardResult, location: str | None = None) -> bool:
+        """Append one shard's rows with its ids in the snapshot summary, unless the table's latest state has them.
+        True if appended."""
+        from pyiceberg.exceptions import CommitFailedException
+
+        rows = None
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            table = self._latest()
+            if result.shard_id in self._committed:
+                log.debug("shard %s is in table %s already", result.shard_id, self.uri)
+                return False
+            rows = rows if rows is not None else shard_rows(self.output, self._filesystem, result, location)
+            if table is None:
+                table = self._create(rows)
+            crash_point("table:commit")
+            try:
+                table.append(rows, snapshot_properties={SUMMARY_JOB: self.job_id, SUMMARY_SHARD: result.shard_id})
+            except CommitFailedException as exc:  # another commit moved the table: read it again, then retry
+                log.warning("table %s: commit of shard %s lost a race (%s); attempt %d of %d", self.uri,
+                            result.shard_id, exc, attempt, COMMIT_ATTEMPTS)  # fmt: skip
+                continue
+            crash_point("table:committed")
+            self._committed.add(result.shard_id)
+            return True
+        raise TableCommitConflict(
+            f"table {self.uri}: the commit of shard {result.shard_id} lost {COMMIT_ATTEMPTS} races to other "
+            "writers; is a program other than bulklabel writing it?"
+        )
+
+    def finish(self, target_bytes: int, compact: bool, lease: Lease | None = None) -> None:
+        """Nothing to maintain: each append wrote one file per shard, as the Parquet folder does before compaction.
+        Rewriting them (Spark's rewrite_data_files) is the table engines' job; bulklabel compacts its folder."""
+        if compact and self._latest() is not None:
+            log.info("table %s: its data files are left as appended (compact them with the table's engine)", self.uri)
+
+    def _catalog_or_open(self):
+        if self._catalog is None:
+            from pyiceberg.catalog import load_catalog
+
+            if self._local:
+                Path(table_uri(self.output)).mkdir(parents=True, exist_ok=True)
+            self._catalog = load_catalog(CATALOG_NAME, **self._properties)
+        return self._catalog
+
+    def _latest(self):
+        """The table as the catalog has it now (None before it exists), its new snapshots' shards recorded."""
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            table = self._catalog_or_open().load_table(self.identifier)
+        except NoSuchTableError:
+            return None
+        for snapshot in table.snapshots():
+            if snapshot.snapshot_id in self._seen:
+                continue
+            self._seen.add(snapshot.snapshot_id)
+            summary = snapshot.summary.additional_properties if snapshot.summary else {}
+            if summary.get(SUMMARY_JOB) == self.job_id and SUMMARY_SHARD in summary:
+                self._committed.add(summary[SUMMARY_SHARD])
+        return table
+
+    def _create(self, first: pa.Table):
+        """The table (created if absent, with what its rows are as table properties)."""
+        catalog = self._catalog_or_open()
+        catalog.create_namespace_if_not_exists(self.namespace)
+        return catalog.create_table_if_not_exists(self.identifier, schema=LABEL_SCHEMA,
+                                                  properties=table_properties(first, self.job_id))  # fmt: skip

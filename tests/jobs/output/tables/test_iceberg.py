@@ -1,0 +1,141 @@
+"""jobs.output.tables.iceberg: `format: iceberg` outputs, each shard's rows in the Iceberg table exactly once (the job
+and shard ids in each snapshot's summary), read by DuckDB and Polars; the default SQLite catalog beside the output."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+from pydantic import ValidationError
+from pyiceberg.catalog import load_catalog
+
+from jobs.output.compact import compact_output
+from jobs.output.reader import open_output
+from jobs.output.session import OutputSession
+from jobs.output.tables.iceberg import CATALOG_NAME, SUMMARY_JOB, SUMMARY_SHARD, IcebergSink, catalog_properties
+from schemas.output import LABEL_SCHEMA_VERSION
+from schemas.specs import LabelJobSpec, OutputOptions
+from tests.jobs.output.test_compact import DIM, JOB, ROWS, write_output
+
+SHARDS = 6
+ICEBERG = OutputOptions(format="iceberg")
+
+
+def _table(out: Path):
+    return load_catalog(CATALOG_NAME, **catalog_properties(str(out), ICEBERG, None)).load_table(("bulklabel", "labels"))
+
+
+def _folder_keys(output: Path) -> list[str]:
+    return sorted(open_output(str(output)).to_table(columns=["key"])["key"].to_pylist())
+
+
+def test_an_iceberg_output_holds_each_shard_once_with_its_properties_read_by_duckdb_and_polars(tmp_path):
+    out = tmp_path / "out"
+    write_output(str(out), tmp_path, shards=SHARDS, fmt="iceberg")
+    table = _table(out)
+    assert (out / "table" / "catalog.sqlite").is_file()  # the default catalog, beside the output
+    props = table.properties
+    assert props["bulklabel.job_id"] == JOB and props["bulklabel.model"] == "m:x"
+    assert (props["bulklabel.schema_version"], props["bulklabel.embedding_dim"]) == (
+        str(LABEL_SCHEMA_VERSION),
+        str(DIM),
+    )
+    summaries = [s.summary.additional_properties for s in table.snapshots()]
+    assert sorted(s[SUMMARY_SHARD] for s in summaries) == [f"files-{i:03d}" for i in range(SHARDS)]
+    assert {s[SUMMARY_JOB] for s in summaries} == {JOB}  # one snapshot per shard, each naming its job and shard
+
+    # Readers: DuckDB through pyiceberg's scan (its iceberg extension cannot be installed offline), Polars.
+    con = table.scan().to_duckdb("labels")
+    count, keys, width = con.sql("SELECT count(*), count(DISTINCT key), max(len(embedding)) FROM labels").fetchall()[0]
+    assert (count, keys, width) == (SHARDS * ROWS, SHARDS * ROWS, DIM)
+    frame = pl.scan_iceberg(table).collect()
+    assert sorted(frame["key"].to_list()) == _folder_keys(out) and frame["error"].null_count() == SHARDS * (ROWS - 1)
+    assert isinstance(con, duckdb.DuckDBPyConnection)
+
+    # The same job run again (start: every marker's shard is in the table already) adds nothing.
+    spec = LabelJobSpec.model_validate({**json.loads((out / "_job.json").read_text())["spec"], "job_id": JOB})
+    again = OutputSession(spec, JOB)
+    again.check()
+    again.start()
+    again.close()
+    assert len(_table(out).snapshots()) == SHARDS
+
+
+def test_shards_committed_without_their_table_commit_are_appended_on_start_even_compacted(tmp_path):
+    """The driver died after the markers and before the table commits (here: no table at all), and the folder was
+    compacted since: the next start reads each shard's rows from the compacted file the manifest names."""
+    out = tmp_path / "out"
+    spec = write_output(str(out), tmp_path, shards=SHARDS, fmt="parquet")
+    compact_output(str(out), target_bytes=1 << 30)
+    iceberg = spec.model_copy(update={"output_options": ICEBERG})
+    session = OutputSession(iceberg, JOB)
+    session.check()
+    session.start()
+    session.close()
+    rows = _table(out).scan().to_arrow()
+    assert sorted(rows["key"].to_pylist()) == _folder_keys(out) and rows.num_rows == SHARDS * ROWS
+    assert Counter(rows["shard"].to_pylist()) == {f"files-{i:03d}": ROWS for i in range(SHARDS)}
+
+
+def _sinks_and_shards(tmp_path: Path):
+    """Two drivers' sinks of one job's table (as two runs of the job had), and the job's committed shards."""
+    from jobs.output.markers import read_committed
+    from workers.io.storage import LocalStorage
+
+    out = tmp_path / "out"
+    write_output(str(out), tmp_path, shards=3, fmt="parquet")
+    results = sorted(read_committed(LocalStorage(), str(out), JOB).done.values(), key=lambda r: r.shard_id)
+    return out, IcebergSink(str(out), JOB, ICEBERG), IcebergSink(str(out), JOB, ICEBERG), results
+
+
+def test_the_summary_check_reads_the_table_s_latest_state_not_a_cached_one(tmp_path):
+    out, first, second, results = _sinks_and_shards(tmp_path)
+    assert first.commit_shard(results[0])
+    assert second.commit_shard(results[1])
+    assert not first.commit_shard(results[1])  # the other sink's commit is seen: skipped, not appended again
+    assert first.commit_shard(results[2]) and not second.commit_shard(results[2])
+    assert Counter(_table(out).scan().to_arrow()["shard"].to_pylist()) == {r.shard_id: ROWS for r in results}
+
+
+def test_a_commit_that_loses_a_race_is_checked_again_then_named_exit_3(tmp_path, monkeypatch):
+    from pyiceberg.exceptions import CommitFailedException
+    from pyiceberg.table import Table
+
+    from jobs.errors import exit_code_for
+    from jobs.output.tables.sink import COMMIT_ATTEMPTS, TableCommitConflict
+
+    out, sink, other, results = _sinks_and_shards(tmp_path)
+    real_append, calls = Table.append, []
+
+    def racing(table, rows, snapshot_properties):
+        calls.append(snapshot_properties[SUMMARY_SHARD])
+        if len(calls) == 1:  # the other driver commits this very shard first, then ours loses the race
+            other.commit_shard(results[0])
+            raise CommitFailedException("the table moved")
+        return real_append(table, rows, snapshot_properties=snapshot_properties)
+
+    monkeypatch.setattr(Table, "append", racing)
+    assert not sink.commit_shard(results[0])  # checked again after the lost race: the other's commit has it
+    assert calls == [results[0].shard_id] * 2  # ours (lost), the other's (made); ours was not tried again
+    assert Counter(_table(out).scan().to_arrow()["shard"].to_pylist()) == {results[0].shard_id: ROWS}
+
+    monkeypatch.setattr(Table, "append", lambda *a, **k: (_ for _ in ()).throw(CommitFailedException("moved")))
+    with pytest.raises(TableCommitConflict, match=f"lost {COMMIT_ATTEMPTS} races") as caught:
+        sink.commit_shard(results[1])
+    assert exit_code_for(caught.value) == 3
+
+
+def test_iceberg_outputs_name_what_is_missing_in_one_line():
+    base = {"input": {"uri": "/data/in"}, "model": {"name": "mobilenet_v2"}}
+    with pytest.raises(ValidationError, match="format iceberg on object storage needs output.catalog"):
+        LabelJobSpec.model_validate({**base, "output": {"uri": "s3://b/out", "format": "iceberg"}})
+    with pytest.raises(ValidationError, match="output catalog is for format iceberg, not delta"):
+        LabelJobSpec.model_validate({**base, "output": {"uri": "/out", "format": "delta", "catalog": {"uri": "x"}}})
+    rest = LabelJobSpec.model_validate({**base, "output": {"uri": "s3://b/out", "format": "iceberg",
+                                                           "catalog": {"uri": "http://127.0.0.1:8181"}}})  # fmt: skip
+    props = catalog_properties(rest.output, rest.output_options, None)
+    assert (props["type"], props["uri"]) == ("rest", "http://127.0.0.1:8181")
