@@ -191,10 +191,13 @@ class IcebergCatalog(Spec):
     warehouse: str | None = Field(default=None, description="Warehouse location or name (for S3 Tables, its bucket).")
     namespace: str = Field(default="bulklabel", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
     table: str = Field(default="labels", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,127}$")
+    sigv4: bool = Field(default=False, description="rest: sign requests with AWS SigV4 and the job's storage "
+                        "keys (AWS S3 Tables, SeaweedFS); otherwise the catalog's own auth (properties).")  # fmt: skip
+    signing_name: str = Field(default="s3tables", description="rest with sigv4: the service name signed for.")
     properties: dict[str, str] = Field(
         default_factory=dict,
-        description="Further pyiceberg catalog properties (glue: region, ...); credentials come from the job's "
-        "storage options, never from here.",
+        description="Further pyiceberg catalog properties (glue: region, ...); S3 and SigV4 keys come from the "
+        "job's storage options, never from here.",
     )
 
 

@@ -24,6 +24,7 @@ log = logging.getLogger("bulklabel.tests")
 
 GRPC_PORT_OFFSET = 10000  # weed serves each component's gRPC on its HTTP port + 10000
 BUCKET_VISIBLE_TIMEOUT_S = 30
+TABLE_BUCKET = "bulklabel-tables"  # an S3 Tables bucket: the Iceberg REST catalog's warehouse
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class S3Server:
     endpoint_url: str
     access_key: str
     secret_key: str
+    iceberg_url: str = ""  # SeaweedFS's Iceberg REST catalog (SigV4 with these keys), warehouse TABLE_BUCKET
 
     def options(self) -> StorageOptions:
         """Options that point the project's S3 backend at this server."""
@@ -132,9 +134,12 @@ class WeedServer:
         self.data_dir, self.log_dir = base / "data", base / "logs"
         self.data_dir.mkdir(parents=True)
         self.log_dir.mkdir()
-        self.ports = _free_ports(5)
+        self.ports = _free_ports(6)
         self.server = S3Server(
-            f"http://127.0.0.1:{self.ports[0]}", access_key="bulklabel-test-key", secret_key=uuid.uuid4().hex
+            f"http://127.0.0.1:{self.ports[0]}",
+            access_key="bulklabel-test-key",
+            secret_key=uuid.uuid4().hex,
+            iceberg_url=f"http://127.0.0.1:{self.ports[5]}",
         )
         identities = {
             "identities": [
@@ -149,13 +154,14 @@ class WeedServer:
         self._proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
-        s3_port, master_port, volume_port, filer_port, admin_port = self.ports
+        s3_port, master_port, volume_port, filer_port, admin_port, iceberg_port = self.ports
         return [
             _weed_binary(), f"-logdir={self.log_dir}", "mini", f"-dir={self.data_dir}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3_port}", f"-master.port={master_port}",
             f"-volume.port={volume_port}", f"-filer.port={filer_port}", f"-admin.port={admin_port}",
             f"-s3.config={self.base / 'identities.json'}", "-master.telemetry=false", "-webdav=false",
-            "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.allowDeleteBucketNotEmpty=false",
+            "-admin.ui=false", f"-s3.port.iceberg={iceberg_port}", f"-tableBucket={TABLE_BUCKET}", "-s3.port.lance=0",
+            "-s3.allowDeleteBucketNotEmpty=false",
         ]  # fmt: skip
 
     def start(self) -> S3Server:

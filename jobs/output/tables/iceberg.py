@@ -52,13 +52,17 @@ def catalog_properties(output: str, options: OutputOptions, storage: StorageOpti
     found = {"type": spec.type, **spec.properties}
     found |= {k: v for k, v in (("uri", spec.uri), ("warehouse", spec.warehouse)) if v}
     storage = storage or StorageOptions()
-    if storage.endpoint_url:
-        found["s3.endpoint"] = storage.endpoint_url
-    if storage.region:
-        found["s3.region"] = storage.region
-    if storage.access_key_id is not None:
-        found["s3.access-key-id"] = storage.access_key_id.get_secret_value()
-        found["s3.secret-access-key"] = storage.secret_access_key.get_secret_value()
+    if spec.sigv4:
+        found |= {"rest.sigv4-enabled": "true", "rest.signing-name": spec.signing_name,
+                  "rest.signing-region": storage.region or "us-east-1"}  # fmt: skip
+    for prefix in ("s3.", "client.") if spec.sigv4 else ("s3.",):  # client.*: the keys SigV4 signs with
+        if storage.endpoint_url and prefix == "s3.":
+            found["s3.endpoint"] = storage.endpoint_url
+        if storage.region:
+            found[f"{prefix}region"] = storage.region
+        if storage.access_key_id is not None:
+            found[f"{prefix}access-key-id"] = storage.access_key_id.get_secret_value()
+            found[f"{prefix}secret-access-key"] = storage.secret_access_key.get_secret_value()
     return found
 
 

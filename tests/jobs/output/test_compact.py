@@ -41,12 +41,19 @@ JOB = "job-compact"
 
 
 def write_output(
-    output: str, tmp: Path, shards: int = SHARDS, storage=None, compact: str = "never", fmt: str = "parquet"
+    output: str,
+    tmp: Path,
+    shards: int = SHARDS,
+    storage=None,
+    compact: str = "never",
+    fmt: str = "parquet",
+    catalog: dict | None = None,
 ) -> LabelJobSpec:
     """A finished output of `shards` shards of ROWS rows (one error row each), as a label job leaves it."""
     extra = {"storage": storage} if storage else {}
-    spec = LabelJobSpec(input={"uri": str(tmp / "in")}, output={"uri": output, "compact": compact, "format": fmt},
-                        model={"name": "mobilenet_v2"}, job_id=JOB, **extra)  # fmt: skip
+    options = {"uri": output, "compact": compact, "format": fmt, **({"catalog": catalog} if catalog else {})}
+    spec = LabelJobSpec(input={"uri": str(tmp / "in")}, output=options, model={"name": "mobilenet_v2"}, job_id=JOB,
+                        **extra)  # fmt: skip
     session = OutputSession(spec, JOB)
     session.check()
     session.start()

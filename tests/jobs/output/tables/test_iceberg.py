@@ -139,3 +139,35 @@ def test_iceberg_outputs_name_what_is_missing_in_one_line():
                                                            "catalog": {"uri": "http://127.0.0.1:8181"}}})  # fmt: skip
     props = catalog_properties(rest.output, rest.output_options, None)
     assert (props["type"], props["uri"]) == ("rest", "http://127.0.0.1:8181")
+
+
+def test_an_s3_output_commits_through_a_rest_catalog_exactly_once(s3_server, s3_prefix, tmp_path):
+    """SeaweedFS's Iceberg REST catalog (SigV4 with the job's keys; the session's S3 server): the folder on S3, the
+    table in the catalog's warehouse, each shard once; read back by Polars and DuckDB; a re-run adds nothing."""
+    import uuid
+
+    from tests.s3server import TABLE_BUCKET
+
+    namespace = f"t{uuid.uuid4().hex[:8]}"  # tests keep apart by namespace, as by prefix
+    catalog = {"type": "rest", "uri": s3_server.iceberg_url, "warehouse": TABLE_BUCKET, "sigv4": True,
+               "namespace": namespace}  # fmt: skip
+    spec = write_output(s3_prefix, tmp_path, shards=3, storage=s3_server.options(), fmt="iceberg", catalog=catalog)
+    props = catalog_properties(spec.output, spec.output_options, spec.storage)
+    table = load_catalog(CATALOG_NAME, **props).load_table((namespace, "labels"))
+    assert table.location().startswith(f"s3://{TABLE_BUCKET}/")
+    assert sorted(s.summary.additional_properties[SUMMARY_SHARD] for s in table.snapshots()) == [
+        f"files-{i:03d}" for i in range(3)
+    ]
+    s3 = {"aws_endpoint_url": s3_server.endpoint_url, "aws_access_key_id": s3_server.access_key,
+          "aws_secret_access_key": s3_server.secret_key, "aws_region": "us-east-1",
+          "aws_allow_http": "true"}  # fmt: skip
+    keys = sorted(pl.scan_iceberg(table, storage_options=s3).collect()["key"].to_list())
+    assert keys == sorted(open_output(s3_prefix, s3_server.options()).to_table(columns=["key"])["key"].to_pylist())
+    assert table.scan().to_duckdb("labels").sql("SELECT count(DISTINCT key) FROM labels").fetchall() == [(3 * ROWS,)]
+
+    again = OutputSession(spec, JOB)
+    again.check()
+    again.start()
+    again.close()
+    assert len(load_catalog(CATALOG_NAME, **props).load_table((namespace, "labels")).snapshots()) == 3
+    assert s3_server.secret_key not in json.dumps(spec.output_options.model_dump(mode="json"))
