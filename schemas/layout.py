@@ -19,7 +19,7 @@ Layout version 2 (this bulklabel writes it):
                             schemas.curation.ResultManifest)
     table/                  format delta: a Delta Lake table holding the same rows, each shard committed once;
                             format iceberg with the default catalog: the Iceberg warehouse and its SQLite catalog
-                            (catalog.sqlite) (jobs.output.tables)
+                            (catalog.sqlite); format lance: a Lance dataset (jobs.output.tables)
 Names recorded inside the output (a done-marker's data file, the manifest's files) are relative to the output since
 layout version 3, so an output copied or moved elsewhere (another folder, bucket or prefix) reads whole.
 Layout version 2: the same files, but markers and the manifest recorded absolute URIs under the output the job wrote

@@ -180,6 +180,7 @@ class OutputFormat(StrEnum):
     PARQUET = "parquet"
     DELTA = "delta"
     ICEBERG = "iceberg"
+    LANCE = "lance"
 
 
 class IcebergCatalog(Spec):
@@ -208,7 +209,8 @@ class OutputOptions(Spec):
         default=OutputFormat.PARQUET,
         description="parquet: a folder of Parquet files (data/) with done-markers and a manifest. delta: the same "
         "files also committed, each shard exactly once, to a Delta Lake table at the output (deltalake). iceberg: "
-        "to an Iceberg table (pyiceberg) through `catalog`, by default a SQLite catalog beside a local output.",
+        "to an Iceberg table (pyiceberg) through `catalog`, by default a SQLite catalog beside a local output. "
+        "lance: to a Lance dataset at the output (pylance), the embedding a fixed-size float32 vector.",
     )
     catalog: IcebergCatalog | None = Field(
         default=None, description="iceberg: the catalog (REST, Glue or SQL) that holds the table."
@@ -259,7 +261,8 @@ class LabelJobSpec(Spec):
     input: InputSpec
     output: Annotated[str, WithJsonSchema(_OUTPUT_JSON_SCHEMA)] = Field(
         description="Local folder or s3://bucket/prefix for the Parquet files and the job manifest; in a spec file "
-        "also {uri: ..., format: parquet|delta|iceberg, catalog: {...}, compact: auto|never, target_file_mb: 256}."
+        "also {uri: ..., format: parquet|delta|iceberg|lance, catalog: {...}, compact: auto|never, "
+        "target_file_mb: 256}."
     )
     output_options: OutputOptions = OutputOptions()
     model: ModelSpec

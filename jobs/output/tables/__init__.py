@@ -30,11 +30,18 @@ def _iceberg(output: str, job_id: str, options: OutputOptions, storage: StorageO
     return IcebergSink(output, job_id, options, storage)
 
 
-# Each table format once; parquet has no table. Imported when a job uses the format: deltalake and pyiceberg load
-# nothing for the others.
+def _lance(output: str, job_id: str, options: OutputOptions, storage: StorageOptions | None) -> TableSink:
+    from jobs.output.tables.lance import LanceSink
+
+    return LanceSink(output, job_id, storage)
+
+
+# Each table format once; parquet has no table. Imported when a job uses the format: deltalake, pyiceberg and lance
+# load nothing for the others.
 SINKS: dict[OutputFormat, Callable[[str, str, OutputOptions, StorageOptions | None], TableSink]] = {
     OutputFormat.DELTA: _delta,
     OutputFormat.ICEBERG: _iceberg,
+    OutputFormat.LANCE: _lance,
 }
 
 

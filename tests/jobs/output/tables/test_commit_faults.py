@@ -20,6 +20,12 @@ def _table_keys(out: Path, fmt: str) -> list[str]:
         from deltalake import DeltaTable
 
         return sorted(DeltaTable(str(out / "table")).to_pyarrow_table(columns=["key"])["key"].to_pylist())
+    if fmt == "lance":
+        import lance
+
+        if not (out / "table").exists():
+            return []
+        return sorted(lance.dataset(str(out / "table")).to_table(columns=["key"])["key"].to_pylist())
     from pyiceberg.catalog import load_catalog
 
     from jobs.output.tables.iceberg import CATALOG_NAME, catalog_properties
@@ -46,16 +52,16 @@ def _label_script(photos: Path, out: Path, fmt: str) -> str:
 
 
 @pytest.mark.fault(
-    fault="a job into a table output (Delta, Iceberg): the driver SIGKILLed after a shard's done-marker, just "
+    fault="a job into a table output (Delta, Iceberg, Lance): the driver SIGKILLed after a shard's done-marker, just "
     "before that shard's table commit (or just after it); then the job run again",
     injected="SIGKILL of the driver at its 3rd table commit (jobs/output/faultpoints.py `table:commit` / "
     "`table:committed`), 12 photos in 6 shards",
     expected="the re-run appends the shards whose markers have no commit in the table (Delta: application "
-    "transaction; Iceberg: the ids in a snapshot summary) and skips the others: "
+    "transaction; Iceberg: the ids in a snapshot summary; Lance: in transaction properties) and skips the others: "
     "the table holds exactly one row per image, as the folder does",
 )
 @pytest.mark.parametrize("point", ["table:commit", "table:committed"])
-@pytest.mark.parametrize("fmt", ["delta", "iceberg"])
+@pytest.mark.parametrize("fmt", ["delta", "iceberg", "lance"])
 def test_a_job_into_a_table_killed_between_marker_and_table_commit_then_rerun(tmp_path, ray_cluster_env,
                                                                             record_property, fmt, point):  # fmt: skip
     """The killed driver and its re-run join the session's cluster (the fault point kills the driver alone)."""

@@ -1,0 +1,153 @@
+"""`format: lance`: every committed shard's rows also appended to a Lance dataset (pylance) at `<output>/table`, the
+embedding as a fixed-size float32 vector (what LanceDB, FiftyOne and Lance's vector indexes take), exactly once.
+
+Exactly once: each append carries the job and shard ids as Lance transaction properties, in the same atomic commit
+as its rows. Before each append the dataset is opened at its latest version and the transactions of versions not
+seen yet are read, so a shard already there (a re-run, a retried shard, a driver killed after its commit) is
+skipped, and one whose commit a killed driver did not make is appended by the next run's `start`. Lance rebases a
+concurrent append rather than failing it, so two writers could both add a shard: the output's writer lease
+(jobs.output.lease) is what keeps one writer per output, as for the folder itself.
+
+The vector's width is the first embedding's. Shards before one (all error rows) wait: they are appended once the
+width is known, or at the end of the job (embeddings off: a plain float list column).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.output.faultpoints import crash_point
+from jobs.output.reader import pyarrow_filesystem
+from jobs.output.tables.sink import shard_rows, table_properties
+from schemas.layout import table_uri
+from schemas.shards import ShardResult
+from schemas.specs import StorageOptions
+
+if TYPE_CHECKING:
+    from jobs.output.lease import Lease
+
+log = logging.getLogger(__name__)
+
+TX_JOB, TX_SHARD = "bulklabel.job_id", "bulklabel.shard"
+
+
+def lance_storage_options(uri: str, options: StorageOptions | None) -> dict[str, str] | None:
+    """Lance's object-store options for an s3:// dataset; None for a local one."""
+    if not uri.startswith("s3://"):
+        return None
+    options = options or StorageOptions()
+    found = {}
+    if options.endpoint_url:
+        found |= {"aws_endpoint": options.endpoint_url, "allow_http": "true"}
+    if options.region:
+        found["aws_region"] = options.region
+    if options.access_key_id is not None:
+        found["aws_access_key_id"] = options.access_key_id.get_secret_value()
+        found["aws_secret_access_key"] = options.secret_access_key.get_secret_value()
+    return found
+
+
+def as_vectors(rows: pa.Table, width: int | None) -> pa.Table:
+    """`rows` with its embedding column as fixed_size_list<float32, width> (None: left a plain list)."""
+    if width is None:
+        return rows
+    index = rows.schema.get_field_index("embedding")
+    vectors = pc.cast(rows["embedding"], pa.list_(pa.float32(), width))
+    return rows.set_column(index, pa.field("embedding", vectors.type), vectors)
+
+
+def _width(rows: pa.Table) -> int | None:
+    lengths = pc.list_value_length(rows["embedding"]).drop_null()
+    return int(lengths[0].as_py()) if len(lengths) else None
+
+
+class LanceSink:
+    """The Lance dataset of one label output. Args: the output URI, the job id, the job's storage options."""
+
+    def __init__(self, output: str, job_id: str, storage_options: StorageOptions | None = None):
+        self.output = output
+        self.uri = table_uri(output)
+        self.job_id = job_id
+        self._lance_options = lance_storage_options(self.uri, storage_options)
+        self._filesystem = pyarrow_filesystem(output, storage_options)
+        self._seen = 0  # versions whose transactions were read
+        self._committed: set[str] = set()  # this job's shards the dataset holds
+        self._waiting: dict[str, tuple[ShardResult, str | None]] = {}  # before the vector width is known
+
+    def commit_shards(self, results: Iterable[ShardResult], locations: dict[str, str] | None = None) -> int:
+        return sum(self.commit_shard(r, (locations or {}).get(r.shard_id)) for r in results)
+
+    def commit_shard(self, result: ShardResult, location: str | None = None) -> bool:
+        """Append one shard's rows with its ids as transaction properties, unless the dataset's latest version has
+        them. True if appended (False too when it waits for the vector width)."""
+        dataset = self._latest()
+        if result.shard_id in self._committed:
+            log.debug("shard %s is in dataset %s already", result.shard_id, self.uri)
+            return False
+        rows = shard_rows(self.output, self._filesystem, result, location)
+        width = self._dataset_width(dataset) if dataset is not None else _width(rows)
+        if dataset is None and width is None:
+            self._waiting[result.shard_id] = (result, location)
+            return False
+        appended = self._append(result, as_vectors(rows, width), create=dataset is None)
+        if dataset is None and self._waiting:  # the width is known now: the shards that waited for it
+            appended += self.commit_shards([r for r, _ in self._waiting.values()],
+                                           {s: loc for s, (_, loc) in self._waiting.items() if loc})  # fmt: skip
+            self._waiting.clear()
+        return bool(appended)
+
+    def finish(self, target_bytes: int, compact: bool, lease: Lease | None = None) -> None:
+        """Shards still waiting (no shard had an embedding: embeddings off, or every image failed) go in as plain
+        lists; with `compact`, small fragments are merged (Lance's compact_files: a commit of its own)."""
+        if self._waiting and self._latest() is None:
+            waiting, self._waiting = list(self._waiting.values()), {}
+            first, location = waiting[0]
+            self._append(first, shard_rows(self.output, self._filesystem, first, location), create=True)
+            self.commit_shards([r for r, _ in waiting[1:]], {r.shard_id: loc for r, loc in waiting[1:] if loc})
+        dataset = self._latest()
+        if compact and dataset is not None and len(dataset.get_fragments()) > 1:
+            if lease is not None:
+                lease.ensure_held()
+            metrics = dataset.optimize.compact_files(target_rows_per_fragment=1 << 20)
+            log.info("dataset %s compacted: %s", self.uri, metrics)
+
+    def _append(self, result: ShardResult, rows: pa.Table, create: bool) -> int:
+        import lance
+
+        crash_point("table:commit")
+        properties = {TX_JOB: self.job_id, TX_SHARD: result.shard_id}
+        if create:  # the dataset's schema metadata says what its rows are, as the other formats' properties do
+            rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}),
+                                                 **{k.encode(): v.encode() for k, v in
+                                                    table_properties(rows, self.job_id).items()}})  # fmt: skip
+        lance.write_dataset(rows, self.uri, mode="create" if create else "append", transaction_properties=properties,
+                            storage_options=self._lance_options)  # fmt: skip
+        crash_point("table:committed")
+        self._committed.add(result.shard_id)
+        return 1
+
+    def _latest(self):
+        """The dataset at its latest version (None before it exists), the new versions' shards recorded."""
+        import lance
+
+        try:
+            dataset = lance.dataset(self.uri, storage_options=self._lance_options)
+        except (FileNotFoundError, ValueError):
+            return None
+        for version in range(self._seen + 1, dataset.latest_version + 1):
+            transaction = dataset.read_transaction(version)
+            props = (transaction.transaction_properties or {}) if transaction else {}
+            if props.get(TX_JOB) == self.job_id and TX_SHARD in props:
+                self._committed.add(props[TX_SHARD])
+        self._seen = max(self._seen, dataset.latest_version)
+        return dataset
+
+    @staticmethod
+    def _dataset_width(dataset) -> int | None:
+        kind = dataset.schema.field("embedding").type
+        return kind.list_size if pa.types.is_fixed_size_list(kind) else None

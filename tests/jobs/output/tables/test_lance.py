@@ -1,0 +1,85 @@
+"""jobs.output.tables.lance: `format: lance` outputs, each shard's rows in the Lance dataset exactly once (the job
+and shard ids as transaction properties), the embedding a fixed-size float32 vector, read by DuckDB and Polars."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import lance
+import polars as pl
+import pyarrow as pa
+
+from jobs.output.compact import compact_output
+from jobs.output.reader import open_output
+from jobs.output.session import OutputSession
+from jobs.output.tables.lance import TX_JOB, TX_SHARD, LanceSink
+from schemas.output import LABEL_SCHEMA_VERSION
+from schemas.specs import LabelJobSpec, OutputOptions
+from tests.jobs.output.test_compact import DIM, JOB, ROWS, write_output
+
+SHARDS = 6
+
+
+def _folder_keys(output: Path) -> list[str]:
+    return sorted(open_output(str(output)).to_table(columns=["key"])["key"].to_pylist())
+
+
+def test_a_lance_output_holds_each_shard_once_as_vectors_read_by_duckdb_and_polars(tmp_path):
+    out = tmp_path / "out"
+    write_output(str(out), tmp_path, shards=SHARDS, fmt="lance")
+    dataset = lance.dataset(str(out / "table"))
+    assert dataset.schema.field("embedding").type == pa.list_(pa.float32(), DIM)  # a vector column
+    meta = {k.decode(): v.decode() for k, v in dataset.schema.metadata.items()}
+    assert meta["bulklabel.job_id"] == JOB and meta["bulklabel.model"] == "m:x"
+    assert meta["bulklabel.schema_version"] == str(LABEL_SCHEMA_VERSION) and meta["bulklabel.embedding_dim"] == str(DIM)
+    shards = [dataset.read_transaction(v).transaction_properties for v in range(1, dataset.latest_version + 1)]
+    assert sorted(p[TX_SHARD] for p in shards) == [f"files-{i:03d}" for i in range(SHARDS)]
+    assert {p[TX_JOB] for p in shards} == {JOB}
+
+    # Readers: DuckDB over Lance's Arrow dataset (no extension needed), Polars through its pyarrow-dataset scan.
+    labels = dataset.to_table()  # noqa: F841 - DuckDB's replacement scan finds it by name
+    count, keys, width = duckdb.sql("SELECT count(*), count(DISTINCT key), max(len(embedding)) FROM labels").fetchall()[
+        0
+    ]
+    assert (count, keys, width) == (SHARDS * ROWS, SHARDS * ROWS, DIM)
+    frame = pl.scan_pyarrow_dataset(dataset).collect()
+    assert sorted(frame["key"].to_list()) == _folder_keys(out) and frame["error"].null_count() == SHARDS * (ROWS - 1)
+
+    # The same job run again (start: every marker's shard is in the dataset already) adds nothing.
+    version = dataset.latest_version
+    spec = LabelJobSpec.model_validate({**json.loads((out / "_job.json").read_text())["spec"], "job_id": JOB})
+    again = OutputSession(spec, JOB)
+    again.check()
+    again.start()
+    again.close()
+    assert lance.dataset(str(out / "table")).latest_version == version
+
+
+def test_shards_committed_without_their_commit_are_appended_on_start_even_compacted(tmp_path):
+    out = tmp_path / "out"
+    spec = write_output(str(out), tmp_path, shards=SHARDS, fmt="parquet")
+    compact_output(str(out), target_bytes=1 << 30)
+    session = OutputSession(spec.model_copy(update={"output_options": OutputOptions(format="lance")}), JOB)
+    session.check()
+    session.start()
+    session.close()
+    rows = lance.dataset(str(out / "table")).to_table(columns=["key", "shard"])
+    assert sorted(rows["key"].to_pylist()) == _folder_keys(out)
+    assert Counter(rows["shard"].to_pylist()) == {f"files-{i:03d}": ROWS for i in range(SHARDS)}
+
+
+def test_the_transaction_check_reads_the_dataset_s_latest_version(tmp_path):
+    from jobs.output.markers import read_committed
+    from workers.io.storage import LocalStorage
+
+    out = tmp_path / "out"
+    write_output(str(out), tmp_path, shards=3, fmt="parquet")
+    results = sorted(read_committed(LocalStorage(), str(out), JOB).done.values(), key=lambda r: r.shard_id)
+    first, second = LanceSink(str(out), JOB), LanceSink(str(out), JOB)
+    assert first.commit_shard(results[0]) and second.commit_shard(results[1])
+    assert not first.commit_shard(results[1]) and first.commit_shard(results[2]) and not second.commit_shard(results[2])
+    rows = lance.dataset(str(out / "table")).to_table(columns=["shard"])
+    assert Counter(rows["shard"].to_pylist()) == {r.shard_id: ROWS for r in results}
