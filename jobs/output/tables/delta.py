@@ -29,7 +29,14 @@ import pyarrow as pa
 from jobs.output.faultpoints import crash_point
 from jobs.output.lease import Lease
 from jobs.output.reader import pyarrow_filesystem
-from jobs.output.tables.sink import COMMIT_ATTEMPTS, TABLE_NAME, TableCommitConflict, shard_rows, table_properties
+from jobs.output.tables.sink import (
+    COMMIT_ATTEMPTS,
+    TABLE_NAME,
+    TableCommitConflict,
+    object_store_options,
+    shard_rows,
+    table_properties,
+)
 from schemas.layout import table_uri
 from schemas.output import LABEL_SCHEMA
 from schemas.shards import ShardResult
@@ -50,18 +57,8 @@ def delta_storage_options(uri: str, options: StorageOptions | None) -> dict[str,
 
     Conditional puts (`If-None-Match`, which S3 and SeaweedFS support) make the log's commits atomic without a lock
     table."""
-    if not uri.startswith("s3://"):
-        return None
-    options = options or StorageOptions()
-    found = {"conditional_put": "etag"}
-    if options.endpoint_url:
-        found |= {"AWS_ENDPOINT_URL": options.endpoint_url, "AWS_ALLOW_HTTP": "true"}
-    if options.region:
-        found["AWS_REGION"] = options.region
-    if options.access_key_id is not None:
-        found["AWS_ACCESS_KEY_ID"] = options.access_key_id.get_secret_value()
-        found["AWS_SECRET_ACCESS_KEY"] = options.secret_access_key.get_secret_value()
-    return found
+    found = object_store_options(uri, options)
+    return None if found is None else {"conditional_put": "etag", **found}
 
 
 class DeltaSink:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from jobs.output.faultpoints import crash_point
 from jobs.output.reader import pyarrow_filesystem
-from jobs.output.tables.sink import shard_rows, table_properties
+from jobs.output.tables.sink import object_store_options, shard_rows, table_properties
 from schemas.layout import table_uri
 from schemas.shards import ShardResult
 from schemas.specs import StorageOptions
@@ -34,22 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TX_JOB, TX_SHARD = "bulklabel.job_id", "bulklabel.shard"
-
-
-def lance_storage_options(uri: str, options: StorageOptions | None) -> dict[str, str] | None:
-    """Lance's object-store options for an s3:// dataset; None for a local one."""
-    if not uri.startswith("s3://"):
-        return None
-    options = options or StorageOptions()
-    found = {}
-    if options.endpoint_url:
-        found |= {"aws_endpoint": options.endpoint_url, "allow_http": "true"}
-    if options.region:
-        found["aws_region"] = options.region
-    if options.access_key_id is not None:
-        found["aws_access_key_id"] = options.access_key_id.get_secret_value()
-        found["aws_secret_access_key"] = options.secret_access_key.get_secret_value()
-    return found
 
 
 def as_vectors(rows: pa.Table, width: int | None) -> pa.Table:
@@ -73,7 +57,7 @@ class LanceSink:
         self.output = output
         self.uri = table_uri(output)
         self.job_id = job_id
-        self._lance_options = lance_storage_options(self.uri, storage_options)
+        self._lance_options = object_store_options(self.uri, storage_options)
         self._filesystem = pyarrow_filesystem(output, storage_options)
         self._seen = 0  # versions whose transactions were read
         self._committed: set[str] = set()  # this job's shards the dataset holds

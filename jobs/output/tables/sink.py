@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from jobs.errors import InfrastructureError
 from jobs.output.reader import fs_path, read_rows
 from schemas.output import LABEL_SCHEMA_VERSION
+from schemas.specs import StorageOptions
 
 if TYPE_CHECKING:
     from jobs.output.lease import Lease
@@ -52,3 +53,20 @@ def table_properties(rows: pa.Table, job_id: str) -> dict[str, str]:
         "bulklabel.schema_version": str(LABEL_SCHEMA_VERSION),
         "bulklabel.embedding_dim": str(len(embedding)) if embedding is not None else "none",
     }
+
+
+def object_store_options(uri: str, options: StorageOptions | None) -> dict[str, str] | None:
+    """The Rust `object_store` options (delta-rs and Lance both write through it) for an s3:// table: endpoint,
+    region and keys; None for a local one."""
+    if not uri.startswith("s3://"):
+        return None
+    options = options or StorageOptions()
+    found: dict[str, str] = {}
+    if options.endpoint_url:
+        found |= {"aws_endpoint_url": options.endpoint_url, "aws_allow_http": "true"}
+    if options.region:
+        found["aws_region"] = options.region
+    if options.access_key_id is not None:
+        found["aws_access_key_id"] = options.access_key_id.get_secret_value()
+        found["aws_secret_access_key"] = options.secret_access_key.get_secret_value()
+    return found

@@ -83,3 +83,14 @@ def test_the_transaction_check_reads_the_dataset_s_latest_version(tmp_path):
     assert not first.commit_shard(results[1]) and first.commit_shard(results[2]) and not second.commit_shard(results[2])
     rows = lance.dataset(str(out / "table")).to_table(columns=["shard"])
     assert Counter(rows["shard"].to_pylist()) == {r.shard_id: ROWS for r in results}
+
+
+def test_a_lance_output_on_s3(s3_prefix, s3_server, tmp_path):
+    from jobs.output.tables.sink import object_store_options
+
+    options = s3_server.options()
+    write_output(s3_prefix, tmp_path, shards=3, storage=options, fmt="lance")
+    dataset = lance.dataset(f"{s3_prefix}/table", storage_options=object_store_options(s3_prefix, options))
+    keys = sorted(dataset.to_table(columns=["key"])["key"].to_pylist())
+    assert keys == sorted(open_output(s3_prefix, options).to_table(columns=["key"])["key"].to_pylist())
+    assert len(keys) == 3 * ROWS and dataset.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
