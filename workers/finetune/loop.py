@@ -359,11 +359,9 @@ class FinetuneWorker:
             return
         m = state.history[-1]
         flag = " *" if state.best_epoch == m.epoch else ""
-        log.info(
-            "epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f%s | lr %.2e | %.1fs",
-            m.epoch, self.job.training.epochs, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, flag,
-            m.learning_rate, m.seconds,
-        )  # fmt: skip
+        val = f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.3f}{flag}" if self.scored else "refit: nothing held out"
+        log.info("epoch %d/%d: train loss %.4f acc %.3f | %s | lr %.2e | %.1fs", m.epoch, self.job.training.epochs,
+                 m.train_loss, m.train_accuracy, val, m.learning_rate, m.seconds)  # fmt: skip
         if state.stopped_early:
             log.info("early stop: no lower validation loss for %d epochs", state.epochs_without_improvement)
 
