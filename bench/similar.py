@@ -21,6 +21,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +72,28 @@ def _table(start: int, vectors: np.ndarray, labels: np.ndarray) -> pa.Table:
 def make_output(
     folder: Path, rows: int, centres: int = CENTRES, noise: float = NOISE, seed: int = 0
 ) -> tuple[LabelOutput, list[str], list[set[str]]]:
-    """Write `rows` synthetic rows; returns the output, the query keys and each query's true top-K keys."""
+    """Write `rows` synthetic rows as Parquet files; returns the output, the query keys and each query's true top-K
+    keys."""
+    folder.mkdir(parents=True)
+    files = []
+
+    def write(start: int, table: pa.Table) -> None:
+        path = folder / f"part-{start // ROWS_PER_FILE:05d}.parquet"
+        pq.write_table(table, path, compression="zstd")
+        files.append(str(path))
+
+    keys, truth = synthetic_rows(write, rows, centres, noise, seed)
+    return LabelOutput(str(folder), "bench", False, None, tuple(files), pafs.LocalFileSystem()), keys, truth
+
+
+def synthetic_rows(
+    write: Callable[[int, pa.Table], None], rows: int, centres: int = CENTRES, noise: float = NOISE, seed: int = 0
+) -> tuple[list[str], list[set[str]]]:
+    """Hand `write` `rows` synthetic label rows, ROWS_PER_FILE at a time; returns the query keys and each query's
+    true top-K keys."""
     rng = np.random.default_rng(seed)
     centre_vectors = np.abs(rng.standard_normal((centres, DIM), dtype=np.float32))
-    folder.mkdir(parents=True)
-    files, queries = [], None
+    queries = None
     best_sims = best_ids = None
     for start in range(0, rows, ROWS_PER_FILE):
         vectors, labels = _chunk(rng, centre_vectors, min(ROWS_PER_FILE, rows - start), noise)
@@ -89,13 +107,10 @@ def make_output(
             sims, ids = np.hstack([best_sims, sims]), np.hstack([best_ids, ids])
         top = np.argsort(-sims, axis=1)[:, :K]
         best_sims, best_ids = np.take_along_axis(sims, top, 1), np.take_along_axis(ids, top, 1)
-        path = folder / f"part-{start // ROWS_PER_FILE:05d}.parquet"
-        pq.write_table(_table(start, vectors, labels), path, compression="zstd")
-        files.append(str(path))
-    output = LabelOutput(str(folder), "bench", False, None, tuple(files), pafs.LocalFileSystem())
+        write(start, _table(start, vectors, labels))
     keys = [f"img-{i:08d}.jpg" for i in query_ids]
     truth = [{f"img-{i:08d}.jpg" for i in row} for row in best_ids]
-    return output, keys, truth
+    return keys, truth
 
 
 def _median_s(fn, args_list) -> float:

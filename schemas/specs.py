@@ -221,6 +221,12 @@ class OutputOptions(Spec):
         "target_file_mb (as `bulklabel compact` does); never: keep one file per shard.",
     )
     target_file_mb: int = Field(default=256, ge=1, le=8192, description="Size compaction aims each data file at.")
+    vector_index: Literal["auto", "never"] = Field(
+        default="auto",
+        description="lance: auto builds an IVF_PQ index of the embeddings at the end of the job once the dataset "
+        "holds enough of them for it to pay (30,000: bench/RESULTS.md), and folds rows added later into it; "
+        "`bulklabel similar` searches through it. never: no index.",
+    )
 
     @model_validator(mode="after")
     def _catalog_for_iceberg(self) -> OutputOptions:
@@ -243,6 +249,7 @@ _OUTPUT_JSON_SCHEMA = {
                 "catalog": {"type": "object"},
                 "compact": {"enum": ["auto", "never"]},
                 "target_file_mb": {"type": "integer", "minimum": 1, "maximum": 8192},
+                "vector_index": {"enum": ["auto", "never"]},
             },
         },
     ]

@@ -29,6 +29,7 @@ from jobs.errors import BadInput
 from jobs.output.corrections import REVIEWED_TABLES, corrections_table, read_decisions
 from jobs.output.reader import FilesVanished, LabelOutput, OutputError, files_vanished, read_pinned
 from jobs.output.results import ResultOutput, open_result
+from jobs.output.tables.lance_index import indexed_vectors, nearest
 from schemas.output import LABEL_SCHEMA
 from schemas.review import CORRECTIONS_TABLE
 from schemas.specs import StorageOptions
@@ -233,10 +234,29 @@ def _similar(
 ) -> list[Neighbour]:
     if output.manifest is not None and not output.manifest.embeddings:
         raise NoEmbeddings(f"output {output.uri} has no embeddings: its job ran with embeddings: false")
+    if use_index != "never":
+        vectors = indexed_vectors(output.uri, options)
+        if vectors is not None:
+            return _similar_lance(output, vectors, key, k)
     rows = output.manifest.totals.rows if output.manifest else output.dataset().count_rows()
     if use_index == "always" or (use_index == "auto" and rows >= index_min_rows):
         return _similar_indexed(output, key, k, cache_dir, options)
     return _similar_exact(output, key, k)
+
+
+def _similar_lance(output: LabelOutput, dataset, key: str, k: int) -> list[Neighbour]:
+    """Through the vector index of the output's Lance dataset: the query row is found (and checked) in the committed
+    files, as the exact search finds it; its neighbours come from the index, re-ranked on their stored vectors."""
+    con = connect(output)
+    try:
+        column = _query_row(con, key, output)
+        query = con.execute(f"SELECT embedding FROM {VIEW} WHERE {column} = $key AND embedding IS NOT NULL "
+                            "ORDER BY key LIMIT 1", {"key": key}).fetchone()[0]  # fmt: skip
+    finally:
+        con.close()
+    found = nearest(dataset, query, k, ["key", "label", "score"]).to_pylist()
+    hits = [Neighbour(r["key"], r["label"], r["score"], 1.0 - r["_distance"]) for r in found]
+    return sorted(hits, key=lambda n: (-round(n.similarity, 6), n.key))  # ties by key, as the exact search orders
 
 
 def _similar_exact(output: LabelOutput, key: str, k: int) -> list[Neighbour]:

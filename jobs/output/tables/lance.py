@@ -10,6 +10,9 @@ concurrent append rather than failing it, so two writers could both add a shard:
 
 The vector's width is the first embedding's. Shards before one (all error rows) wait: they are appended once the
 width is known, or at the end of the job (embeddings off: a plain float list column).
+
+At the end of the job (`finish`, under the lease) the embeddings get an IVF_PQ index once there are enough of them
+(jobs.output.tables.lance_index), a commit of its own; a later run folds the rows it added into it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pyarrow.compute as pc
 
 from jobs.output.faultpoints import crash_point
 from jobs.output.reader import pyarrow_filesystem
+from jobs.output.tables import lance_index
 from jobs.output.tables.sink import object_store_options, shard_rows, table_properties
 from schemas.layout import table_uri
 from schemas.shards import ShardResult
@@ -53,8 +57,9 @@ def _width(rows: pa.Table) -> int | None:
 class LanceSink:
     """The Lance dataset of one label output. Args: the output URI, the job id, the job's storage options."""
 
-    def __init__(self, output: str, job_id: str, storage_options: StorageOptions | None = None):
+    def __init__(self, output: str, job_id: str, storage_options: StorageOptions | None = None, index: bool = True):
         self.output = output
+        self.index = index  # build (or extend) the vector index at the end of the job
         self.uri = table_uri(output)
         self.job_id = job_id
         self._lance_options = object_store_options(self.uri, storage_options)
@@ -99,6 +104,10 @@ class LanceSink:
                 lease.ensure_held()
             metrics = dataset.optimize.compact_files(target_rows_per_fragment=1 << 20)
             log.info("dataset %s compacted: %s", self.uri, metrics)
+        if self.index and dataset is not None and self._dataset_width(dataset) is not None:
+            if lease is not None:
+                lease.ensure_held()
+            lance_index.index_vectors(self._latest(), lance_index.INDEX_MIN_ROWS)
 
     def _append(self, result: ShardResult, rows: pa.Table, create: bool) -> int:
         import lance
