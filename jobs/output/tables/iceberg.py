@@ -13,6 +13,8 @@ already there is skipped. So, as for Delta:
 A commit that loses the race (CommitFailedException: another writer moved the pointer) is checked again on the new
 state and retried, COMMIT_ATTEMPTS in all, then TableCommitConflict (exit 3). Snapshots are never expired by
 bulklabel: their summaries are the record of what was committed (expire them only after the job has finished).
+At the end of the job (`finish`) a table of many small data files is rewritten into files of the target size, in one
+commit whose summary names no shard.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ log = logging.getLogger(__name__)
 CATALOG_NAME = "bulklabel"
 CATALOG_FILE = "catalog.sqlite"  # the default SQL catalog, in the output's table folder
 SUMMARY_JOB, SUMMARY_SHARD = "bulklabel.job_id", "bulklabel.shard"
+SUMMARY_COMPACTION = "bulklabel.compacted_files"  # a compaction's snapshot: how many files it rewrote
+
+
+def _worth_compacting(table, target_bytes: int) -> bool:
+    """Several data files, some under half the target (the same rule as the folder's: jobs.output.compact)."""
+    if table.current_snapshot() is None:
+        return False
+    sizes = table.inspect.files(snapshot_id=table.current_snapshot().snapshot_id)["file_size_in_bytes"].to_pylist()
+    return len(sizes) > 1 and sum(size < target_bytes // 2 for size in sizes) > 1
 
 
 def catalog_properties(output: str, options: OutputOptions, storage: StorageOptions | None) -> dict[str, str]:
@@ -121,10 +132,47 @@ class IcebergSink:
         )
 
     def finish(self, target_bytes: int, compact: bool, lease: Lease | None = None) -> None:
-        """Nothing to maintain: each append wrote one file per shard, as the Parquet folder does before compaction.
-        Rewriting them (Spark's rewrite_data_files) is the table engines' job; bulklabel compacts its folder."""
-        if compact and self._latest() is not None:
-            log.info("table %s: its data files are left as appended (compact them with the table's engine)", self.uri)
+        """With `compact`, a table of several data files, some under half of `target_bytes`, is rewritten into files
+        of about `target_bytes`: one commit that deletes every data file and appends the rows again, streamed (a
+        batch of files at a time, never the whole table in memory). Its snapshot names the job but no shard, and
+        the shards' own snapshots stay in the table's history, so the exactly-once check still finds them."""
+        from pyiceberg.exceptions import CommitFailedException
+
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            table = self._latest()
+            if not compact or table is None or not _worth_compacting(table, target_bytes):
+                return
+            if lease is not None:
+                lease.ensure_held()
+            try:
+                self._rewrite(table, target_bytes)
+                return
+            except CommitFailedException as exc:
+                log.warning("table %s: compaction lost a race (%s); attempt %d of %d", self.uri, exc, attempt,
+                            COMMIT_ATTEMPTS)  # fmt: skip
+        raise TableCommitConflict(f"table {self.uri}: its compaction lost {COMMIT_ATTEMPTS} races to other writers")
+
+    def _rewrite(self, table, target_bytes: int) -> None:
+        from pyiceberg.expressions import AlwaysTrue
+
+        files = table.inspect.files(snapshot_id=table.current_snapshot().snapshot_id)
+        rows_per_file = max(1, int(target_bytes * files["record_count"].to_numpy().sum()
+                                   / max(1, files["file_size_in_bytes"].to_numpy().sum())))  # fmt: skip
+        properties = {SUMMARY_JOB: self.job_id, SUMMARY_COMPACTION: str(len(files))}
+        batches = table.scan().to_arrow_batch_reader()
+        with table.transaction() as tx:
+            tx.delete(AlwaysTrue(), snapshot_properties=properties)
+            pending, count, written = [], 0, 0
+            for batch in batches:
+                pending.append(batch)
+                count += batch.num_rows
+                if count >= rows_per_file:
+                    tx.append(pa.Table.from_batches(pending), snapshot_properties=properties)
+                    written, pending, count = written + 1, [], 0
+            if pending:
+                tx.append(pa.Table.from_batches(pending), snapshot_properties=properties)
+                written += 1
+        log.info("table %s compacted: %d data files rewritten as %d", self.uri, len(files), written)
 
     def _catalog_or_open(self):
         if self._catalog is None:

@@ -65,6 +65,27 @@ def test_an_iceberg_output_holds_each_shard_once_with_its_properties_read_by_duc
     assert len(_table(out).snapshots()) == SHARDS
 
 
+def test_complete_compacts_the_table_in_one_commit_and_the_shards_stay_committed_once(tmp_path):
+    """`compact: auto`: the job's end rewrites the per-shard data files as one (a delete and an append in one
+    commit); the shards' snapshots stay in the history, so the job run again adds nothing; the rows are the same."""
+    out = tmp_path / "out"
+    spec = write_output(str(out), tmp_path, shards=SHARDS, fmt="iceberg", compact="auto")
+    table = _table(out)
+    files = table.inspect.files(snapshot_id=table.current_snapshot().snapshot_id)
+    assert len(files) == 1 and files["record_count"].to_pylist() == [SHARDS * ROWS]
+    compaction = table.current_snapshot().summary.additional_properties
+    assert compaction[SUMMARY_JOB] == JOB and SUMMARY_SHARD not in compaction
+    assert compaction["bulklabel.compacted_files"] == str(SHARDS)
+    assert sorted(table.scan(selected_fields=("key",)).to_arrow()["key"].to_pylist()) == _folder_keys(out)
+    snapshots = len(table.snapshots())
+
+    again = OutputSession(spec, JOB)
+    again.check()
+    again.start()
+    again.close()
+    assert len(_table(out).snapshots()) == snapshots
+
+
 def test_shards_committed_without_their_table_commit_are_appended_on_start_even_compacted(tmp_path):
     """The driver died after the markers and before the table commits (here: no table at all), and the folder was
     compacted since: the next start reads each shard's rows from the compacted file the manifest names."""
@@ -151,13 +172,15 @@ def test_an_s3_output_commits_through_a_rest_catalog_exactly_once(s3_server, s3_
     namespace = f"t{uuid.uuid4().hex[:8]}"  # tests keep apart by namespace, as by prefix
     catalog = {"type": "rest", "uri": s3_server.iceberg_url, "warehouse": TABLE_BUCKET, "sigv4": True,
                "namespace": namespace}  # fmt: skip
-    spec = write_output(s3_prefix, tmp_path, shards=3, storage=s3_server.options(), fmt="iceberg", catalog=catalog)
+    spec = write_output(s3_prefix, tmp_path, shards=3, storage=s3_server.options(), fmt="iceberg", catalog=catalog,
+                        compact="auto")  # fmt: skip
     props = catalog_properties(spec.output, spec.output_options, spec.storage)
     table = load_catalog(CATALOG_NAME, **props).load_table((namespace, "labels"))
     assert table.location().startswith(f"s3://{TABLE_BUCKET}/")
-    assert sorted(s.summary.additional_properties[SUMMARY_SHARD] for s in table.snapshots()) == [
-        f"files-{i:03d}" for i in range(3)
-    ]
+    summaries = [s.summary.additional_properties for s in table.snapshots()]
+    assert sorted(s[SUMMARY_SHARD] for s in summaries if SUMMARY_SHARD in s) == [f"files-{i:03d}" for i in range(3)]
+    # compacted at the job's end through the REST catalog: one commit, one data file
+    assert len(table.inspect.files(snapshot_id=table.current_snapshot().snapshot_id)) == 1
     s3 = {"aws_endpoint_url": s3_server.endpoint_url, "aws_access_key_id": s3_server.access_key,
           "aws_secret_access_key": s3_server.secret_key, "aws_region": "us-east-1",
           "aws_allow_http": "true"}  # fmt: skip
@@ -169,5 +192,5 @@ def test_an_s3_output_commits_through_a_rest_catalog_exactly_once(s3_server, s3_
     again.check()
     again.start()
     again.close()
-    assert len(load_catalog(CATALOG_NAME, **props).load_table((namespace, "labels")).snapshots()) == 3
+    assert len(load_catalog(CATALOG_NAME, **props).load_table((namespace, "labels")).snapshots()) == len(summaries)
     assert s3_server.secret_key not in json.dumps(spec.output_options.model_dump(mode="json"))
