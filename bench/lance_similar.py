@@ -28,11 +28,12 @@ import pyarrow as pa
 
 from bench.similar import CENTRES, NOISE, K, synthetic_rows
 from jobs.output.tables.lance import as_vectors
-from jobs.output.tables.lance_index import index_vectors, nearest, partitions_for, probes_for
+from jobs.output.tables.lance_index import MIN_REFINED, index_vectors, nearest, partitions_for, probes_for
 
 log = logging.getLogger("bench.lance_similar")
 
 NPROBES = (4, 8, 16, 32, 64)
+REFINED = (100, 500, 2000, 5000)  # candidates re-ranked on their stored vectors (the product: MIN_REFINED)
 
 
 def _write_dataset(uri: str, rows: int, centres: int, noise: float) -> tuple[list[str], list[set[str]]]:
@@ -72,8 +73,8 @@ def bench_size(rows: int, work: Path, centres: int, noise: float) -> dict:
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     queries = [_vector_of(dataset, key) for key in keys]
 
-    def top(ds, q, nprobe=None) -> set[str]:
-        return set(nearest(ds, q, K, ["key"], nprobe)["key"].to_pylist())
+    def top(ds, q, nprobe=None, refined=MIN_REFINED) -> set[str]:
+        return set(nearest(ds, q, K, ["key"], nprobe, refined)["key"].to_pylist())
 
     flat_ms = _median_ms(lambda q: top(dataset, q), [(q,) for q in queries[:5]])
     flat_recall = statistics.mean(len(top(dataset, q) & t) / K for q, t in zip(queries[:5], truth, strict=False))
@@ -84,7 +85,7 @@ def bench_size(rows: int, work: Path, centres: int, noise: float) -> dict:
     build_s = time.perf_counter() - started
     partitions = partitions_for(rows)
     result = {"rows": rows, "flat_ms": flat_ms, "build_s": build_s, "partitions": partitions,
-              "default": probes_for(partitions), "nprobe": {}}  # fmt: skip
+              "default": probes_for(partitions), "nprobe": {}, "refined": {}}  # fmt: skip
     print(f"index build: {build_s:.1f} s ({partitions} partitions); load {os.getloadavg()}", flush=True)
     for nprobe in sorted({p for p in NPROBES if p <= partitions} | {result["default"]}):
         ms = _median_ms(lambda q, p=nprobe: top(indexed, q, p), [(q,) for q in queries[:20]])
@@ -92,6 +93,13 @@ def bench_size(rows: int, work: Path, centres: int, noise: float) -> dict:
         result["nprobe"][nprobe] = (ms, recall)
         print(f"index nprobe {nprobe:>3}: {ms:7.2f} ms/query, recall@10 {recall:.3f}"
               + ("  <- default" if nprobe == result["default"] else ""), flush=True)  # fmt: skip
+    default = result["default"]
+    for refined in REFINED:  # at the default probes: how many re-ranked candidates the recall needs
+        ms = _median_ms(lambda q, r=refined: top(indexed, q, default, r), [(q,) for q in queries[:20]])
+        found = [top(indexed, q, default, refined) for q in queries]
+        recall = statistics.mean(len(hits & t) / K for hits, t in zip(found, truth, strict=True))
+        result["refined"][refined] = (ms, recall)
+        print(f"index nprobe {default}, {refined} re-ranked: {ms:7.2f} ms/query, recall@10 {recall:.3f}", flush=True)
     shutil.rmtree(uri)
     return result
 
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = "  ".join(f"{p}{'*' if p == r['default'] else ''}: {ms:.1f}/{rec:.3f}"
                           for p, (ms, rec) in r["nprobe"].items())  # fmt: skip
         print(f"{r['rows']:>9,}  {r['flat_ms']:7.0f}  {r['build_s']:7.1f}  {r['partitions']:10d}  {cells}")
+        print("           re-ranked at the default probes: "
+              + "  ".join(f"{n}: {ms:.1f}/{rec:.3f}" for n, (ms, rec) in r["refined"].items()))  # fmt: skip
     print(f"load average at the end {os.getloadavg()}")
     return 0
 

@@ -130,7 +130,8 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
     similar.add_argument("key", help="a row's key, the URI of the image file it came from, or its image_id")
     similar.add_argument("-k", type=int, default=10, help="how many rows to show, the image itself included")
     similar.add_argument("--index", default="auto", choices=["auto", "always", "never"],
-                         help="auto: exact on small outputs, a cached ANN index (faiss) on large ones")  # fmt: skip
+                         help="auto: a Lance output's own vector index where it has one; else exact on small outputs, "
+                         "a cached ANN index (faiss) on large ones. never: exact")  # fmt: skip
     similar.add_argument("--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL_S3 / the AWS chain)")
     similar.set_defaults(handler=_cmd_similar)
 

@@ -35,7 +35,7 @@ SUB_VECTOR_DIMS = 16
 ROWS_PER_PARTITION = 4096
 MAX_PARTITIONS = 4096
 PROBE_FRACTION = 0.25
-MIN_PROBES = 8
+MIN_PROBES = 16
 MIN_REFINED = 500  # candidates re-ranked on their vectors at least (k=10: 50 x k); all of them in a small output
 
 
@@ -103,14 +103,16 @@ def index_vectors(dataset, min_rows: int = INDEX_MIN_ROWS):
     return dataset
 
 
-def nearest(dataset, vector: np.ndarray, k: int, columns: list[str], nprobes: int | None = None):
+def nearest(dataset, vector: np.ndarray, k: int, columns: list[str], nprobes: int | None = None,
+            refined: int = MIN_REFINED):  # fmt: skip
     """The `k` rows nearest `vector` by cosine (a pyarrow table with `_distance`, 1 - cosine), through the index
-    when the dataset has one (probing `nprobes` partitions, default probes_for), else by a flat scan."""
+    when the dataset has one (probing `nprobes` partitions, default probes_for; the best `refined` candidates
+    re-ranked on their vectors), else by a flat scan."""
     query = {"column": COLUMN, "q": np.asarray(vector, np.float32), "k": k, "metric": METRIC}
     index = _index(dataset)
     if index is not None:  # the partitions it was built with (its stats would also copy out every centroid)
         partitions = partitions_for(index.num_rows_indexed)
-        query |= {"nprobes": nprobes or probes_for(partitions), "refine_factor": math.ceil(MIN_REFINED / k)}
+        query |= {"nprobes": nprobes or probes_for(partitions), "refine_factor": math.ceil(refined / k)}
     # No filter for the null vectors (error rows): Lance leaves them out of a search by itself, and a prefilter on
     # the vector column would read every vector, which the index is there to avoid.
     return dataset.to_table(columns=columns, nearest=query)
