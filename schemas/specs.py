@@ -221,6 +221,13 @@ class OutputOptions(Spec):
         "target_file_mb (as `bulklabel compact` does); never: keep one file per shard.",
     )
     target_file_mb: int = Field(default=256, ge=1, le=8192, description="Size compaction aims each data file at.")
+    table_commit_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="iceberg: committed shards are appended to the table together, at most this often (and at the "
+        "end of the job): each commit rewrites the table's metadata. 0: a commit per shard.",
+    )
     vector_index: Literal["auto", "never"] = Field(
         default="auto",
         description="lance: auto builds an IVF_PQ index of the embeddings at the end of the job once the dataset "
@@ -249,6 +256,7 @@ _OUTPUT_JSON_SCHEMA = {
                 "catalog": {"type": "object"},
                 "compact": {"enum": ["auto", "never"]},
                 "target_file_mb": {"type": "integer", "minimum": 1, "maximum": 8192},
+                "table_commit_seconds": {"type": "number", "minimum": 0, "maximum": 3600},
                 "vector_index": {"enum": ["auto", "never"]},
             },
         },

@@ -212,7 +212,16 @@ class OutputSession:
         )
 
     def close(self) -> None:
-        """Release the writer lease (if taken): the next writer may start at once. Never raises."""
+        """Commit what the table sink queued (a run cancelled or failed before `complete`), then release the writer
+        lease (if taken): the next writer may start at once. Never raises: a queued shard whose commit fails here
+        is appended by the next run's `start` (its done-marker is there)."""
+        if self.table is not None and self.lease is not None and not self.lease.released:
+            try:
+                self._held()
+                self.table.flush()
+            except Exception as exc:  # noqa: BLE001 - closing must not mask what ended the run
+                log.warning("table %s: queued shards not committed (%s); the next run appends them", self.table.uri,
+                            exc)  # fmt: skip
         if self.lease is not None:
             self.lease.release()
 

@@ -3,7 +3,9 @@
 A format is a sink with three phases, the same for each (jobs.output.session calls them, never a format by name):
 - `commit_shards(results, locations)` on start: shards an earlier run committed (done-marker written) whose table
   commit it did not live to make;
-- `commit_shard(result)` as each shard is committed, after its done-marker;
+- `commit_shard(result)` as each shard is committed, after its done-marker (a format may queue it for its next
+  commit: Iceberg);
+- `flush()` when a run ends any other way than `finish`: what is queued is committed;
 - `finish(...)` at the end of the job, under the writer lease: maintenance (compaction, checkpoints).
 Exactly once in every format: each shard's append carries the job and shard ids in the same atomic commit as its
 rows, and is skipped when the table's latest state already holds them; a commit that loses a race is checked again

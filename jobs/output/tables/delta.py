@@ -117,6 +117,10 @@ class DeltaSink:
             "other writers; is a program other than bulklabel writing it?"
         )
 
+    def flush(self) -> int:
+        """Nothing queued: each shard is committed as it comes."""
+        return 0
+
     def finish(self, target_bytes: int, compact: bool, lease: Lease | None = None) -> None:
         """At the end of a job, under its writer `lease`: small files merged (Delta's optimize, a commit of its own)
         and a log checkpoint, so readers do not replay one log entry per shard. Each on the latest version, retried

@@ -3,12 +3,15 @@
 The table lives in a catalog: by default a SQL catalog on a SQLite file in `<output>/table/` (the warehouse is that
 folder: a laptop needs no catalog service), else `output.catalog` (a REST catalog, Glue, or any SQLAlchemy URL).
 
-Exactly once: Iceberg has no application transactions (Delta's), so each shard's append carries the job and shard
-ids in its snapshot's summary (`bulklabel.job_id`, `bulklabel.shard`), in the same atomic commit as its rows: the
-catalog swaps the table's metadata pointer only if no other commit came first. Before each append the table is
-loaded again and its snapshots' summaries read (each snapshot once: the ids are kept between commits), and a shard
-already there is skipped. So, as for Delta:
-- the driver dies between a shard's done-marker and its table commit: the next run's `start` appends it;
+Exactly once: Iceberg has no application transactions (Delta's), so each append carries the job id and the ids of
+the shards it holds in its snapshot's summary (`bulklabel.job_id`, `bulklabel.shards`), in the same atomic commit as
+their rows: the catalog swaps the table's metadata pointer only if no other commit came first. Shards are queued and
+appended together, at most every `output.table_commit_seconds` (each commit rewrites the table's metadata file,
+which lists every snapshot: a commit per shard made a job of N shards write O(N^2) metadata bytes), at the end of
+the job, and when a run ends another way. Before each append the table is loaded again and its snapshots' summaries
+read (each snapshot once: the ids are kept between commits), and a shard already there is skipped. So, as for Delta:
+- the driver dies between a shard's done-marker and its table commit (or while the shard waits in the queue for
+  the next commit): the next run's `start` appends it;
 - it dies after the commit, or a shard is retried, or the job runs again: the summary is there, nothing is added.
 A commit that loses the race (CommitFailedException: another writer moved the pointer) is checked again on the new
 state and retried, COMMIT_ATTEMPTS in all, then TableCommitConflict (exit 3). Snapshots are never expired by
@@ -19,7 +22,9 @@ commit whose summary names no shard.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +46,17 @@ log = logging.getLogger(__name__)
 
 CATALOG_NAME = "bulklabel"
 CATALOG_FILE = "catalog.sqlite"  # the default SQL catalog, in the output's table folder
-SUMMARY_JOB, SUMMARY_SHARD = "bulklabel.job_id", "bulklabel.shard"
+SUMMARY_JOB, SUMMARY_SHARDS = "bulklabel.job_id", "bulklabel.shards"  # the shards: a JSON list of their ids
+# Shards go in together: each commit rewrites the table's metadata file, which lists every snapshot, so a commit per
+# shard made a job of N shards write O(N^2) metadata. At most this many in one commit (its summary lists them).
+MAX_BATCH_SHARDS = 256
+
+
+def shards_of(summary: dict[str, str]) -> list[str]:
+    """The shard ids a snapshot's summary names (none: not a shard commit, e.g. a compaction)."""
+    return json.loads(summary[SUMMARY_SHARDS]) if SUMMARY_SHARDS in summary else []
+
+
 SUMMARY_COMPACTION = "bulklabel.compacted_files"  # a compaction's snapshot: how many files it rewrote
 
 
@@ -93,41 +108,60 @@ class IcebergSink:
         self._catalog = None
         self._seen: set[int] = set()  # snapshot ids whose summaries were read
         self._committed: set[str] = set()  # this job's shards the table holds
+        self._pending: dict[str, tuple[ShardResult, str | None]] = {}  # committed shards queued for the table
+        self.commit_seconds = options.table_commit_seconds
+        self._last_commit = time.monotonic()
 
     @property
     def identifier(self) -> tuple[str, str]:
         return self.namespace, self.name
 
     def commit_shards(self, results: Iterable[ShardResult], locations: dict[str, str] | None = None) -> int:
-        """Append each shard's rows that the table does not hold yet, one atomic commit per shard."""
-        return sum(self.commit_shard(r, (locations or {}).get(r.shard_id)) for r in results)
+        """Append the rows of each shard the table does not hold yet (an earlier run's, on start), together."""
+        for result in results:
+            self._pending[result.shard_id] = (result, (locations or {}).get(result.shard_id))
+        return self.flush()
 
     def commit_shard(self, result: ShardResult, location: str | None = None) -> bool:
-        """Append one shard's rows with its ids in the snapshot summary, unless the table's latest state has them.
-        True if appended."""
+        """Queue one committed shard's rows; the queue is appended in one commit once `commit_seconds` have passed
+        since the last commit (0: at once) or MAX_BATCH_SHARDS wait. True if this call committed."""
+        self._pending[result.shard_id] = (result, location)
+        due = time.monotonic() - self._last_commit >= self.commit_seconds or len(self._pending) >= MAX_BATCH_SHARDS
+        return due and self.flush() > 0
+
+    def flush(self) -> int:
+        """Append the queued shards the table does not hold yet, their ids in the snapshot summary, in one commit
+        (checked again and retried when it loses a race). Returns how many shards it appended."""
         from pyiceberg.exceptions import CommitFailedException
 
-        rows = None
+        rows: dict[str, pa.Table] = {}
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             table = self._latest()
-            if result.shard_id in self._committed:
-                log.debug("shard %s is in table %s already", result.shard_id, self.uri)
-                return False
-            rows = rows if rows is not None else shard_rows(self.output, self._filesystem, result, location)
+            todo = sorted(shard for shard in self._pending if shard not in self._committed)
+            if not todo:
+                self._pending.clear()
+                return 0
+            for shard in todo:
+                if shard not in rows:
+                    result, location = self._pending[shard]
+                    rows[shard] = shard_rows(self.output, self._filesystem, result, location)
+            batch = pa.concat_tables([rows[shard] for shard in todo])
             if table is None:
-                table = self._create(rows)
+                table = self._create(batch)
             crash_point("table:commit")
             try:
-                table.append(rows, snapshot_properties={SUMMARY_JOB: self.job_id, SUMMARY_SHARD: result.shard_id})
+                table.append(batch, snapshot_properties={SUMMARY_JOB: self.job_id, SUMMARY_SHARDS: json.dumps(todo)})
             except CommitFailedException as exc:  # another commit moved the table: read it again, then retry
-                log.warning("table %s: commit of shard %s lost a race (%s); attempt %d of %d", self.uri,
-                            result.shard_id, exc, attempt, COMMIT_ATTEMPTS)  # fmt: skip
+                log.warning("table %s: commit of %d shard(s) lost a race (%s); attempt %d of %d", self.uri, len(todo),
+                            exc, attempt, COMMIT_ATTEMPTS)  # fmt: skip
                 continue
             crash_point("table:committed")
-            self._committed.add(result.shard_id)
-            return True
+            self._committed.update(todo)
+            self._pending.clear()
+            self._last_commit = time.monotonic()
+            return len(todo)
         raise TableCommitConflict(
-            f"table {self.uri}: the commit of shard {result.shard_id} lost {COMMIT_ATTEMPTS} races to other "
+            f"table {self.uri}: the commit of {len(self._pending)} shard(s) lost {COMMIT_ATTEMPTS} races to other "
             "writers; is a program other than bulklabel writing it?"
         )
 
@@ -138,6 +172,7 @@ class IcebergSink:
         the shards' own snapshots stay in the table's history, so the exactly-once check still finds them."""
         from pyiceberg.exceptions import CommitFailedException
 
+        self.flush()
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             table = self._latest()
             if not compact or table is None or not _worth_compacting(table, target_bytes):
@@ -196,8 +231,8 @@ class IcebergSink:
                 continue
             self._seen.add(snapshot.snapshot_id)
             summary = snapshot.summary.additional_properties if snapshot.summary else {}
-            if summary.get(SUMMARY_JOB) == self.job_id and SUMMARY_SHARD in summary:
-                self._committed.add(summary[SUMMARY_SHARD])
+            if summary.get(SUMMARY_JOB) == self.job_id:
+                self._committed.update(shards_of(summary))
         return table
 
     def _create(self, first: pa.Table):

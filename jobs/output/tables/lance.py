@@ -90,6 +90,10 @@ class LanceSink:
             self._waiting.clear()
         return bool(appended)
 
+    def flush(self) -> int:
+        """Nothing queued: each shard is committed as it comes."""
+        return 0
+
     def finish(self, target_bytes: int, compact: bool, lease: Lease | None = None) -> None:
         """Shards still waiting (no shard had an embedding: embeddings off, or every image failed) go in as plain
         lists; with `compact`, small fragments are merged (Lance's compact_files: a commit of its own)."""

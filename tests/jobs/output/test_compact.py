@@ -48,10 +48,12 @@ def write_output(
     compact: str = "never",
     fmt: str = "parquet",
     catalog: dict | None = None,
+    options: dict | None = None,
 ) -> LabelJobSpec:
     """A finished output of `shards` shards of ROWS rows (one error row each), as a label job leaves it."""
     extra = {"storage": storage} if storage else {}
-    options = {"uri": output, "compact": compact, "format": fmt, **({"catalog": catalog} if catalog else {})}
+    options = {"uri": output, "compact": compact, "format": fmt, **({"catalog": catalog} if catalog else {}),
+               **(options or {})}  # fmt: skip
     spec = LabelJobSpec(input={"uri": str(tmp / "in")}, output=options, model={"name": "mobilenet_v2"}, job_id=JOB,
                         **extra)  # fmt: skip
     session = OutputSession(spec, JOB)

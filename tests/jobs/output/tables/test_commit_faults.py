@@ -45,7 +45,9 @@ def _folder_keys(output: Path) -> list[str]:
 
 def _label_script(photos: Path, out: Path, fmt: str) -> str:
     model = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
-    spec = {"input": {"uri": str(photos), "files_per_shard": 2}, "output": {"uri": str(out), "format": fmt},
+    # table_commit_seconds 0: Iceberg commits each shard as it comes (the kill lands on the 3rd shard's commit)
+    output = {"uri": str(out), "format": fmt, **({"table_commit_seconds": 0} if fmt == "iceberg" else {})}
+    spec = {"input": {"uri": str(photos), "files_per_shard": 2}, "output": output,
             "model": model, "num_workers": 1, "batch_size": 2}  # fmt: skip
     return (f"from jobs.label.runner import run_label_job; from schemas.specs import LabelJobSpec; "
             f"print(run_label_job(LabelJobSpec.model_validate({spec!r}), show_progress=False).status)")  # fmt: skip

@@ -16,7 +16,14 @@ from pyiceberg.catalog import load_catalog
 from jobs.output.compact import compact_output
 from jobs.output.reader import open_output
 from jobs.output.session import OutputSession
-from jobs.output.tables.iceberg import CATALOG_NAME, SUMMARY_JOB, SUMMARY_SHARD, IcebergSink, catalog_properties
+from jobs.output.tables.iceberg import (
+    CATALOG_NAME,
+    SUMMARY_JOB,
+    SUMMARY_SHARDS,
+    IcebergSink,
+    catalog_properties,
+    shards_of,
+)
 from schemas.output import LABEL_SCHEMA_VERSION
 from schemas.specs import LabelJobSpec, OutputOptions
 from tests.jobs.output.test_compact import DIM, JOB, ROWS, write_output
@@ -45,8 +52,9 @@ def test_an_iceberg_output_holds_each_shard_once_with_its_properties_read_by_duc
         str(DIM),
     )
     summaries = [s.summary.additional_properties for s in table.snapshots()]
-    assert sorted(s[SUMMARY_SHARD] for s in summaries) == [f"files-{i:03d}" for i in range(SHARDS)]
-    assert {s[SUMMARY_JOB] for s in summaries} == {JOB}  # one snapshot per shard, each naming its job and shard
+    # the shards went in together (queued: table_commit_seconds), the snapshot naming the job and every shard
+    assert len(summaries) == 1 and summaries[0][SUMMARY_JOB] == JOB
+    assert shards_of(summaries[0]) == [f"files-{i:03d}" for i in range(SHARDS)]
 
     # Readers: DuckDB through pyiceberg's scan (its iceberg extension cannot be installed offline), Polars.
     con = table.scan().to_duckdb("labels")
@@ -62,19 +70,20 @@ def test_an_iceberg_output_holds_each_shard_once_with_its_properties_read_by_duc
     again.check()
     again.start()
     again.close()
-    assert len(_table(out).snapshots()) == SHARDS
+    assert len(_table(out).snapshots()) == 1
 
 
 def test_complete_compacts_the_table_in_one_commit_and_the_shards_stay_committed_once(tmp_path):
     """`compact: auto`: the job's end rewrites the per-shard data files as one (a delete and an append in one
     commit); the shards' snapshots stay in the history, so the job run again adds nothing; the rows are the same."""
     out = tmp_path / "out"
-    spec = write_output(str(out), tmp_path, shards=SHARDS, fmt="iceberg", compact="auto")
+    spec = write_output(str(out), tmp_path, shards=SHARDS, fmt="iceberg", compact="auto",
+                        options={"table_commit_seconds": 0})  # a commit (and a data file) per shard  # fmt: skip
     table = _table(out)
     files = table.inspect.files(snapshot_id=table.current_snapshot().snapshot_id)
     assert len(files) == 1 and files["record_count"].to_pylist() == [SHARDS * ROWS]
     compaction = table.current_snapshot().summary.additional_properties
-    assert compaction[SUMMARY_JOB] == JOB and SUMMARY_SHARD not in compaction
+    assert compaction[SUMMARY_JOB] == JOB and SUMMARY_SHARDS not in compaction
     assert compaction["bulklabel.compacted_files"] == str(SHARDS)
     assert sorted(table.scan(selected_fields=("key",)).to_arrow()["key"].to_pylist()) == _folder_keys(out)
     snapshots = len(table.snapshots())
@@ -110,7 +119,8 @@ def _sinks_and_shards(tmp_path: Path):
     out = tmp_path / "out"
     write_output(str(out), tmp_path, shards=3, fmt="parquet")
     results = sorted(read_committed(LocalStorage(), str(out), JOB).done.values(), key=lambda r: r.shard_id)
-    return out, IcebergSink(str(out), JOB, ICEBERG), IcebergSink(str(out), JOB, ICEBERG), results
+    at_once = OutputOptions(format="iceberg", table_commit_seconds=0)  # a commit per shard, as it comes
+    return out, IcebergSink(str(out), JOB, at_once), IcebergSink(str(out), JOB, at_once), results
 
 
 def test_the_summary_check_reads_the_table_s_latest_state_not_a_cached_one(tmp_path):
@@ -120,6 +130,34 @@ def test_the_summary_check_reads_the_table_s_latest_state_not_a_cached_one(tmp_p
     assert not first.commit_shard(results[1])  # the other sink's commit is seen: skipped, not appended again
     assert first.commit_shard(results[2]) and not second.commit_shard(results[2])
     assert Counter(_table(out).scan().to_arrow()["shard"].to_pylist()) == {r.shard_id: ROWS for r in results}
+
+
+def test_shards_are_queued_and_committed_together_and_a_run_that_ends_early_commits_its_queue(tmp_path, monkeypatch):
+    """One commit for many shards (each commit rewrites the table's metadata): queued until table_commit_seconds
+    pass or MAX_BATCH_SHARDS wait; what is queued when a run ends before `complete` goes in on close."""
+    from jobs.output.tables import iceberg
+
+    out, _, _, results = _sinks_and_shards(tmp_path)
+    sink = IcebergSink(str(out), JOB, OutputOptions(format="iceberg", table_commit_seconds=3600))
+    assert not sink.commit_shard(results[0]) and not (out / "table" / "catalog.sqlite").exists()
+    monkeypatch.setattr(iceberg, "MAX_BATCH_SHARDS", 2)
+    assert sink.commit_shard(results[1])  # two waiting: committed together
+    assert [shards_of(s.summary.additional_properties) for s in _table(out).snapshots()] == [
+        [results[0].shard_id, results[1].shard_id]
+    ]
+    assert not sink.commit_shard(results[2]) and sink.flush() == 1 and sink.flush() == 0
+    assert Counter(_table(out).scan().to_arrow()["shard"].to_pylist()) == {r.shard_id: ROWS for r in results}
+
+    # A session whose run ends without `complete` (cancelled, failed): close() commits its queue.
+    other = tmp_path / "other"
+    spec = write_output(str(other), tmp_path, shards=2, fmt="parquet")
+    session = OutputSession(spec.model_copy(update={"output_options": OutputOptions(format="iceberg")}), JOB)
+    session.check()
+    session.start()  # the 2 committed shards queued for the table, appended on start
+    assert Counter(_table(other).scan().to_arrow()["shard"].to_pylist()) == {"files-000": ROWS, "files-001": ROWS}
+    session.table.commit_shard(session.committed.done["files-000"])  # queued again: already in the table
+    session.close()
+    assert len(_table(other).snapshots()) == 1
 
 
 def test_a_commit_that_loses_a_race_is_checked_again_then_named_exit_3(tmp_path, monkeypatch):
@@ -133,7 +171,7 @@ def test_a_commit_that_loses_a_race_is_checked_again_then_named_exit_3(tmp_path,
     real_append, calls = Table.append, []
 
     def racing(table, rows, snapshot_properties):
-        calls.append(snapshot_properties[SUMMARY_SHARD])
+        calls.extend(shards_of(snapshot_properties))
         if len(calls) == 1:  # the other driver commits this very shard first, then ours loses the race
             other.commit_shard(results[0])
             raise CommitFailedException("the table moved")
@@ -173,12 +211,12 @@ def test_an_s3_output_commits_through_a_rest_catalog_exactly_once(s3_server, s3_
     catalog = {"type": "rest", "uri": s3_server.iceberg_url, "warehouse": TABLE_BUCKET, "sigv4": True,
                "namespace": namespace}  # fmt: skip
     spec = write_output(s3_prefix, tmp_path, shards=3, storage=s3_server.options(), fmt="iceberg", catalog=catalog,
-                        compact="auto")  # fmt: skip
+                        compact="auto", options={"table_commit_seconds": 0})  # fmt: skip
     props = catalog_properties(spec.output, spec.output_options, spec.storage)
     table = load_catalog(CATALOG_NAME, **props).load_table((namespace, "labels"))
     assert table.location().startswith(f"s3://{TABLE_BUCKET}/")
     summaries = [s.summary.additional_properties for s in table.snapshots()]
-    assert sorted(s[SUMMARY_SHARD] for s in summaries if SUMMARY_SHARD in s) == [f"files-{i:03d}" for i in range(3)]
+    assert sorted(shard for s in summaries for shard in shards_of(s)) == [f"files-{i:03d}" for i in range(3)]
     # compacted at the job's end through the REST catalog: one commit, one data file
     assert len(table.inspect.files(snapshot_id=table.current_snapshot().snapshot_id)) == 1
     s3 = {"aws_endpoint_url": s3_server.endpoint_url, "aws_access_key_id": s3_server.access_key,
