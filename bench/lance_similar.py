@@ -14,19 +14,17 @@ The machine is shared: the load average is printed before each size.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from bench.similar import CENTRES, NOISE, K, synthetic_rows
+from bench.similar import K, median_s, run_sizes, synthetic_rows
 from jobs.output.tables.lance import as_vectors
 from jobs.output.tables.lance_index import MIN_REFINED, index_vectors, nearest, partitions_for, probes_for
 
@@ -40,7 +38,6 @@ def _write_dataset(uri: str, rows: int, centres: int, noise: float) -> tuple[lis
     import lance
 
     def write(start: int, table: pa.Table) -> None:
-        table = table.select(["key", "source", "label", "score", "embedding"])  # what `similar` reads
         vectors = as_vectors(table, len(table["embedding"][0]))
         lance.write_dataset(vectors, uri, mode="append" if start else "create")
 
@@ -53,12 +50,7 @@ def _vector_of(dataset, key: str) -> np.ndarray:
 
 
 def _median_ms(fn, args_list) -> float:
-    times = []
-    for args in args_list:
-        started = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+    return median_s(fn, args_list) * 1000
 
 
 def bench_size(rows: int, work: Path, centres: int, noise: float) -> dict:
@@ -105,21 +97,8 @@ def bench_size(rows: int, work: Path, centres: int, noise: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.lance_similar", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,30000,100000,1000000", help="row counts, comma-separated")
-    parser.add_argument("--centres", type=int, default=CENTRES, help="clusters of the synthetic embeddings")
-    parser.add_argument("--noise", type=float, default=NOISE, help="noise around each centre (harder: larger)")
-    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-lance-"))
-    print(f"bench.lance_similar: {args.centres} clusters, noise {args.noise}, k={K}; cpus {os.cpu_count()}; "
-          f"load average {os.getloadavg()}")  # fmt: skip
-    try:
-        results = [bench_size(int(size), work, args.centres, args.noise) for size in args.sizes.split(",")]
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+    _, results = run_sizes("python -m bench.lance_similar", __doc__.splitlines()[0], "10000,30000,100000,1000000",
+                           bench_size, argv)  # fmt: skip
     print("\nrows       flat ms  build s  partitions  nprobe: ms/recall@10 (* default)")
     for r in results:
         cells = "  ".join(f"{p}{'*' if p == r['default'] else ''}: {ms:.1f}/{rec:.3f}"

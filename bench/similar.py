@@ -32,7 +32,7 @@ from pyarrow import fs as pafs
 from jobs.output.index import lists_for, open_index, probes_for
 from jobs.output.query import _similar_exact
 from jobs.output.reader import LabelOutput
-from schemas.output import LABEL_SCHEMA
+from schemas.output import LABEL_SCHEMA, ErrorKind
 
 log = logging.getLogger("bench.similar")
 
@@ -65,6 +65,7 @@ def _table(start: int, vectors: np.ndarray, labels: np.ndarray) -> pa.Table:
         "embedding": pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1))),
         "model": pa.array(["bench:synthetic"] * n),
         "job_id": pa.array(["bench"] * n),
+        "error_kind": pa.array([ErrorKind.NONE.value] * n),
     }
     return pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in LABEL_SCHEMA}, schema=LABEL_SCHEMA)
 
@@ -113,7 +114,7 @@ def synthetic_rows(
     return keys, truth
 
 
-def _median_s(fn, args_list) -> float:
+def median_s(fn, args_list) -> float:
     times = []
     for args in args_list:
         started = time.perf_counter()
@@ -135,7 +136,7 @@ def bench_size(rows: int, work: Path, centres: int, noise: float) -> dict:
     data_gb = sum(os.path.getsize(f) for f in output.files) / 1e9
     print(f"data: {len(output.files)} files, {data_gb:.2f} GB, written in {time.perf_counter() - started:.0f} s")
     exact_hits: list[set[str]] = []
-    exact_s = _median_s(lambda key: exact_hits.append({n.key for n in _similar_exact(output, key, K)}),
+    exact_s = median_s(lambda key: exact_hits.append({n.key for n in _similar_exact(output, key, K)}),
                         [(key,) for key in keys[:3]])  # fmt: skip
     print(f"exact (DuckDB scan): {exact_s * 1000:.0f} ms/query; agrees with numpy: {exact_hits == truth[:3]}")
 
@@ -145,13 +146,13 @@ def bench_size(rows: int, work: Path, centres: int, noise: float) -> dict:
     build_s = time.perf_counter() - started
     index_mb = sum(p.stat().st_size for p in index.path.iterdir()) / 1e6
     print(f"index build: {build_s:.1f} s (nlist {lists_for(rows)}), {index_mb:.0f} MB on disk; load {os.getloadavg()}")
-    cold_s = _median_s(_cold_query, [(output, cache, key) for key in keys[:5]])
+    cold_s = median_s(_cold_query, [(output, cache, key) for key in keys[:5]])
     result = {"rows": rows, "exact_ms": exact_s * 1000, "build_s": build_s, "index_mb": index_mb,
               "cold_ms": cold_s * 1000, "nprobe": {}, "default": probes_for(lists_for(rows))}  # fmt: skip
     rows_of = [index.row_of(key)[0] for key in keys]
     default = probes_for(lists_for(rows))
     for nprobe in sorted({*NPROBES, default}):
-        warm_s = _median_s(lambda r, p=nprobe: index.search(r, K, p), [(r,) for r in rows_of[:20]])
+        warm_s = median_s(lambda r, p=nprobe: index.search(r, K, p), [(r,) for r in rows_of[:20]])
         found = [{hit[0] for hit in index.search(r, K, nprobe)} for r in rows_of]
         recall = statistics.mean(len(hits & true) / K for hits, true in zip(found, truth, strict=True))
         result["nprobe"][nprobe] = (warm_s * 1000, recall)
@@ -163,22 +164,30 @@ def bench_size(rows: int, work: Path, centres: int, noise: float) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.similar", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000,300000,1000000", help="row counts, comma-separated")
+def run_sizes(prog: str, description: str, default_sizes: str, bench: Callable[..., dict], argv: list[str] | None
+              ) -> tuple[argparse.Namespace, list[dict]]:  # fmt: skip
+    """The command line every similar bench shares: parse it, run `bench(rows, work, centres, noise)` per size in a
+    scratch folder (removed unless --work names one), and return the arguments and results."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--sizes", default=default_sizes, help="row counts, comma-separated")
     parser.add_argument("--centres", type=int, default=CENTRES, help="clusters of the synthetic embeddings")
     parser.add_argument("--noise", type=float, default=NOISE, help="noise around each centre (harder: larger)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-similar-"))
-    print(f"bench.similar: width {DIM}, {args.centres} clusters, noise {args.noise}, k={K}, {QUERIES} recall "
-          f"queries; cpus {os.cpu_count()}; load average {os.getloadavg()}")  # fmt: skip
+    print(f"{prog}: width {DIM}, {args.centres} clusters, noise {args.noise}, k={K}, {QUERIES} recall queries; cpus "
+          f"{os.cpu_count()}; load average {os.getloadavg()}")  # fmt: skip
     try:
-        results = [bench_size(int(size), work, args.centres, args.noise) for size in args.sizes.split(",")]
+        return args, [bench(int(size), work, args.centres, args.noise) for size in args.sizes.split(",")]
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _, results = run_sizes("python -m bench.similar", __doc__.splitlines()[0], "10000,100000,300000,1000000",
+                           bench_size, argv)  # fmt: skip
     print("\nrows       exact ms  build s  index MB  cold ms  nprobe: warm ms/recall@10 (* default)")
     for r in results:
         marks = {p: "*" if p == r["default"] else "" for p in r["nprobe"]}
