@@ -202,6 +202,23 @@ class IcebergCatalog(Spec):
     )
 
 
+class LanceNamespace(Spec):
+    """The Lance namespace server (REST) a `format: lance` output's dataset is created and found through, instead of
+    `<output>/table`: LanceDB's, or SeaweedFS's (`weed mini -s3.port.lance`)."""
+
+    uri: str = Field(description="The namespace server's URL.", min_length=1)
+    table_id: tuple[str, ...] = Field(
+        default=("bulklabel", "labels"),
+        min_length=1,
+        description="The table's identifier in the namespace (SeaweedFS: bucket, namespace, name).",
+    )
+    properties: dict[str, str] = Field(
+        default_factory=dict,
+        description="Further REST namespace properties, e.g. `header.x-api-key` for a server that takes a token. The "
+        "dataset's S3 keys come from the job's storage options, never from here.",
+    )
+
+
 class OutputOptions(Spec):
     """How a label output is laid out; given as `output: {uri: ..., format: ..., ...}` in a spec (jobs.output)."""
 
@@ -214,6 +231,9 @@ class OutputOptions(Spec):
     )
     catalog: IcebergCatalog | None = Field(
         default=None, description="iceberg: the catalog (REST, Glue or SQL) that holds the table."
+    )
+    namespace: LanceNamespace | None = Field(
+        default=None, description="lance: the namespace server that holds the dataset (else `<output>/table`)."
     )
     compact: Literal["auto", "never"] = Field(
         default="auto",
@@ -239,6 +259,8 @@ class OutputOptions(Spec):
     def _catalog_for_iceberg(self) -> OutputOptions:
         if self.catalog is not None and self.format is not OutputFormat.ICEBERG:
             raise ValueError(f"output catalog is for format iceberg, not {self.format}")
+        if self.namespace is not None and self.format is not OutputFormat.LANCE:
+            raise ValueError(f"output namespace is for format lance, not {self.format}")
         return self
 
 
@@ -254,6 +276,7 @@ _OUTPUT_JSON_SCHEMA = {
                 "uri": {"type": "string", "minLength": 1},
                 "format": {"enum": [f.value for f in OutputFormat]},
                 "catalog": {"type": "object"},
+                "namespace": {"type": "object"},
                 "compact": {"enum": ["auto", "never"]},
                 "target_file_mb": {"type": "integer", "minimum": 1, "maximum": 8192},
                 "table_commit_seconds": {"type": "number", "minimum": 0, "maximum": 3600},

@@ -25,6 +25,7 @@ log = logging.getLogger("bulklabel.tests")
 GRPC_PORT_OFFSET = 10000  # weed serves each component's gRPC on its HTTP port + 10000
 BUCKET_VISIBLE_TIMEOUT_S = 30
 TABLE_BUCKET = "bulklabel-tables"  # an S3 Tables bucket: the Iceberg REST catalog's warehouse
+VECTOR_BUCKET = "bulklabel-vectors"  # a LANCE S3 Tables bucket: the Lance namespace server's
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class S3Server:
     access_key: str
     secret_key: str
     iceberg_url: str = ""  # SeaweedFS's Iceberg REST catalog (SigV4 with these keys), warehouse TABLE_BUCKET
+    lance_url: str = ""  # its Lance namespace server (WeedServer(lance_namespace=True)), tables in VECTOR_BUCKET
 
     def options(self) -> StorageOptions:
         """Options that point the project's S3 backend at this server."""
@@ -129,17 +131,22 @@ class WeedServer:
     """A SeaweedFS `weed mini` process with a fresh data dir, random ports and one admin identity. It can be
     stopped and started again on the same ports and data, which the storage-outage tests need."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, lance_namespace: bool = False):
+        """`lance_namespace`: also serve SeaweedFS's Lance namespace server. pylance's REST namespace client cannot
+        sign requests (SigV4), and SeaweedFS answers unsigned ones as the anonymous identity: such a server lets
+        anonymous requests in, so it is never the session's server (whose tests check that bad keys are refused)."""
         self.base = base
+        self.lance_namespace = lance_namespace
         self.data_dir, self.log_dir = base / "data", base / "logs"
         self.data_dir.mkdir(parents=True)
         self.log_dir.mkdir()
-        self.ports = _free_ports(6)
+        self.ports = _free_ports(7)
         self.server = S3Server(
             f"http://127.0.0.1:{self.ports[0]}",
             access_key="bulklabel-test-key",
             secret_key=uuid.uuid4().hex,
             iceberg_url=f"http://127.0.0.1:{self.ports[5]}",
+            lance_url=f"http://127.0.0.1:{self.ports[6]}" if lance_namespace else "",
         )
         identities = {
             "identities": [
@@ -150,17 +157,21 @@ class WeedServer:
                 }
             ]
         }
+        if lance_namespace:
+            identities["identities"].append({"name": "anonymous", "actions": ["Admin", "Read", "Write", "List"]})
         (base / "identities.json").write_text(json.dumps(identities))
         self._proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
-        s3_port, master_port, volume_port, filer_port, admin_port, iceberg_port = self.ports
+        s3_port, master_port, volume_port, filer_port, admin_port, iceberg_port, lance_port = self.ports
+        buckets = f"{TABLE_BUCKET},{VECTOR_BUCKET}:LANCE" if self.lance_namespace else TABLE_BUCKET
         return [
             _weed_binary(), f"-logdir={self.log_dir}", "mini", f"-dir={self.data_dir}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3_port}", f"-master.port={master_port}",
             f"-volume.port={volume_port}", f"-filer.port={filer_port}", f"-admin.port={admin_port}",
             f"-s3.config={self.base / 'identities.json'}", "-master.telemetry=false", "-webdav=false",
-            "-admin.ui=false", f"-s3.port.iceberg={iceberg_port}", f"-tableBucket={TABLE_BUCKET}", "-s3.port.lance=0",
+            "-admin.ui=false", f"-s3.port.iceberg={iceberg_port}", f"-tableBucket={buckets}",
+            f"-s3.port.lance={lance_port if self.lance_namespace else 0}",
             "-s3.allowDeleteBucketNotEmpty=false",
         ]  # fmt: skip
 

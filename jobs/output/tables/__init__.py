@@ -35,7 +35,7 @@ def _iceberg(output: str, job_id: str, options: OutputOptions, storage: StorageO
 def _lance(output: str, job_id: str, options: OutputOptions, storage: StorageOptions | None) -> TableSink:
     from jobs.output.tables.lance import LanceSink
 
-    return LanceSink(output, job_id, storage, index=options.vector_index == "auto")
+    return LanceSink(output, job_id, storage, index=options.vector_index == "auto", namespace=options.namespace)
 
 
 # Each table format once; parquet has no table. Imported when a job uses the format: deltalake, pyiceberg and lance

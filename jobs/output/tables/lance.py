@@ -30,7 +30,7 @@ from jobs.output.tables import lance_index
 from jobs.output.tables.sink import object_store_options, shard_rows, table_properties
 from schemas.layout import table_uri
 from schemas.shards import ShardResult
-from schemas.specs import StorageOptions
+from schemas.specs import LanceNamespace, StorageOptions
 
 if TYPE_CHECKING:
     from jobs.output.lease import Lease
@@ -54,15 +54,46 @@ def _width(rows: pa.Table) -> int | None:
     return int(lengths[0].as_py()) if len(lengths) else None
 
 
+class _Location:
+    """Where the dataset is: a URI (`<output>/table`), or a table of a namespace server, connected on first use."""
+
+    def __init__(self, uri: str | None, namespace: LanceNamespace | None):
+        self.uri, self.namespace, self._client = uri, namespace, None
+
+    def kwargs(self, create: bool = False) -> dict:
+        if self.namespace is None:
+            return {}
+        if self._client is None:
+            import lance_namespace
+
+            self._client = lance_namespace.connect("rest", {"uri": self.namespace.uri, **self.namespace.properties})
+        if create and len(self.namespace.table_id) > 1:  # the table's namespace first (it may exist already)
+            from lance_namespace import CreateNamespaceRequest
+            from lance_namespace.errors import NamespaceAlreadyExistsError
+
+            try:
+                self._client.create_namespace(CreateNamespaceRequest(id=list(self.namespace.table_id[:-1])))
+            except NamespaceAlreadyExistsError:
+                pass
+        return {"namespace_client": self._client, "table_id": list(self.namespace.table_id)}
+
+
 class LanceSink:
     """The Lance dataset of one label output. Args: the output URI, the job id, the job's storage options."""
 
-    def __init__(self, output: str, job_id: str, storage_options: StorageOptions | None = None, index: bool = True):
+    def __init__(self, output: str, job_id: str, storage_options: StorageOptions | None = None, index: bool = True,
+                 namespace: LanceNamespace | None = None):  # fmt: skip
         self.output = output
         self.index = index  # build (or extend) the vector index at the end of the job
-        self.uri = table_uri(output)
         self.job_id = job_id
-        self._lance_options = object_store_options(self.uri, storage_options)
+        self.namespace = namespace
+        if namespace is None:
+            self.uri = table_uri(output)
+            self._lance_options = object_store_options(self.uri, storage_options)
+        else:  # the namespace says where the dataset lives (an object store the job's S3 options reach)
+            self.uri = f"{namespace.uri} ({'/'.join(namespace.table_id)})"
+            self._lance_options = object_store_options("s3://", storage_options)
+        self._where = _Location(self.uri if namespace is None else None, namespace)
         self._filesystem = pyarrow_filesystem(output, storage_options)
         self._seen = 0  # versions whose transactions were read
         self._committed: set[str] = set()  # this job's shards the dataset holds
@@ -122,8 +153,9 @@ class LanceSink:
             rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}),
                                                  **{k.encode(): v.encode() for k, v in
                                                     table_properties(rows, self.job_id).items()}})  # fmt: skip
-        lance.write_dataset(rows, self.uri, mode="create" if create else "append", transaction_properties=properties,
-                            storage_options=self._lance_options)  # fmt: skip
+        lance.write_dataset(rows, self._where.uri, mode="create" if create else "append",
+                            transaction_properties=properties, storage_options=self._lance_options,
+                            **self._where.kwargs(create))  # fmt: skip
         crash_point("table:committed")
         self._committed.add(result.shard_id)
         return 1
@@ -133,8 +165,12 @@ class LanceSink:
         import lance
 
         try:
-            dataset = lance.dataset(self.uri, storage_options=self._lance_options)
+            dataset = lance.dataset(self._where.uri, storage_options=self._lance_options, **self._where.kwargs())
         except (FileNotFoundError, ValueError):
+            return None
+        except Exception as exc:  # the namespace's TableNotFoundError (lance_namespace is imported only with one)
+            if type(exc).__name__ != "TableNotFoundError":
+                raise
             return None
         for version in range(self._seen + 1, dataset.latest_version + 1):
             transaction = dataset.read_transaction(version)

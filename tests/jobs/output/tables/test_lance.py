@@ -94,3 +94,44 @@ def test_a_lance_output_on_s3(s3_prefix, s3_server, tmp_path):
     keys = sorted(dataset.to_table(columns=["key"])["key"].to_pylist())
     assert keys == sorted(open_output(s3_prefix, options).to_table(columns=["key"])["key"].to_pylist())
     assert len(keys) == 3 * ROWS and dataset.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
+
+
+def test_a_lance_output_through_seaweedfs_s_namespace_server_exactly_once(tmp_path):
+    """`output.namespace`: the dataset created and found through a Lance namespace server (SeaweedFS's REST one, a
+    LANCE table bucket; a server of its own: it lets unsigned requests in), its rows each once, read back by
+    DuckDB and Polars; the same job run again adds nothing."""
+    from tests.s3server import VECTOR_BUCKET, WeedServer
+
+    weed = WeedServer(tmp_path / "weed", lance_namespace=True)
+    server = weed.start()
+    try:
+        namespace = {"uri": server.lance_url, "table_id": [VECTOR_BUCKET, "runs", "labels"]}
+        out = tmp_path / "out"
+        spec = write_output(str(out), tmp_path, shards=3, storage=server.options(), fmt="lance",
+                            options={"namespace": namespace})  # fmt: skip
+        assert not (out / "table").exists()  # the namespace's, not beside the output
+        sink = OutputSession(spec, JOB).table
+        dataset = sink._latest()
+        assert dataset.uri == f"s3://{VECTOR_BUCKET}/runs/labels"
+        assert sorted(dataset.to_table(columns=["key"])["key"].to_pylist()) == _folder_keys(out)
+        labels = dataset.to_table()  # noqa: F841 - DuckDB's replacement scan finds it by name
+        assert duckdb.sql("SELECT count(DISTINCT key) FROM labels").fetchall() == [(3 * ROWS,)]
+        assert pl.scan_pyarrow_dataset(dataset).collect().height == 3 * ROWS
+        version = dataset.latest_version
+
+        again = OutputSession(spec, JOB)
+        again.check()
+        again.start()
+        again.close()
+        assert again.table._latest().latest_version == version
+    finally:
+        weed.stop()
+
+
+def test_a_namespace_is_for_lance_outputs_only():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="output namespace is for format lance, not delta"):
+        OutputOptions(format="delta", namespace={"uri": "http://127.0.0.1:9101"})
+    assert OutputOptions(format="lance", namespace={"uri": "http://x"}).namespace.table_id == ("bulklabel", "labels")
