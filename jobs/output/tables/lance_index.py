@@ -4,7 +4,7 @@
 Lance keeps the index inside the dataset (a commit of its own), so every reader of the dataset (LanceDB, FiftyOne,
 `similar`) gets it, and rows appended later (a resumed job) are searched exactly beside it until the next job end
 folds them in (`optimize_indices`). Parameters come from `python -m bench.lance_similar` (bench/RESULTS.md):
-- built from INDEX_MIN_ROWS embeddings on: there a flat scan takes a quarter of a second a query (the index ~6 ms),
+- built from INDEX_MIN_ROWS embeddings on: there a flat scan takes a quarter of a second a query (the index 10-55 ms),
   and the build (~1 s per 1,000 rows on 2 cores, most of it PQ training) costs a few percent of labelling them;
 - an IVF partition per ROWS_PER_PARTITION rows, and PQ sub-vectors of 16 dimensions (1280: 80 codes of 8 bits);
 - a query probes PROBE_FRACTION of the partitions (at least MIN_PROBES) and re-ranks the best MIN_REFINED candidates
@@ -36,7 +36,7 @@ ROWS_PER_PARTITION = 4096
 MAX_PARTITIONS = 4096
 PROBE_FRACTION = 0.25
 MIN_PROBES = 16
-MIN_REFINED = 500  # candidates re-ranked on their vectors at least (k=10: 50 x k); all of them in a small output
+MIN_REFINED = 2000  # candidates re-ranked on their vectors (k=10: 200 x k); all of them in a small output
 
 
 def partitions_for(rows: int) -> int:
