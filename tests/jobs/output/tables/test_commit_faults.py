@@ -39,6 +39,37 @@ def _table_keys(out: Path, fmt: str) -> list[str]:
     )
 
 
+def _engine_keys(out: Path, fmt: str) -> dict[str, list[str]]:
+    """The table's keys as two engines read it: DuckDB and Polars."""
+    import duckdb
+    import polars as pl
+
+    if fmt == "delta":
+        from deltalake import DeltaTable
+
+        frame = pl.read_delta(str(out / "table"), columns=["key"])
+        dataset = DeltaTable(str(out / "table")).to_pyarrow_dataset()
+    elif fmt == "lance":
+        import lance
+
+        dataset = lance.dataset(str(out / "table"))
+        frame = pl.scan_pyarrow_dataset(dataset).select("key").collect()
+    else:
+        from pyiceberg.catalog import load_catalog
+
+        from jobs.output.tables.iceberg import CATALOG_NAME, catalog_properties
+        from schemas.specs import OutputOptions
+
+        catalog = load_catalog(CATALOG_NAME, **catalog_properties(str(out), OutputOptions(format="iceberg"), None))
+        iceberg = catalog.load_table(("bulklabel", "labels"))
+        frame = pl.scan_iceberg(iceberg).select("key").collect()
+        dataset = iceberg.scan(selected_fields=("key",)).to_arrow()
+    con = duckdb.connect()
+    con.register("labels", dataset)
+    return {"duckdb": sorted(k for (k,) in con.execute("SELECT key FROM labels").fetchall()),
+            "polars": sorted(frame["key"].to_list())}  # fmt: skip
+
+
 def _folder_keys(output: Path) -> list[str]:
     return sorted(open_output(str(output)).to_table(columns=["key"])["key"].to_pylist())
 
@@ -60,7 +91,7 @@ def _label_script(photos: Path, out: Path, fmt: str) -> str:
     "`table:committed`), 12 photos in 6 shards",
     expected="the re-run appends the shards whose markers have no commit in the table (Delta: application "
     "transaction; Iceberg: the ids in a snapshot summary; Lance: in transaction properties) and skips the others: "
-    "the table holds exactly one row per image, as the folder does",
+    "the table holds exactly one row per image, as the folder does, read back by DuckDB and by Polars",
 )
 @pytest.mark.parametrize("point", ["table:commit", "table:committed"])
 @pytest.mark.parametrize("fmt", ["delta", "iceberg", "lance"])
@@ -87,5 +118,7 @@ def test_a_job_into_a_table_killed_between_marker_and_table_commit_then_rerun(tm
     assert "succeeded" in _finish(command, ray_cluster_env)  # the re-run is a plain run
     keys = _table_keys(out, fmt)
     assert keys == sorted(p.name for p in photos.iterdir()) == _folder_keys(out)  # each image once, none lost
+    assert _engine_keys(out, fmt) == {"duckdb": keys, "polars": keys}  # as DuckDB and Polars read the table
     record_property("measured", f"{fmt}: killed at {point} with {markers} shard markers and {in_table} rows in the "
-                    f"table; re-run: {len(keys)}/12 rows in the table, each once")  # fmt: skip
+                    f"table; re-run: {len(keys)}/12 rows in the table, each once, as DuckDB and Polars "
+                    "read it")  # fmt: skip
