@@ -72,7 +72,25 @@ class Service:
             if predicate(record):
                 return record
             time.sleep(0.5)
-        raise AssertionError(f"job {job}: {what or 'condition'} not reached in {timeout:.0f}s; last: {record}")
+        raise AssertionError(
+            f"job {job}: {what or 'condition'} not reached in {timeout:.0f}s; last: {record}\n" + self.diagnosis(job)
+        )
+
+    def diagnosis(self, job: str) -> str:
+        """What a timed-out wait leaves to read: the job's log, every job's state, and Ray's own view of the cluster
+        (resources in use, demands it cannot place), which is where a job waiting on an unplaceable actor shows."""
+        log = self.cli("logs", job, check=False, timeout=60)
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        ray_status = subprocess.run([ray_cli, "status", "--address", self.cluster.address], env=self.env(),
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+        states = {r["job_id"]: (r["state"], r["waiting_reason"]) for r in self.records()}
+        return (
+            f"--- bulklabel logs {job}:\n{log.stdout[-4000:]}{log.stderr[-1000:]}\n--- jobs: {states}\n"
+            f"--- ray status:\n{ray_status.stdout[-3000:]}{ray_status.stderr[-1000:]}"
+        )
+
+    def records(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in (self.state / "jobs").glob("*.json")]
 
     def wait_ended(self, job: str) -> dict:
         return self.wait_for(job, lambda r: r["state"] in ("succeeded", "partial", "failed", "cancelled"),
@@ -83,8 +101,7 @@ class Service:
 
     def unfinished(self) -> list[str]:
         """Jobs in the store that have not ended (queued, running)."""
-        records = (json.loads(p.read_text()) for p in (self.state / "jobs").glob("*.json"))
-        return [r["job_id"] for r in records if r["state"] in ("queued", "running")]
+        return [r["job_id"] for r in self.records() if r["state"] in ("queued", "running")]
 
 
 # Every batch pauses a moment, so a job lasts long enough (about 1 s a shard) to be cancelled or killed mid-way.
