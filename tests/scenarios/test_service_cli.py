@@ -84,9 +84,10 @@ class Service:
         ray_status = subprocess.run([ray_cli, "status", "--address", self.cluster.address], env=self.env(),
                                     capture_output=True, text=True, timeout=60)  # fmt: skip
         states = {r["job_id"]: (r["state"], r["waiting_reason"]) for r in self.records()}
+        stacks = _stacks_of(job, "EmbeddingActor")
         return (
             f"--- bulklabel logs {job}:\n{log.stdout[-4000:]}{log.stderr[-1000:]}\n--- jobs: {states}\n"
-            f"--- ray status:\n{ray_status.stdout[-3000:]}{ray_status.stderr[-1000:]}"
+            f"--- ray status:\n{ray_status.stdout[-3000:]}{ray_status.stderr[-1000:]}\n--- stacks:\n{stacks[-8000:]}"
         )
 
     def records(self) -> list[dict]:
@@ -102,6 +103,19 @@ class Service:
     def unfinished(self) -> list[str]:
         """Jobs in the store that have not ended (queued, running)."""
         return [r["job_id"] for r in self.records() if r["state"] in ("queued", "running")]
+
+
+def _stacks_of(*names: str) -> str:
+    """py-spy's dump of every process whose command line names one of `names` (a Ray task's or actor's process title
+    holds its name): where a job that stopped moving is waiting."""
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    dumps = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(proc.info["cmdline"] or ())
+        if any(name in line for name in names) and proc.pid != os.getpid():
+            done = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60)
+            dumps.append(f"{line[:120]}\n{done.stdout}{done.stderr[-500:]}")
+    return "\n".join(dumps) or f"no process named {names}"
 
 
 # Every batch pauses a moment, so a job lasts long enough (about 1 s a shard) to be cancelled or killed mid-way.
