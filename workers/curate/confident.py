@@ -43,7 +43,11 @@ def label_issues(labels: np.ndarray, probabilities: np.ndarray) -> Issues:
 
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    ranked = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: by default cleanlab forks a multiprocessing pool (one process per physical core) for its per-class
+    # pruning. Forked from a Ray worker or a driver with Ray's threads running, a child can inherit a lock held by
+    # one of them and wait for ever: a label-issues job through the job service hung so, with no CPU in use. The
+    # per-class work is a few numpy passes; the pool bought nothing here.
+    ranked = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1)
     flagged = np.zeros(len(labels), dtype=bool)
     flagged[ranked] = True
     rank = np.zeros(len(labels), dtype=np.int64)

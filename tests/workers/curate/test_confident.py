@@ -31,3 +31,21 @@ def test_the_labels_the_probabilities_contradict_are_flagged_lowest_self_confide
     assert set(np.flatnonzero(found.flagged)) == set(wrong.tolist())
     assert found.rank[wrong[0]] == 1 and sorted(found.rank[wrong].tolist()) == [1, 2, 3, 4, 5]
     assert np.allclose(found.self_confidence, probs[np.arange(300), given]) and (found.rank[~found.flagged] == 0).all()
+
+
+def test_confident_learning_starts_no_process(monkeypatch):
+    """cleanlab forks a pool per physical core unless told not to; forked beside Ray's threads (a service task, a
+    driver) a child can wait for ever on a lock it inherited held. Every way it could start one fails here."""
+    import multiprocessing
+    import os
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("confident learning started a process")
+
+    monkeypatch.setattr(multiprocessing, "Pool", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
+    rng = np.random.default_rng(1)
+    given = rng.integers(0, 4, 400)
+    probs = rng.dirichlet(np.ones(4), 400)
+    found = label_issues(given, probs)
+    assert found.flagged.any() and len(found.rank) == 400
