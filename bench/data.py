@@ -77,3 +77,29 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
+
+
+LARGE_LONG_SIDE = 4032  # a 12 MP phone photo's (4032x3024)
+
+
+def large_payloads(folder: Path = IMAGENET_SAMPLE, min_short: int = 512, long_side: int = LARGE_LONG_SIDE,
+                   quality: int = 90) -> list[bytes]:  # fmt: skip
+    """Photos of a phone camera's size, for the decoders' cost on large images: the sample has none above 1,280 px,
+    so each sample photo with a short side of `min_short` or more is enlarged (Lanczos) to `long_side` on its long side
+    and encoded as a JPEG at `quality`. Decoding cost follows the pixel count and the entropy-coded size, so the CPU
+    figures stand for real photos of that size; an enlarged photo holds less fine detail than a native one, so the
+    pixel deviations measured on these understate a real photo's."""
+    out = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpeg", ".jpg")):
+        with Image.open(path) as img:
+            if min(img.size) < min_short:
+                continue
+            scale = long_side / max(img.size)
+            big = img.convert("RGB").resize((round(img.width * scale), round(img.height * scale)),
+                                            Image.Resampling.LANCZOS)  # fmt: skip
+        buffer = io.BytesIO()
+        big.save(buffer, "JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    if not out:
+        raise FileNotFoundError(f"no photo in {folder} has a short side of {min_short} px or more")
+    return out

@@ -1,10 +1,12 @@
-"""Decode cost per image for each decoder: `python -m bench.decode [--repeat N]`.
+"""Decode cost per image for each decoder: `python -m bench.decode [--repeat N] [--sets sample,large]`.
 
-Runs each decoder the way a worker's decode thread does (one image per call, then the batch step) over the
-imagenet-sample photos on one thread, and prints the CPU milliseconds per photo (best of `--repeat`), the images per
-second one core decodes, and the largest difference from torchvision's `weights.transforms()`. The load average is
-printed first: other engineers share the machine, and a busy one inflates the figures. `nvjpeg` runs only where
-torch sees a GPU (its cost is then mostly GPU time, so its row gives wall time per photo too).
+Runs each decoder the way a worker's decode thread does (one image per call, then the batch step) on one thread,
+over two sets: the 200 imagenet-sample photos (most about 500x375) and large photos (bench.data.large_payloads: the
+sample's photos of 512 px or more enlarged to 4032 px on the long side, a 12 MP phone photo's size). It prints the CPU
+milliseconds per photo (best of `--repeat`), the photos per second one core decodes, and the largest and mean
+difference, in grey levels, from torchvision's `weights.transforms()` (whose pixels Pillow's exact path gives). The
+load average is printed first: other engineers share the machine, and a busy one inflates the figures. `nvjpeg` runs
+only where torch sees a GPU (its cost is then mostly GPU time, so its row gives wall time per photo too).
 """
 
 from __future__ import annotations
@@ -15,19 +17,21 @@ import time
 
 import numpy as np
 
-from bench.data import photo_payloads
+from bench.data import large_payloads, photo_payloads
 from schemas.specs import PreprocessSpec
 
 MOBILENET_PRESET = PreprocessSpec(resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 BATCH = 32
+SETS = {"sample": photo_payloads, "large": large_payloads}
 
 
 def _decoders():
     import torch
 
-    from workers.label.decoders import NvjpegDecoder, PillowDecoder, TorchvisionDecoder
+    from workers.label.decoders import NvjpegDecoder, PillowDecoder, PillowDraftDecoder, TorchcodecDecoder
 
-    decoders = {"pillow": PillowDecoder(MOBILENET_PRESET), "torchvision": TorchvisionDecoder(MOBILENET_PRESET)}
+    decoders = {"pillow": PillowDecoder(MOBILENET_PRESET), "pillow-draft": PillowDraftDecoder(MOBILENET_PRESET),
+                "torchcodec": TorchcodecDecoder(MOBILENET_PRESET)}  # fmt: skip
     if torch.cuda.is_available():
         decoders["nvjpeg"] = NvjpegDecoder(MOBILENET_PRESET, torch.device("cuda"))
     return decoders
@@ -53,29 +57,34 @@ def _reference(photos: list[bytes]) -> np.ndarray:
     return _run(PillowDecoder(MOBILENET_PRESET), photos)[2]  # Pillow's pixels are the reference's (tested)
 
 
+def _load() -> str:
+    load = os.getloadavg()
+    return f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sets", default="sample,large", help=f"comma-separated, of: {', '.join(SETS)}")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    photos = photo_payloads()
-    load = os.getloadavg()
-    print(
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {len(photos)} photos; 1 thread; best of {args.repeat}"
-    )
-    reference = _reference(photos)
-    print(f"{'decoder':<12} {'ms CPU/photo':>12} {'ms wall/photo':>13} {'img/s/core':>10} {'max |diff|':>10}")
-    for name, decoder in _decoders().items():
-        _run(decoder, photos[:BATCH])  # warm-up: first calls load libraries and, on a GPU, its context
-        runs = [_run(decoder, photos) for _ in range(args.repeat)]
-        cpu, wall = min(r[0] for r in runs), min(r[1] for r in runs)
-        diff = int(np.abs(runs[0][2].astype(int) - reference.astype(int)).max())
-        per = 1000 * cpu / len(photos)
-        print(f"{name:<12} {per:>12.2f} {1000 * wall / len(photos):>13.2f} {1000 / per:>10.0f} {diff:>10}")
-    load = os.getloadavg()
-    print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"load average {_load()}; 1 thread; best of {args.repeat}")
+    print(f"{'set':<7} {'decoder':<13} {'ms CPU/photo':>12} {'ms wall/photo':>13} {'photos/s/core':>13} "
+          f"{'max |diff|':>10} {'mean |diff|':>11}")  # fmt: skip
+    for set_name in args.sets.split(","):
+        photos = SETS[set_name]()
+        reference = _reference(photos)
+        for name, decoder in _decoders().items():
+            _run(decoder, photos[:BATCH])  # warm-up: first calls load libraries and, on a GPU, its context
+            runs = [_run(decoder, photos) for _ in range(args.repeat)]
+            cpu, wall = min(r[0] for r in runs), min(r[1] for r in runs)
+            diff = np.abs(runs[0][2].astype(int) - reference.astype(int))
+            per = 1000 * cpu / len(photos)
+            print(f"{set_name:<7} {name:<13} {per:>12.2f} {1000 * wall / len(photos):>13.2f} {1000 / per:>13.0f} "
+                  f"{int(diff.max()):>10} {diff.mean():>11.4f}   ({len(photos)} photos)")  # fmt: skip
+    print(f"load average after {_load()}")
     return 0
 
 

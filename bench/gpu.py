@@ -88,7 +88,7 @@ def _photos_dir(given: Path | None) -> Path:
     raise FileNotFoundError(f"no photos in {given or DEFAULT_PHOTOS}: run bench/gpu_prepare.sh first")
 
 
-DECODERS = ("pillow", "torchvision", "nvjpeg")
+DECODERS = ("pillow", "torchcodec", "nvjpeg")
 
 
 def run(config: GpuBenchConfig, photos: Path) -> list[Row]:

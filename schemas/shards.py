@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from schemas.layout import join, name_in
-from schemas.specs import InputSpec, LabelJobSpec, ModelSpec, Spec, StorageOptions
+from schemas.specs import DecoderChoice, InputSpec, LabelJobSpec, ModelSpec, Spec, StorageOptions
 
 # Version of the done-marker layout. 1: markers written before shard ids carried a hash of their key and before
 # fingerprints covered sizes and ETags; outputs holding those are refused on resume (their ids would not match).
@@ -95,7 +95,7 @@ class ShardJob(Spec):
     embeddings: bool = True
     probabilities: bool = False
     batch_size: int = Field(gt=0)
-    decoder: Literal["auto", "pillow", "torchvision", "nvjpeg"] = "auto"
+    decoder: DecoderChoice = "auto"
     # Test-only fault rules (workers/faults.py, JSON), set by a driver whose environment armed them; "" otherwise.
     faults: str = ""
 

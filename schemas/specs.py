@@ -54,6 +54,12 @@ def not_blank(what: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+# The image decoders of a label job's workers (workers/label/decoders.py). `torchvision` was the name of the torchcodec
+# path while it called torchvision.io.decode_jpeg (deprecated in torchvision 0.29): kept, so older specs still run,
+# with the same pixels and job id.
+DecoderChoice = Literal["auto", "pillow", "pillow-draft", "torchcodec", "nvjpeg", "torchvision"]
+
+
 class Spec(BaseModel):
     """Base for every spec: immutable, and unknown fields are an error rather than silently ignored."""
 
@@ -316,12 +322,14 @@ class LabelJobSpec(Spec):
     num_workers: int = Field(default=0, ge=0, description="Model replicas (Ray actors); 0 = one per GPU, or 1 on CPU.")
     cpus_per_worker: float = Field(default=0, ge=0, description="0 = the cluster's CPUs split between the workers.")
     decode_threads: int = Field(default=2, gt=0, le=64, description="Threads decoding images on each worker.")
-    decoder: Literal["auto", "pillow", "torchvision", "nvjpeg"] = Field(
+    decoder: DecoderChoice = Field(
         default="auto",
-        description="pillow: Pillow, pixels identical to torchvision's weights.transforms(); torchvision: "
-        "torchvision.io.decode_jpeg plus the tensor resize on the CPU (faster, within 2 grey levels); nvjpeg: the "
-        "batch's JPEGs decoded and resized on the GPU; auto: nvjpeg on a GPU worker, else torchvision. PNGs, CMYK, "
-        "progressive and corrupt JPEGs always go to Pillow, one image at a time.",
+        description="pillow: Pillow, pixels identical to torchvision's weights.transforms(); torchcodec: torchcodec's "
+        "decode_jpeg plus the tensor resize on the CPU (faster, within 2 grey levels); pillow-draft: Pillow with JPEGs "
+        "at least 4x the model's resize decoded at a reduced DCT scale (fastest on large photos, within 15 grey "
+        "levels); nvjpeg: the batch's JPEGs decoded and resized on the GPU; auto: nvjpeg on a GPU worker, else "
+        "torchcodec; torchvision: torchcodec's former name (the same pixels). PNGs, CMYK, progressive and corrupt "
+        "JPEGs always go to Pillow, one image at a time.",
     )
     max_attempts: int = Field(
         default=5, gt=0, le=20, description="Tries per shard before it counts as failed (retries back off 5-60 s)."

@@ -27,7 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("jobs", "workers", "schemas")
-TORCH = frozenset({"torch", "torchvision"})
+TORCH = frozenset({"torch", "torchvision", "torchcodec"})
 
 
 @dataclass(frozen=True)

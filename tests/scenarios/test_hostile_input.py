@@ -75,7 +75,7 @@ def _rows(out: Path) -> dict[str, dict]:
     injected="a folder of generated files next to a real photo",
     expected="decodable ones labelled (rotation applied), the rest error rows; the job succeeds",
 )
-@pytest.mark.parametrize("decoder", ["auto", "pillow"])  # auto: torchvision.io on these CPU workers, Pillow fallback
+@pytest.mark.parametrize("decoder", ["auto", "pillow"])  # auto: torchcodec on these CPU workers, Pillow fallback
 def test_bad_image_files_become_rows(tmp_path, record_property, decoder):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -8,6 +8,7 @@ become an error string for one row, never an exception that ends the shard.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,12 @@ _check_openers(ACCEPTED_FORMATS)
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 # Above this long/short side ratio only the part of the image that lands in the crop is resized.
 _MAX_WHOLE_RESIZE_ASPECT = 4
+# Reduced-DCT decoding keeps at least this many times the model's resize on the short side. Measured against
+# weights.transforms() on the sample's photos (bench/RESULTS.md, "Reduced-DCT decoding"): keeping 1x (a 600 px photo
+# decoded at 300 px for a 256 px resize) deviated by up to 57 grey levels (mean 1.7) and moved MobileNetV2's scores by
+# up to 0.067; keeping 2x, by up to 15 levels and 0.0034, top-1 unchanged. So only photos of 4x the resize (1,024 px
+# for 256) are reduced, and `auto` never reduces: 0.0034 is outside the 1e-3 that the exact decoders keep.
+DRAFT_KEEP = 2
 
 
 @dataclass(frozen=True)
@@ -94,17 +101,23 @@ def pad_ltrb(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
     return dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2
 
 
-def decode(data: bytes, preprocess: PreprocessSpec) -> Decoded:
+def decode(data: bytes, preprocess: PreprocessSpec, reduced_dct: bool = False) -> Decoded:
     """Decode, orient, convert to RGB, resize the shorter side and centre-crop one image, exactly as torchvision's
-    `weights.transforms()` does on the decoded PIL image (the same Pillow resize, sizes and offsets)."""
+    `weights.transforms()` does on the decoded PIL image (the same Pillow resize, sizes and offsets).
+
+    `reduced_dct`: a JPEG at least 2 x DRAFT_KEEP times the resize on its short side is decoded at 1/2, 1/4 or 1/8
+    scale (libjpeg's DCT scaling, through Pillow's `draft`), keeping at least DRAFT_KEEP times the resize; sizes and
+    offsets stay those of the full image, the pixels deviate (see DRAFT_KEEP)."""
     opened = open_image(data)
     if isinstance(opened, Decoded):
         return opened
     try:
         with opened as img:
             width, height = oriented_size(img)
+            if reduced_dct:
+                draft(img, preprocess.resize_size)
             img = ImageOps.exif_transpose(img)
-            pixels = _resize_crop(to_rgb(img), preprocess)
+            pixels = _resize_crop(to_rgb(img), preprocess, (width, height))
     except Image.DecompressionBombError as exc:
         return Decoded(None, error=f"refused: {exc}")
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt input; each is one bad row
@@ -153,9 +166,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize_crop(img: Image.Image, preprocess: PreprocessSpec) -> np.ndarray:
+def draft(img: Image.Image, resize: int) -> None:
+    """Ask libjpeg for the smallest DCT scale that keeps the short side at least DRAFT_KEEP x `resize` (a no-op for
+    other formats and for JPEGs too small to reduce)."""
+    if img.format != "JPEG":
+        return
+    short = min(img.size)
+    if short >= 2 * DRAFT_KEEP * resize:
+        factor = DRAFT_KEEP * resize / short
+        img.draft(img.mode, (math.ceil(img.width * factor), math.ceil(img.height * factor)))
+
+
+def _resize_crop(img: Image.Image, preprocess: PreprocessSpec, full_size: tuple[int, int]) -> np.ndarray:
+    """`full_size`: the image's (width, height) before any DCT reduction, which the resize and crop geometry follow."""
     width, height = img.size
-    size = resized_size(width, height, preprocess.resize_size)
+    size = resized_size(*full_size, preprocess.resize_size)
     crop = preprocess.crop_size
     resample = _RESAMPLE[preprocess.interpolation]
     if min(size) >= crop and max(size) > _MAX_WHOLE_RESIZE_ASPECT * min(size):

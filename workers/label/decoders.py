@@ -1,12 +1,16 @@
 """Decoders you can choose (`decoder:` in the spec): bytes → batches of centre-cropped RGB uint8 pixels.
 
 - `pillow`: Pillow decode and resize; pixels identical to torchvision's `weights.transforms()` on the PIL image.
-- `torchvision`: `torchvision.io.decode_jpeg` and the v2 tensor resize on the CPU (its uint8 antialiased kernel);
-  measured on the 200 ImageNet sample photos: decode + resize + crop 1.5 ms of CPU per photo against Pillow's 2.4;
-  decoded pixels identical to Pillow's, resized ones within 2 grey levels of the reference (mean 0.002).
-- `nvjpeg`: the batch's JPEGs decoded together on the GPU (`decode_jpeg(..., device="cuda")`), resized and cropped
-  there, so only compressed bytes cross the bus.
-- `auto`: nvjpeg when the worker holds a GPU, torchvision otherwise.
+- `torchcodec`: torchcodec's `decode_jpeg` (libjpeg-turbo) and the v2 tensor resize on the CPU; measured on the 200
+  ImageNet sample photos: decoded pixels identical to Pillow's (and to torchvision.io.decode_jpeg's, which it
+  replaces: torchvision 0.29 deprecates its image decoders for torchcodec), resized ones within 2 grey levels of the
+  reference (mean 0.002), and less CPU per photo than Pillow (bench/RESULTS.md, `python -m bench.decode`).
+- `pillow-draft`: Pillow, with JPEGs of at least 4x the model's resize decoded at a reduced DCT scale (decode.py's
+  DRAFT_KEEP: the measured deviation, up to 15 grey levels, and why 4x); on a 12 MP photo that skips most of the
+  decode. Chosen only by name.
+- `nvjpeg`: the batch's JPEGs decoded together on the GPU (torchcodec's `decode_jpeg(..., device="cuda")`), resized
+  and cropped there, so only compressed bytes cross the bus.
+- `auto`: nvjpeg when the worker holds a GPU, torchcodec otherwise. `torchvision`: torchcodec's former name.
 
 Every decoder but Pillow takes only the images its fast path applies to: baseline JPEGs in RGB or greyscale, not
 too elongated. PNGs, CMYK, progressive or corrupt JPEGs (and anything else) go to Pillow one image at a time, so a
@@ -18,13 +22,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from schemas.specs import PreprocessSpec
+from schemas.specs import DecoderChoice, PreprocessSpec
 from workers.label.decode import Decoded, decode, open_image, oriented_size
 
 if TYPE_CHECKING:
@@ -33,13 +36,7 @@ if TYPE_CHECKING:
     Pixels = np.ndarray | torch.Tensor  # (n, crop, crop, 3) uint8: numpy on the CPU, a tensor on the GPU
 
 log = logging.getLogger(__name__)
-# torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here), warning on every call
-# from the decode threads; the functions are present and tested in the pinned version.
-warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
-)
 
-DecoderChoice = Literal["auto", "pillow", "torchvision", "nvjpeg"]
 # Above this long/short side ratio the fast paths leave the image to Pillow, which resizes only the part that lands
 # in the crop (a 1x60000 JPEG resized whole is gigabytes).
 MAX_FAST_ASPECT = 4
@@ -63,12 +60,13 @@ class PillowDecoder:
     """Pillow, one image per call: exact, any accepted format."""
 
     name = "pillow"
+    reduced_dct = False  # PillowDraftDecoder: large JPEGs at a reduced DCT scale
 
     def __init__(self, preprocess: PreprocessSpec):
         self.preprocess = preprocess
 
     def decode(self, data: bytes) -> Decoded:
-        return decode(data, self.preprocess)
+        return decode(data, self.preprocess, reduced_dct=self.reduced_dct)
 
     def batch(self, decoded: Sequence[Decoded]) -> tuple[list[Decoded], np.ndarray | None]:
         return list(decoded), stack_cpu(decoded)
@@ -96,10 +94,17 @@ def fast_jpeg(data: bytes) -> tuple[int, int] | Decoded | None:
             return None
 
 
-class TorchvisionDecoder:
-    """`torchvision.io.decode_jpeg` and the v2 uint8 resize on the CPU, Pillow for what that does not apply to."""
+class PillowDraftDecoder(PillowDecoder):
+    """Pillow, large JPEGs decoded at a reduced DCT scale (decode.DRAFT_KEEP)."""
 
-    name = "torchvision"
+    name = "pillow-draft"
+    reduced_dct = True
+
+
+class TorchcodecDecoder:
+    """torchcodec's `decode_jpeg` and the v2 uint8 resize on the CPU, Pillow for what that does not apply to."""
+
+    name = "torchcodec"
 
     def __init__(self, preprocess: PreprocessSpec):
         from workers.vision import torchvision
@@ -125,14 +130,7 @@ class TorchvisionDecoder:
 
 def decode_jpeg_tensor(data: bytes, device: str):
     """(3, h, w) uint8, EXIF orientation applied (as Pillow's exif_transpose), greyscale expanded to RGB."""
-    import torch
-
-    from workers.vision import torchvision
-
-    ImageReadMode, decode_jpeg = torchvision.io.ImageReadMode, torchvision.io.decode_jpeg
-
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a copy: frombuffer on read-only bytes warns
-    return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    return decode_jpeg_batch([data], device)[0]
 
 
 def resize_crop_tensor(image, preprocess: PreprocessSpec, interpolation):
@@ -203,40 +201,44 @@ class NvjpegDecoder:
         ]
 
 
-def decode_jpeg_batch(jpegs: list[bytes], device: torch.device) -> list:
+def decode_jpeg_batch(jpegs: list[bytes], device) -> list:
+    """torchcodec's decode_jpeg on a list (one call: on a GPU, nvjpeg decodes them together). It applies the EXIF
+    orientation and expands greyscale to RGB, as torchvision.io.decode_jpeg(mode=RGB, apply_exif_orientation=True)
+    did: the same pixels on all 200 sample photos and the oriented test images (tests/workers/label/test_decode.py)."""
     import torch
+    from torchcodec.decoders import decode_jpeg
 
-    from workers.vision import torchvision
-
-    ImageReadMode, decode_jpeg = torchvision.io.ImageReadMode, torchvision.io.decode_jpeg
-
-    raws = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
-    return decode_jpeg(raws, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    raws = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]  # a copy: read-only bytes warn
+    return decode_jpeg(raws, mode="RGB", device=device)
 
 
 def resolve_choice(choice: DecoderChoice, device_type: str, gpu_decode_available: bool) -> str:
     """The decoder a worker on `device_type` uses for `choice`: auto → nvjpeg on a GPU that can decode JPEGs, else
-    torchvision; nvjpeg without a GPU falls back to torchvision (logged), since the spec cannot know the workers."""
+    torchcodec; nvjpeg without a GPU falls back to torchcodec (logged), since the spec cannot know the workers;
+    torchvision is torchcodec's former name."""
     on_gpu = device_type == "cuda" and gpu_decode_available
     if choice == "auto":
-        return "nvjpeg" if on_gpu else "torchvision"
+        return "nvjpeg" if on_gpu else "torchcodec"
     if choice == "nvjpeg" and not on_gpu:
         _warn_no_gpu_decoder(device_type)
-        return "torchvision"
-    return choice
+        return "torchcodec"
+    return "torchcodec" if choice == "torchvision" else choice
 
 
 @functools.cache
 def _warn_no_gpu_decoder(device_type: str) -> None:
     """Once per process: the choice is resolved for every shard."""
-    log.warning("decoder nvjpeg asked for on a worker without a CUDA JPEG decoder (%s): using torchvision", device_type)
+    log.warning("decoder nvjpeg asked for on a worker without a CUDA JPEG decoder (%s): using torchcodec", device_type)
 
 
 def gpu_decode_available() -> bool:
-    """Whether torch sees a CUDA device (torchvision's CUDA builds decode JPEGs there with nvjpeg)."""
+    """Whether torch sees a CUDA device (torchcodec decodes JPEGs there with the nvJPEG it ships)."""
     import torch
 
     return torch.cuda.is_available()
+
+
+_CPU_DECODERS = {"pillow": PillowDecoder, "pillow-draft": PillowDraftDecoder, "torchcodec": TorchcodecDecoder}
 
 
 def make_decoder(choice: DecoderChoice, preprocess: PreprocessSpec, device: torch.device) -> Decoder:
@@ -244,6 +246,4 @@ def make_decoder(choice: DecoderChoice, preprocess: PreprocessSpec, device: torc
     name = resolve_choice(choice, device.type, device.type == "cuda" and gpu_decode_available())
     if name == "nvjpeg":
         return NvjpegDecoder(preprocess, device)
-    if name == "torchvision":
-        return TorchvisionDecoder(preprocess)
-    return PillowDecoder(preprocess)
+    return _CPU_DECODERS[name](preprocess)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.specs import ModelSpec, StorageOptions
+from schemas.specs import DecoderChoice, ModelSpec, StorageOptions
 from workers.io.readers import StorageByScheme
 from workers.io.storage import StorageError
 from workers.label.decode import Decoded
-from workers.label.decoders import DecoderChoice, make_decoder
+from workers.label.decoders import make_decoder
 from workers.label.inference import Predictor, PredictorOptions, pick_device
 from workers.models import LoadedModel, build_model
 

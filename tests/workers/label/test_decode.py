@@ -17,7 +17,7 @@ from PIL import Image
 
 from schemas.specs import PreprocessSpec
 from workers.label.decode import ACCEPTED_FORMATS, Decoded, _check_openers
-from workers.label.decoders import NvjpegDecoder, PillowDecoder, TorchvisionDecoder
+from workers.label.decoders import NvjpegDecoder, PillowDecoder, PillowDraftDecoder, TorchcodecDecoder
 
 # Same folder as tests.support.IMAGENET_SAMPLE; not imported from there because tests.support imports torch (~5 s).
 IMAGENET_SAMPLE = Path(__file__).resolve().parents[4] / "shared" / "data" / "imagenet-sample"
@@ -25,17 +25,20 @@ IMAGENET_SAMPLE = Path(__file__).resolve().parents[4] / "shared" / "data" / "ima
 SPEC = PreprocessSpec(resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CROP = 224
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 200, 0), (255, 255, 255)
-DECODERS = ("pillow", "torchvision", "batched-on-cpu")
+DECODERS = ("pillow", "pillow-draft", "torchcodec", "batched-on-cpu")
 # Largest difference from torchvision's weights.transforms() on the decoded PIL image, measured on the 200 ImageNet
-# sample photos: Pillow's path is the reference's own resize; the tensor resize differs by rounding (mean 0.002).
-MAX_DEVIATION = {"pillow": 0, "torchvision": 2, "batched-on-cpu": 2}
+# sample photos: Pillow's path is the reference's own resize; the tensor resize differs by rounding (mean 0.002);
+# reduced-DCT decoding by up to 15 levels on the photos it reduces (workers/label/decode.py, DRAFT_KEEP).
+MAX_DEVIATION = {"pillow": 0, "pillow-draft": 15, "torchcodec": 2, "batched-on-cpu": 2}
 
 
 def _build(name: str):
     if name == "pillow":
         return PillowDecoder(SPEC)
-    if name == "torchvision":
-        return TorchvisionDecoder(SPEC)
+    if name == "pillow-draft":
+        return PillowDraftDecoder(SPEC)
+    if name == "torchcodec":
+        return TorchcodecDecoder(SPEC)
     import torch
 
     return NvjpegDecoder(SPEC, torch.device("cpu"))

@@ -11,7 +11,15 @@ import torch
 
 from schemas.specs import PreprocessSpec
 from tests.support import IMAGENET_SAMPLE
-from workers.label.decoders import NvjpegDecoder, PillowDecoder, TorchvisionDecoder, make_decoder, resolve_choice
+from workers.label.decoders import (
+    NvjpegDecoder,
+    PillowDecoder,
+    PillowDraftDecoder,
+    TorchcodecDecoder,
+    _warn_no_gpu_decoder,
+    make_decoder,
+    resolve_choice,
+)
 
 SPEC = PreprocessSpec(resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -19,13 +27,15 @@ SPEC = PreprocessSpec(resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406)
 @pytest.mark.parametrize(
     ("choice", "device", "gpu_decode", "expected"),
     [
-        ("auto", "cpu", False, "torchvision"),
+        ("auto", "cpu", False, "torchcodec"),  # never pillow-draft: its scores move by more than 1e-3
         ("auto", "cuda", True, "nvjpeg"),
-        ("auto", "cuda", False, "torchvision"),  # a GPU whose torchvision cannot decode there
-        ("nvjpeg", "cpu", False, "torchvision"),  # the spec cannot know the workers: fall back, logged
+        ("auto", "cuda", False, "torchcodec"),  # a GPU that cannot decode JPEGs
+        ("nvjpeg", "cpu", False, "torchcodec"),  # the spec cannot know the workers: fall back, logged
         ("nvjpeg", "cuda", True, "nvjpeg"),
         ("pillow", "cuda", True, "pillow"),
-        ("torchvision", "cuda", True, "torchvision"),
+        ("pillow-draft", "cpu", False, "pillow-draft"),
+        ("torchcodec", "cuda", True, "torchcodec"),
+        ("torchvision", "cpu", False, "torchcodec"),  # its former name: older specs run, with the same pixels
     ],
 )
 def test_resolve_choice(choice, device, gpu_decode, expected):
@@ -35,10 +45,14 @@ def test_resolve_choice(choice, device, gpu_decode, expected):
 def test_make_decoder_on_this_machine(caplog):
     cpu = torch.device("cpu")
     assert isinstance(make_decoder("pillow", SPEC, cpu), PillowDecoder)
-    assert isinstance(make_decoder("torchvision", SPEC, cpu), TorchvisionDecoder)
+    assert isinstance(make_decoder("pillow-draft", SPEC, cpu), PillowDraftDecoder)
+    assert isinstance(make_decoder("torchcodec", SPEC, cpu), TorchcodecDecoder)
+    assert isinstance(make_decoder("torchvision", SPEC, cpu), TorchcodecDecoder)
+    _warn_no_gpu_decoder.cache_clear()  # said once per process: this test must see it
     with caplog.at_level(logging.WARNING, logger="workers.label.decoders"):
-        assert isinstance(make_decoder("nvjpeg", SPEC, cpu), TorchvisionDecoder)
-    assert make_decoder("auto", SPEC, cpu).name == "torchvision"
+        assert isinstance(make_decoder("nvjpeg", SPEC, cpu), TorchcodecDecoder)
+    assert "using torchcodec" in caplog.text
+    assert make_decoder("auto", SPEC, cpu).name == "torchcodec"
 
 
 @pytest.mark.gpu

@@ -16,14 +16,15 @@ from PIL import Image
 
 from schemas.specs import PreprocessSpec
 from workers.io.readers import Record
-from workers.label.decoders import NvjpegDecoder, PillowDecoder, TorchvisionDecoder
+from workers.label.decoders import NvjpegDecoder, PillowDecoder, PillowDraftDecoder, TorchcodecDecoder
 from workers.label.pipeline import STAGES, Batch, StageClock, decoded_batches, prefetch
 
 SPEC = PreprocessSpec(resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # The batched (GPU) decoder runs its whole path on the CPU too: decode_jpeg takes a list on any device.
 DECODERS = {
     "pillow": lambda: PillowDecoder(SPEC),
-    "torchvision": lambda: TorchvisionDecoder(SPEC),
+    "pillow-draft": lambda: PillowDraftDecoder(SPEC),
+    "torchcodec": lambda: TorchcodecDecoder(SPEC),
     "batched-on-cpu": lambda: NvjpegDecoder(SPEC, torch.device("cpu")),
 }
 PREFETCH_THREAD = "bulklabel-prefetch"
