@@ -157,3 +157,15 @@ def server_storage(server: S3Server, uri: str):
     from workers.io.storage import open_storage
 
     return open_storage(uri, server.options())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.scale --shards 10000,100000`: the driver at scale, per shard (bench.driver_scale); the
+    per-image figures above are `python -m bench scale`."""
+    from bench.driver_scale import main as driver_scale
+
+    return driver_scale(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -50,6 +50,7 @@ DEFAULT_TARGET_BYTES = 256 << 20
 # Uncompressed bytes per row group (at most; a quarter of the target file below 512 MB): large enough for long
 # sequential reads per column chunk (engines split scans by row group), small enough to hold one in memory.
 ROW_GROUP_BYTES = 128 << 20
+CONSOLIDATE_TABLES = 256  # tables waiting for their row group are merged into one at this count (see _RollingFile)
 # At the end of a job, compaction runs only where it pays: this many files or more, averaging under a quarter of the
 # target. A job of a few dozen shards is read just as fast as it is.
 AUTO_MIN_FILES = 64
@@ -214,6 +215,7 @@ class _RollingFile:
         self.finished: str | None = None  # the last file closed, to upload
         self._writer: pq.ParquetWriter | None = None
         self._buffer: list[pa.Table] = []
+        self._buffered = 0  # bytes in _buffer, kept as it grows: summing it per append was O(n^2) over tiny shards
 
     @property
     def path(self) -> str:
@@ -222,7 +224,12 @@ class _RollingFile:
     def append(self, table: pa.Table) -> bool:
         """Add the rows; True when that closed the file (it reached the target): `finished` is then to upload."""
         self._buffer.append(table)
-        if sum(t.nbytes for t in self._buffer) >= self.group_bytes:
+        self._buffered += table.nbytes
+        if len(self._buffer) >= CONSOLIDATE_TABLES:
+            # Each table costs memory beyond its nbytes (buffers per column, metadata): 1-row tables of one-image
+            # shards took ~50 KB each against ~3 KB of nbytes, so a row group's 128 MB of them held gigabytes.
+            self._buffer = [pa.concat_tables(self._buffer).combine_chunks()]
+        if self._buffered >= self.group_bytes:
             self._flush()
             if os.path.getsize(self.path) >= self.target_bytes:
                 return self.close()
@@ -246,7 +253,7 @@ class _RollingFile:
                                             use_dictionary=DICTIONARY_COLUMNS)  # fmt: skip
         table = pa.concat_tables(self._buffer).combine_chunks()
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
-        self._buffer = []
+        self._buffer, self._buffered = [], 0
 
 
 def _upload(storage: Storage, rolling: _RollingFile, output: str, generation: int) -> str:
