@@ -131,7 +131,7 @@ def auto_compact(
     """Compact at the end of a job (under its `lease`) when its files are many and small (see AUTO_MIN_FILES)."""
     output = open_output(uri, storage_options)
     storage = open_storage(uri, storage_options)
-    committed = set(output.files)  # once: built per listed file, it made this O(n^2) (20 min at 100,000 shards)
+    committed = set(output.files)  # once: built per listed file, it made this O(n^2) (19 min at 100,000 shards)
     sizes = [o.size for o in storage.list(data_dir(output.uri)) if o.uri in committed]
     if len(sizes) < AUTO_MIN_FILES or sum(sizes) / len(sizes) >= target_bytes / 4:
         return None
