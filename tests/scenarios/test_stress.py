@@ -26,6 +26,7 @@ from schemas.layout import DATA_FILE, DONE_DIR, LEASE_FILE, MANIFEST_NAME, OWNER
 from tests.multinode.ray_nodes import MultiNodeCluster
 from tests.scenarios.test_service_cli import JOB_TIMEOUT_S, Service, _label_args
 from tests.support import IMAGENET_SAMPLE, assert_exactly_once, imagenet_labels
+from workers.faults import ACK_ENV, ACK_VALUE, FAULTS_ENV
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
@@ -95,6 +96,9 @@ def test_load_a_hundred_jobs_at_once(tmp_path, record_property):
 CHAOS_SHARDS = 200
 CHAOS_WORKERS = 3  # a kill takes one worker of three: the job moves on the others while Ray starts a new one
 KILL_EVERY_SHARDS = 4  # a kill each time this many more shards were committed: paced by the job, not the clock
+# Every batch pauses a moment (200 shards of 1 photo on 3 workers: at least 13 s of labelling). Without it a quiet
+# machine labelled the 200 photos in about 20 s and the killer, looking every half second, got only 3 kills in.
+CHAOS_SLOW = {FAULTS_ENV: json.dumps([{"action": "slow", "seconds": 0.2}]), ACK_ENV: ACK_VALUE}
 
 
 class WorkerKiller(threading.Thread):
@@ -144,8 +148,8 @@ class WorkerKiller(threading.Thread):
 
 @pytest.mark.fault(
     fault="chaos: label workers SIGKILLed all through a 200-shard job, and the job service once",
-    injected="SIGKILL to a random live label worker (of 3) each time 4 more shards were committed (pids from "
-    "Ray's State API), until the job ends; SIGKILL to the service's process once 1/4 of the shards were committed",
+    injected="SIGKILL to a random live label worker (of 3, each batch paused 0.2 s) each time 4 more shards were "
+    "committed (pids from Ray's State API), until the job ends; SIGKILL to the service's process once 1/4 of the shards were committed",
     expected="the job succeeds: its record says succeeded with 200/200 shards; every image's row exactly once",
 )
 def test_chaos_workers_and_the_service_killed_during_a_job(tmp_path, record_property):
@@ -153,7 +157,7 @@ def test_chaos_workers_and_the_service_killed_during_a_job(tmp_path, record_prop
     photos.mkdir()
     for row in imagenet_labels()[:CHAOS_SHARDS]:
         shutil.copy(IMAGENET_SAMPLE / row["file"], photos / row["file"])
-    cluster = MultiNodeCluster().start(worker_nodes=1, cpus_per_node=CHAOS_WORKERS)
+    cluster = MultiNodeCluster(env=CHAOS_SLOW).start(worker_nodes=1, cpus_per_node=CHAOS_WORKERS)
     svc = Service(cluster, tmp_path / "state")
     store = JobStore(str(svc.state))
     killer = WorkerKiller(cluster, KILL_EVERY_SHARDS, lambda: store.get(job).progress.shards_done)
