@@ -149,7 +149,8 @@ class WorkerKiller(threading.Thread):
 @pytest.mark.fault(
     fault="chaos: label workers SIGKILLed all through a 200-shard job, and the job service once",
     injected="SIGKILL to a random live label worker (of 3, each batch paused 0.2 s) each time 4 more shards were "
-    "committed (pids from Ray's State API), until the job ends; SIGKILL to the service's process once 1/4 of the shards were committed",
+    "committed (pids from Ray's State API), until the job ends; SIGKILL to the service's process once 1/4 of the "
+    "shards were committed",
     expected="the job succeeds: its record says succeeded with 200/200 shards; every image's row exactly once",
 )
 def test_chaos_workers_and_the_service_killed_during_a_job(tmp_path, record_property):
