@@ -35,6 +35,7 @@ from jobs.review.apply import pin_corrections, read_corrections
 from schemas.catalog import check_model
 from schemas.finetune import EpochMetrics, Estimate, FinetuneJobSpec, ModelCard, Recipe, RefitInfo, TrainingState
 from schemas.outcome import Outcome
+from workers import OMP_WAIT_ENV, OMP_WAIT_POLICY
 from workers.finetune.artifacts import (
     ROUGH_BELOW,
     VersionClaimFailed,
@@ -461,6 +462,9 @@ def _trainer(run: _Run, probe: ProbeFit | None, refit: bool = False):
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             # Ray Train's INFO lines repeat every epoch's metrics dict; ours say the same in one line.
             logging_config=LoggingConfig(log_level="INFO" if log_level <= logging.DEBUG else "WARNING"),
+            # Ray Train's workers import torch before our loop's module (workers/__init__.py), so they get the
+            # OpenMP wait policy in their environment at start, on any cluster (a `ray start` node's too).
+            worker_runtime_env={"env_vars": {OMP_WAIT_ENV: os.environ.get(OMP_WAIT_ENV, OMP_WAIT_POLICY)}},
         ),
     )
 

@@ -620,3 +620,19 @@ def test_a_fine_tune_with_corrections_from_a_reviewed_queue_applies_them_and_its
         decision_id="decision-999", key=kept, image=items[kept].image, reviewer="bo", decision="bad",
         decided_at=datetime.now(UTC)))  # fmt: skip
     assert pin_corrections(spec).resolved_job_id() != card.job_id
+
+
+def test_ray_train_workers_start_with_the_openmp_wait_policy(leaves, tmp_path, monkeypatch):
+    """Ray Train's workers import torch before the loop's module, so the policy workers/__init__.py sets must reach
+    them in their start environment, on any cluster: the trainer's worker runtime env carries it (the user's value
+    when set)."""
+    from jobs.cluster import ClusterResources
+    from jobs.finetune import _Run, _trainer
+
+    spec = _spec(str(leaves), str(tmp_path / "model"))
+    run = _Run(out=open_storage(str(tmp_path)), spec=spec, job_id="omp", plan=None, recipe=None,
+               cluster=ClusterResources(cpus=2, gpus=0), show_progress=False)  # fmt: skip
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert _trainer(run, None).run_config.worker_runtime_env == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert _trainer(run, None).run_config.worker_runtime_env == {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE"}}
