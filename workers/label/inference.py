@@ -122,6 +122,8 @@ class PredictorOptions:
     probabilities: bool = False  # keep the whole softmax row
     compile: bool = False  # torch.compile the backbone, static shapes
     compile_backend: str = "inductor"
+    # compile: the job's batch size, which sets the compiled graph's shape (static_piece); else the first call's
+    batch_size: int | None = None
 
 
 class Predictor:
@@ -129,9 +131,10 @@ class Predictor:
 
     On a GPU, host batches go through a reused pinned buffer (per thread) and copy without blocking, so the copy
     overlaps the work queued before it; the model runs channels_last under bf16 autocast (`precision: auto`). With
-    `compile`, the backbone is `torch.compile`d with static shapes: every call runs in pieces of one size (the CPU
-    chunk, or the first batch's size on a GPU), the last padded with zeros and its padding dropped, so a job's short
-    last batch does not compile a second graph. The first call compiles; `compile_seconds` says how long it took,
+    `compile`, the backbone is `torch.compile`d with static shapes: a batch runs in equal pieces of one size
+    (`static_piece`: the batch itself on a GPU, a divisor of it within the CPU chunk) and whatever is left over (a
+    job's short last batch) through the same backbone uncompiled, so nothing is padded and no second graph is
+    compiled. The first call compiles; `compile_seconds` says how long it took,
     `compile_cache` whether inductor's on-disk cache on this node (workers.label.compile_cache) supplied the kernels.
     """
 
@@ -151,6 +154,8 @@ class Predictor:
         # (CPU_ACTIVATION_BUDGET): measured 1.5x faster per image for MobileNetV2 than whole batches of 32.
         self.chunk = cpu_chunk_size(self.backbone, pre.crop_size) if device.type == "cpu" else None
         self.compiled = options.compile
+        self.eager_backbone = self.backbone  # the compiled graph's leftovers run here (static_piece)
+        self.piece = static_piece(options.batch_size, self.chunk) if options.batch_size else None
         self.compile_seconds: float | None = None
         self.compile_cache: CacheOutcome | None = None
         self._first_call = threading.Lock()  # the first (compiling) call runs alone; lanes wait for its graph
@@ -168,7 +173,8 @@ class Predictor:
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> Predictions:
         """Predict a (n, h, w, 3) uint8 batch: a numpy array, or a tensor (a GPU decoder's, already on the device)."""
-        if self.compiled and self.compile_seconds is None:
+        # The first call with a whole compiled piece compiles; a shorter one runs eager (static_piece).
+        if self.compiled and self.compile_seconds is None and len(pixels) >= (self.piece or 0):
             with self._first_call:
                 if self.compile_seconds is None:
                     started, before = time.perf_counter(), CacheCounts.now()
@@ -219,12 +225,25 @@ class Predictor:
         return self.backbone(x)
 
     def _static_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone on pieces of one size (the compiled graph's), the last one padded with zeros."""
-        size = self.chunk or getattr(self, "_static_size", None) or len(x)
-        self._static_size = size
-        pieces = []
-        for part in x.split(size):
-            short = size - len(part)
-            padded = torch.cat([part, part.new_zeros((short, *part.shape[1:]))]) if short else part
-            pieces.append(self.backbone(padded.contiguous(memory_format=torch.channels_last))[: len(part)])
+        """The backbone compiled on equal pieces of one size (the compiled graph's); the images left over, fewer than
+        a piece, through the eager backbone. Padding them to a piece instead computed up to 40% more images than
+        asked for on every batch (bench/RESULTS.md, compiled pools)."""
+        if self.piece is None:
+            self.piece = static_piece(len(x), self.chunk)
+        whole = len(x) - len(x) % self.piece
+        compiled = x[:whole].split(self.piece) if whole else ()  # (an empty tensor splits into one empty piece)
+        pieces = [self.backbone(part.contiguous(memory_format=torch.channels_last)) for part in compiled]
+        if whole < len(x):
+            pieces.append(self.eager_backbone(x[whole:]))
         return torch.cat(pieces)
+
+
+def static_piece(images: int, chunk: int | None) -> int:
+    """The compiled graph's batch size for batches of `images`: the batch itself where it fits in one chunk (always
+    on a GPU, which has none); else the largest divisor of the batch within the chunk, so that a whole batch runs as
+    equal compiled pieces (32 images in a chunk of 10 or 15: 4 x 8). Where that divisor is under half the chunk (37
+    images: 1), pieces of the eager split's size run compiled and the few images left over run eager."""
+    if chunk is None or images <= chunk:
+        return images
+    divisor = max(d for d in range(1, chunk + 1) if images % d == 0)
+    return divisor if 2 * divisor >= chunk else -(-images // -(-images // chunk))

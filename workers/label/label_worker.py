@@ -137,7 +137,8 @@ class LabelWorker:
         if context is None or context.job != job:
             stores = StorageByScheme(job.storage)
             model = self.spec.model
-            options = PredictorOptions(job.top_k, job.embeddings, model.precision, job.probabilities, model.compile)
+            options = PredictorOptions(job.top_k, job.embeddings, model.precision, job.probabilities, model.compile,
+                                       batch_size=job.batch_size if model.compile else None)  # fmt: skip
             if options not in self._predictors:  # shares the resident model; only what each job keeps differs
                 self._predictors[options] = Predictor(self.loaded, self.device, options)
             context = _JobContext(job, stores, stores(job.input.uri), open_storage(job.output, job.storage),

@@ -9,7 +9,14 @@ from torch import nn
 
 from schemas.specs import PreprocessSpec
 from workers.faults import out_of_memory_error
-from workers.label.inference import Predictor, PredictorOptions, autocast_dtype, is_out_of_memory, pick_device
+from workers.label.inference import (
+    Predictor,
+    PredictorOptions,
+    autocast_dtype,
+    is_out_of_memory,
+    pick_device,
+    static_piece,
+)
 from workers.models import LoadedModel
 
 PRE = PreprocessSpec(resize_size=20, crop_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -139,45 +146,83 @@ def test_a_real_cuda_allocation_failure_is_recognised_as_out_of_memory():
 # ------------------------------------------------------------------------------------------- compile: static shapes
 
 
-def test_compiled_predictor_runs_one_shape_padding_the_last_batch_and_matches_eager():
-    """compile: every backbone call has the first batch's size (the short last batch is padded, its padding dropped);
-    outputs equal the eager predictor's. Dynamo's `eager` backend here: inductor's C++ compile takes minutes."""
-    loaded = _tiny(num_classes=5)
-    eager = Predictor(loaded, torch.device("cpu"), PredictorOptions(precision="fp32", top_k=3, embeddings=True))
-    compiled = Predictor(
-        _tiny(num_classes=5),
-        torch.device("cpu"),
-        PredictorOptions(precision="fp32", top_k=3, embeddings=True, compile=True, compile_backend="eager"),
-    )
-    compiled.chunk = None  # as on a GPU: the static size is the first batch's
-    inner, shapes = compiled.backbone, []
+def _recording(predictor: Predictor, attribute: str) -> list[tuple[int, ...]]:
+    """The shapes each call of the predictor's `attribute` (its compiled or its eager backbone) receives."""
+    inner, shapes = getattr(predictor, attribute), []
 
     def recording(x):
         shapes.append(tuple(x.shape))
         return inner(x)
 
-    compiled.backbone = recording
+    setattr(predictor, attribute, recording)
+    return shapes
+
+
+def _compiled(batch_size: int | None = None, num_classes: int = 3) -> Predictor:
+    # Dynamo's `eager` backend: inductor's C++ compile takes minutes; what is tested is the calls' shapes.
+    options = PredictorOptions(precision="fp32", top_k=3, embeddings=True, compile=True, compile_backend="eager",
+                               batch_size=batch_size)  # fmt: skip
+    return Predictor(_tiny(num_classes=num_classes), torch.device("cpu"), options)
+
+
+def test_compiled_predictor_runs_one_shape_the_short_last_batch_eager_and_matches_eager():
+    """compile: every compiled call has the first batch's size; the short last batch runs through the uncompiled
+    backbone instead of being padded (padding computed images nobody asked for); outputs equal the eager
+    predictor's."""
+    eager = Predictor(_tiny(num_classes=5), torch.device("cpu"), PredictorOptions(precision="fp32", top_k=3,
+                                                                                   embeddings=True))  # fmt: skip
+    compiled = _compiled(num_classes=5)
+    compiled.chunk = None  # as on a GPU: the static size is the batch's
+    compiled_shapes, eager_shapes = _recording(compiled, "backbone"), _recording(compiled, "eager_backbone")
     for n in (8, 8, 3):
         pixels = _pixels(n)
         got, want = compiled(pixels), eager(pixels)
         np.testing.assert_array_equal(got.topk_indices, want.topk_indices)
         np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-5)
         assert len(got.embeddings) == n
-    assert set(shapes) == {(8, 3, PRE.crop_size, PRE.crop_size)}
+    crop = PRE.crop_size
+    assert (compiled_shapes, eager_shapes) == ([(8, 3, crop, crop)] * 2, [(3, 3, crop, crop)])
     assert compiled.compile_seconds is not None and compiled.compile_seconds >= 0
 
 
-def test_compiled_predictor_on_cpu_uses_fixed_chunks():
-    compiled = Predictor(
-        _tiny(),
-        torch.device("cpu"),
-        PredictorOptions(precision="fp32", top_k=1, embeddings=True, compile=True, compile_backend="eager"),
-    )
+def test_compiled_predictor_on_cpu_splits_a_batch_into_equal_pieces_within_the_chunk():
+    compiled = _compiled()
     compiled.chunk = 4
-    out = compiled(_pixels(10))  # 4 + 4 + 2 padded to 4
-    assert out.embeddings.shape == (10, 8)
+    compiled_shapes, eager_shapes = _recording(compiled, "backbone"), _recording(compiled, "eager_backbone")
+    out = compiled(_pixels(12))  # 3 x 4: nothing padded, nothing left over
+    assert out.embeddings.shape == (12, 8)
+    assert [shape[0] for shape in compiled_shapes] == [4, 4, 4] and eager_shapes == []
     eager = Predictor(_tiny(), torch.device("cpu"), PredictorOptions(precision="fp32", top_k=1, embeddings=True))
-    np.testing.assert_allclose(out.embeddings, eager(_pixels(10)).embeddings, atol=1e-5)
+    np.testing.assert_allclose(out.embeddings, eager(_pixels(12)).embeddings, atol=1e-5)
+
+
+def test_a_jobs_short_first_batch_runs_eager_and_its_first_whole_batch_compiles():
+    """With the job's batch size given, the graph's shape is known before any batch: a 3-image first call (a small
+    first shard) runs eager and compiles nothing, so the lanes' first whole batch is the one that compiles."""
+    compiled = _compiled(batch_size=8)
+    compiled.chunk = None
+    compiled_shapes, eager_shapes = _recording(compiled, "backbone"), _recording(compiled, "eager_backbone")
+    compiled(_pixels(3))
+    assert compiled.compile_seconds is None and compiled_shapes == [] and len(eager_shapes) == 1
+    compiled(_pixels(8))
+    assert compiled.compile_seconds is not None and [shape[0] for shape in compiled_shapes] == [8]
+
+
+@pytest.mark.parametrize(
+    ("images", "chunk", "piece"),
+    [
+        (32, None, 32),  # a GPU: the whole batch
+        (5, 10, 5),  # fits in one chunk
+        (32, 10, 8),  # MobileNetV2's chunk: 4 x 8, where pieces of 10 padded 32 images to 40
+        (32, 15, 8),  # ResNet-50's: 4 x 8, where 15s padded 32 to 45
+        (64, 48, 32),
+        (50, 10, 10),
+        (37, 10, 10),  # prime: 3 x 10 compiled, 7 eager (a divisor of 1 would run 37 one-image graphs)
+    ],
+)
+def test_static_piece(images, chunk, piece):
+    assert static_piece(images, chunk) == piece
+    assert piece <= (chunk or images)
 
 
 @pytest.mark.gpu
