@@ -14,8 +14,13 @@ Predictor itself), each mode labels the same stream: shards of 100 images in bat
 - `compiled, pieces`: the compiled Predictor now (equal pieces, the leftover eager).
 Each row gives images per second, images the backbone computed per image labelled (the padding), and one shard
 under torch's profiler: the backbone calls by batch size. Compile time is excluded (one untimed warm-up shard);
-inductor compiles with freezing, as the worker does. Random weights: speed does not depend on them. The load
-average is printed first.
+inductor compiles with freezing, as the worker does. Random weights: speed does not depend on them.
+
+Then the label worker itself (`LabelWorker`, this process, no Ray), eager and compiled: local tar shards of the bench
+photos, all shards handed to it at once (its shard threads overlap them as under Ray), after one untimed shard.
+Its rows give images per second and where the CPU went (the done-markers' stage seconds per image): so a gap
+between the plain predictor's figures and the worker's shows which stage takes the difference. The load average is
+printed first.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import argparse
 import collections
 import logging
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +54,7 @@ def _predictor(model: str, mode: str):
     from workers.label.inference import Predictor, PredictorOptions
     from workers.models import build_model
 
+    torch.manual_seed(0)  # the same random weights in every mode, so their embeddings compare
     loaded = build_model(ModelSpec(name=model, weights=None, device="cpu"), StorageOptions(), cache_dir=None)
     compiled = mode != "eager"
     options = PredictorOptions(top_k=5, embeddings=True, precision="fp32", compile=compiled,
@@ -129,10 +137,60 @@ def run_mode(model: str, mode: str, pixels: np.ndarray, rounds: int) -> dict:
     }
 
 
+def run_worker(model: str, compiled: bool, shards: list, output: str) -> dict:
+    """The label worker on `shards` (after one warm-up shard), in this process: images per second and stage seconds
+    per image."""
+    import asyncio
+    import resource
+
+    from schemas.shards import ShardJob, WorkerSpec
+    from schemas.specs import LabelJobSpec
+    from workers.label.label_worker import LabelWorker
+
+    spec = LabelJobSpec(input={"uri": shards[0].base_uri, "format": "tar"}, output=f"{output}/{model}-{int(compiled)}",
+                        model={"name": model, "weights": None, "device": "cpu", "compile": compiled},
+                        batch_size=BATCH)  # fmt: skip
+    worker, job = LabelWorker(WorkerSpec.of(spec), torch_threads=LANES), ShardJob.of(spec, f"bench-{int(compiled)}")
+    try:
+        worker.label_shard_blocking(shards[0], 1, job)  # warm-up: builds the predictor, compiles
+
+        async def all_at_once():
+            return await asyncio.gather(*(worker.label_shard(task, 2, job) for task in shards[1:]))
+
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        results = asyncio.run(all_at_once())
+        seconds = time.perf_counter() - started
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        worker.close()
+    images = sum(r.rows for r in results)
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    stages = {stage: sum(getattr(r.stages, stage) for r in results) / images * 1000 for stage in STAGE_NAMES}
+    return {"images_per_s": images / seconds, "cpu_ms_per_image": cpu / images * 1000, "stages": stages}
+
+
+STAGE_NAMES = ("read", "decode", "infer", "write", "wait")
+
+
+def _tar_shards(folder: str, count: int) -> list:
+    from bench.data import _write_tar, photo_payloads
+    from schemas.shards import ShardTask
+
+    payloads = photo_payloads()
+    tasks = []
+    for index in range(count):
+        path = f"{folder}/{index:05d}.tar"
+        _write_tar(Path(path), payloads, range(index * SHARD, (index + 1) * SHARD))
+        tasks.append(ShardTask(shard_id=f"{index:05d}", kind="tar", base_uri=folder, keys=(Path(path).name,)))
+    return tasks
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet50"])
     parser.add_argument("--rounds", type=int, default=4, help="timed passes over the shard, per mode")
+    parser.add_argument("--worker-shards", type=int, default=7, help="shards of 100 photos for the worker part")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import torch
@@ -152,12 +210,26 @@ def main(argv: list[str] | None = None) -> None:
         ]
         eager = rows[0]
         for row in rows:
-            deviation = float(np.abs(row["embeddings"] - eager["embeddings"]).max())
+            # relative to the largest embedding value: random-init ResNet-50's reach 1e5
+            deviation = float(np.abs(row["embeddings"] - eager["embeddings"]).max() / np.abs(eager["embeddings"]).max())
             ratio = row["images_per_s"] / eager["images_per_s"]
             print(f"{model:13s} {row['mode']:17s} {row['images_per_s']:6.1f} img/s  {ratio:.2f}x eager  "
                   f"{row['computed_per_image']:.2f} images computed per image  chunk {row['chunk']} "
-                  f"piece {row['piece']}  compile {row['compile_s']} s  max |emb - eager| {deviation:.1e}")  # fmt: skip
+                  f"piece {row['piece']}  compile {row['compile_s']} s  embeddings within {deviation:.0e} of "
+                  "eager (relative)")  # fmt: skip
             print(f"{'':31s} one shard, backbone calls by batch size (torch's profiler): {row['profile_calls']}")
+    with tempfile.TemporaryDirectory(prefix="bench-pieces-") as folder:
+        Path(folder, "in").mkdir()
+        shards = _tar_shards(f"{folder}/in", args.worker_shards)
+        for model in args.models:
+            eager = None
+            for compiled in (False, True):
+                row = run_worker(model, compiled, shards, f"{folder}/out")
+                eager = eager or row
+                stages = "  ".join(f"{stage} {ms:.1f}" for stage, ms in row["stages"].items())
+                print(f"{model:13s} worker, {'compiled' if compiled else 'eager':8s} {row['images_per_s']:6.1f} img/s  "
+                      f"{row['images_per_s'] / eager['images_per_s']:.2f}x eager  process CPU "
+                      f"{row['cpu_ms_per_image']:.1f} ms/image; stages, ms per image: {stages}")  # fmt: skip
 
 
 _Padded = None
