@@ -173,10 +173,10 @@ class ModelSpec(Spec):
         description="torch.compile the backbone (static shapes: a batch in equal pieces, any rest eager), once per "
         "worker; the first batch pays the compile time (20-50 s on CPU; seconds when inductor's on-disk cache on the "
         "node, $BULKLABEL_COMPILE_CACHE or ~/.cache/bulklabel/inductor, already holds the kernels), which the worker "
-        "reports. Outputs within 3e-5 of eager; on a 2-core CPU 0.75x (MobileNetV2) and 0.73x (ResNet-50) eager. "
-        "auto: compiled when the job is large enough to repay the compile time (its images per worker against the "
-        "model's GFLOPs and the device; never on CPU, where it measured slower), decided on the driver; the summary "
-        "and the manifest say why.",
+        "reports. Outputs within 3e-5 of eager; warm pools on a 2-core CPU ran 1.01-1.05x (MobileNetV2) and 1.07x "
+        "(ResNet-50) eager. auto: compiled when the job is large enough to repay the compile time (its images per "
+        "worker against the model's GFLOPs and the device: on CPU, tens of thousands of images), decided on the "
+        "driver; the summary and the manifest say why.",
     )
 
 

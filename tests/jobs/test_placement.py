@@ -11,6 +11,7 @@ import pytest
 
 from jobs.cluster import ClusterResources
 from jobs.errors import BadInput
+from jobs.label import compile_policy
 from jobs.label.compile_policy import BYTES_PER_IMAGE, images_needed
 from jobs.label.placement import (
     Placement,
@@ -251,10 +252,11 @@ def test_auto_reads_the_outputs_done_markers_when_not_given_them(tmp_path):
     assert resolve_compile(spec, CPU_WORKER).reason.startswith("job too small: 0 images")
 
 
-def test_auto_on_cpu_stays_eager_on_the_measured_speedup_without_listing_the_input(tmp_path):
+def test_auto_stays_eager_without_listing_the_input_where_compiling_never_pays(tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_policy, "CPU_COMPILE_SPEEDUP", 1.0)  # a device where compiled ran no faster
     spec = _auto_spec(tmp_path)  # no photos folder: listing it would fail
     decision = resolve_compile(spec, CPU_WORKER, committed=())
-    assert decision.line() == "compile: auto → eager (compiled ran at 0.75x eager on CPU workers (bench/RESULTS.md))"
+    assert decision.line() == "compile: auto → eager (compiled ran at 1.00x eager on CPU workers (bench/RESULTS.md))"
 
 
 def test_explicit_compile_is_taken_as_it_is_without_listing_anything(tmp_path):
