@@ -28,11 +28,10 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
@@ -45,6 +44,9 @@ from schemas.layout import MANIFEST_NAME, OWNER_NAME
 from schemas.output import LABEL_SCHEMA, JobFailure, JobManifest, error_kind_of
 from schemas.specs import StorageOptions
 from workers.io.storage import ObjectMissing, join, normalise_uri, open_storage, split_s3
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class LabelOutput:
 
     def dataset(self) -> ds.Dataset:
         """A pyarrow dataset of the committed rows (lazy: nothing is read until it is scanned)."""
+        import pyarrow.dataset as ds  # here: it imports pandas, a third of a second of every CLI command
+
         return ds.dataset(self.paths(), schema=LABEL_SCHEMA, format="parquet", filesystem=self.filesystem)
 
     def to_table(self, columns: list[str] | None = None) -> pa.Table:
@@ -205,6 +209,8 @@ def read_rows(path: str, filesystem: pafs.FileSystem) -> pa.Table:
     """One data file's rows in this version's label schema, so compaction and the table take old outputs too: a file
     an earlier version wrote gains the columns it lacks as nulls (as `LabelOutput.dataset` reads it), except
     `error_kind`, which is never null and follows from the row's error text as the writer derives it."""
+    import pyarrow.dataset as ds
+
     dataset = ds.dataset([path], schema=LABEL_SCHEMA, format="parquet", filesystem=filesystem)
     has_kind = "error_kind" in pq.read_schema(path, filesystem=filesystem).names
     columns = [name for name in LABEL_SCHEMA.names if has_kind or name != "error_kind"]

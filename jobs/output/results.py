@@ -21,9 +21,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
@@ -39,6 +39,9 @@ from schemas.layout import LAYOUT_VERSION, SHEET_NAME, data_name, manifest_uri
 from schemas.outcome import Outcome
 from schemas.specs import StorageOptions
 from workers.io.storage import Storage, join, normalise_uri, open_storage
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,8 @@ class ResultOutput:
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
     def dataset(self) -> ds.Dataset:
+        import pyarrow.dataset as ds  # here: it imports pandas (jobs/output/reader.py)
+
         return ds.dataset(self.to_table())
 
 
